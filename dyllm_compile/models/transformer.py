@@ -1,0 +1,317 @@
+"""Bidirectional transformer for masked diffusion LMs, in plain PyTorch.
+
+One configurable model covers the reference architectures (LLaDA-like, Dream-like) and the zoo the graph
+analysis is tested on (QK-norm, parallel residual with partial rotary, post-LN with learned positions,
+MoE FFN, hand-written attention, a token-mixing conv). The flags change the traced graph, never the
+compiler: dyllm-compile does not know this module exists.
+
+This file imports nothing but torch: it is also copied verbatim into remote-code checkpoints
+(see :mod:`dyllm_compile.models.hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: MHA
+    d_ffn: int = 128
+    max_seq_len: int = 512
+    mask_token_id: int = 127
+    pad_token_id: int = 0
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # "pre" | "post"
+    ffn: str = "swiglu"  # "swiglu" | "gelu" | "moe"
+    n_experts: int = 4
+    moe_top_k: int = 2
+    moe_capacity: Optional[int] = None  # per-expert token capacity: routing then depends on other tokens
+    attention: str = "sdpa"  # "sdpa" | "manual"
+    gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    positions: str = "rope"  # "rope" | "learned"
+    rope_table: str = "cached"  # "cached" (buffer sliced to the length) | "computed" (from positions)
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0
+    parallel_residual: bool = False
+    token_conv: int = 0  # >0: depthwise conv over tokens of this width at the start of the FFN branch
+    init_std: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        checks = {
+            "d_model % n_heads == 0": self.d_model % self.n_heads == 0,
+            "n_heads % n_kv_heads == 0": self.n_heads % self.n_kv_heads == 0,
+            "norm in (rms, layer)": self.norm in ("rms", "layer"),
+            "norm_position in (pre, post)": self.norm_position in ("pre", "post"),
+            "ffn in (swiglu, gelu, moe)": self.ffn in ("swiglu", "gelu", "moe"),
+            "attention in (sdpa, manual)": self.attention in ("sdpa", "manual"),
+            "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
+            "positions in (rope, learned)": self.positions in ("rope", "learned"),
+            "rope_table in (cached, computed)": self.rope_table in ("cached", "computed"),
+            "0 < rotary_fraction <= 1": 0 < self.rotary_fraction <= 1,
+            "not (parallel_residual and norm_position == post)": not (
+                self.parallel_residual and self.norm_position == "post"
+            ),
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid TransformerConfig: {failed}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * int(self.head_dim * self.rotary_fraction / 2)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 like LLaDA and Qwen: the graph holds the casts real checkpoints produce.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: TransformerConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """RoPE tables, either a cached buffer sliced to the sequence length or computed per call."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.table = cfg.rope_table
+        dim = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos_cached", emb.cos(), persistent=False)
+        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table == "cached":
+            return self.cos_cached[:seq_len].to(dtype), self.sin_cached[:seq_len].to(dtype)
+        t = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = t[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, KV, N, D] -> [B, KV * n_rep, N, D] by expand + reshape, as Hugging Face models do."""
+    if n_rep == 1:
+        return x
+    b, kv, n, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, n_rep, n, d).reshape(b, kv * n_rep, n, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.qkv_bias)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, hd)
+            self.k_norm = make_norm(cfg, hd)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q = apply_rotary(q, *rope, cfg.rotary_dim)
+            k = apply_rotary(k, *rope, cfg.rotary_dim)
+        n_rep = cfg.n_heads // cfg.n_kv_heads
+        if cfg.attention == "manual":
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(cfg.head_dim)
+            if mask is not None:
+                scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
+            probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+            out = torch.matmul(probs, v)
+        elif cfg.gqa == "enable_gqa" and n_rep > 1:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, cfg.d_model))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.mlp_bias)
+        self.fc_out = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts, computed densely and combined with the routing gates.
+
+    With ``moe_capacity`` each expert keeps only its first ``capacity`` tokens (a cumsum over tokens), so a
+    token's output depends on the other tokens: routing is then token-mixing.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        top_p, top_i = torch.topk(probs, self.cfg.moe_top_k, dim=-1)
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+        if self.cfg.moe_capacity is not None:
+            routed = (gates > 0).to(gates.dtype)
+            slot = torch.cumsum(routed, dim=1)  # position of each token in its expert's queue
+            gates = gates * (slot <= self.cfg.moe_capacity).to(gates.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + gates[..., e : e + 1].to(x.dtype) * expert(x)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn_norm = make_norm(cfg, cfg.d_model)
+        self.ffn = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}[cfg.ffn](cfg)
+        if cfg.token_conv:
+            self.conv = nn.Conv1d(
+                cfg.d_model, cfg.d_model, cfg.token_conv, padding=cfg.token_conv // 2, groups=cfg.d_model
+            )
+
+    def ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.token_conv:
+            x = self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        return self.ffn(x)
+
+    def forward(self, x, rope, mask) -> torch.Tensor:
+        if self.cfg.norm_position == "post":
+            x = self.attn_norm(x + self.attn(x, rope, mask))
+            return self.ffn_norm(x + self.ffn_branch(x))
+        if self.cfg.parallel_residual:
+            return x + self.attn(self.attn_norm(x), rope, mask) + self.ffn_branch(self.ffn_norm(x))
+        x = x + self.attn(self.attn_norm(x), rope, mask)
+        return x + self.ffn_branch(self.ffn_norm(x))
+
+
+class DiffusionTransformer(nn.Module):
+    """``forward(input_ids, attention_mask=None) -> logits [B, N, vocab]``.
+
+    ``attention_mask`` is either a key-padding mask ``[B, N]`` (bool or 0/1: 1 = real token) or an additive
+    float mask broadcastable to ``[B, heads, N, N]``.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            self.rotary = Rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters(cfg.seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * self.cfg.init_std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * self.cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = input_ids.shape[1]
+        h = self.embed(input_ids)
+        rope = None
+        if self.cfg.positions == "learned":
+            h = h + self.pos_embed(torch.arange(n, device=input_ids.device))
+        else:
+            rope = self.rotary(n, h.dtype)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.is_floating_point():
+                mask = attention_mask.to(h.dtype)
+            else:
+                mask = attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self.lm_head(self.final_norm(h))

@@ -1,0 +1,137 @@
+"""The analysis pipeline on one Dynamo graph: attention sites -> token axes -> spine, regions and chains."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import fx
+
+from .attention_sites import AttentionSite, find_attention_sites
+from .graph_utils import op_name, tensor_value
+from .op_rules import Info, Kind
+from .pass_manager import DyllmPass, PassManager
+from .regions import Region, Spine, find_chains, find_regions, find_spine, node_flops
+from .token_axes import infer_token_axes
+
+
+@dataclass
+class GraphAnalysis:
+    gm: fx.GraphModule
+    graph_id: str = "g0"
+    sites: list[AttentionSite] = field(default_factory=list)
+    infos: dict[fx.Node, Info] = field(default_factory=dict)
+    spine: Spine = field(default_factory=lambda: Spine([]))
+    regions: list[Region] = field(default_factory=list)
+    chains: list[dict[str, Region]] = field(default_factory=list)  # per site: "q", "k", "v"
+    dense_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def gated_regions(self) -> list[Region]:
+        return [r for r in self.regions if r.gated]
+
+    @property
+    def total_flops(self) -> int:
+        return sum(node_flops(n) for n in self.gm.graph.nodes)
+
+    @property
+    def gated_flops(self) -> int:
+        chains = [c for per_site in self.chains for c in per_site.values() if c.gated]
+        return sum(r.flops for r in self.gated_regions + chains)
+
+    @property
+    def token_shape(self) -> Optional[tuple]:
+        return tuple(tensor_value(self.sites[0].q).shape) if self.sites else None
+
+    def summary(self) -> str:
+        if not self.sites:
+            return f"dyllm: graph {self.graph_id}: nothing to gate ({'; '.join(self.dense_reasons)})"
+        roles = Counter(r.role for r in self.gated_regions)
+        kinds = Counter(s.kind for s in self.sites)
+        share = self.gated_flops / max(1, self.total_flops)
+        return (
+            f"dyllm: graph {self.graph_id}: {len(self.sites)} attention sites "
+            f"({', '.join(f'{v} {k}' for k, v in kinds.items())}), gated regions "
+            f"{dict(roles)}, k/v chains {sum(1 for c in self.chains if c['k'].gated)}; "
+            f"{100 * share:.1f}% of matmul FLOPs gateable; {len(self.dense_reasons)} dense reasons"
+        )
+
+
+class FindAttentionSites(DyllmPass):
+    name = "attention_sites"
+
+    def __call__(self, state: GraphAnalysis) -> None:
+        state.sites = find_attention_sites(state.gm.graph)
+        if not state.sites:
+            state.dense_reasons.append("no self-attention site found in this graph")
+        for site in state.sites:
+            if site.dense_reason:
+                state.dense_reasons.append(f"layer {site.layer}: {site.dense_reason}")
+
+
+class InferTokenAxes(DyllmPass):
+    name = "token_axes"
+
+    def __call__(self, state: GraphAnalysis) -> None:
+        if state.sites:
+            state.infos = infer_token_axes(state.gm.graph, state.sites)
+
+
+class FindRegions(DyllmPass):
+    name = "regions"
+
+    def __call__(self, state: GraphAnalysis) -> None:
+        if not state.sites:
+            return
+        state.spine = find_spine(state.gm.graph, state.infos, state.sites)
+        if not state.spine.nodes:
+            state.dense_reasons.append("no residual stream found from the token input to the output")
+            return
+        state.regions = find_regions(state.gm.graph, state.infos, state.sites, state.spine)
+        state.chains = [find_chains(site, state.infos, state.spine) for site in state.sites]
+        for region in state.regions:
+            if not region.gated and region.role not in ("attn_out",):
+                state.dense_reasons.append(f"layer {region.layer}: {region.role} region ending at "
+                                           f"'{region.exit.name}': {region.reason}")
+        attention = {s.node for s in state.sites} | {n for s in state.sites for n in s.internal}
+        mixing = Counter(
+            (op_name(n) or n.op, info.reason)
+            for n, info in state.infos.items()
+            if info.kind is Kind.MIXING and n not in attention
+        )
+        for (name, reason), count in sorted(mixing.items()):
+            state.dense_reasons.append(f"'{name}' x{count}: token-mixing ({reason}); computed densely")
+
+
+ANALYSIS_PASSES = (FindAttentionSites(), InferTokenAxes(), FindRegions())
+
+
+def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:
+    state = GraphAnalysis(gm, graph_id)
+    PassManager(ANALYSIS_PASSES, debug_dir, render=render).run(state, graph_id)
+    return state
+
+
+def render(state: GraphAnalysis) -> str:
+    """The graph, one node a line, with its token class, axis and site / region / spine membership."""
+    tags: dict[fx.Node, list[str]] = {}
+    for site in state.sites:
+        for which in ("q", "k", "v"):
+            tags.setdefault(getattr(site, which), []).append(f"L{site.layer}.{which}")
+        tags.setdefault(site.node, []).append(f"L{site.layer}.attention({site.kind})")
+    for region in state.regions + [c for per_site in state.chains for c in per_site.values()]:
+        for node in region.nodes:
+            tags.setdefault(node, []).append(f"L{region.layer}.{region.role}{'*' if region.gated else ''}")
+    for node in state.spine.nodes:
+        tags.setdefault(node, []).append("merge" if node in state.spine.merges else "spine")
+    lines = [f"# {state.summary()}", "# * = gated region; axis = token dim (x folded leading rows)"]
+    for node in state.gm.graph.nodes:
+        info = state.infos.get(node)
+        axis = "" if info is None or info.axis is None else f"axis={info.axis.dim}" + (
+            "" if info.axis.lead == 1 else f"x{info.axis.lead}")
+        kind = "" if info is None else info.kind.value
+        shape = tuple(tensor_value(node).shape) if tensor_value(node) is not None else ""
+        lines.append(f"{node.name:<40} {str(op_name(node) or node.op):<18} {kind:<13} {axis:<8} "
+                     f"{str(shape):<24} {' '.join(tags.get(node, []))}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,121 @@
+"""Finds attention sites in a Dynamo graph.
+
+Patterns matched:
+- ``scaled_dot_product_attention(q, k, v, attn_mask=..., scale=..., enable_gqa=...)`` (one node);
+- hand-written ``softmax(q @ k^T * scale [+ mask]) [.to(dtype)] @ v``: a softmax over the last dim whose input
+  reaches, through elementwise scaling/masking/casts only, a matmul, and whose output reaches, through casts
+  and dropout only, the left operand of a second matmul;
+- ``flex_attention`` (a higher-order op): recorded as a site that stays dense, since its score_mod and
+  block_mask may mix tokens in ways the cached-attention op does not model.
+
+Invariant: a site is only recorded when q, k and v are tensors with the token count on the expected dim; the
+graph is never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import fx
+
+from .graph_utils import arg, op_name, same_size, tensor_value
+
+# Ops allowed between the scores matmul and the softmax (scale, mask, casts), and after the softmax.
+_SCORE_OPS = frozenset("mul div add sub masked_fill to float half bfloat16 type_as where".split())
+_PROB_OPS = frozenset("to float half bfloat16 type_as dropout contiguous".split())
+
+
+@dataclass
+class AttentionSite:
+    node: fx.Node  # the node whose output is the attention context (before the output projection)
+    kind: str  # "sdpa" | "manual" | "flex"
+    q: fx.Node
+    k: fx.Node  # for "manual": the transposed key operand of q @ k^T
+    v: fx.Node
+    k_transposed: bool = False
+    mask: Optional[fx.Node] = None
+    internal: list[fx.Node] = field(default_factory=list)  # scores/softmax nodes of a manual site
+    dense_reason: str = ""  # non-empty: the site is recognised but must stay dense
+    layer: int = -1
+
+    @property
+    def heads(self) -> int:
+        return int(tensor_value(self.q).shape[-3]) if tensor_value(self.q).dim() >= 3 else 1
+
+    @property
+    def head_dim(self) -> int:
+        return int(tensor_value(self.q).shape[-1])
+
+    @property
+    def token_count(self):
+        return tensor_value(self.q).shape[-2]
+
+
+def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
+    sites = []
+    for node in graph.nodes:
+        name = op_name(node)
+        if name == "sdpa":
+            sites.append(_sdpa_site(node))
+        elif name == "hop.flex_attention":
+            sites.append(
+                AttentionSite(node, "flex", node.args[0], node.args[1], node.args[2],
+                              dense_reason="flex_attention: score_mod / block_mask are opaque to the rewrite")
+            )
+        elif name in ("softmax", "log_softmax") or (node.op == "call_method" and node.target == "softmax"):
+            site = _manual_site(node)
+            if site is not None:
+                sites.append(site)
+    sites = [s for s in sites if _token_dims_agree(s)]
+    for layer, site in enumerate(sites):
+        site.layer = layer
+    return sites
+
+
+def _sdpa_site(node: fx.Node) -> AttentionSite:
+    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    site = AttentionSite(node, "sdpa", q, k, v, mask=arg(node, 3, "attn_mask"))
+    if arg(node, 5, "is_causal", False):
+        site.dense_reason = "causal attention: a diffusion LM is bidirectional"
+    return site
+
+
+def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
+    dim = arg(softmax, 1, "dim")
+    value = tensor_value(softmax)
+    if value is None or dim not in (-1, value.dim() - 1):
+        return None
+    internal = [softmax]
+    node = softmax.args[0]
+    mask = None
+    while isinstance(node, fx.Node) and op_name(node) in _SCORE_OPS:
+        internal.append(node)
+        operands = [a for a in node.args if isinstance(a, fx.Node) and tensor_value(a) is not None]
+        main = [a for a in operands if tensor_value(a).shape == tensor_value(node).shape]
+        if not main:
+            return None
+        mask = next((a for a in operands if a is not main[0]), mask)
+        node = main[0]
+    if not isinstance(node, fx.Node) or op_name(node) != "matmul":
+        return None
+    scores = node
+    internal.append(scores)
+    probs = softmax
+    while len(probs.users) == 1 and op_name(next(iter(probs.users))) in _PROB_OPS:
+        probs = next(iter(probs.users))
+        internal.append(probs)
+    context = next((u for u in probs.users if op_name(u) == "matmul" and u.args[0] is probs), None)
+    if context is None:
+        return None
+    return AttentionSite(context, "manual", scores.args[0], scores.args[1], context.args[1],
+                         k_transposed=True, mask=mask, internal=internal)
+
+
+def _token_dims_agree(site: AttentionSite) -> bool:
+    """Self-attention only: q, k and v hold the same token count (cross-attention is not rewritten)."""
+    q, k, v = tensor_value(site.q), tensor_value(site.k), tensor_value(site.v)
+    if q is None or k is None or v is None or q.dim() < 2:
+        return False
+    k_tokens = k.shape[-1] if site.k_transposed else k.shape[-2]
+    return same_size(q.shape[-2], k_tokens) and same_size(q.shape[-2], v.shape[-2])

@@ -1,0 +1,124 @@
+"""Small helpers over Dynamo FX graphs: canonical op names, example values, symbolic size comparison.
+
+Dynamo graphs spell one op many ways (``operator.add``, ``torch.add``, ``x.add(...)``, ``aten.add.Tensor``);
+:func:`op_name` folds them into one name so the rule tables stay small.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental import symbolic_shapes
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+# A size's example value without guarding: optimization_hint on torch >= 2.13, hint_int before.
+_size_hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "hint_int")
+
+_TORCH_NAMESPACES = (torch, F, torch.Tensor, torch._C._nn, torch._C._VariableFunctions, torch.special)
+_ALIASES = {
+    "truediv": "div",
+    "floordiv": "div",
+    "divide": "div",
+    "multiply": "mul",
+    "subtract": "sub",
+    "iadd": "add",
+    "isub": "sub",
+    "imul": "mul",
+    "itruediv": "div",
+    "_unsafe_view": "view",
+    "scaled_dot_product_attention": "sdpa",
+    "bmm": "matmul",
+    "mm": "matmul",
+}
+
+
+def op_name(node: fx.Node) -> Optional[str]:
+    """Canonical op name of a call node, or None for ops outside torch / operator."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            name = target._overloadpacket.__name__
+        elif isinstance(target, torch._ops.OpOverloadPacket):
+            name = target.__name__
+        elif isinstance(target, torch._ops.HigherOrderOperator):
+            name = "hop." + target.name()
+        elif getattr(operator, getattr(target, "__name__", ""), None) is target:
+            name = target.__name__
+        elif any(getattr(ns, getattr(target, "__name__", ""), None) is target for ns in _TORCH_NAMESPACES):
+            name = target.__name__
+        else:
+            return None
+    else:
+        return None
+    name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
+    return _ALIASES.get(name, name)
+
+
+def example_value(node: Any) -> Any:
+    """The fake value Dynamo recorded for ``node`` (tensor, SymInt, tuple...), or the constant itself."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def tensor_value(node: Any) -> Optional[torch.Tensor]:
+    value = example_value(node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def tensor_args(node: fx.Node) -> Iterator[fx.Node]:
+    """Every graph-node argument of ``node`` that holds a tensor (nested lists included), in order."""
+    seen = set()
+    for arg in _flatten((node.args, node.kwargs)):
+        if isinstance(arg, fx.Node) and arg not in seen and tensor_value(arg) is not None:
+            seen.add(arg)
+            yield arg
+
+
+def _flatten(value: Any) -> Iterator[Any]:
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    else:
+        yield value
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument lookup (call_method nodes count ``self`` as index 0)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True when two sizes are provably equal under the ShapeEnv; never guards, never compares strings."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(statically_known_true(a == b))
+
+
+def prod(sizes: Sequence[Any]) -> Any:
+    return math.prod(sizes, start=1)
+
+
+def is_symbolic(size: Any) -> bool:
+    return isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int)
+
+
+def hint(size: Any) -> int:
+    """A concrete value for a (possibly symbolic) size: the example input's, for FLOP estimates."""
+    return int(_size_hint(size))
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim

@@ -1,0 +1,444 @@
+"""Per-op token-axis rules: which ops are row-wise, and where their token axis goes.
+
+Forward rules map the token axes of an op's inputs to its output's (:class:`Info`); backward rules map an
+output's token axis to the inputs that must carry it (used to seed the analysis from attention's q/k/v on
+graphs with static sizes). An op with no rule is *unknown* and treated as token-mixing: the analysis never
+calls something row-wise that it cannot prove is.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx
+
+from .graph_utils import arg, example_value, normalize_dim, op_name, prod, same_size, tensor_args, tensor_value
+
+
+@dataclass(frozen=True)
+class Axis:
+    """The token axis of a value: dimension ``dim``, holding ``lead`` folded leading rows times N tokens."""
+
+    dim: int
+    lead: Any = 1
+
+
+class Kind(enum.Enum):
+    NONE = "no-tokens"  # carries no token axis: weights, constants, per-sequence scalars
+    SOURCE = "source"  # introduces the token axis: input ids, per-position tables (arange, rope[:N])
+    ROW = "row-wise"  # each output row depends only on the same input row
+    MIXING = "token-mixing"  # attention, reductions over tokens, and every op without a rule
+
+
+@dataclass(frozen=True)
+class Info:
+    kind: Kind
+    axis: Optional[Axis] = None
+    reason: str = ""
+
+
+NONE = Info(Kind.NONE)
+
+ELEMENTWISE = frozenset(
+    "add sub mul div neg pow rsqrt sqrt exp exp2 log log1p expm1 tanh sigmoid sin cos abs where clamp clamp_min "
+    "clamp_max maximum minimum erf silu gelu relu relu6 leaky_relu elu selu softplus mish hardswish hardsigmoid "
+    "masked_fill reciprocal square sign logical_not logical_and logical_or eq ne lt le gt ge and or invert lerp "
+    "addcmul addcdiv".split()
+)
+# Ops whose result depends on ``self`` alone (other arguments are dtypes, devices, shapes, probabilities).
+UNARY = frozenset(
+    "float half bfloat16 double to type_as type contiguous clone detach dropout zeros_like ones_like empty_like "
+    "full_like".split()
+)
+# (index of the dim argument counting self, keyword, default) for ops along one dim that keep the shape.
+ALONG_DIM = {
+    "softmax": (1, "dim", None),
+    "log_softmax": (1, "dim", None),
+    "cumsum": (1, "dim", None),
+    "cumprod": (1, "dim", None),
+    "logcumsumexp": (1, "dim", None),
+    "cummax": (1, "dim", None),
+    "cummin": (1, "dim", None),
+    "sort": (1, "dim", -1),
+    "argsort": (1, "dim", -1),
+    "topk": (2, "dim", -1),
+    "scatter": (1, "dim", None),
+    "scatter_add": (1, "dim", None),
+    "gather": (1, "dim", None),
+    "index_select": (1, "dim", None),
+    "chunk": (2, "dim", 0),
+    "split": (2, "dim", 0),
+    "unbind": (1, "dim", 0),
+    "normalize": (2, "dim", 1),
+}
+REDUCTIONS = frozenset(
+    "sum mean amax amin max min var std norm logsumexp prod all any argmax argmin count_nonzero median nansum "
+    "nanmean var_mean std_mean".split()
+)
+VIEWS = frozenset("view reshape flatten unflatten".split())
+NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
+
+
+class Rules:
+    """Forward and backward axis rules, given the token count ``n`` and the current axis of each node."""
+
+    def __init__(self, n: Any, info_of: Callable[[Any], Optional[Info]]) -> None:
+        self.n = n
+        self.info_of = info_of
+
+    def axis_of(self, node: Any) -> Optional[Axis]:
+        info = self.info_of(node)
+        return info.axis if info is not None else None
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def forward(self, node: fx.Node) -> Info:
+        name = op_name(node)
+        if name == "getitem" and isinstance(example_value(node.args[0]), (tuple, list)):
+            # One result of topk / sort / chunk / max(dim): classified like the op that made the tuple.
+            source = self.info_of(node.args[0])
+            return NONE if source is None or source.axis is None else source
+        token_inputs = [a for a in tensor_args(node) if self.axis_of(a) is not None]
+        if name in NON_TENSOR or not token_inputs:
+            return NONE
+        out = example_value(node)
+        if name in ELEMENTWISE or (name in ("max", "min") and isinstance(arg(node, 1, "other"), fx.Node)):
+            return self._elementwise(node, out)
+        if name in UNARY:
+            return self._unary(node)
+        if name == "linear":
+            return self._linear(node)
+        if name == "matmul":
+            return self._matmul(node, out)
+        if name == "embedding":
+            return self._embedding(node)
+        if name in ("layer_norm", "rms_norm"):
+            return self._norm_last(node)
+        if name in ALONG_DIM:
+            return self._along_dim(node, name)
+        if name in REDUCTIONS:
+            return self._reduction(node, out)
+        if name in VIEWS:
+            return self._view(node, out)
+        if name == "getitem":
+            return self._getitem(node)
+        if name in ("cat", "concat", "concatenate", "stack"):
+            return self._cat(node, name)
+        dims = self._dim_map(node, name)
+        if dims is not None:
+            return self._mapped(node, dims)
+        return self._unknown(node, name or str(node.target), out)
+
+    def _row(self, node: fx.Node, dim: int, lead: Any) -> Info:
+        return Info(Kind.ROW, Axis(dim, lead))
+
+    def _mixing(self, node: fx.Node, reason: str, out: Any = None) -> Info:
+        return Info(Kind.MIXING, self.guess_axis(out if out is not None else example_value(node)), reason)
+
+    def guess_axis(self, value: Any) -> Optional[Axis]:
+        """The only dim of size N, if exactly one: how the axis survives token-mixing ops (conv, attention)."""
+        if isinstance(value, (tuple, list)):
+            value = next((v for v in value if isinstance(v, torch.Tensor)), None)
+        if not isinstance(value, torch.Tensor):
+            return None
+        dims = [d for d, s in enumerate(value.shape) if same_size(s, self.n)]
+        return Axis(dims[0]) if len(dims) == 1 else None
+
+    def _unknown(self, node: fx.Node, name: str, out: Any) -> Info:
+        return self._mixing(node, f"no row-wise rule for op '{name}'", out)
+
+    def _elementwise(self, node: fx.Node, out: torch.Tensor) -> Info:
+        if not isinstance(out, torch.Tensor):
+            return self._unknown(node, op_name(node), out)
+        result: Optional[Axis] = None
+        for operand in tensor_args(node):
+            value = tensor_value(operand)
+            offset = out.dim() - value.dim()
+            axis = self.axis_of(operand)
+            if axis is not None:
+                mapped = Axis(axis.dim + offset, axis.lead)
+                if result is not None and mapped != result:
+                    return self._mixing(node, "operands carry the token axis in different dims")
+                result = mapped
+        for operand in tensor_args(node):
+            if self.axis_of(operand) is None:
+                value = tensor_value(operand)
+                aligned = result.dim - (out.dim() - value.dim())
+                if aligned >= 0 and not same_size(value.shape[aligned], 1):
+                    return self._mixing(
+                        node, f"operand '{operand.name}' varies along the token axis but is not a per-token value"
+                    )
+        return self._row(node, result.dim, result.lead)
+
+    def _unary(self, node: fx.Node) -> Info:
+        axis = self.axis_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if axis is None:
+            return self._mixing(node, "token axis reaches a non-self argument")
+        return self._row(node, axis.dim, axis.lead)
+
+    def _linear(self, node: fx.Node) -> Info:
+        x, rest = node.args[0], [a for a in tensor_args(node) if a is not node.args[0]]
+        axis = self.axis_of(x)
+        if axis is None or any(self.axis_of(a) is not None for a in rest):
+            return self._mixing(node, "linear weight carries the token axis")
+        if axis.dim == tensor_value(x).dim() - 1:
+            return self._mixing(node, "linear contracts the token axis")
+        return self._row(node, axis.dim, axis.lead)
+
+    def _matmul(self, node: fx.Node, out: torch.Tensor) -> Info:
+        a, b = node.args[0], node.args[1]
+        va, vb = tensor_value(a), tensor_value(b)
+        ax, bx = self.axis_of(a), self.axis_of(b)
+        if va is None or vb is None or va.dim() < 2 or vb.dim() < 2:
+            return self._unknown(node, "matmul (1-D)", out)
+        if ax is not None and bx is not None:
+            return self._mixing(node, "matmul of two token-carrying values (attention scores)")
+        if ax is not None:
+            if ax.dim == va.dim() - 1:
+                return self._mixing(node, "matmul contracts the token axis")
+            return self._row(node, ax.dim + out.dim() - va.dim(), ax.lead)
+        if bx.dim == vb.dim() - 2:
+            return self._mixing(node, "matmul contracts the token axis")
+        if bx.dim == vb.dim() - 1:
+            return self._row(node, out.dim() - 1, bx.lead)
+        return self._row(node, bx.dim + out.dim() - vb.dim(), bx.lead)
+
+    def _embedding(self, node: fx.Node) -> Info:
+        axis = self.axis_of(node.args[0])
+        if axis is None or any(self.axis_of(a) is not None for a in list(tensor_args(node))[1:]):
+            return self._mixing(node, "embedding table carries the token axis")
+        return self._row(node, axis.dim, axis.lead)
+
+    def _norm_last(self, node: fx.Node) -> Info:
+        x = node.args[0]
+        axis = self.axis_of(x)
+        shape = arg(node, 1, "normalized_shape")
+        count = len(shape) if isinstance(shape, (list, tuple)) else 1
+        if axis is None or axis.dim >= tensor_value(x).dim() - count:
+            return self._mixing(node, "normalizes over the token axis")
+        if any(self.axis_of(a) is not None for a in list(tensor_args(node))[1:]):
+            return self._mixing(node, "norm weight carries the token axis")
+        return self._row(node, axis.dim, axis.lead)
+
+    def _along_dim(self, node: fx.Node, name: str) -> Info:
+        index, keyword, default = ALONG_DIM[name]
+        dim = arg(node, index, keyword, default)
+        x = node.args[0]
+        axis = self.axis_of(x)
+        if not isinstance(dim, int) or axis is None:
+            return self._mixing(node, f"'{name}' along an unknown dim")
+        if normalize_dim(dim, tensor_value(x).dim()) == axis.dim:
+            return self._mixing(node, f"'{name}' along the token axis")
+        # Index and source operands (scatter, gather) must be per-token values in the same layout.
+        if any(self.axis_of(a) not in (None, axis) for a in tensor_args(node)):
+            return self._mixing(node, f"'{name}' operands carry the token axis in different dims")
+        return self._row(node, axis.dim, axis.lead)
+
+    def _reduction(self, node: fx.Node, out: Any) -> Info:
+        x = node.args[0]
+        value, axis = tensor_value(x), self.axis_of(x)
+        name = op_name(node)
+        dim = arg(node, 2, "dim") if name == "norm" else arg(node, 1, "dim", arg(node, 1, "axis"))
+        if axis is None or dim is None or (isinstance(dim, (list, tuple)) and not dim):
+            return self._mixing(node, f"'{name}' over all dims")
+        dims = {normalize_dim(d, value.dim()) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+        if not all(isinstance(d, int) for d in dims):
+            return self._mixing(node, f"'{name}' over an unknown dim")
+        if axis.dim in dims:
+            return self._mixing(node, f"'{name}' over the token axis")
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        keepdim = isinstance(outs[0], torch.Tensor) and outs[0].dim() == value.dim()
+        shift = 0 if keepdim else sum(1 for d in dims if d < axis.dim)
+        return self._row(node, axis.dim - shift, axis.lead)
+
+    def _view(self, node: fx.Node, out: torch.Tensor) -> Info:
+        x = node.args[0]
+        mapped = map_view_axis(tensor_value(x).shape, out.shape, self.axis_of(x), self.n)
+        if mapped is None:
+            return self._mixing(node, "reshape splits or merges the token axis with feature dims")
+        return self._row(node, mapped.dim, mapped.lead)
+
+    def _getitem(self, node: fx.Node) -> Info:
+        src, index = node.args
+        axis = self.axis_of(src)
+        mapping = getitem_dims(tensor_value(src), tensor_value(node), index)
+        if mapping is None:
+            return self._mixing(node, "indexes with a tensor along the token axis")
+        entry = mapping.get(axis.dim)
+        if entry is None:
+            return self._mixing(node, "selects single token rows (pooling)")
+        out_dim, full = entry
+        if not full:
+            return self._mixing(node, "slices the token axis")
+        return self._row(node, out_dim, axis.lead)
+
+    def _cat(self, node: fx.Node, name: str) -> Info:
+        tensors = node.args[0]
+        dim = arg(node, 1, "dim", 0)
+        values = [tensor_value(t) for t in tensors]
+        axes = [self.axis_of(t) for t in tensors]
+        if any(a is None for a in axes) or len(set(axes)) != 1:
+            return self._mixing(node, f"'{name}' of per-token and other values")
+        axis = axes[0]
+        ndim = values[0].dim() + (1 if name == "stack" else 0)
+        dim = normalize_dim(dim, ndim)
+        if name == "stack":
+            return self._row(node, axis.dim + (1 if dim <= axis.dim else 0), axis.lead)
+        if dim == axis.dim:
+            return self._mixing(node, f"'{name}' along the token axis")
+        return self._row(node, axis.dim, axis.lead)
+
+    def _mapped(self, node: fx.Node, dims: dict[int, int]) -> Info:
+        axis = self.axis_of(node.args[0])
+        if axis is None or axis.dim not in dims:
+            return self._mixing(node, f"'{op_name(node)}' moves the token axis out of place")
+        return self._row(node, dims[axis.dim], axis.lead)
+
+    def _dim_map(self, node: fx.Node, name: Optional[str]) -> Optional[dict[int, int]]:
+        """Input-dim -> output-dim map of pure layout ops that keep every dim's size (or broadcast)."""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        x, out = tensor_value(node.args[0]), tensor_value(node)
+        if x is None or out is None:
+            return None
+        nd = x.dim()
+        if name in ("transpose", "swapaxes"):
+            d0, d1 = normalize_dim(node.args[1], nd), normalize_dim(node.args[2], nd)
+            perm = list(range(nd))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+            return {perm[o]: o for o in range(nd)}
+        if name == "t":
+            return {0: 1, 1: 0} if nd == 2 else {0: 0}
+        if name == "permute":
+            perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            perm = [normalize_dim(p, nd) for p in perm]
+            return {p: o for o, p in enumerate(perm)}
+        if name == "unsqueeze":
+            d = normalize_dim(node.args[1], nd + 1)
+            return {i: i + (1 if i >= d else 0) for i in range(nd)}
+        if name in ("squeeze", "expand", "expand_as", "repeat"):
+            return _size_preserving_map(x.shape, out.shape)
+        return None
+
+    # ---- backward ------------------------------------------------------------------------------------------
+
+    def backward(self, node: fx.Node, axis: Axis) -> list[tuple[fx.Node, Axis]]:
+        """Inputs of ``node`` that carry the token axis when its output carries ``axis``."""
+        name = op_name(node)
+        out = tensor_value(node)
+        if out is None or name in NON_TENSOR:
+            return []
+        if name in ELEMENTWISE or name in UNARY:
+            operands = list(tensor_args(node)) if name in ELEMENTWISE else node.args[:1]
+            result = []
+            for operand in operands:
+                value = tensor_value(operand)
+                if value is None:
+                    continue
+                aligned = axis.dim - (out.dim() - value.dim())
+                if aligned >= 0 and same_size(value.shape[aligned], out.shape[axis.dim]) and not same_size(
+                    value.shape[aligned], 1
+                ):
+                    result.append((operand, Axis(aligned, axis.lead)))
+            return result
+        if name in ("linear", "embedding", "layer_norm", "rms_norm") or name in ALONG_DIM:
+            x = tensor_value(node.args[0])
+            if x is not None and axis.dim < x.dim():
+                return [(node.args[0], axis)]
+            return []
+        if name == "matmul":
+            a, b = tensor_value(node.args[0]), tensor_value(node.args[1])
+            if axis.dim == out.dim() - 2 and a.dim() >= 2:
+                return [(node.args[0], Axis(a.dim() - 2, axis.lead))]
+            if axis.dim == out.dim() - 1 and b.dim() >= 2:
+                return [(node.args[1], Axis(b.dim() - 1, axis.lead))]
+            return []
+        if name in VIEWS:
+            mapped = map_view_axis(out.shape, tensor_value(node.args[0]).shape, axis, self.n)
+            return [(node.args[0], mapped)] if mapped else []
+        if name == "getitem":
+            src = tensor_value(node.args[0])
+            mapping = getitem_dims(src, out, node.args[1]) if src is not None else None
+            for in_dim, entry in (mapping or {}).items():
+                if entry is not None and entry[0] == axis.dim and entry[1]:
+                    return [(node.args[0], Axis(in_dim, axis.lead))]
+            return []  # a partial slice of a longer table: this node is a per-position source
+        if name in ("cat", "concat", "concatenate"):
+            dim = normalize_dim(arg(node, 1, "dim", 0), out.dim())
+            return [] if dim == axis.dim else [(t, axis) for t in node.args[0]]
+        dims = self._dim_map(node, name)
+        if dims is not None:
+            inverse = {o: i for i, o in dims.items()}
+            if axis.dim in inverse:
+                return [(node.args[0], Axis(inverse[axis.dim], axis.lead))]
+        return []
+
+
+def _size_preserving_map(in_shape, out_shape) -> dict[int, int]:
+    """Dims of ``in_shape`` that keep their size in ``out_shape`` (right-aligned, squeezed 1s skipped)."""
+    mapping, j = {}, len(out_shape) - 1
+    for i in range(len(in_shape) - 1, -1, -1):
+        while j >= 0 and not same_size(in_shape[i], out_shape[j]) and same_size(out_shape[j], 1):
+            j -= 1
+        if j >= 0 and same_size(in_shape[i], out_shape[j]):
+            mapping[i] = j
+            j -= 1
+    return mapping
+
+
+def map_view_axis(in_shape, out_shape, axis: Optional[Axis], n: Any) -> Optional[Axis]:
+    """Where a reshape puts the token axis: the output dim holding exactly the same rows.
+
+    The rows before the token axis (outer dims and folded leads) and the features after it must be preserved
+    as products; the token dim may absorb or release leading dims (``[B, N, D] <-> [B * N, D]``), never
+    trailing ones.
+    """
+    if axis is None:
+        return None
+    outer = prod(in_shape[: axis.dim]) * axis.lead
+    inner = prod(in_shape[axis.dim + 1 :])
+    for j in range(len(out_shape)):
+        if not same_size(prod(out_shape[j + 1 :]), inner):
+            continue
+        before = prod(out_shape[:j])
+        lead = outer // before if isinstance(outer, int) and isinstance(before, int) else None
+        if lead is None:
+            if same_size(before, outer) and same_size(out_shape[j], n):
+                return Axis(j, 1)
+            continue
+        if lead * before == outer and same_size(out_shape[j], n * lead):
+            return Axis(j, lead)
+    return None
+
+
+def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[dict[int, Optional[tuple[int, bool]]]]:
+    """For ``src[index]``: input dim -> (output dim, whole dim kept) or None when the dim is removed.
+
+    Returns None when the index holds a tensor (advanced indexing).
+    """
+    entries = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(e, fx.Node) and tensor_value(e) is not None for e in entries):
+        return None
+    consumed = sum(1 for e in entries if e is not None and e is not Ellipsis)
+    mapping: dict[int, Optional[tuple[int, bool]]] = {}
+    i = o = 0
+    for e in entries:
+        if e is None:
+            o += 1
+        elif e is Ellipsis:
+            for _ in range(src.dim() - consumed):
+                mapping[i] = (o, True)
+                i, o = i + 1, o + 1
+        elif isinstance(e, slice):
+            mapping[i] = (o, same_size(src.shape[i], out.shape[o]))
+            i, o = i + 1, o + 1
+        else:  # an integer (or SymInt) index removes the dim
+            mapping[i] = None
+            i += 1
+    while i < src.dim():
+        mapping[i] = (o, True)
+        i, o = i + 1, o + 1
+    return mapping

@@ -1,0 +1,88 @@
+"""Extracts a region (or chain) as a standalone GraphModule that runs on any number of rows.
+
+The extracted module takes the region's token-carrying inputs, then its other inputs, then (when re-emitted for
+gathered rows) the row count K, and returns the exit's value. Sizes that spell the token count inside the
+region (view/reshape/expand sizes, full slices of the token axis) are replaced by K, so the same ops run on
+K gathered rows; with K = N it is the dense computation. Running it on rows gathered along each token input's
+axis gives the dense exit's rows: the property the rewrite relies on and the tests check.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+from torch import fx
+
+from .graph_utils import op_name, tensor_value
+from .op_rules import Info
+from .regions import Region
+
+_SIZED = frozenset(("view", "reshape", "expand"))
+
+
+class RegionNotRelocatable(ValueError):
+    """The region holds an op whose token-count argument cannot be re-targeted to K rows."""
+
+
+def extract_region(
+    gm: fx.GraphModule, region: Region, infos: dict[fx.Node, Info], gathered: bool = False
+) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    for node in region.token_inputs + region.other_inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    rows: Optional[fx.Node] = graph.placeholder("rows") if gathered else None
+    for node in region.nodes:
+        copy = graph.node_copy(node, lambda n: env[n])
+        if rows is not None:
+            _retarget(node, copy, infos, rows)
+        env[node] = copy
+    graph.output(env[region.exit])
+    return fx.GraphModule(gm, graph)
+
+
+def _retarget(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], rows: fx.Node) -> None:
+    """Rewrites the token-count size of the copied ``node`` to ``rows``."""
+    name = op_name(node)
+    axis = infos[original].axis
+    if name in _SIZED:
+        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
+            node.args[1:])
+        if sizes[axis.dim] != -1:
+            sizes[axis.dim] = rows if axis.lead == 1 else _times(node.graph, rows, axis.lead, node)
+        node.args = (node.args[0], *sizes)
+    elif name == "getitem" and tensor_value(original.args[0]) is not None:
+        # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.
+        src = original.args[0]
+        index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+        position = _index_position(index, tensor_value(src).dim(), infos[src].axis.dim)
+        if position is not None and isinstance(index[position], slice):
+            index[position] = slice(None)
+        node.args = (node.args[0], tuple(index))
+    elif name in ("arange", "new_zeros", "new_ones", "new_full", "new_empty", "zeros", "ones", "full", "empty"):
+        raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
+
+
+def _index_position(index: list, ndim: int, dim: int) -> Optional[int]:
+    """Which entry of an indexing tuple addresses input dim ``dim`` (None: inside an Ellipsis or absent)."""
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    current = 0
+    for position, entry in enumerate(index):
+        if entry is None:
+            continue
+        if entry is Ellipsis:
+            current += ndim - consumed
+            if current > dim:
+                return None
+            continue
+        if current == dim:
+            return position
+        current += 1
+    return None
+
+
+def _times(graph: fx.Graph, rows: fx.Node, lead: Any, anchor: fx.Node) -> fx.Node:
+    with graph.inserting_before(anchor):
+        return graph.call_function(operator.mul, (rows, lead))

@@ -1,0 +1,222 @@
+"""Residual spine, gated regions and q/k/v producer chains.
+
+The *spine* is the residual stream: the values every path from the token input (input ids, plus per-position
+tables that feed the first value projection) to the graph's output passes through, i.e. the chain of
+post-dominators of that source in the token-carrying dataflow graph. Spine nodes with two or more
+token-carrying inputs are *merges* (residual adds).
+
+A *branch* is grown backward from each non-spine operand of a merge (and from each token-carrying graph
+output): a producer joins while it is row-wise, is not a merge, and every one of its users is already in the
+branch. What stops the growth becomes the branch's input: the residual stream read, a shared norm output, an
+attention context, a token-mixing op (e.g. a conv over tokens), a per-position table.
+
+Roles: a branch fed by an attention context is the attention output projection (recorded, not gated); one that
+produces a graph output is the lm_head; one with top-k routing is an MoE FFN; any other with matmul FLOPs is an
+FFN. q/k/v chains are grown the same way from each site's q, k and v.
+
+Invariant: every node of a branch or chain is row-wise, and only the branch exit is used outside it, so
+running it on gathered rows and scattering the exit is exactly the dense computation on those rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import fx
+
+from .attention_sites import AttentionSite
+from .graph_utils import example_value, hint, op_name, prod, tensor_args, tensor_value
+from .op_rules import Info, Kind
+
+GATED_ROLES = ("ffn", "moe", "lm_head")
+
+
+@dataclass
+class Region:
+    role: str  # "ffn" | "moe" | "lm_head" | "attn_out" | "light" | "q" | "k" | "v"
+    exit: fx.Node
+    nodes: list[fx.Node]  # in graph order
+    token_inputs: list[fx.Node]
+    other_inputs: list[fx.Node]
+    flops: int
+    layer: int = -1
+    gated: bool = False
+    reason: str = ""  # why a candidate region stays dense
+
+    def ops(self) -> list[str]:
+        return [op_name(n) or n.op for n in self.nodes]
+
+
+@dataclass
+class Spine:
+    nodes: list[fx.Node]
+    merges: set[fx.Node] = field(default_factory=set)
+
+
+def node_flops(node: fx.Node) -> int:
+    """Multiply-add FLOPs (x2) of matmul-like ops, from example sizes; 0 for everything else."""
+    name = op_name(node)
+    out = tensor_value(node)
+    if out is None:
+        return 0
+    numel = hint(prod(out.shape))
+    if name in ("linear", "matmul"):
+        return 2 * numel * hint(tensor_value(node.args[0]).shape[-1])
+    if name == "sdpa":
+        k = tensor_value(node.args[1])
+        q = tensor_value(node.args[0])
+        return 2 * hint(prod(q.shape)) * hint(k.shape[-2]) + 2 * numel * hint(k.shape[-2])
+    if name in ("conv1d", "conv2d"):
+        weight = tensor_value(node.args[1])
+        return 2 * numel * hint(prod(weight.shape[1:]))
+    return 0
+
+
+def _token_inputs(node: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a in infos and infos[a].axis is not None]
+
+
+def _tensor_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.op == "output" or isinstance(example_value(u), (tuple, list)) or tensor_value(u) is not None]
+
+
+def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite]) -> Spine:
+    output = next(n for n in graph.nodes if n.op == "output")
+    ipdom: dict[fx.Node, Optional[fx.Node]] = {output: None}
+    depth = {output: 0}
+
+    def meet(a: fx.Node, b: fx.Node) -> fx.Node:
+        while a is not b:
+            while depth[a] > depth[b]:
+                a = ipdom[a]
+            while depth[b] > depth[a]:
+                b = ipdom[b]
+            if a is not b:
+                a, b = ipdom[a], ipdom[b]
+        return a
+
+    for node in reversed(list(graph.nodes)):
+        if node is output or infos.get(node, Info(Kind.NONE)).axis is None:
+            continue
+        succ = [u for u in node.users if u in ipdom]
+        if not succ:
+            continue
+        cur = succ[0]
+        for u in succ[1:]:
+            cur = meet(cur, u)
+        ipdom[node], depth[node] = cur, depth[cur] + 1
+
+    leaves = _source_leaves(sites[0].v, infos) if sites else []
+    leaves = [leaf for leaf in leaves if leaf in ipdom]
+    if not leaves:
+        return Spine([])
+    start = leaves[0]
+    for leaf in leaves[1:]:
+        start = meet(start, leaf)
+    nodes = []
+    while start is not None and start is not output:
+        nodes.append(start)
+        start = ipdom[start]
+    return Spine(nodes, {n for n in nodes if _is_merge(n, infos)})
+
+
+def _is_merge(node: fx.Node, infos: dict[fx.Node, Info]) -> bool:
+    """Two or more full-width token-carrying operands: a residual add (not a norm's row statistic)."""
+    out = tensor_value(node)
+    full = [a for a in _token_inputs(node, infos) if out is not None and tensor_value(a) is not None
+            and tuple(tensor_value(a).shape) == tuple(out.shape)]
+    return len(full) >= 2
+
+
+def _source_leaves(v: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
+    """Token-carrying values with no token-carrying inputs, upstream of the first value projection."""
+    leaves, seen, work = [], set(), [v]
+    while work:
+        node = work.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        parents = _token_inputs(node, infos)
+        if not parents:
+            leaves.append(node)
+        work.extend(parents)
+    return leaves
+
+
+def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node]) -> list[fx.Node]:
+    """The largest row-wise region ending at ``exit`` whose nodes are used only inside it (see module doc)."""
+    region = {exit}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(region):
+            for p in _token_inputs(node, infos):
+                if p in region or p in blocked or p.op == "placeholder" or infos[p].kind is not Kind.ROW:
+                    continue
+                if all(u in region for u in _tensor_users(p)):
+                    region.add(p)
+                    changed = True
+    return [n for n in exit.graph.nodes if n in region]
+
+
+def build_region(role: str, exit: fx.Node, nodes: list[fx.Node], infos: dict[fx.Node, Info]) -> Region:
+    members = set(nodes)
+    token_inputs, other_inputs = [], []
+    for node in nodes:
+        for a in node.all_input_nodes:
+            if a in members or a in token_inputs or a in other_inputs:
+                continue
+            (token_inputs if infos.get(a, Info(Kind.NONE)).axis is not None else other_inputs).append(a)
+    return Region(role, exit, nodes, token_inputs, other_inputs, sum(node_flops(n) for n in nodes))
+
+
+def find_regions(
+    graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine
+) -> list[Region]:
+    attention_nodes = {site.node for site in sites}
+    output = next(n for n in graph.nodes if n.op == "output")
+    exits: list[tuple[fx.Node, bool]] = []  # (exit, feeds the graph output)
+    for merge in spine.merges:
+        exits += [(x, False) for x in _token_inputs(merge, infos) if x not in spine.nodes]
+    exits += [(x, True) for x in _token_inputs(output, infos)]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    site_positions = [order[s.node] for s in sites]
+    regions = []
+    for exit, is_output in sorted(set(exits), key=lambda e: order[e[0]]):
+        if infos[exit].kind is not Kind.ROW:
+            continue
+        blocked = spine.merges if is_output else spine.merges | set(spine.nodes)
+        nodes = grow(exit, infos, blocked)
+        region = build_region("ffn", exit, nodes, infos)
+        region.layer = max(0, sum(1 for p in site_positions if p < order[exit]) - 1)
+        _assign_role(region, attention_nodes, is_output)
+        regions.append(region)
+    return regions
+
+
+def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool) -> None:
+    if any(t in attention_nodes for t in region.token_inputs):
+        region.role, region.reason = "attn_out", "attention output projection stays dense (every row's residual moves)"
+    elif is_output:
+        region.role = "lm_head"
+    elif any(op_name(n) == "topk" for n in region.nodes):
+        region.role = "moe"
+    if region.flops == 0 and region.role != "attn_out":
+        region.role, region.reason = "light", "no matmul work to save"
+    region.gated = region.role in GATED_ROLES
+
+
+def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -> dict[str, Region]:
+    """q/k/v producer chains of ``site``: row-wise, used only by the attention, back to the shared input."""
+    blocked = set(spine.nodes)
+    chains = {}
+    for which, start in (("q", site.q), ("k", site.k), ("v", site.v)):
+        if infos[start].kind is not Kind.ROW:
+            chains[which] = build_region(which, start, [], infos)
+            continue
+        chain = build_region(which, start, grow(start, infos, blocked), infos)
+        chain.layer = site.layer
+        chain.gated = which in ("k", "v") and chain.flops > 0
+        chains[which] = chain
+    return chains

@@ -1,0 +1,79 @@
+"""Ops that mix tokens must never be classified row-wise nor end up inside a gated region."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyllm_compile.models import TransformerConfig, DiffusionTransformer
+from dyllm_compile.passes.op_rules import Kind
+from graph_helpers import assert_region_runs_on_rows, capture
+
+
+class MixingFFN(nn.Module):
+    """One attention layer whose FFN branch first applies ``mix`` to the normed residual stream."""
+
+    def __init__(self, mix):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = mix
+        self.embed = nn.Embedding(64, 32)
+        self.qkv = nn.ModuleList(nn.Linear(32, 32) for _ in range(3))
+        self.o = nn.Linear(32, 32)
+        self.norm = nn.LayerNorm(32)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, n, _ = h.shape
+        q, k, v = (p(h).view(b, n, 2, 16).transpose(1, 2) for p in self.qkv)
+        h = h + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 32))
+        h = h + self.down(F.gelu(self.up(self.mix(self.norm(h)))))
+        return self.head(h)
+
+
+def _index_by_data(h):
+    return h[:, h[0, :, 0].argsort()]
+
+
+MIXERS = {
+    "cumsum": (lambda h: h.cumsum(1), "cumsum"),
+    "flip": (lambda h: h.flip(1), "flip"),
+    "roll": (lambda h: torch.roll(h, 1, 1), "roll"),
+    "mean_over_tokens": (lambda h: h - h.mean(1, keepdim=True), "mean"),
+    "max_over_tokens": (lambda h: h * h.amax(dim=1, keepdim=True), "amax"),
+    "pool_first_token": (lambda h: h + h[:, 0][:, None], "getitem"),
+    "slice_first_token": (lambda h: h + h[:, :1], "getitem"),
+    "sort_tokens": (lambda h: h.sort(dim=1).values, "sort"),
+    "argsort_gather": (lambda h: h.gather(1, h.argsort(dim=1)), "gather"),
+    "data_dependent_index": (_index_by_data, "getitem"),
+    "index_select_tokens": (lambda h: h.index_select(1, torch.arange(h.shape[1] - 1, -1, -1)), "index_select"),
+}
+
+
+def _check(cap, op):
+    a = cap.analysis
+    mixing = [n for n in cap.gm.graph.nodes if cap.ops([n]) == [op] and a.infos[n].kind is Kind.MIXING]
+    assert mixing, f"no '{op}' classified token-mixing"
+    regions = a.gated_regions + [c for chains in a.chains for c in chains.values()]
+    for region in regions:
+        assert not set(mixing) & set(region.nodes)
+        assert all(a.infos[n].kind is Kind.ROW for n in region.nodes)
+        assert_region_runs_on_rows(cap, region, rows=5)
+    assert any(f"'{op}'" in reason for reason in a.dense_reasons)
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_token_mixing_op_stays_out_of_regions(name, dynamic):
+    mix, op = MIXERS[name]
+    (cap,) = capture(MixingFFN(mix).eval(), (torch.randint(0, 64, (2, 10)),), dynamic=dynamic)
+    assert [r.role for r in cap.analysis.gated_regions] == ["ffn", "lm_head"]
+    _check(cap, op)
+
+
+def test_moe_with_expert_capacity_routes_densely():
+    model = DiffusionTransformer(TransformerConfig(n_layers=1, ffn="moe", moe_capacity=3)).eval()
+    (cap,) = capture(model, (torch.randint(0, 100, (1, 12)),))
+    _check(cap, "cumsum")

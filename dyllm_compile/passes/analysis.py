@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import fx
 
 from .attention_sites import AttentionSite, find_attention_sites
@@ -64,7 +65,9 @@ class FindAttentionSites(DyllmPass):
     def __call__(self, state: GraphAnalysis) -> None:
         state.sites = find_attention_sites(state.gm.graph)
         if not state.sites:
-            state.dense_reasons.append("no self-attention site found in this graph")
+            opaque = sorted({_label(n) for n in state.gm.graph.nodes if _is_opaque(n)})
+            hint = f"; opaque ops that may hide attention: {', '.join(opaque)}" if opaque else ""
+            state.dense_reasons.append(f"no self-attention site found in this graph{hint}")
         for site in state.sites:
             if site.dense_reason:
                 state.dense_reasons.append(f"layer {site.layer}: {site.dense_reason}")
@@ -102,6 +105,23 @@ class FindRegions(DyllmPass):
         )
         for (name, reason), count in sorted(mixing.items()):
             state.dense_reasons.append(f"'{name}' x{count}: token-mixing ({reason}); computed densely")
+
+
+def _is_opaque(node: fx.Node) -> bool:
+    """A call the analysis cannot see into (a custom kernel), producing a tensor with heads or tokens."""
+    if node.op != "call_function" or tensor_value(node) is None or tensor_value(node).dim() < 3:
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace not in ("aten", "prims")
+    return op_name(node) is None
+
+
+def _label(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}::{target._overloadpacket.__name__}"
+    return getattr(target, "__qualname__", str(target))
 
 
 ANALYSIS_PASSES = (FindAttentionSites(), InferTokenAxes(), FindRegions())

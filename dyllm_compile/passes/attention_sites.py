@@ -59,11 +59,10 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         if name == "sdpa":
             sites.append(_sdpa_site(node))
         elif name == "hop.flex_attention":
-            sites.append(
-                AttentionSite(node, "flex", node.args[0], node.args[1], node.args[2],
-                              dense_reason="flex_attention: score_mod / block_mask are opaque to the rewrite")
-            )
-        elif name in ("softmax", "log_softmax") or (node.op == "call_method" and node.target == "softmax"):
+            site = _flex_site(node)
+            if site is not None:
+                sites.append(site)
+        elif name == "softmax":
             site = _manual_site(node)
             if site is not None:
                 sites.append(site)
@@ -79,6 +78,16 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     if arg(node, 5, "is_causal", False):
         site.dense_reason = "causal attention: a diffusion LM is bidirectional"
     return site
+
+
+def _flex_site(node: fx.Node) -> Optional[AttentionSite]:
+    """flex_attention returns (out, logsumexp, ...): the context is its first element."""
+    results = {u.args[1]: u for u in node.users if op_name(u) == "getitem"}
+    if 0 not in results:
+        return None
+    internal = [node] + [u for i, u in results.items() if i != 0]
+    return AttentionSite(results[0], "flex", node.args[0], node.args[1], node.args[2], internal=internal,
+                         dense_reason="flex_attention: score_mod / block_mask are opaque to the rewrite")
 
 
 def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:

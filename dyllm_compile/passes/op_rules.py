@@ -130,7 +130,7 @@ class Rules:
         dims = self._dim_map(node, name)
         if dims is not None:
             return self._mapped(node, dims)
-        return self._unknown(node, name or str(node.target), out)
+        return self._unknown(node, name or getattr(node.target, "__name__", str(node.target)), out)
 
     def _row(self, node: fx.Node, dim: int, lead: Any) -> Info:
         return Info(Kind.ROW, Axis(dim, lead))
@@ -276,7 +276,8 @@ class Rules:
         return self._row(node, out_dim, axis.lead)
 
     def _cat(self, node: fx.Node, name: str) -> Info:
-        tensors = node.args[0]
+        # torch.cat skips legacy empty 1-D operands (e.g. an empty KV cache's torch.tensor([])).
+        tensors = [t for t in node.args[0] if not _is_legacy_empty(t)]
         dim = arg(node, 1, "dim", 0)
         values = [tensor_value(t) for t in tensors]
         axes = [self.axis_of(t) for t in tensors]
@@ -375,6 +376,11 @@ class Rules:
             if axis.dim in inverse:
                 return [(node.args[0], Axis(inverse[axis.dim], axis.lead))]
         return []
+
+
+def _is_legacy_empty(node: Any) -> bool:
+    value = tensor_value(node)
+    return value is not None and value.dim() == 1 and same_size(value.shape[0], 0)
 
 
 def _size_preserving_map(in_shape, out_shape) -> dict[int, int]:

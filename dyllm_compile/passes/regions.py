@@ -81,10 +81,21 @@ def _tensor_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.op == "output" or isinstance(example_value(u), (tuple, list)) or tensor_value(u) is not None]
 
 
-def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite]) -> Spine:
+def main_output(graph: fx.Graph, infos: dict[fx.Node, Info]) -> Optional[fx.Node]:
+    """The last token-carrying value the graph returns (the logits); side outputs (KV caches, hidden states)
+    are not on the residual stream's path."""
     output = next(n for n in graph.nodes if n.op == "output")
-    ipdom: dict[fx.Node, Optional[fx.Node]] = {output: None}
-    depth = {output: 0}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    returned = [a for a in _token_inputs(output, infos)]
+    return max(returned, key=order.__getitem__, default=None)
+
+
+def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite]) -> Spine:
+    sink = main_output(graph, infos)
+    if sink is None:
+        return Spine([])
+    ipdom: dict[fx.Node, Optional[fx.Node]] = {sink: None}
+    depth = {sink: 0}
 
     def meet(a: fx.Node, b: fx.Node) -> fx.Node:
         while a is not b:
@@ -97,7 +108,7 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
         return a
 
     for node in reversed(list(graph.nodes)):
-        if node is output or infos.get(node, Info(Kind.NONE)).axis is None:
+        if node is sink or infos.get(node, Info(Kind.NONE)).axis is None:
             continue
         succ = [u for u in node.users if u in ipdom]
         if not succ:
@@ -115,7 +126,7 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
     for leaf in leaves[1:]:
         start = meet(start, leaf)
     nodes = []
-    while start is not None and start is not output:
+    while start is not None:
         nodes.append(start)
         start = ipdom[start]
     return Spine(nodes, {n for n in nodes if _is_merge(n, infos)})
@@ -175,11 +186,11 @@ def find_regions(
     graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine
 ) -> list[Region]:
     attention_nodes = {site.node for site in sites}
-    output = next(n for n in graph.nodes if n.op == "output")
-    exits: list[tuple[fx.Node, bool]] = []  # (exit, feeds the graph output)
+    exits: list[tuple[fx.Node, bool]] = []  # (exit, is the main output)
     for merge in spine.merges:
         exits += [(x, False) for x in _token_inputs(merge, infos) if x not in spine.nodes]
-    exits += [(x, True) for x in _token_inputs(output, infos)]
+    if spine.nodes[-1] not in spine.merges:  # else the graph ends on the residual stream (a graph break)
+        exits.append((spine.nodes[-1], True))
     order = {n: i for i, n in enumerate(graph.nodes)}
     site_positions = [order[s.node] for s in sites]
     regions = []
@@ -217,6 +228,6 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
             continue
         chain = build_region(which, start, grow(start, infos, blocked), infos)
         chain.layer = site.layer
-        chain.gated = which in ("k", "v") and chain.flops > 0
+        chain.gated = which in ("k", "v") and chain.flops > 0 and not site.dense_reason
         chains[which] = chain
     return chains

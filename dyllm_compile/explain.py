@@ -1,0 +1,111 @@
+"""``dyllm_compile.explain``: what the backend would gate in a model, and why anything stays dense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .config import DyllmConfig
+from .passes.analysis import GraphAnalysis, analyze
+from .passes.graph_utils import op_name, tensor_value
+from .passes.regions import node_flops
+
+# Every graph break makes one more graph; tracing many shapes of one model class shares Dynamo's cache.
+_RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class LayerRow:
+    layer: int
+    attention: str
+    heads: int
+    kv_heads: int
+    gated: list[str]
+    dense: list[str]
+    flops: int
+    gated_flops: int
+
+    @property
+    def share(self) -> float:
+        return self.gated_flops / self.flops if self.flops else 0.0
+
+
+@dataclass
+class Report:
+    graphs: list[GraphAnalysis]
+
+    def layers(self, graph: GraphAnalysis) -> list[LayerRow]:
+        rows = []
+        for site, chains in zip(graph.sites, graph.chains):
+            regions = [r for r in graph.regions if r.layer == site.layer and r.role != "lm_head"]
+            parts = list(chains.values()) + regions
+            attention_flops = node_flops(site.node) + sum(node_flops(n) for n in site.internal)
+            # KV heads as projected, before any repeat_kv expansion.
+            k_linear = next((n for n in chains["k"].nodes if op_name(n) == "linear"), None)
+            kv_heads = site.heads
+            if k_linear is not None:
+                kv_heads = int(tensor_value(k_linear).shape[-1]) // site.head_dim
+            rows.append(LayerRow(
+                layer=site.layer,
+                attention=site.kind + (" (dense)" if site.dense_reason else ""),
+                heads=site.heads,
+                kv_heads=kv_heads,
+                gated=[_label(p) for p in parts if p.gated],
+                dense=[_label(p) for p in parts if not p.gated and p.flops],
+                flops=attention_flops + sum(p.flops for p in parts),
+                gated_flops=sum(p.flops for p in parts if p.gated),
+            ))
+        for head in (r for r in graph.regions if r.role == "lm_head"):
+            rows.append(LayerRow(-1, "-", 0, 0, [_label(head)] if head.gated else [],
+                                 [] if head.gated else [_label(head)], head.flops,
+                                 head.flops if head.gated else 0))
+        return rows
+
+    def table(self) -> str:
+        lines = []
+        for graph in self.graphs:
+            shape = "x".join(str(s) for s in graph.token_shape) if graph.token_shape else "-"
+            total = graph.total_flops
+            lines.append(f"graph {graph.graph_id}: {len(graph.sites)} attention sites, q shape {shape}, "
+                         f"{100 * graph.gated_flops / max(1, total):.1f}% of {total / 1e6:.2f} MFLOP gateable")
+            lines.append(f"{'layer':<7}{'attention':<12}{'heads':>6}{'kv':>4}  {'gated':<34}{'dense':<24}"
+                         f"{'gateable':>9}")
+            for row in self.layers(graph):
+                name = "head" if row.layer < 0 else str(row.layer)
+                lines.append(f"{name:<7}{row.attention:<12}{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
+                             f"{', '.join(row.gated):<34}{', '.join(row.dense):<24}{100 * row.share:>8.1f}%")
+            for reason in graph.dense_reasons:
+                lines.append(f"  dense: {reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _label(region) -> str:
+    return {"k": "k proj", "v": "v proj", "q": "q proj", "attn_out": "o proj"}.get(region.role, region.role)
+
+
+def explain(model: Any, *example_inputs: Any, dynamic: Optional[bool] = None, verbose: bool = True,
+            **options: Any) -> Report:
+    """Traces ``model(*example_inputs)`` with Dynamo, runs the analysis on every graph, prints the table.
+
+    ``options`` are the backend's options (validated the same way); ``dynamic`` is torch.compile's.
+    """
+    config = DyllmConfig.from_options(options)
+    graphs: list[GraphAnalysis] = []
+
+    def capture(gm, inputs):
+        graphs.append(analyze(gm, f"g{len(graphs)}", config.debug_dir))
+        return gm.forward
+
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), torch.inference_mode():
+        torch.compile(model, backend=capture, dynamic=dynamic)(*example_inputs)
+    if not graphs:
+        raise RuntimeError("explain: Dynamo produced no graph for this model and these inputs")
+    report = Report(graphs)
+    if verbose:
+        print(report.table())
+    return report

@@ -1,0 +1,78 @@
+import logging
+import re
+
+import pytest
+import torch
+
+import dyllm_compile
+import dyllm_compile.backend as backend_mod
+from dyllm_compile.models.zoo import ZOO
+from dyllm_compile.passes.analysis import ANALYSIS_PASSES
+
+
+def test_explain_returns_report_and_prints_table(capsys):
+    entry = ZOO["dream"]
+    report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False)
+    out = capsys.readouterr().out
+    (graph,) = report.graphs
+    rows = report.layers(graph)
+    assert [(r.layer, r.heads, r.kv_heads) for r in rows[:2]] == [(0, 4, 2), (1, 4, 2)]
+    assert rows[0].gated == ["k proj", "v proj", "ffn"] and rows[0].dense == ["q proj", "o proj"]
+    assert rows[-1].layer == -1 and rows[-1].gated == ["lm_head"]
+    assert 0.5 < rows[0].share < 1.0
+    assert "k proj, v proj, ffn" in out and re.search(r"head .* lm_head .* 100\.0%", out)
+
+
+def test_explain_names_why_sites_stay_dense(capsys):
+    entry = ZOO["token_conv"]
+    report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), verbose=False)
+    assert any("'conv1d' x2: token-mixing" in r for r in report.graphs[0].dense_reasons)
+    assert capsys.readouterr().out == ""
+
+
+def test_explain_validates_options():
+    with pytest.raises(ValueError, match="unknown dyllm option"):
+        dyllm_compile.explain(ZOO["llada"].build(), *ZOO["llada"].inputs(1, 8), bogus=1)
+
+
+def test_pass_uuids_identify_pass_sources():
+    uuids = [p.uuid() for p in ANALYSIS_PASSES]
+    assert len(set(uuids)) == len(uuids) and all(re.fullmatch(r"[0-9a-f]{16}", u) for u in uuids)
+
+
+def test_backend_logs_summary_and_dumps_graphs_before_and_after_each_pass(tmp_path, caplog):
+    torch._dynamo.reset()
+    entry = ZOO["llada"]
+    model = entry.build()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "eager", "debug_dir": str(tmp_path)})
+    with caplog.at_level(logging.INFO, logger="dyllm_compile"), torch.inference_mode():
+        torch.testing.assert_close(compiled(*entry.inputs(1, 12)), model(*entry.inputs(1, 12)))
+    assert any("2 attention sites" in m and "'ffn': 2" in m for m in caplog.messages)
+    (graph_dir,) = list(tmp_path.iterdir())
+    dumps = sorted(p.name for p in graph_dir.iterdir())
+    assert dumps == ["00_attention_sites.after.txt", "00_attention_sites.before.txt", "01_token_axes.after.txt",
+                     "01_token_axes.before.txt", "02_regions.after.txt", "02_regions.before.txt", "explain.txt"]
+
+    def count(name, pattern):
+        return len(re.findall(pattern, (graph_dir / name).read_text()))
+
+    # Each pass's annotations appear in its "after" dump and not before it.
+    assert count("00_attention_sites.before.txt", r"attention\(sdpa\)") == 0
+    assert count("00_attention_sites.after.txt", r"attention\(sdpa\)") == 2
+    assert count("01_token_axes.before.txt", "row-wise") == 0
+    assert count("01_token_axes.after.txt", "token-mixing") >= 2
+    assert count("02_regions.before.txt", r"\.ffn\*") == 0
+    assert count("02_regions.after.txt", r"L0\.ffn\*") > 5 and count("02_regions.after.txt", r" merge") == 4
+    assert "lm_head" in (graph_dir / "explain.txt").read_text()
+
+
+def test_analysis_failure_never_breaks_compilation(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(backend_mod, "analyze", broken)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * 3, backend="dyllm", options={"lowering": "eager"})
+    with caplog.at_level(logging.WARNING, logger="dyllm_compile"):
+        assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 3.0))
+    assert any("analysis failed (RuntimeError: boom)" in m for m in caplog.messages)

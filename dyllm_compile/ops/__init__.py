@@ -1,0 +1,5 @@
+"""torch.library custom ops of dyllm-compile, each with its fake impl and plain-torch reference."""
+
+from .cached_attention import MODES, cached_attention, cached_attention_reference
+
+__all__ = ["MODES", "cached_attention", "cached_attention_reference"]

@@ -1,0 +1,152 @@
+"""``dyllm::cached_attention``: attention that reuses the previous step's context for non-salient rows.
+
+Contract (shapes: B batch, H query heads, G kv heads with H % G == 0, N tokens, D head dim):
+
+    cached_attention(q [B,H,N,D], k [B,G,N,D], v [B,G,N,D], k_old, v_old, c_old [B,H,N,D],
+                     m_old [B,H,N], l_old [B,H,N], salient_in [B,N] bool, attn_mask, scale, mode,
+                     recompute_share) -> (c [B,H,N,D], m [B,H,N], l [B,H,N])
+
+``k, v`` are this step's keys/values (the caches after the salient rows were rewritten), ``k_old, v_old`` the
+previous step's; they differ only on rows in ``salient_in``. ``c_old, m_old, l_old`` are the previous context and
+the running softmax max / denominator of each row (fp32).
+
+- rows in ``salient_in``: exact attention of their (new) query against ``k, v``.
+- ``mode="paper"`` (DyLLM), other rows: ``c = c_old + softmax(q k^T) (v - v_old)``: the value change is
+  propagated with the new attention weights; the re-weighting of unchanged values is ignored.
+- ``mode="exact"``, other rows (whose query is unchanged): the running max, denominator and numerator are
+  updated for the changed key columns only (old column mass removed, new added): equal to dense attention.
+  Rows whose removed mass exceeds ``recompute_share`` of their denominator recompute exactly, since removing
+  most of a sum cancels badly.
+
+This file is the plain-torch reference: the CPU implementation and the oracle for the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+MODES = ("paper", "exact")
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.float()
+    return s
+
+
+def cached_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_old: torch.Tensor,
+    v_old: torch.Tensor,
+    c_old: torch.Tensor,
+    m_old: torch.Tensor,
+    l_old: torch.Tensor,
+    salient_in: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    mode: str,
+    recompute_share: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    heads = q.shape[1]
+    k, v, k_old, v_old = (_expand_kv(t, heads) for t in (k, v, k_old, v_old))
+    if mode == "paper":
+        s = _scores(q, k, attn_mask, scale)  # [B,H,N,N] fp32
+        m = s.amax(dim=-1)
+        p = torch.exp(s - m[..., None])
+        l = p.sum(dim=-1)
+        probs = p / l[..., None]
+        exact = torch.matmul(probs, v.float())
+        delta = torch.matmul(probs, v.float() - v_old.float())
+        c = torch.where(salient_in[:, None, :, None], exact, c_old.float() + delta)
+        return c.to(q.dtype), m, l
+    c, m, l = c_old.float().clone(), m_old.float().clone(), l_old.float().clone()
+    for b in range(q.shape[0]):
+        _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_share, salient_in[b], c, m, l)
+    return c.to(q.dtype), m, l
+
+
+def _mask_rows(attn_mask: Optional[torch.Tensor], b: int, rows: torch.Tensor, cols: Optional[torch.Tensor]):
+    """The [.., |rows|, |cols|] slice of a mask broadcastable to [B, H, N, N]."""
+    if attn_mask is None:
+        return None
+    mask = attn_mask[b if attn_mask.shape[0] > 1 else 0]
+    if mask.dim() == 2:
+        mask = mask[None]
+    mask = mask[:, rows] if mask.shape[-2] > 1 else mask
+    return mask if cols is None else mask[..., cols]
+
+
+def _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_share, salient, c, m, l) -> None:
+    """Exact-mode update of batch element ``b`` in place: incremental for unchanged queries, exact otherwise."""
+    n = q.shape[2]
+    everyone = torch.arange(n, device=q.device)
+    cols = salient.nonzero().flatten()
+    use_exact = salient.clone()
+    if cols.numel():
+        mask = _mask_rows(attn_mask, b, everyone, cols)
+        s_new = _scores(q[b], k[b][:, cols], mask, scale)  # [H,N,|J|]
+        s_old = _scores(q[b], k_old[b][:, cols], mask, scale)
+        m0, l0 = m[b], l[b]
+        m1 = torch.maximum(m0, s_new.amax(dim=-1))
+        kept = l0 * torch.exp(m0 - m1)
+        e_old, e_new = torch.exp(s_old - m1[..., None]), torch.exp(s_new - m1[..., None])
+        removed = e_old.sum(dim=-1)
+        l1 = kept - removed + e_new.sum(dim=-1)
+        acc = (c[b] * kept[..., None] - torch.matmul(e_old, v_old[b][:, cols].float())
+               + torch.matmul(e_new, v[b][:, cols].float()))
+        c[b], m[b], l[b] = acc / l1[..., None], m1, l1
+        # Removing most of a row's mass cancels badly: those rows (in any head) recompute exactly.
+        unstable = (removed > recompute_share * kept) | ~torch.isfinite(c[b]).all(-1)
+        use_exact |= unstable.any(dim=0)
+    rows = use_exact.nonzero().flatten()
+    if rows.numel():
+        s = _scores(q[b][:, rows], k[b], _mask_rows(attn_mask, b, rows, None), scale)  # [H,|E|,N]
+        m_rows = s.amax(dim=-1)
+        p = torch.exp(s - m_rows[..., None])
+        l_rows = p.sum(dim=-1)
+        c[b][:, rows] = torch.matmul(p, v[b].float()) / l_rows[..., None]
+        m[b][:, rows], l[b][:, rows] = m_rows, l_rows
+
+
+@torch.library.custom_op("dyllm::cached_attention", mutates_args=())
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_old: torch.Tensor,
+    v_old: torch.Tensor,
+    c_old: torch.Tensor,
+    m_old: torch.Tensor,
+    l_old: torch.Tensor,
+    salient_in: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    mode: str,
+    recompute_share: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c, m, l = cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,
+                                         mode, recompute_share)
+    return c.contiguous(), m.contiguous(), l.contiguous()
+
+
+@cached_attention.register_fake
+def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode, recompute_share):
+    stats = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

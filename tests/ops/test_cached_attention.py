@@ -1,0 +1,126 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dyllm_compile.ops import cached_attention, cached_attention_reference
+
+B_H_N_D = [(1, 4, 13, 8), (3, 4, 13, 8)]
+GQA = [1, 2, 4]  # query heads per kv head
+MASKS = [None, "padding", "additive"]
+SALIENT = ["none", "one", "some", "all"]
+
+
+def _mask(kind, b, h, n, gen):
+    if kind is None:
+        return None
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, :3] = False
+    bool_mask = keep[:, None, None, :]
+    if kind == "padding":
+        return bool_mask
+    return torch.where(bool_mask, torch.randn(b, 1, n, n, generator=gen) * 0.5, float("-inf"))
+
+
+def _salient(kind, b, n, gen):
+    if kind == "none":
+        return torch.zeros(b, n, dtype=torch.bool)
+    if kind == "all":
+        return torch.ones(b, n, dtype=torch.bool)
+    if kind == "one":
+        s = torch.zeros(b, n, dtype=torch.bool)
+        s[:, 5] = True
+        return s
+    return torch.rand(b, n, generator=gen) < 0.3
+
+
+def _dense(q, k, v, mask):
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                          attn_mask=mask)
+
+
+def _step(shape, rep, mask_kind, salient_kind, seed=0):
+    """A previous step (dense) and a new one where the salient rows' q, k, v changed."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, n, d = shape
+    g = h // rep
+    q0 = torch.randn(b, h, n, d, generator=gen)
+    k0, v0 = torch.randn(b, g, n, d, generator=gen), torch.randn(b, g, n, d, generator=gen)
+    mask = _mask(mask_kind, b, h, n, gen)
+    salient = _salient(salient_kind, b, n, gen)
+    everyone = torch.ones(b, n, dtype=torch.bool)
+    stats = torch.zeros(b, h, n)
+    c0, m0, l0 = cached_attention(q0, k0, v0, k0, v0, torch.zeros_like(q0), stats, stats, everyone, mask,
+                                  d ** -0.5, "exact", 0.5)
+    rows = salient[:, None, :, None]
+    q1 = torch.where(rows, torch.randn(b, h, n, d, generator=gen), q0)
+    k1 = torch.where(rows, torch.randn(b, g, n, d, generator=gen), k0)
+    v1 = torch.where(rows, torch.randn(b, g, n, d, generator=gen), v0)
+    return dict(q0=q0, k0=k0, v0=v0, c0=c0, m0=m0, l0=l0, q1=q1, k1=k1, v1=v1, mask=mask, salient=salient, d=d)
+
+
+@pytest.mark.parametrize("shape", B_H_N_D)
+@pytest.mark.parametrize("rep", GQA)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("salient_kind", SALIENT)
+def test_exact_mode_equals_dense_attention(shape, rep, mask_kind, salient_kind):
+    t = _step(shape, rep, mask_kind, salient_kind)
+    torch.testing.assert_close(t["c0"], _dense(t["q0"], t["k0"], t["v0"], t["mask"]), rtol=1e-5, atol=1e-5)
+    c1, m1, l1 = cached_attention(t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"],
+                                  t["salient"], t["mask"], t["d"] ** -0.5, "exact", 0.5)
+    torch.testing.assert_close(c1, _dense(t["q1"], t["k1"], t["v1"], t["mask"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rep", GQA)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("salient_kind", SALIENT)
+def test_paper_mode_formula(rep, mask_kind, salient_kind):
+    t = _step((3, 4, 13, 8), rep, mask_kind, salient_kind)
+    c1, _, _ = cached_attention(t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"],
+                                t["salient"], t["mask"], t["d"] ** -0.5, "paper", 0.5)
+    dense = _dense(t["q1"], t["k1"], t["v1"], t["mask"])
+    # c_old + P (v_new - v_old) with the new attention weights P, written independently of the op.
+    propagated = t["c0"] + (dense - _dense(t["q1"], t["k1"], t["v0"], t["mask"]))
+    expected = torch.where(t["salient"][:, None, :, None], dense, propagated)
+    torch.testing.assert_close(c1, expected, rtol=1e-5, atol=1e-5)
+    if salient_kind in ("none", "all"):  # nothing changed / everything recomputed: both equal dense
+        torch.testing.assert_close(c1, dense if salient_kind == "all" else t["c0"], rtol=1e-5, atol=1e-5)
+
+
+def test_exact_mode_drift_over_fifty_steps():
+    gen = torch.Generator().manual_seed(1)
+    b, h, n, d = 1, 4, 256, 64
+    q = torch.randn(b, h, n, d, generator=gen)
+    k, v = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen)
+    stats = torch.zeros(b, h, n)
+    everyone = torch.ones(b, n, dtype=torch.bool)
+    c, m, l = cached_attention(q, k, v, k, v, torch.zeros_like(q), stats, stats, everyone, None, d ** -0.5,
+                               "exact", 0.5)
+    worst = 0.0
+    for _ in range(50):
+        salient = torch.zeros(b, n, dtype=torch.bool)
+        salient[0, torch.randperm(n, generator=gen)[:8]] = True
+        rows = salient[:, None, :, None]
+        q1 = torch.where(rows, torch.randn(b, h, n, d, generator=gen), q)
+        k1 = torch.where(rows, torch.randn(b, h, n, d, generator=gen), k)
+        v1 = torch.where(rows, torch.randn(b, h, n, d, generator=gen), v)
+        c, m, l = cached_attention(q1, k1, v1, k, v, c, m, l, salient, None, d ** -0.5, "exact", 0.5)
+        q, k, v = q1, k1, v1
+        worst = max(worst, (c - F.scaled_dot_product_attention(q, k, v)).abs().max().item())
+    assert worst < 1e-5
+
+
+def test_op_runs_inside_a_compiled_graph():
+    t = _step((2, 4, 13, 8), 2, "padding", "some")
+    args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], t["mask"])
+
+    def fn(*a):
+        c, m, l = torch.ops.dyllm.cached_attention(*a, t["d"] ** -0.5, "exact", 0.5)
+        return c * 2, m, l
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    expected = cached_attention_reference(*args, t["d"] ** -0.5, "exact", 0.5)
+    got = compiled(*args)
+    torch.testing.assert_close(got[0], expected[0] * 2)
+    torch.testing.assert_close(got[1], expected[1])

@@ -18,6 +18,8 @@ from .config import DISABLE_ENV, DyllmConfig, disabled_by_env
 from .explain import Report
 from .lowering import lower
 from .passes.analysis import analyze
+from .passes.rewrite import NotRewritable, build_dense, plan_rewrite
+from .runtime.graph_runtime import GraphRuntime
 
 log = logging.getLogger("dyllm_compile")
 _graph_ids = itertools.count()
@@ -35,16 +37,25 @@ def dyllm_backend(
         return lower(gm, example_inputs, "inductor", mode)
     config = DyllmConfig.from_options(options)
     graph_id = f"g{next(_graph_ids)}"
+    if torch.is_grad_enabled():
+        log.info("dyllm: graph %s traced with grad enabled: compiled dense (decode under inference_mode)",
+                 graph_id)
+        return lower(gm, example_inputs, config.lowering, mode)
     try:
         analysis = analyze(gm, graph_id, config.debug_dir)
-    except Exception as err:  # the analysis must never break a user's compile
-        log.warning("dyllm: graph %s: analysis failed (%s: %s); compiling it unchanged", graph_id,
-                    type(err).__name__, err)
-    else:
         log.info("%s", analysis.summary())
         if config.debug_dir is not None:
             with open(os.path.join(config.debug_dir, graph_id, "explain.txt"), "w") as f:
                 f.write(Report([analysis]).table() + "\n")
-    log.info("dyllm: saliency rewrite not implemented yet; lowering graph %s unchanged with %s",
-             graph_id, config.lowering)
-    return lower(gm, example_inputs, config.lowering, mode)
+        plan = plan_rewrite(analysis, config)
+    except NotRewritable as err:
+        log.warning("dyllm: graph %s compiled dense: %s", graph_id, err)
+        return lower(gm, example_inputs, config.lowering, mode)
+    except Exception as err:  # the analysis must never break a user's compile
+        log.warning("dyllm: graph %s: analysis failed (%s: %s); compiled dense", graph_id,
+                    type(err).__name__, err)
+        return lower(gm, example_inputs, config.lowering, mode)
+    if plan.reasons:
+        log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))
+    dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode)
+    return GraphRuntime(plan, dense_fn, lambda sparse, inputs: lower(sparse, inputs, config.lowering, mode), graph_id)

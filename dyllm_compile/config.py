@@ -18,8 +18,16 @@ DISABLE_ENV = "DYLLM_DISABLE"
 LOWERINGS = ("inductor", "aot_eager", "eager")
 
 
-def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+ATTENTION_MODES = ("paper", "exact")
+
+
+def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None, kind: Optional[type] = None,
+          low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+          optional: bool = False) -> Any:
+    """A config field; ``low``/``high`` bound numbers (``low_open``: exclusive), ``optional`` allows None."""
+    meta = {"doc": doc, "choices": choices, "kind": kind, "low": low, "high": high, "low_open": low_open,
+            "optional": optional}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -37,15 +45,47 @@ class DyllmConfig:
         "Directory for readable dumps of each graph before and after every pass, and the explain "
         "report. None disables dumps.",
     )
+    threshold: float = _knob(
+        0.99,
+        "Saliency threshold tau: a row is salient when the cosine of its attention context with the cached "
+        "one is below tau (a row that came in salient stays salient). 1.0 recomputes every row (equals dense).",
+        kind=float, low=0.0, high=1.0, low_open=True,
+    )
+    attention_mode: str = _knob(
+        "paper",
+        "paper: non-salient rows get c_old + softmax(qK^T)(V - V_old) (DyLLM). exact: running softmax "
+        "statistics updated for the changed key columns only; equals dense attention for unchanged queries.",
+        choices=ATTENTION_MODES,
+    )
+    dense_steps: int = _knob(1, "Calls per sequence that run dense (and fill the caches) before sparse ones.",
+                             kind=int, low=1)
+    refresh_period: int = _knob(0, "Run a dense, cache-refreshing call every this many calls (0: never).",
+                                kind=int, low=0)
+    max_salient_fraction: float = _knob(
+        1.0, "A call whose salient rows (in any layer) exceed this fraction of the sequence runs dense.",
+        kind=float, low=0.0, high=1.0, low_open=True,
+    )
+    min_salient_fraction: float = _knob(
+        0.0, "Smallest row capacity of a sparse call, as a fraction of the sequence (capacity buckets).",
+        kind=float, low=0.0, high=1.0,
+    )
+    mask_token_id: Optional[int] = _knob(
+        None, "Id of the mask token. None: inferred as the id that changed rows held (a row that leaves another "
+        "id means a new sequence, which runs dense).", kind=int, low=0, optional=True,
+    )
+    recompute_share: float = _knob(
+        0.5, "Exact mode: a row whose removed softmax mass exceeds this share of its denominator is recomputed.",
+        kind=float, low=0.0, high=1.0, low_open=True,
+    )
+    force_salient: Optional[float] = _knob(
+        None, "Debug: instead of the cosine test, each layer adds a random fraction of rows (seeded by `seed` and "
+        "the call count) to the salient set. For oracle tests.", kind=float, low=0.0, high=1.0, optional=True,
+    )
+    seed: int = _knob(0, "Seed of force_salient's random row sets.", kind=int, low=0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices is not None and value not in choices:
-                raise ValueError(
-                    f"dyllm option {f.name!r} must be one of {list(choices)}, got {value!r}"
-                )
+            _validate(f, getattr(self, f.name))
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(
                 f"dyllm option 'debug_dir' must be a path or None, got {type(self.debug_dir).__name__}"
@@ -67,6 +107,27 @@ class DyllmConfig:
                 f"unknown dyllm option(s) {unknown}; valid options are {list(valid)}"
             )
         return cls(**options)
+
+
+def _validate(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if value is None and meta.get("optional"):
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"dyllm option {f.name!r} must be one of {list(choices)}, got {value!r}")
+    kind = meta.get("kind")
+    if kind is None:
+        return
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"dyllm option {f.name!r} must be {kind.__name__}, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    too_low = low is not None and (value <= low if meta.get("low_open") else value < low)
+    if too_low or (high is not None and value > high):
+        left = "(" if meta.get("low_open") else "["
+        raise ValueError(f"dyllm option {f.name!r} must be in {left}{low}, {high if high is not None else 'inf'}]"
+                         f", got {value!r}")
 
 
 def option_names() -> tuple[str, ...]:

@@ -90,31 +90,25 @@ def generate(
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length
     _check_args(gen_length, steps, block_length, remasking, schedule, confidence_threshold, cfg_scale)
-    ids, key_mask = pad_prompts(prompt, pad_token_id)
-    batch, plen = ids.shape
-    device = ids.device
-    x = torch.full((batch, plen + gen_length), mask_token_id, dtype=torch.long, device=device)
-    x[:, :plen] = ids
-    attention_mask = None
-    if key_mask is not None:
-        attention_mask = torch.cat([key_mask, key_mask.new_ones(batch, gen_length)], dim=1)
-    real_prompt = torch.zeros_like(x, dtype=torch.bool)
-    real_prompt[:, :plen] = True if key_mask is None else key_mask
-
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    forward = _Forward(model, mask_token_id, real_prompt, attention_mask, cfg_scale, shift_logits)
-    bar = _progress_bar(progress, batch * gen_length)
-    total_steps = 0
-    start = time.perf_counter()
     with torch.inference_mode():
+        # Every tensor the model sees is made here, so a compiled model sees one kind (no recompile).
+        x, plen, attention_mask, real_prompt = _initial_state(prompt, pad_token_id, mask_token_id, gen_length)
+        batch = x.shape[0]
+        num_blocks = gen_length // block_length
+        steps_per_block = steps // num_blocks
+        forward = _Forward(model, mask_token_id, real_prompt, attention_mask, cfg_scale, shift_logits)
+        bar = _progress_bar(progress, batch * gen_length)
+        total_steps = 0
+        start = time.perf_counter()
         for block in range(num_blocks):
             lo, hi = plen + block * block_length, plen + (block + 1) * block_length
             initial = (x[:, lo:hi] == mask_token_id).sum(dim=1)
             step = 0
             while bool((x[:, lo:hi] == mask_token_id).any()):
                 masked = x == mask_token_id
-                x0, confidence = _propose(forward(x), temperature, remasking, generator)
+                logits = forward(x)
+                logits[..., mask_token_id] = float("-inf")  # committing the mask token would loop forever
+                x0, confidence = _propose(logits, temperature, remasking, generator)
                 confidence = confidence.masked_fill(~masked, float("-inf"))
                 confidence[:, hi:] = float("-inf")
                 if confidence_threshold is not None:
@@ -123,18 +117,36 @@ def generate(
                     remaining = masked[:, lo:hi].sum(dim=1)
                     count = _transfer_count(schedule, step, steps_per_block, remaining, initial)
                     commit = _top_k_per_row(confidence, count)
+                pending = masked[:, lo:hi].any(dim=1)
+                if bool((pending & ~torch.isfinite(confidence[:, lo:hi]).any(dim=1)).any()):
+                    raise RuntimeError("decoding made no progress on a sequence: the model returned non-finite "
+                                       "logits for all of its masked positions")
                 x = torch.where(commit, x0, x)
                 step += 1
                 if bar is not None:
                     bar.update(int(commit.sum()))
             total_steps += step
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
     stats = DecodeStats(total_steps, forward.calls, batch * gen_length, seconds)
     return DecodeResult(x, plen, stats)
+
+
+def _initial_state(prompt, pad_token_id: int, mask_token_id: int, gen_length: int):
+    """The masked sequence [B, P + gen_length], prompt length, key mask (or None), real-prompt positions."""
+    ids, key_mask = pad_prompts(prompt, pad_token_id)
+    batch, plen = ids.shape
+    x = torch.full((batch, plen + gen_length), mask_token_id, dtype=torch.long, device=ids.device)
+    x[:, :plen] = ids
+    attention_mask = None
+    if key_mask is not None:
+        attention_mask = torch.cat([key_mask, key_mask.new_ones(batch, gen_length)], dim=1)
+    real_prompt = torch.zeros_like(x, dtype=torch.bool)
+    real_prompt[:, :plen] = True if key_mask is None else key_mask
+    return x, plen, attention_mask, real_prompt
 
 
 class _Forward:

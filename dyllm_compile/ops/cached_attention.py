@@ -95,7 +95,7 @@ def _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_shar
     everyone = torch.arange(n, device=q.device)
     cols = salient.nonzero().flatten()
     use_exact = salient.clone()
-    if cols.numel():
+    if 0 < cols.numel() < n:  # all rows salient: everything is recomputed below
         mask = _mask_rows(attn_mask, b, everyone, cols)
         s_new = _scores(q[b], k[b][:, cols], mask, scale)  # [H,N,|J|]
         s_old = _scores(q[b], k_old[b][:, cols], mask, scale)

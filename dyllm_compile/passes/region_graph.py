@@ -37,14 +37,14 @@ def extract_region(
     for node in region.nodes:
         copy = graph.node_copy(node, lambda n: env[n])
         if rows is not None:
-            _retarget(node, copy, infos, rows)
+            retarget_rows(node, copy, infos, rows)
         env[node] = copy
     graph.output(env[region.exit])
     return fx.GraphModule(gm, graph)
 
 
-def _retarget(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], rows: fx.Node) -> None:
-    """Rewrites the token-count size of the copied ``node`` to ``rows``."""
+def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], rows: Any) -> None:
+    """Rewrites the token-count size of ``node``, a copy of ``original``, to ``rows`` (an int or a node)."""
     name = op_name(node)
     axis = infos[original].axis
     if name in _SIZED:

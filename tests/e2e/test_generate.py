@@ -138,3 +138,10 @@ def test_padded_batch_equals_each_prompt_alone():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(TargetModel(), _prompt(), mask_token_id=MASK, **kwargs)
+
+
+def test_mask_token_is_never_committed():
+    # A model that prefers the mask token everywhere must still finish decoding.
+    out = generate(TargetModel(target_fn=lambda pos: torch.full_like(pos, MASK)), _prompt(), mask_token_id=MASK,
+                   gen_length=8, steps=8)
+    assert not (out.tokens == MASK).any()

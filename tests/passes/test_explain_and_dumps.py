@@ -73,6 +73,6 @@ def test_analysis_failure_never_breaks_compilation(monkeypatch, caplog):
     monkeypatch.setattr(backend_mod, "analyze", broken)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: x * 3, backend="dyllm", options={"lowering": "eager"})
-    with caplog.at_level(logging.WARNING, logger="dyllm_compile"):
+    with caplog.at_level(logging.WARNING, logger="dyllm_compile"), torch.inference_mode():
         assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 3.0))
     assert any("analysis failed (RuntimeError: boom)" in m for m in caplog.messages)

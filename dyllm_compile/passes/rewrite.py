@@ -1,0 +1,325 @@
+"""Saliency-gated rewrite: from one analysed graph, a dense (cache-filling) and a sparse (cache-using) variant.
+
+Pattern: each attention site whose k and v chains are row-wise and whose attention is plain SDPA becomes
+``dyllm::cached_attention``; its k/v chains run only on the rows of S_in and are scattered into the K/V caches.
+Every gated region (FFN, MoE FFN, lm_head) runs only on the rows of the most recent salient set (S_out of its
+layer's attention) and is scattered into its output cache. S_out = S_in | cos(c, c_old) < threshold. Other
+attention kinds (hand-written, flex, causal) stay dense but still produce S_out from their context.
+
+Invariants: the dense variant computes exactly the original graph (plus cache outputs); the sparse variant reads
+caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token
+count of every gathered region replaced by the static capacity K; rows outside the union of salient rows keep
+their cached values. With threshold 1 every row is salient and both variants equal the original graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx
+
+from ..config import DyllmConfig
+from ..ops.cached_attention import cached_attention, default_scale
+from ..runtime import rows
+from .analysis import GraphAnalysis
+from .attention_sites import AttentionSite
+from .graph_utils import arg, same_size, tensor_value
+from .op_rules import Kind
+from .region_graph import RegionNotRelocatable, retarget_rows
+from .regions import Region
+
+
+@dataclass
+class CacheSpec:
+    name: str  # e.g. "L0.k", "L1.ffn", "head.lm_head"
+    node: Optional[fx.Node]  # the original node whose value is cached (None: produced by the attention op)
+    axis: int  # token axis of the cached value
+
+
+@dataclass
+class SitePlan:
+    site: AttentionSite
+    cached: bool  # rewritten to dyllm::cached_attention (else dense attention, saliency only)
+    reason: str = ""
+    scale: float = 1.0
+    caches: dict[str, int] = field(default_factory=dict)  # "k" | "v" | "c" | "q" | "m" | "l" -> cache index
+
+
+@dataclass
+class RewritePlan:
+    analysis: GraphAnalysis
+    config: DyllmConfig
+    sites: list[SitePlan]
+    regions: list[Region]  # gated regions and k/v chains that run on salient rows
+    region_caches: dict[int, int]  # id(region) -> cache index
+    caches: list[CacheSpec]
+    token_inputs: list[int]  # placeholder positions whose changed rows form layer 0's S_in
+    input_axes: list[int]  # their token axes
+    reasons: list[str]
+
+    @property
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.analysis.gm.graph.nodes if n.op == "placeholder"]
+
+
+class NotRewritable(Exception):
+    """The graph as a whole cannot be rewritten: it is lowered unchanged, and the reason is logged."""
+
+
+def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
+    if not analysis.sites or not analysis.spine.nodes:
+        raise NotRewritable("; ".join(analysis.dense_reasons) or "nothing to gate")
+    infos = analysis.infos
+    batch = _batch_size(analysis)
+    placeholders = [n for n in analysis.gm.graph.nodes if n.op == "placeholder"]
+    sources = [n for n in placeholders if infos[n].kind is Kind.SOURCE]
+    if not sources or any(infos[n].axis.lead != 1 or infos[n].axis.dim == 0 for n in sources):
+        raise NotRewritable("no graph input carries the tokens on a batch-first layout")
+    reasons: list[str] = []
+    caches: list[CacheSpec] = []
+    regions: list[Region] = []
+    region_caches: dict[int, int] = {}
+
+    def add_cache(name: str, node: Optional[fx.Node], axis: int) -> int:
+        caches.append(CacheSpec(name, node, axis))
+        return len(caches) - 1
+
+    sites = []
+    for site, chains in zip(analysis.sites, analysis.chains):
+        plan = _plan_site(site, chains, infos, batch)
+        if plan.reason:
+            reasons.append(f"layer {site.layer}: attention computed densely ({plan.reason})")
+        if plan.cached:
+            for which in ("k", "v"):
+                regions.append(chains[which])
+                plan.caches[which] = region_caches[id(chains[which])] = add_cache(
+                    f"L{site.layer}.{which}", getattr(site, which), 2)
+            if config.attention_mode == "exact":
+                plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q, 2)
+                plan.caches["m"] = add_cache(f"L{site.layer}.m", None, 2)
+                plan.caches["l"] = add_cache(f"L{site.layer}.l", None, 2)
+        plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node, 2)
+        sites.append(plan)
+    for region in analysis.gated_regions:
+        reason = _region_problem(region, infos, batch)
+        if reason:
+            reasons.append(f"layer {region.layer}: {region.role} region computed densely ({reason})")
+            continue
+        regions.append(region)
+        name = "head.lm_head" if region.role == "lm_head" else f"L{region.layer}.{region.role}"
+        region_caches[id(region)] = add_cache(name, region.exit, infos[region.exit].axis.dim)
+    return RewritePlan(analysis, config, sites, regions, region_caches, caches,
+                       [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons)
+
+
+def _batch_size(analysis: GraphAnalysis) -> Any:
+    return tensor_value(analysis.sites[0].q).shape[0]
+
+
+def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> SitePlan:
+    q = tensor_value(site.q)
+    if site.kind != "sdpa" or site.dense_reason:
+        return SitePlan(site, False, site.dense_reason or f"{site.kind} attention is not rewritten yet")
+    if arg(site.node, 4, "dropout_p", 0.0) not in (0, 0.0):
+        return SitePlan(site, False, "attention dropout")
+    if q.dim() != 4 or any(infos[n].axis != infos[site.q].axis for n in (site.k, site.v, site.node)):
+        return SitePlan(site, False, "q/k/v are not [batch, heads, tokens, dim]")
+    for which in ("k", "v"):
+        problem = _region_problem(chains[which], infos, batch) if chains[which].nodes else "no projection chain"
+        if problem:
+            return SitePlan(site, False, f"{which} chain: {problem}")
+    scale = arg(site.node, 6, "scale")
+    return SitePlan(site, True, scale=float(scale) if scale is not None else default_scale(q.shape[-1]))
+
+
+def _region_problem(region: Region, infos, batch) -> str:
+    axis = infos[region.exit].axis
+    exit_value = tensor_value(region.exit)
+    if axis is None or axis.lead != 1 or axis.dim == 0 or exit_value is None:
+        return "its output has no batch-first token axis"
+    if not same_size(exit_value.shape[0], batch):
+        return "its output is not batch-first"
+    if any(infos[t].axis.lead != 1 for t in region.token_inputs):
+        return "an input folds batch and tokens together"
+    try:
+        graph = fx.Graph()
+        probe = graph.placeholder("rows")
+        for node in region.nodes:
+            retarget_rows(node, graph.node_copy(node, lambda n: probe), infos, 1)
+    except RegionNotRelocatable as err:
+        return str(err)
+    return ""
+
+
+# ---- graph building ------------------------------------------------------------------------------------------
+
+
+# The registered overload (an OpOverload), which graphs and Inductor schedule as one op.
+CACHED_ATTENTION = torch.ops.dyllm.cached_attention.default
+assert cached_attention is not None  # importing the module registers the op
+
+
+class _Builder:
+    """Copies the analysed graph into a new one, letting the variants replace sites and regions."""
+
+    def __init__(self, plan: RewritePlan) -> None:
+        self.plan = plan
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.outputs: Any = None
+
+    def call(self, fn: Callable, *args: Any) -> fx.Node:
+        return self.graph.call_function(fn, args)
+
+    def item(self, node: fx.Node, index: int) -> fx.Node:
+        return self.graph.call_function(operator.getitem, (node, index))
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def finish(self, extra: list[Any]) -> fx.GraphModule:
+        cached = {id(c) for c in extra}
+        # A returned value that is also a cache is cloned: the caller may modify what it gets back.
+        user = [self.call(torch.clone, self.env[n]) if isinstance(n, fx.Node) and id(self.env[n]) in cached
+                else fx.map_arg(n, lambda a: self.env[a]) for n in self.outputs]
+        # One layout for every cache (contiguous): a variant traced with one stride layout must accept the
+        # caches the other variant returns.
+        extra = [self.graph.call_method("contiguous", (e,)) for e in extra]
+        self.graph.output((*user, *extra))
+        self.graph.eliminate_dead_code()
+        gm = fx.GraphModule(self.plan.analysis.gm, self.graph)
+        gm.graph.lint()
+        return gm
+
+
+def build_dense(plan: RewritePlan) -> fx.GraphModule:
+    """The original graph, returning the cache values too (exact mode: attention through the op, for m and l)."""
+    b = _Builder(plan)
+    exact = plan.config.attention_mode == "exact"
+    by_node = {s.site.node: s for s in plan.sites}
+    stats: dict[int, fx.Node] = {}
+    for node in plan.analysis.gm.graph.nodes:
+        if node.op == "output":
+            b.outputs = node.args[0]
+            continue
+        site = by_node.get(node)
+        if exact and site is not None and site.cached:
+            s = site.site
+            q, k, v = b.env[s.q], b.env[s.k], b.env[s.v]
+            everyone = b.call(rows.all_rows, q, 2)
+            zero = b.call(rows.zero_stats, q)
+            out = b.call(CACHED_ATTENTION, q, k, v, k, v, q, zero, zero, everyone, _mask(b, s), site.scale,
+                         "exact", plan.config.recompute_share)
+            b.env[node] = b.item(out, 0)
+            stats[site.caches["m"]], stats[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
+            continue
+        b.env[node] = b.copy(node)
+    extra = [stats[i] if spec.node is None else b.env[spec.node] for i, spec in enumerate(plan.caches)]
+    return b.finish(extra)
+
+
+def build_sparse(plan: RewritePlan, capacity: int) -> fx.GraphModule:
+    """The sparse variant for row capacity K = ``capacity``.
+
+    Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
+    (force_salient only) ``forced [layers, B, N]``. Outputs: the original outputs, the new caches, the number of
+    union rows each gather needed (for overflow detection) and the salient fraction per site [layers, B].
+    """
+    config = plan.config
+    b = _Builder(plan)
+    graph_nodes = list(plan.analysis.gm.graph.nodes)
+    for node in graph_nodes:
+        if node.op == "placeholder":
+            b.env[node] = b.copy(node)
+    cache_in = [b.graph.placeholder(f"cache_{spec.name.replace('.', '_')}") for spec in plan.caches]
+    salient = b.graph.placeholder("salient_in")
+    forced = b.graph.placeholder("forced_salient") if config.force_salient is not None else None
+    new_cache: dict[int, Any] = {}
+    counts, fractions = [], []
+    selections: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    region_by_exit = {r.exit: r for r in plan.regions}
+    skipped = {n for r in plan.regions for n in r.nodes if n is not r.exit}
+    by_node = {s.site.node: s for s in plan.sites}
+
+    def select(current: fx.Node) -> tuple[fx.Node, fx.Node]:
+        if current not in selections:
+            picked = b.call(rows.select_rows, current, capacity)
+            counts.append(b.item(picked, 2))
+            selections[current] = (b.item(picked, 0), b.item(picked, 1))
+        return selections[current]
+
+    for node in graph_nodes:
+        if node.op == "placeholder" or node in skipped:
+            continue
+        if node.op == "output":
+            b.outputs = node.args[0]
+            continue
+        if node in region_by_exit:
+            region = region_by_exit[node]
+            index, valid = select(salient)
+            cache = plan.region_caches[id(region)]
+            b.env[node] = _emit_gathered(b, region, index, valid, cache_in[cache], capacity)
+            new_cache[cache] = b.env[node]
+            continue
+        site = by_node.get(node)
+        if site is None:
+            b.env[node] = b.copy(node)
+            continue
+        c_old = cache_in[site.caches["c"]]
+        if site.cached:
+            context = _emit_cached_attention(b, plan, site, salient, cache_in, new_cache)
+        else:
+            context = b.env[node] = b.copy(node)
+        new_cache[site.caches["c"]] = context
+        if forced is not None:
+            layer_forced = b.call(operator.getitem, forced, site.site.layer)
+            salient = b.call(operator.or_, salient, layer_forced)
+        else:
+            salient = b.call(rows.context_saliency, salient, context, c_old, 2, config.threshold)
+        b.env[node] = context
+        fractions.append(b.call(rows.salient_fraction, salient))
+    extra = [new_cache[i] for i in range(len(plan.caches))]
+    extra.append(b.call(rows.stack_counts, *counts))
+    extra.append(b.call(torch.stack, fractions))
+    return b.finish(extra)
+
+
+def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, cache: fx.Node,
+                   capacity: int) -> fx.Node:
+    infos = b.plan.analysis.infos
+    local: dict[fx.Node, Any] = {}
+    for node in region.token_inputs:
+        local[node] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
+    for node in region.other_inputs:
+        local[node] = b.env[node]
+    for node in region.nodes:
+        copy = b.graph.node_copy(node, lambda n: local[n])
+        retarget_rows(node, copy, infos, capacity)
+        local[node] = copy
+    return b.call(rows.scatter_rows, cache, local[region.exit], index, valid, infos[region.exit].axis.dim)
+
+
+def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
+    return b.env[site.mask] if isinstance(site.mask, fx.Node) else None
+
+
+def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salient: fx.Node,
+                           cache_in: list[fx.Node], new_cache: dict[int, Any]) -> fx.Node:
+    s = site.site
+    exact = plan.config.attention_mode == "exact"
+    q = b.env[s.q]
+    if exact:  # unchanged rows keep their cached query: the incremental update is then exact
+        q = b.call(rows.merge_rows, salient, q, cache_in[site.caches["q"]], 2)
+        new_cache[site.caches["q"]] = q
+        m_old, l_old = cache_in[site.caches["m"]], cache_in[site.caches["l"]]
+    else:
+        m_old = l_old = b.call(rows.zero_stats, q)
+    out = b.call(CACHED_ATTENTION, q, b.env[s.k], b.env[s.v], cache_in[site.caches["k"]],
+                 cache_in[site.caches["v"]], cache_in[site.caches["c"]], m_old, l_old, salient, _mask(b, s),
+                 site.scale, plan.config.attention_mode, plan.config.recompute_share)
+    if exact:
+        new_cache[site.caches["m"]], new_cache[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
+    return b.item(out, 0)

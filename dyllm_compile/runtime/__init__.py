@@ -1,0 +1,1 @@
+"""Per-compiled-graph state: caches, step policy, variant selection (graph_runtime); row helpers (rows)."""

@@ -1,0 +1,216 @@
+"""Per compiled graph: sequence states (caches), the step policy, and the dense / sparse variants.
+
+Each call picks a variant. Dense: the first ``dense_steps`` calls of a sequence, every ``refresh_period`` calls,
+any call that does not continue a known sequence, and calls with too many salient rows. Sparse otherwise: layer
+0's salient rows are the rows whose token inputs changed since the last call, and the row capacity K is the
+smallest bucket that held last call's salient rows; if a layer needed more, the call is rerun with a bigger
+bucket (caches are functional, so a rerun is safe), so a salient row is never left stale.
+
+A sequence continues when every changed row held the mask id and no longer does (diffusion decoding only
+unmasks). Any other change (a new prompt, even one token) starts a new sequence with a dense call. States are
+keyed by input shapes, dtypes, devices and the identity of the weights (one graph can serve several layers
+after a graph break), kept in a small LRU so alternating sequences (classifier-free guidance) do not thrash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx
+
+from ..passes.rewrite import RewritePlan, build_sparse
+
+log = logging.getLogger("dyllm_compile")
+
+MAX_SEQUENCES = 4
+BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+_runtimes: "weakref.WeakSet[GraphRuntime]" = weakref.WeakSet()
+
+
+@dataclass
+class RuntimeStats:
+    dense_calls: int = 0
+    sparse_calls: int = 0
+    reruns: int = 0
+    sparse_compiles: int = 0
+    salient_fraction_sum: Optional[torch.Tensor] = None  # [sites], summed over sparse calls (batch mean)
+    rows_computed: int = 0  # rows run through gated regions, summed over calls
+    rows_dense: int = 0  # what dense calls would have run through them
+
+    @property
+    def salient_fraction(self) -> list[float]:
+        if self.salient_fraction_sum is None or not self.sparse_calls:
+            return []
+        return (self.salient_fraction_sum / self.sparse_calls).tolist()
+
+    @property
+    def rows_fraction(self) -> float:
+        return self.rows_computed / self.rows_dense if self.rows_dense else 1.0
+
+
+@dataclass
+class SequenceState:
+    tokens: list[torch.Tensor]
+    others: list[torch.Tensor]
+    caches: list[torch.Tensor]
+    mask_id: Optional[int]
+    calls: int = 1
+    needed: int = 0  # union salient rows the last sparse call needed
+
+
+def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction: float) -> torch.Tensor:
+    """The rows ``force_salient`` adds per layer at a sequence's ``call``-th call: [layers, batch, n] bool."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + call)
+    return torch.rand(layers, batch, n, generator=gen) < fraction
+
+
+class GraphRuntime:
+    def __init__(self, plan: RewritePlan, dense_fn: Callable, lower: Callable[[fx.GraphModule, list], Callable],
+                 graph_id: str) -> None:
+        self.plan = plan
+        self.config = plan.config
+        self.dense_fn = dense_fn
+        self.lower = lower
+        self.graph_id = graph_id
+        self.n_caches = len(plan.caches)
+        self.n_user = len(plan.analysis.gm.graph.output_node().args[0])
+        self.n_sites = len(plan.sites)
+        self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
+        self.sparse_fns: dict[tuple, Callable] = {}
+        self.stats = RuntimeStats()
+        _runtimes.add(self)
+
+    # ---- public ------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Frees every cached sequence; the next call runs dense."""
+        self.states.clear()
+
+    def __call__(self, *args: Any) -> Any:
+        tokens = [args[i] for i in self.plan.token_inputs]
+        key = self._key(args)
+        states = self.states.setdefault(key, [])
+        self.states.move_to_end(key)
+        others = self._others(args)
+        for state in states:
+            changed = self._continuation(state, tokens, others)
+            if changed is not None:
+                return self._step(states, state, args, tokens, changed)
+        return self._dense(states, None, args, tokens, others)
+
+    # ---- policy ------------------------------------------------------------------------------------------
+
+    def _key(self, args: tuple) -> tuple:
+        shapes = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        weights = tuple(a.data_ptr() for a in args if isinstance(a, torch.nn.Parameter))
+        return shapes, weights
+
+    def _others(self, args: tuple) -> list[torch.Tensor]:
+        skip = set(self.plan.token_inputs)
+        return [a for i, a in enumerate(args)
+                if isinstance(a, torch.Tensor) and i not in skip and not isinstance(a, torch.nn.Parameter)]
+
+    def _continuation(self, state: SequenceState, tokens: list[torch.Tensor],
+                      others: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Rows changed since ``state``'s last call [B, N], or None when this call starts a new sequence."""
+        if any(not torch.equal(a, b) for a, b in zip(others, state.others)):
+            return None  # a mask, a table or another non-weight input changed
+        changed = None
+        for new, old, axis in zip(tokens, state.tokens, self.plan.input_axes):
+            rows = new != old
+            if rows.dim() > 2:
+                rows = rows.movedim(axis, 1).flatten(2).any(dim=2)
+            if not new.is_floating_point() and bool(rows.any()):
+                before, after = old[rows], new[rows]
+                mask_id = self.config.mask_token_id if self.config.mask_token_id is not None else state.mask_id
+                if mask_id is None:
+                    mask_id = int(before[0])
+                if not bool((before == mask_id).all()) or bool((after == mask_id).any()):
+                    return None
+                state.mask_id = mask_id
+            changed = rows if changed is None else changed | rows
+        return changed
+
+    def _step(self, states: list[SequenceState], state: SequenceState, args: tuple, tokens: list[torch.Tensor],
+              changed: torch.Tensor) -> Any:
+        cfg = self.config
+        n = changed.shape[1]
+        cap = math.ceil(cfg.max_salient_fraction * n)
+        refresh = cfg.refresh_period and state.calls % cfg.refresh_period == 0
+        if state.calls < cfg.dense_steps or refresh or int(changed.any(0).sum()) > cap:
+            return self._dense(states, state, args, tokens, self._others(args))
+        if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
+            changed = torch.ones_like(changed)
+        forced = []
+        if cfg.force_salient is not None:
+            forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
+        capacity = self._bucket(max(state.needed, int(changed.any(0).sum())), n)
+        while True:
+            fn = self._sparse(capacity, args, state, changed, forced)
+            out = fn(*args, *state.caches, changed, *forced)
+            counts = out[self.n_user + self.n_caches]
+            needed = int(counts.max()) if counts.numel() else 0
+            if needed <= capacity:
+                break
+            if needed > cap:  # more salient rows than the policy allows: this call runs dense
+                return self._dense(states, state, args, tokens, self._others(args))
+            self.stats.reruns += 1
+            capacity = self._bucket(needed, n)
+        state.caches = list(out[self.n_user : self.n_user + self.n_caches])
+        state.tokens = [t.clone() for t in tokens]
+        state.calls += 1
+        state.needed = needed
+        fractions = out[self.n_user + self.n_caches + 1].mean(dim=1)
+        self.stats.sparse_calls += 1
+        self.stats.salient_fraction_sum = (fractions if self.stats.salient_fraction_sum is None
+                                           else self.stats.salient_fraction_sum + fractions)
+        self.stats.rows_computed += capacity * len(self.plan.regions)
+        self.stats.rows_dense += n * len(self.plan.regions)
+        return tuple(out[: self.n_user])
+
+    def _bucket(self, needed: int, n: int) -> int:
+        floor = math.ceil(self.config.min_salient_fraction * n)
+        sizes = sorted({max(1, math.ceil(f * n)) for f in BUCKET_FRACTIONS})
+        return next(k for k in sizes if k >= max(needed, floor, 1))
+
+    def _dense(self, states: list[SequenceState], old: Optional[SequenceState], args: tuple,
+               tokens: list[torch.Tensor], others: list[torch.Tensor]) -> Any:
+        out = self.dense_fn(*args)
+        caches = list(out[self.n_user : self.n_user + self.n_caches])
+        if old is not None and old in states:
+            old.caches, old.tokens, old.calls, old.needed = caches, [t.clone() for t in tokens], old.calls + 1, 0
+        else:
+            states.append(SequenceState([t.clone() for t in tokens], [o.clone() for o in others], caches,
+                                        self.config.mask_token_id))
+            del states[:-MAX_SEQUENCES]
+        self.stats.dense_calls += 1
+        n = tokens[0].shape[self.plan.input_axes[0]]
+        self.stats.rows_computed += n * len(self.plan.regions)
+        self.stats.rows_dense += n * len(self.plan.regions)
+        return tuple(out[: self.n_user])
+
+    def _sparse(self, capacity: int, args: tuple, state: SequenceState, changed: torch.Tensor,
+                forced: list) -> Callable:
+        key = (capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if key not in self.sparse_fns:
+            gm = build_sparse(self.plan, capacity)
+            self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *forced])
+            self.stats.sparse_compiles += 1
+            log.info("dyllm: graph %s: compiled the sparse variant for %d rows", self.graph_id, capacity)
+        return self.sparse_fns[key]
+
+
+def runtimes() -> list[GraphRuntime]:
+    """Every live runtime (one per compiled graph), for stats and reset."""
+    return list(_runtimes)
+
+
+def reset_all() -> None:
+    for runtime in runtimes():
+        runtime.reset()

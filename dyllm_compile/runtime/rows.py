@@ -1,0 +1,72 @@
+"""Row selection and scatter, traced into the sparse variant as plain torch code.
+
+The row set of a gated region is the union over the batch of its salient rows, picked by top-K with a static
+capacity K (no data-dependent shapes, no host sync). Gathering one index set for the whole batch lets inputs
+without a batch dim (RoPE tables) be gathered the same way. Rows computed for one batch element but salient
+only in another keep their cached value, so the result equals the per-element algorithm exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def select_rows(salient: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``salient [B, N]`` -> (indices [K] sorted, valid [B, K], number of union rows as a 0-d tensor)."""
+    union = salient.any(dim=0)
+    n = union.shape[0]
+    # Salient rows first (score > N), then the others, earlier rows before later ones: a fixed order.
+    position = torch.arange(n, device=union.device)
+    score = union.to(torch.int64) * (2 * n) - position
+    index = torch.topk(score, capacity, sorted=False).indices.sort().values
+    return index, salient.index_select(1, index), union.sum()
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+    return x.index_select(axis, index)
+
+
+def scatter_rows(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                 axis: int) -> torch.Tensor:
+    """Out-of-place ``cache`` with its rows ``index`` (along ``axis``) replaced by ``fresh`` where valid.
+
+    ``valid [B, K]`` applies per batch element (dim 0 of ``cache``)."""
+    shape = [1] * cache.dim()
+    shape[0], shape[axis] = valid.shape[0], valid.shape[1]
+    chosen = torch.where(valid.view(shape), fresh.to(cache.dtype), cache.index_select(axis, index))
+    return cache.index_copy(axis, index, chosen)
+
+
+def merge_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-row choice between a fresh and a cached value: ``salient [B, N]`` along ``axis``."""
+    shape = [1] * fresh.dim()
+    shape[0], shape[axis] = salient.shape
+    return torch.where(salient.view(shape), fresh, cached.to(fresh.dtype))
+
+
+def context_saliency(salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor, axis: int,
+                     threshold: float) -> torch.Tensor:
+    """S_out = S_in | cos(context_i, cached_i) < threshold, per batch element and row (all heads together)."""
+    if threshold >= 1.0:
+        return torch.ones_like(salient_in)
+    rows = context.movedim(axis, 1).flatten(2).float()
+    old = cached.movedim(axis, 1).flatten(2).float()
+    return salient_in | (F.cosine_similarity(rows, old, dim=-1) < threshold)
+
+
+def all_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.ones(x.shape[0], x.shape[axis], dtype=torch.bool, device=x.device)
+
+
+def zero_stats(q: torch.Tensor) -> torch.Tensor:
+    """Softmax statistics placeholder for paper mode, which does not read them."""
+    return q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+
+def salient_fraction(salient: torch.Tensor) -> torch.Tensor:
+    return salient.float().mean(dim=1)
+
+
+def stack_counts(*counts: torch.Tensor) -> torch.Tensor:
+    return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)

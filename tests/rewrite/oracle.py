@@ -1,0 +1,103 @@
+"""Plain-torch eager implementation of the DyLLM algorithm for the reference models (pre-LN, SDPA).
+
+Written against the model's modules, independently of the compiler: rows are selected with masks (every row
+computed, then ``where(salient, fresh, cached)``), attention per DESIGN.md section 2: paper mode
+``c_old + softmax(q K^T)(V - V_old)`` for rows outside S_in; exact mode dense attention with the cached query
+for rows outside S_in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dyllm_compile.models.transformer import DiffusionTransformer, apply_rotary, repeat_kv
+from dyllm_compile.runtime.graph_runtime import forced_masks
+
+
+def _rows(s: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[0], shape[axis] = s.shape
+    return s.view(shape)
+
+
+@dataclass
+class Oracle:
+    model: DiffusionTransformer
+    threshold: float = 0.99
+    mode: str = "paper"
+    force_salient: Optional[float] = None
+    seed: int = 0
+    caches: Optional[dict] = None
+    ids: Optional[torch.Tensor] = None
+    calls: int = 0
+    fractions: list = field(default_factory=list)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        dense = self.caches is None
+        if dense:
+            self.caches, self.calls = {}, 0
+            salient = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            salient = ids != self.ids
+            if self.threshold >= 1.0:
+                salient = torch.ones_like(salient)
+        forced = None
+        if self.force_salient is not None and not dense:
+            forced = forced_masks(self.seed, self.calls, len(self.model.layers), *ids.shape, self.force_salient)
+        logits = self._forward(ids, salient, dense, forced)
+        self.ids, self.calls = ids.clone(), self.calls + 1
+        return logits
+
+    def _keep(self, name, fresh, salient, axis, dense):
+        value = fresh if dense else torch.where(_rows(salient, fresh.dim(), axis), fresh, self.caches[name])
+        old = None if dense else self.caches[name]
+        self.caches[name] = value
+        return value, old
+
+    def _forward(self, ids, salient, dense, forced):
+        m, cfg = self.model, self.model.cfg
+        b, n = ids.shape
+        h = m.embed(ids)
+        rope = m.rotary(n, h.dtype)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        layer_fractions = []
+        for i, layer in enumerate(m.layers):
+            a = layer.attn
+            x = layer.attn_norm(h)
+            q = a.q_proj(x).view(b, n, cfg.n_heads, -1).transpose(1, 2)
+            k = a.k_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
+            v = a.v_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
+            q, k = apply_rotary(q, *rope, cfg.rotary_dim), apply_rotary(k, *rope, cfg.rotary_dim)
+            k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            k, _ = self._keep(f"{i}.k", k, salient, 2, dense)
+            v, v_old = self._keep(f"{i}.v", v, salient, 2, dense)
+            if self.mode == "exact":
+                q, _ = self._keep(f"{i}.q", q, salient, 2, dense)
+            c = F.scaled_dot_product_attention(q, k, v)
+            if not dense and self.mode == "paper":
+                c_prev = self.caches[f"{i}.c"]
+                delta = c - F.scaled_dot_product_attention(q, k, v_old)  # softmax(q K^T)(V - V_old)
+                c = torch.where(_rows(salient, 4, 2), c, c_prev + delta)
+            c_old = self.caches.get(f"{i}.c")
+            self.caches[f"{i}.c"] = c
+            if not dense:
+                if forced is not None:
+                    salient = salient | forced[i]
+                elif self.threshold >= 1.0:
+                    salient = torch.ones_like(salient)
+                else:
+                    cos = F.cosine_similarity(c.transpose(1, 2).flatten(2), c_old.transpose(1, 2).flatten(2), dim=-1)
+                    salient = salient | (cos < self.threshold)
+            layer_fractions.append(salient.float().mean().item())
+            h = h + a.o_proj(c.transpose(1, 2).reshape(b, n, cfg.d_model))
+            f, _ = self._keep(f"{i}.ffn", layer.ffn(layer.ffn_norm(h)), salient, 1, dense)
+            h = h + f
+        logits, _ = self._keep("logits", m.lm_head(m.final_norm(h)), salient, 1, dense)
+        if not dense:
+            self.fractions.append(layer_fractions)
+        return logits.clone()

@@ -75,8 +75,11 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     infos = analysis.infos
     batch = _batch_size(analysis)
     placeholders = [n for n in analysis.gm.graph.nodes if n.op == "placeholder"]
-    sources = [n for n in placeholders if infos[n].kind is Kind.SOURCE]
-    if not sources or any(infos[n].axis.lead != 1 or infos[n].axis.dim == 0 for n in sources):
+    # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first. Inputs
+    # with the token axis first are per-position tables (RoPE cos/sin after a graph break), compared whole.
+    sources = [n for n in placeholders
+               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and infos[n].axis.lead == 1]
+    if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
     reasons: list[str] = []
     caches: list[CacheSpec] = []
@@ -221,8 +224,19 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
     return b.finish(extra)
 
 
-def build_sparse(plan: RewritePlan, capacity: int) -> fx.GraphModule:
+def scalar_inputs(plan: RewritePlan) -> list[int]:
+    """Positions of 0-d inputs read with ``.item()`` (float attributes Dynamo made dynamic, e.g. norm eps)."""
+    return [i for i, p in enumerate(plan.placeholders)
+            if tensor_value(p) is not None and tensor_value(p).dim() == 0
+            and any(u.op == "call_method" and u.target == "item" for u in p.users)]
+
+
+def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, Any]] = None) -> fx.GraphModule:
     """The sparse variant for row capacity K = ``capacity``.
+
+    ``scalars`` (input position -> value) bakes the values of ``scalar_inputs`` in as constants: the variant
+    is compiled outside Dynamo's ShapeEnv, where ``.item()`` of an input is data-dependent. The runtime keys
+    its compiled variants by these values.
 
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
     (force_salient only) ``forced [layers, B, N]``. Outputs: the original outputs, the new caches, the number of
@@ -231,6 +245,7 @@ def build_sparse(plan: RewritePlan, capacity: int) -> fx.GraphModule:
     config = plan.config
     b = _Builder(plan)
     graph_nodes = list(plan.analysis.gm.graph.nodes)
+    constants = {plan.placeholders[i]: v for i, v in (scalars or {}).items()}
     for node in graph_nodes:
         if node.op == "placeholder":
             b.env[node] = b.copy(node)
@@ -265,6 +280,9 @@ def build_sparse(plan: RewritePlan, capacity: int) -> fx.GraphModule:
             new_cache[cache] = b.env[node]
             continue
         site = by_node.get(node)
+        if node.op == "call_method" and node.target == "item" and node.args[0] in constants:
+            b.env[node] = constants[node.args[0]]
+            continue
         if site is None:
             b.env[node] = b.copy(node)
             continue

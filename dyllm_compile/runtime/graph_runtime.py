@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from ..passes.rewrite import RewritePlan, build_sparse
+from ..passes.rewrite import RewritePlan, build_sparse, scalar_inputs
 
 log = logging.getLogger("dyllm_compile")
 
@@ -84,6 +84,7 @@ class GraphRuntime:
         self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
         self.sparse_fns: dict[tuple, Callable] = {}
         self.stats = RuntimeStats()
+        self.scalar_inputs = scalar_inputs(plan)
         _runtimes.add(self)
 
     # ---- public ------------------------------------------------------------------------------------------
@@ -197,9 +198,11 @@ class GraphRuntime:
 
     def _sparse(self, capacity: int, args: tuple, state: SequenceState, changed: torch.Tensor,
                 forced: list) -> Callable:
-        key = (capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        scalars = {i: args[i].item() for i in self.scalar_inputs}
+        key = (capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
+               tuple(scalars.items()))
         if key not in self.sparse_fns:
-            gm = build_sparse(self.plan, capacity)
+            gm = build_sparse(self.plan, capacity, scalars)
             self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *forced])
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %d rows", self.graph_id, capacity)

@@ -1,0 +1,35 @@
+"""threshold = 1 (every row salient): the dyllm model equals dense at every call, on every zoo architecture."""
+
+import pytest
+import torch
+
+from dyllm_compile.models.zoo import ZOO
+from dyllm_compile.runtime.graph_runtime import runtimes
+from decode_driver import decode_inputs
+
+
+def _compare(name, batch, lowering, calls=5, tol=1e-5):
+    torch._dynamo.reset()
+    entry = ZOO[name]
+    model = entry.build()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, "threshold": 1.0})
+    with torch.inference_mode():
+        for args in decode_inputs(entry, batch, prompt=6, response=10, calls=calls):
+            expected = model(*args)
+            got = compiled(*args)
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    used = [r for r in runtimes() if r.stats.sparse_calls]
+    assert used and used[-1].stats.sparse_calls == calls - 1, "the sparse variant really ran"
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_threshold_one_equals_dense_aot_eager(name, batch):
+    _compare(name, batch, "aot_eager")
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_threshold_one_equals_dense_inductor(name):
+    _compare(name, 2, "inductor", calls=3, tol=1e-4)

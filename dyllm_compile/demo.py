@@ -16,6 +16,7 @@ import torch
 
 from .generate import DecodeResult, dream_generate, generate
 from .models import dream_like, llada_like
+from .runtime.graph_runtime import RuntimeStats, last_serial, runtimes
 
 
 @dataclass
@@ -23,6 +24,8 @@ class ModeResult:
     name: str
     compile_seconds: float
     result: DecodeResult
+    salient_fraction: Optional[list[float]] = None  # per layer, mean over sparse calls (dyllm only)
+    rows_fraction: Optional[float] = None  # share of gated-region rows computed (dyllm only)
 
 
 def _decode(model, args, prompt, mask_token_id: int) -> DecodeResult:
@@ -35,11 +38,19 @@ def _decode(model, args, prompt, mask_token_id: int) -> DecodeResult:
 
 def run_mode(name: str, model, args, prompt, mask_token_id: int) -> ModeResult:
     # The first decode compiles (and warms up); the second one is timed.
+    since = last_serial()
     start = time.perf_counter()
     _decode(model, args, prompt, mask_token_id)
     warmup = time.perf_counter() - start
+    for runtime in runtimes(since):
+        runtime.stats = RuntimeStats()
     result = _decode(model, args, prompt, mask_token_id)
-    return ModeResult(name, max(0.0, warmup - result.stats.seconds), result)
+    mode = ModeResult(name, max(0.0, warmup - result.stats.seconds), result)
+    used = [r.stats for r in runtimes(since) if r.stats.dense_calls or r.stats.sparse_calls]
+    if name == "dyllm" and used:
+        mode.salient_fraction = used[0].salient_fraction
+        mode.rows_fraction = used[0].rows_fraction
+    return mode
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -53,6 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="eager,inductor,dyllm", help="comma-separated subset")
+    parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
+    parser.add_argument("--attention-mode", choices=("paper", "exact"), default="paper")
     return parser.parse_args(argv)
 
 
@@ -71,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[ModeResult]:
     compiled = {
         "eager": lambda: model,
         "inductor": lambda: torch.compile(model),
-        "dyllm": lambda: torch.compile(model, backend="dyllm"),
+        "dyllm": lambda: torch.compile(model, backend="dyllm", options={
+            "threshold": args.threshold, "attention_mode": args.attention_mode}),
     }
     results = [run_mode(name, compiled[name](), args, prompt, cfg.mask_token_id) for name in args.modes.split(",")]
     print_table(results)
@@ -87,6 +101,10 @@ def print_table(results: list[ModeResult]) -> None:
         ratio = speed / inductor.result.stats.tokens_per_second if inductor else float("nan")
         same = bool(torch.equal(r.result.tokens, reference))
         print(f"{r.name:<10}{speed:>12.1f}{ratio:>13.2f}x{r.compile_seconds:>12.1f}  {same}")
+        if r.salient_fraction is not None:
+            layers = ", ".join(f"{f:.2f}" for f in r.salient_fraction)
+            print(f"  dyllm: salient fraction per layer (sparse calls) [{layers}]; "
+                  f"gated-region rows computed {100 * r.rows_fraction:.1f}% of dense")
 
 
 if __name__ == "__main__":

@@ -71,11 +71,11 @@ def cached_attention_reference(
         exact = torch.matmul(probs, v.float())
         delta = torch.matmul(probs, v.float() - v_old.float())
         c = torch.where(salient_in[:, None, :, None], exact, c_old.float() + delta)
-        return c.to(q.dtype), m, l
+        return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
     c, m, l = c_old.float().clone(), m_old.float().clone(), l_old.float().clone()
     for b in range(q.shape[0]):
         _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_share, salient_in[b], c, m, l)
-    return c.to(q.dtype), m, l
+    return c.to(q.dtype).contiguous(), m, l
 
 
 def _mask_rows(attn_mask: Optional[torch.Tensor], b: int, rows: torch.Tensor, cols: Optional[torch.Tensor]):
@@ -121,25 +121,8 @@ def _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_shar
         m[b][:, rows], l[b][:, rows] = m_rows, l_rows
 
 
-@torch.library.custom_op("dyllm::cached_attention", mutates_args=())
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_old: torch.Tensor,
-    v_old: torch.Tensor,
-    c_old: torch.Tensor,
-    m_old: torch.Tensor,
-    l_old: torch.Tensor,
-    salient_in: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    scale: float,
-    mode: str,
-    recompute_share: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c, m, l = cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,
-                                         mode, recompute_share)
-    return c.contiguous(), m.contiguous(), l.contiguous()
+# The reference is the op's implementation on every device until a kernel is registered (kernels/).
+cached_attention = torch.library.custom_op("dyllm::cached_attention", mutates_args=())(cached_attention_reference)
 
 
 @cached_attention.register_fake

@@ -14,6 +14,7 @@ after a graph break), kept in a small LRU so alternating sequences (classifier-f
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import weakref
@@ -31,6 +32,7 @@ log = logging.getLogger("dyllm_compile")
 MAX_SEQUENCES = 4
 BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 _runtimes: "weakref.WeakSet[GraphRuntime]" = weakref.WeakSet()
+_serials = itertools.count(1)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class GraphRuntime:
         self.sparse_fns: dict[tuple, Callable] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
+        self.serial = next(_serials)  # creation order
         _runtimes.add(self)
 
     # ---- public ------------------------------------------------------------------------------------------
@@ -209,9 +212,14 @@ class GraphRuntime:
         return self.sparse_fns[key]
 
 
-def runtimes() -> list[GraphRuntime]:
-    """Every live runtime (one per compiled graph), for stats and reset."""
-    return list(_runtimes)
+def runtimes(since: int = 0) -> list[GraphRuntime]:
+    """Live runtimes (one per compiled graph) created after serial ``since``, oldest first."""
+    return sorted((r for r in _runtimes if r.serial > since), key=lambda r: r.serial)
+
+
+def last_serial() -> int:
+    """The serial of the newest runtime so far: pass it to :func:`runtimes` to see only later ones."""
+    return max((r.serial for r in _runtimes), default=0)
 
 
 def reset_all() -> None:

@@ -72,7 +72,10 @@ def test_graph_break_inside_layers_keeps_per_layer_state():
 
     At threshold 1 every call equals dense. (Below 1, S_out does not yet flow across a graph break: each graph
     derives S_in from its changed float inputs; matching the oracle there is an open item.)"""
+    from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+
     model = llada_like("tiny", init_std=0.2)
+    before = last_serial()
     wrapped = _compiled(BreakInsideLayers(model), threshold=1.0)
     seen = []
 
@@ -84,7 +87,23 @@ def test_graph_break_inside_layers_keeps_per_layer_state():
         return expected
 
     generate(lockstep, _prompt(9), **KW)
-    from dyllm_compile.runtime.graph_runtime import runtimes
-
-    shared = [r for r in runtimes() if r.stats.sparse_calls and any(len(v) for v in r.states.values())]
+    shared = [r for r in runtimes(before) if r.stats.sparse_calls and any(len(v) for v in r.states.values())]
     assert any(len(r.states) >= 2 for r in shared), "one graph holds separate states for different layers' weights"
+
+
+def test_reset_frees_caches_and_next_call_runs_dense():
+    import dyllm_compile
+    from dyllm_compile.runtime.graph_runtime import last_serial
+
+    model = llada_like("tiny", init_std=0.2)
+    before = last_serial()
+    compiled = _compiled(model)
+    x = _prompt(3, length=12)
+    with torch.inference_mode():
+        compiled(x)
+        (runtime,) = dyllm_compile.runtimes(before)
+        assert runtime.states and runtime.stats.dense_calls == 1
+        dyllm_compile.reset()
+        assert not runtime.states
+        compiled(x)
+    assert runtime.stats.dense_calls == 2 and runtime.stats.sparse_calls == 0

@@ -68,9 +68,14 @@ def cached_attention_reference(
         p = torch.exp(s - m[..., None])
         l = p.sum(dim=-1)
         probs = p / l[..., None]
-        exact = torch.matmul(probs, v.float())
-        delta = torch.matmul(probs, v.float() - v_old.float())
-        c = torch.where(salient_in[:, None, :, None], exact, c_old.float() + delta)
+        # V changed only on salient rows (union over the batch): P (V - V_old) needs those columns only, and
+        # the exact context only the salient rows.
+        changed = salient_in.any(dim=0).nonzero().flatten()
+        dv = (v.float() - v_old.float()).index_select(2, changed)
+        c = c_old.float() + torch.matmul(probs.index_select(3, changed), dv)
+        exact = torch.matmul(probs.index_select(2, changed), v.float())
+        keep_exact = salient_in.index_select(1, changed)[:, None, :, None]
+        c[:, :, changed] = torch.where(keep_exact, exact, c.index_select(2, changed))
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
     c, m, l = c_old.float().clone(), m_old.float().clone(), l_old.float().clone()
     for b in range(q.shape[0]):

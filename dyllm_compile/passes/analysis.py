@@ -94,7 +94,7 @@ class FindRegions(DyllmPass):
         state.regions = find_regions(state.gm.graph, state.infos, state.sites, state.spine)
         state.chains = [find_chains(site, state.infos, state.spine) for site in state.sites]
         for region in state.regions:
-            if not region.gated and region.role not in ("attn_out",):
+            if not region.gated and region.role != "attn_out":
                 state.dense_reasons.append(f"layer {region.layer}: {region.role} region ending at "
                                            f"'{region.exit.name}': {region.reason}")
         attention = {s.node for s in state.sites} | {n for s in state.sites for n in s.internal}

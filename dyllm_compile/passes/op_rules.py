@@ -132,7 +132,7 @@ class Rules:
             return self._mapped(node, dims)
         return self._unknown(node, name or getattr(node.target, "__name__", str(node.target)), out)
 
-    def _row(self, node: fx.Node, dim: int, lead: Any) -> Info:
+    def _row(self, dim: int, lead: Any) -> Info:
         return Info(Kind.ROW, Axis(dim, lead))
 
     def _mixing(self, node: fx.Node, reason: str, out: Any = None) -> Info:
@@ -171,13 +171,13 @@ class Rules:
                     return self._mixing(
                         node, f"operand '{operand.name}' varies along the token axis but is not a per-token value"
                     )
-        return self._row(node, result.dim, result.lead)
+        return self._row(result.dim, result.lead)
 
     def _unary(self, node: fx.Node) -> Info:
         axis = self.axis_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if axis is None:
             return self._mixing(node, "token axis reaches a non-self argument")
-        return self._row(node, axis.dim, axis.lead)
+        return self._row(axis.dim, axis.lead)
 
     def _linear(self, node: fx.Node) -> Info:
         x, rest = node.args[0], [a for a in tensor_args(node) if a is not node.args[0]]
@@ -186,7 +186,7 @@ class Rules:
             return self._mixing(node, "linear weight carries the token axis")
         if axis.dim == tensor_value(x).dim() - 1:
             return self._mixing(node, "linear contracts the token axis")
-        return self._row(node, axis.dim, axis.lead)
+        return self._row(axis.dim, axis.lead)
 
     def _matmul(self, node: fx.Node, out: torch.Tensor) -> Info:
         a, b = node.args[0], node.args[1]
@@ -199,18 +199,18 @@ class Rules:
         if ax is not None:
             if ax.dim == va.dim() - 1:
                 return self._mixing(node, "matmul contracts the token axis")
-            return self._row(node, ax.dim + out.dim() - va.dim(), ax.lead)
+            return self._row(ax.dim + out.dim() - va.dim(), ax.lead)
         if bx.dim == vb.dim() - 2:
             return self._mixing(node, "matmul contracts the token axis")
         if bx.dim == vb.dim() - 1:
-            return self._row(node, out.dim() - 1, bx.lead)
-        return self._row(node, bx.dim + out.dim() - vb.dim(), bx.lead)
+            return self._row(out.dim() - 1, bx.lead)
+        return self._row(bx.dim + out.dim() - vb.dim(), bx.lead)
 
     def _embedding(self, node: fx.Node) -> Info:
         axis = self.axis_of(node.args[0])
         if axis is None or any(self.axis_of(a) is not None for a in list(tensor_args(node))[1:]):
             return self._mixing(node, "embedding table carries the token axis")
-        return self._row(node, axis.dim, axis.lead)
+        return self._row(axis.dim, axis.lead)
 
     def _norm_last(self, node: fx.Node) -> Info:
         x = node.args[0]
@@ -221,7 +221,7 @@ class Rules:
             return self._mixing(node, "normalizes over the token axis")
         if any(self.axis_of(a) is not None for a in list(tensor_args(node))[1:]):
             return self._mixing(node, "norm weight carries the token axis")
-        return self._row(node, axis.dim, axis.lead)
+        return self._row(axis.dim, axis.lead)
 
     def _along_dim(self, node: fx.Node, name: str) -> Info:
         index, keyword, default = ALONG_DIM[name]
@@ -235,7 +235,7 @@ class Rules:
         # Index and source operands (scatter, gather) must be per-token values in the same layout.
         if any(self.axis_of(a) not in (None, axis) for a in tensor_args(node)):
             return self._mixing(node, f"'{name}' operands carry the token axis in different dims")
-        return self._row(node, axis.dim, axis.lead)
+        return self._row(axis.dim, axis.lead)
 
     def _reduction(self, node: fx.Node, out: Any) -> Info:
         x = node.args[0]
@@ -252,14 +252,14 @@ class Rules:
         outs = out if isinstance(out, (tuple, list)) else [out]
         keepdim = isinstance(outs[0], torch.Tensor) and outs[0].dim() == value.dim()
         shift = 0 if keepdim else sum(1 for d in dims if d < axis.dim)
-        return self._row(node, axis.dim - shift, axis.lead)
+        return self._row(axis.dim - shift, axis.lead)
 
     def _view(self, node: fx.Node, out: torch.Tensor) -> Info:
         x = node.args[0]
         mapped = map_view_axis(tensor_value(x).shape, out.shape, self.axis_of(x), self.n)
         if mapped is None:
             return self._mixing(node, "reshape splits or merges the token axis with feature dims")
-        return self._row(node, mapped.dim, mapped.lead)
+        return self._row(mapped.dim, mapped.lead)
 
     def _getitem(self, node: fx.Node) -> Info:
         src, index = node.args
@@ -273,7 +273,7 @@ class Rules:
         out_dim, full = entry
         if not full:
             return self._mixing(node, "slices the token axis")
-        return self._row(node, out_dim, axis.lead)
+        return self._row(out_dim, axis.lead)
 
     def _cat(self, node: fx.Node, name: str) -> Info:
         # torch.cat skips legacy empty 1-D operands (e.g. an empty KV cache's torch.tensor([])).
@@ -287,16 +287,16 @@ class Rules:
         ndim = values[0].dim() + (1 if name == "stack" else 0)
         dim = normalize_dim(dim, ndim)
         if name == "stack":
-            return self._row(node, axis.dim + (1 if dim <= axis.dim else 0), axis.lead)
+            return self._row(axis.dim + (1 if dim <= axis.dim else 0), axis.lead)
         if dim == axis.dim:
             return self._mixing(node, f"'{name}' along the token axis")
-        return self._row(node, axis.dim, axis.lead)
+        return self._row(axis.dim, axis.lead)
 
     def _mapped(self, node: fx.Node, dims: dict[int, int]) -> Info:
         axis = self.axis_of(node.args[0])
         if axis is None or axis.dim not in dims:
             return self._mixing(node, f"'{op_name(node)}' moves the token axis out of place")
-        return self._row(node, dims[axis.dim], axis.lead)
+        return self._row(dims[axis.dim], axis.lead)
 
     def _dim_map(self, node: fx.Node, name: Optional[str]) -> Optional[dict[int, int]]:
         """Input-dim -> output-dim map of pure layout ops that keep every dim's size (or broadcast)."""

@@ -36,7 +36,6 @@ from .regions import Region
 class CacheSpec:
     name: str  # e.g. "L0.k", "L1.ffn", "head.lm_head"
     node: Optional[fx.Node]  # the original node whose value is cached (None: produced by the attention op)
-    axis: int  # token axis of the cached value
 
 
 @dataclass
@@ -86,8 +85,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     regions: list[Region] = []
     region_caches: dict[int, int] = {}
 
-    def add_cache(name: str, node: Optional[fx.Node], axis: int) -> int:
-        caches.append(CacheSpec(name, node, axis))
+    def add_cache(name: str, node: Optional[fx.Node]) -> int:
+        caches.append(CacheSpec(name, node))
         return len(caches) - 1
 
     sites = []
@@ -99,12 +98,12 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             for which in ("k", "v"):
                 regions.append(chains[which])
                 plan.caches[which] = region_caches[id(chains[which])] = add_cache(
-                    f"L{site.layer}.{which}", getattr(site, which), 2)
+                    f"L{site.layer}.{which}", getattr(site, which))
             if config.attention_mode == "exact":
-                plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q, 2)
-                plan.caches["m"] = add_cache(f"L{site.layer}.m", None, 2)
-                plan.caches["l"] = add_cache(f"L{site.layer}.l", None, 2)
-        plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node, 2)
+                plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q)
+                plan.caches["m"] = add_cache(f"L{site.layer}.m", None)
+                plan.caches["l"] = add_cache(f"L{site.layer}.l", None)
+        plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node)
         sites.append(plan)
     for region in analysis.gated_regions:
         reason = _region_problem(region, infos, batch)
@@ -113,7 +112,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             continue
         regions.append(region)
         name = "head.lm_head" if region.role == "lm_head" else f"L{region.layer}.{region.role}"
-        region_caches[id(region)] = add_cache(name, region.exit, infos[region.exit].axis.dim)
+        region_caches[id(region)] = add_cache(name, region.exit)
     return RewritePlan(analysis, config, sites, regions, region_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons)
 

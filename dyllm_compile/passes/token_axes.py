@@ -24,13 +24,9 @@ from .op_rules import Axis, Info, Kind, Rules
 META_KEY = "dyllm"
 
 
-def token_count(sites: list[AttentionSite]) -> Any:
-    return sites[0].token_count
-
-
 def infer_token_axes(graph: fx.Graph, sites: list[AttentionSite]) -> dict[fx.Node, Info]:
     """Classifies every node; returns node -> Info and stores it in ``node.meta['dyllm']``."""
-    n = token_count(sites)
+    n = sites[0].token_count
     infos: dict[fx.Node, Info] = {}
 
     def info_of(node: Any) -> Optional[Info]:

@@ -105,7 +105,7 @@ class GraphRuntime:
         for state in states:
             changed = self._continuation(state, tokens, others)
             if changed is not None:
-                return self._step(states, state, args, tokens, changed)
+                return self._step(states, state, args, tokens, others, changed)
         return self._dense(states, None, args, tokens, others)
 
     # ---- policy ------------------------------------------------------------------------------------------
@@ -142,19 +142,20 @@ class GraphRuntime:
         return changed
 
     def _step(self, states: list[SequenceState], state: SequenceState, args: tuple, tokens: list[torch.Tensor],
-              changed: torch.Tensor) -> Any:
+              others: list[torch.Tensor], changed: torch.Tensor) -> Any:
         cfg = self.config
         n = changed.shape[1]
         cap = math.ceil(cfg.max_salient_fraction * n)
         refresh = cfg.refresh_period and state.calls % cfg.refresh_period == 0
-        if state.calls < cfg.dense_steps or refresh or int(changed.any(0).sum()) > cap:
-            return self._dense(states, state, args, tokens, self._others(args))
+        rows = int(changed.any(0).sum())
+        if state.calls < cfg.dense_steps or refresh or rows > cap:
+            return self._dense(states, state, args, tokens, others)
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
             changed = torch.ones_like(changed)
         forced = []
         if cfg.force_salient is not None:
             forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
-        capacity = self._bucket(max(state.needed, int(changed.any(0).sum())), n)
+        capacity = self._bucket(max(state.needed, rows), n)
         while True:
             fn = self._sparse(capacity, args, state, changed, forced)
             out = fn(*args, *state.caches, changed, *forced)
@@ -163,7 +164,7 @@ class GraphRuntime:
             if needed <= capacity:
                 break
             if needed > cap:  # more salient rows than the policy allows: this call runs dense
-                return self._dense(states, state, args, tokens, self._others(args))
+                return self._dense(states, state, args, tokens, others)
             self.stats.reruns += 1
             capacity = self._bucket(needed, n)
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
@@ -187,7 +188,7 @@ class GraphRuntime:
                tokens: list[torch.Tensor], others: list[torch.Tensor]) -> Any:
         out = self.dense_fn(*args)
         caches = list(out[self.n_user : self.n_user + self.n_caches])
-        if old is not None and old in states:
+        if old is not None:
             old.caches, old.tokens, old.calls, old.needed = caches, [t.clone() for t in tokens], old.calls + 1, 0
         else:
             states.append(SequenceState([t.clone() for t in tokens], [o.clone() for o in others], caches,

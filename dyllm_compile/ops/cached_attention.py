@@ -138,3 +138,17 @@ def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, 
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def _register_cuda_kernels() -> None:
+    """On a CUDA machine with Triton, the kernels become the op's CUDA implementation (kernels/)."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    from .. import kernels  # noqa: F401  (registers on import)
+
+
+_register_cuda_kernels()

@@ -82,8 +82,20 @@ class DyllmConfig:
         "the call count) to the salient set. For oracle tests.", kind=float, low=0.0, high=1.0, optional=True,
     )
     seed: int = _knob(0, "Seed of force_salient's random row sets.", kind=int, low=0)
+    dense_layers: tuple = _knob(
+        (), "Layers (attention sites, numbered per graph as `explain` prints them) computed densely: their "
+        "attention and their gated regions run on every row; saliency still passes through them by the cosine "
+        "test. The lm_head counts as part of the last layer. For experiments and for excluding a layer.", kind=tuple,
+    )
+    shadow: bool = _knob(
+        False, "Shadow mode: every sparse call also runs the dense variant (caches untouched) and records the "
+        "largest absolute difference of the first output and its argmax flips per call (RuntimeStats.shadow). "
+        "For measuring drift; it costs a dense call per step.", choices=(False, True),
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.dense_layers, list):  # options often come as JSON-like lists
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         for f in dataclasses.fields(self):
             _validate(f, getattr(self, f.name))
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
@@ -118,6 +130,11 @@ def _validate(f: dataclasses.Field, value: Any) -> None:
         raise ValueError(f"dyllm option {f.name!r} must be one of {list(choices)}, got {value!r}")
     kind = meta.get("kind")
     if kind is None:
+        return
+    if kind is tuple:
+        if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                   for v in value):
+            raise ValueError(f"dyllm option {f.name!r} must be a list of non-negative ints, got {value!r}")
         return
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not numeric or (kind is int and not isinstance(value, int)):

@@ -91,7 +91,10 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
 
     sites = []
     for site, chains in zip(analysis.sites, analysis.chains):
-        plan = _plan_site(site, chains, infos, batch)
+        if site.layer in config.dense_layers:
+            plan = SitePlan(site, False, "dense_layers option")
+        else:
+            plan = _plan_site(site, chains, infos, batch)
         if plan.reason:
             reasons.append(f"layer {site.layer}: attention computed densely ({plan.reason})")
         if plan.cached:
@@ -106,7 +109,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node)
         sites.append(plan)
     for region in analysis.gated_regions:
-        reason = _region_problem(region, infos, batch)
+        reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(
+            region, infos, batch)
         if reason:
             reasons.append(f"layer {region.layer}: {region.role} region computed densely ({reason})")
             continue

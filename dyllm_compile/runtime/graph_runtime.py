@@ -41,15 +41,24 @@ class RuntimeStats:
     sparse_calls: int = 0
     reruns: int = 0
     sparse_compiles: int = 0
-    salient_fraction_sum: Optional[torch.Tensor] = None  # [sites], summed over sparse calls (batch mean)
+    # Per call, oldest first: the salient fraction per attention site (batch mean) of a sparse call, None for a
+    # dense one. Kept as device tensors so that reading the counters, not the step, pays the sync.
+    history: list = field(default_factory=list)
+    # Shadow mode, per sparse call: (largest |sparse - dense| of the first output, argmax flips over its last dim).
+    shadow: list = field(default_factory=list)
     rows_computed: int = 0  # rows run through gated regions, summed over calls
     rows_dense: int = 0  # what dense calls would have run through them
 
     @property
     def salient_fraction(self) -> list[float]:
-        if self.salient_fraction_sum is None or not self.sparse_calls:
-            return []
-        return (self.salient_fraction_sum / self.sparse_calls).tolist()
+        """Per attention site, the mean salient fraction over sparse calls ([] before any)."""
+        sparse = [h for h in self.history if h is not None]
+        return torch.stack(sparse).float().mean(0).tolist() if sparse else []
+
+    def per_call_fractions(self, n_sites: int) -> torch.Tensor:
+        """[calls, sites]: the salient fraction per call and site, dense calls counted as 1."""
+        rows = [torch.ones(n_sites) if h is None else h.float().cpu() for h in self.history]
+        return torch.stack(rows) if rows else torch.zeros(0, n_sites)
 
     @property
     def rows_fraction(self) -> float:
@@ -95,6 +104,11 @@ class GraphRuntime:
     def reset(self) -> None:
         """Frees every cached sequence; the next call runs dense."""
         self.states.clear()
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the caches of every live sequence state."""
+        return sum(c.numel() * c.element_size() for states in self.states.values() for st in states
+                   for c in st.caches)
 
     def __call__(self, *args: Any) -> Any:
         tokens = [args[i] for i in self.plan.token_inputs]
@@ -173,11 +187,18 @@ class GraphRuntime:
         state.needed = needed
         fractions = out[self.n_user + self.n_caches + 1].mean(dim=1)
         self.stats.sparse_calls += 1
-        self.stats.salient_fraction_sum = (fractions if self.stats.salient_fraction_sum is None
-                                           else self.stats.salient_fraction_sum + fractions)
+        self.stats.history.append(fractions)
+        if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
+            self._shadow(args, out[0])
         self.stats.rows_computed += capacity * len(self.plan.regions)
         self.stats.rows_dense += n * len(self.plan.regions)
         return tuple(out[: self.n_user])
+
+    def _shadow(self, args: tuple, sparse: torch.Tensor) -> None:
+        dense = self.dense_fn(*args)[0]  # its caches are dropped: the sparse trajectory goes on undisturbed
+        drift = float((sparse.float() - dense.float()).abs().max()) if dense.numel() else 0.0
+        flips = int((sparse.argmax(-1) != dense.argmax(-1)).sum()) if dense.dim() >= 2 else 0
+        self.stats.shadow.append((drift, flips))
 
     def _bucket(self, needed: int, n: int) -> int:
         floor = math.ceil(self.config.min_salient_fraction * n)
@@ -195,6 +216,7 @@ class GraphRuntime:
                                         self.config.mask_token_id))
             del states[:-MAX_SEQUENCES]
         self.stats.dense_calls += 1
+        self.stats.history.append(None)
         n = tokens[0].shape[self.plan.input_axes[0]]
         self.stats.rows_computed += n * len(self.plan.regions)
         self.stats.rows_dense += n * len(self.plan.regions)

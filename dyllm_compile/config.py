@@ -87,6 +87,11 @@ class DyllmConfig:
         "attention and their gated regions run on every row; saliency still passes through them by the cosine "
         "test. The lm_head counts as part of the last layer. For experiments and for excluding a layer.", kind=tuple,
     )
+    policy: Any = _knob(
+        "dyllm", "Caching policy: a name (dyllm, block_freeze, dllm_cache, es_dllm) or a "
+        "dyllm_compile.policies.Policy instance; "
+        "decides per layer which rows a sparse call recomputes (docs/policies.md).",
+    )
     shadow: bool = _knob(
         False, "Shadow mode: every sparse call also runs the dense variant (caches untouched) and records the "
         "largest absolute difference of the first output and its argmax flips per call (RuntimeStats.shadow). "
@@ -98,6 +103,9 @@ class DyllmConfig:
             object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         for f in dataclasses.fields(self):
             _validate(f, getattr(self, f.name))
+        from .policies import resolve
+
+        resolve(self.policy)  # raises ValueError naming the valid policies
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(
                 f"dyllm option 'debug_dir' must be a path or None, got {type(self.debug_dir).__name__}"

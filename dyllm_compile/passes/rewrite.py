@@ -3,8 +3,9 @@
 Pattern: each attention site whose k and v chains are row-wise and whose attention is plain SDPA becomes
 ``dyllm::cached_attention``; its k/v chains run only on the rows of S_in and are scattered into the K/V caches.
 Every gated region (FFN, MoE FFN, lm_head) runs only on the rows of the most recent salient set (S_out of its
-layer's attention) and is scattered into its output cache. S_out = S_in | cos(c, c_old) < threshold. Other
-attention kinds (hand-written, flex, causal) stay dense but still produce S_out from their context.
+layer's attention) and is scattered into its output cache. S_out comes from the caching policy's hook, traced
+in after each site (default DyLLM: S_in | cos(c, c_old) < threshold). Other attention kinds (hand-written, flex,
+causal) stay dense but still produce S_out from their context.
 
 Invariants: the dense variant computes exactly the original graph (plus cache outputs); the sparse variant reads
 caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token
@@ -23,6 +24,7 @@ from torch import fx
 
 from ..config import DyllmConfig
 from ..ops.cached_attention import default_scale  # importing the module registers dyllm::cached_attention
+from ..policies import PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
@@ -194,9 +196,10 @@ class _Builder:
         # caches the other variant returns.
         extra = [self.graph.call_method("contiguous", (e,)) for e in extra]
         self.graph.output((*user, *extra))
-        self.graph.eliminate_dead_code()
         gm = fx.GraphModule(self.plan.analysis.gm, self.graph)
+        gm.graph.eliminate_dead_code()  # after owning: call_module purity checks need the module
         gm.graph.lint()
+        gm.recompile()
         return gm
 
 
@@ -241,7 +244,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     its compiled variants by these values.
 
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
-    (force_salient only) ``forced [layers, B, N]``. Outputs: the original outputs, the new caches, the number of
+    (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``. Each
+    site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original outputs, the new caches, the number of
     union rows each gather needed (for overflow detection) and the salient fraction per site [layers, B].
     """
     config = plan.config
@@ -254,6 +258,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     cache_in = [b.graph.placeholder(f"cache_{spec.name.replace('.', '_')}") for spec in plan.caches]
     salient = b.graph.placeholder("salient_in")
     forced = b.graph.placeholder("forced_salient") if config.force_salient is not None else None
+    policy = resolve(config.policy)
+    hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
     new_cache: dict[int, Any] = {}
     counts, fractions = [], []
     selections: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
@@ -298,7 +304,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             layer_forced = b.call(operator.getitem, forced, site.site.layer)
             salient = b.call(operator.or_, salient, layer_forced)
         else:
-            salient = b.call(rows.context_saliency, salient, context, c_old, 2, config.threshold)
+            hook = f"dyllm_policy_{site.site.layer}"
+            plan.analysis.gm.add_submodule(hook, PolicyHook(policy, 2, site.site.layer, config.threshold))
+            salient = b.graph.call_module(hook, (salient, context, c_old, hint))
         b.env[node] = context
         fractions.append(b.call(rows.salient_fraction, salient))
     extra = [new_cache[i] for i in range(len(plan.caches))]

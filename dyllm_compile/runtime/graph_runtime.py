@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from ..passes.rewrite import RewritePlan, build_sparse, scalar_inputs
+from ..policies import CallState, resolve
 
 log = logging.getLogger("dyllm_compile")
 
@@ -71,6 +72,8 @@ class SequenceState:
     others: list[torch.Tensor]
     caches: list[torch.Tensor]
     mask_id: Optional[int]
+    dense_tokens: list[torch.Tensor]  # token inputs at the last dense call (the policies' block boundaries)
+    start_tokens: list[torch.Tensor]  # token inputs at the sequence's first call (its response rows)
     calls: int = 1
     needed: int = 0  # union salient rows the last sparse call needed
 
@@ -96,6 +99,8 @@ class GraphRuntime:
         self.sparse_fns: dict[tuple, Callable] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
+        self.policy = resolve(self.config.policy)
+        self._warned_policy = False
         self.serial = next(_serials)  # creation order
         _runtimes.add(self)
 
@@ -161,8 +166,13 @@ class GraphRuntime:
         n = changed.shape[1]
         cap = math.ceil(cfg.max_salient_fraction * n)
         refresh = cfg.refresh_period and state.calls % cfg.refresh_period == 0
+        call = self._call_state(state, tokens, changed)
+        hint = [self.policy.row_hint(call)] if call is not None and self.policy.uses_row_hint else []
+        if call is not None:
+            changed = self.policy.first_rows(changed, call)
         rows = int(changed.any(0).sum())
-        if state.calls < cfg.dense_steps or refresh or rows > cap:
+        if (state.calls < cfg.dense_steps or refresh or rows > cap or call is None
+                or self.policy.dense_call(call)):
             return self._dense(states, state, args, tokens, others)
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
             changed = torch.ones_like(changed)
@@ -171,8 +181,8 @@ class GraphRuntime:
             forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
         capacity = self._bucket(max(state.needed, rows), n)
         while True:
-            fn = self._sparse(capacity, args, state, changed, forced)
-            out = fn(*args, *state.caches, changed, *forced)
+            fn = self._sparse(capacity, args, state, changed, forced + hint)
+            out = fn(*args, *state.caches, changed, *forced, *hint)
             counts = out[self.n_user + self.n_caches]
             needed = int(counts.max()) if counts.numel() else 0
             if needed <= capacity:
@@ -194,6 +204,22 @@ class GraphRuntime:
         self.stats.rows_dense += n * len(self.plan.regions)
         return tuple(out[: self.n_user])
 
+    def _call_state(self, state: SequenceState, tokens: list[torch.Tensor],
+                    changed: torch.Tensor) -> Optional[CallState]:
+        """The policy's view of this call; None when it needs mask positions the inputs cannot give."""
+        mask_id = self.config.mask_token_id if self.config.mask_token_id is not None else state.mask_id
+        ids = tokens[0]
+        if ids.is_floating_point() or ids.dim() != 2 or mask_id is None:
+            if self.policy.needs_mask_positions:
+                if not self._warned_policy:
+                    log.warning("dyllm: graph %s: policy %s needs token-id inputs and a known mask id "
+                                "(set mask_token_id); running dense", self.graph_id, self.policy.name)
+                    self._warned_policy = True
+                return None
+            return CallState(state.calls, changed, None, None, None)
+        return CallState(state.calls, changed, ids == mask_id, state.dense_tokens[0] == mask_id,
+                         state.start_tokens[0] == mask_id)
+
     def _shadow(self, args: tuple, sparse: torch.Tensor) -> None:
         dense = self.dense_fn(*args)[0]  # its caches are dropped: the sparse trajectory goes on undisturbed
         drift = float((sparse.float() - dense.float()).abs().max()) if dense.numel() else 0.0
@@ -211,9 +237,11 @@ class GraphRuntime:
         caches = list(out[self.n_user : self.n_user + self.n_caches])
         if old is not None:
             old.caches, old.tokens, old.calls, old.needed = caches, [t.clone() for t in tokens], old.calls + 1, 0
+            old.dense_tokens = old.tokens
         else:
-            states.append(SequenceState([t.clone() for t in tokens], [o.clone() for o in others], caches,
-                                        self.config.mask_token_id))
+            copies = [t.clone() for t in tokens]
+            states.append(SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id,
+                                        copies, copies))
             del states[:-MAX_SEQUENCES]
         self.stats.dense_calls += 1
         self.stats.history.append(None)
@@ -223,13 +251,14 @@ class GraphRuntime:
         return tuple(out[: self.n_user])
 
     def _sparse(self, capacity: int, args: tuple, state: SequenceState, changed: torch.Tensor,
-                forced: list) -> Callable:
+                extra: list) -> Callable:
+        """The sparse variant for ``capacity`` rows; ``extra``: the forced-salient and row-hint inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
         key = (capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
                tuple(scalars.items()))
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars)
-            self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *forced])
+            self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *extra])
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %d rows", self.graph_id, capacity)
         return self.sparse_fns[key]

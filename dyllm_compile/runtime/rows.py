@@ -9,7 +9,6 @@ only in another keep their cached value, so the result equals the per-element al
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def select_rows(salient: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,16 +42,6 @@ def merge_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
     shape = [1] * fresh.dim()
     shape[0], shape[axis] = salient.shape
     return torch.where(salient.view(shape), fresh, cached.to(fresh.dtype))
-
-
-def context_saliency(salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor, axis: int,
-                     threshold: float) -> torch.Tensor:
-    """S_out = S_in | cos(context_i, cached_i) < threshold, per batch element and row (all heads together)."""
-    if threshold >= 1.0:
-        return torch.ones_like(salient_in)
-    rows = context.movedim(axis, 1).flatten(2).float()
-    old = cached.movedim(axis, 1).flatten(2).float()
-    return salient_in | (F.cosine_similarity(rows, old, dim=-1) < threshold)
 
 
 def all_rows(x: torch.Tensor, axis: int) -> torch.Tensor:

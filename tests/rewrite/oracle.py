@@ -31,6 +31,15 @@ class Oracle:
     mode: str = "paper"
     force_salient: Optional[float] = None
     seed: int = 0
+    # Block freezing (Fast-dLLM dual cache): rows [first masked at the last dense call, + block_freeze) are
+    # recomputed in every layer; the call after the block is fully unmasked is dense.
+    block_freeze: Optional[int] = None
+    mask_id: int = 127
+    block: Optional[torch.Tensor] = None
+    # Any other policy, as plain functions: dense(calls) -> bool, first(changed, calls, response) -> S_in,
+    # after(layer, salient, changed, response, c, c_old) -> S_out. ``response``: rows masked at the first call.
+    rules: Optional[object] = None
+    response: Optional[torch.Tensor] = None
     caches: Optional[dict] = None
     ids: Optional[torch.Tensor] = None
     calls: int = 0
@@ -38,12 +47,30 @@ class Oracle:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.block_freeze is not None and self.block is not None:
+            if not (self.block & (ids == self.mask_id)).any():
+                self.caches = None  # the block is done: this call is dense
+        if self.rules is not None and self.caches is not None and self.rules.dense(self.calls):
+            self.caches = None
         dense = self.caches is None
+        if dense and self.rules is not None and self.response is None:
+            self.response = ids == self.mask_id
         if dense:
-            self.caches, self.calls = {}, 0
+            self.caches = {}  # calls keep counting across refreshes, as the runtime counts them
             salient = torch.ones_like(ids, dtype=torch.bool)
+            if self.block_freeze is not None:
+                self.block = torch.zeros_like(salient)
+                for row, masked in enumerate(ids == self.mask_id):
+                    where = masked.nonzero().flatten()
+                    if where.numel():
+                        self.block[row, where[0] : where[0] + self.block_freeze] = True
         else:
             salient = ids != self.ids
+            if self.block_freeze is not None:
+                salient = salient | self.block
+            self.changed = salient
+            if self.rules is not None:
+                salient = self.rules.first(salient, self.calls, self.response)
             if self.threshold >= 1.0:
                 salient = torch.ones_like(salient)
         forced = None
@@ -88,6 +115,10 @@ class Oracle:
             if not dense:
                 if forced is not None:
                     salient = salient | forced[i]
+                elif self.block_freeze is not None:
+                    salient = salient | self.block
+                elif self.rules is not None:
+                    salient = self.rules.after(i, salient, self.changed, self.response, c, c_old)
                 elif self.threshold >= 1.0:
                     salient = torch.ones_like(salient)
                 else:

@@ -1,0 +1,242 @@
+"""Caching policies: which rows a sparse call recomputes, as small objects the compiler traces into its graphs.
+
+A policy has two halves:
+
+- **in the graph** (:meth:`Policy.after_attention`): ordinary tensor code, traced into the sparse variant at each
+  attention site. It sees the rows recomputed so far in this call (``S_in`` of the layer), the site's fresh
+  attention context and its cached value, the layer index and the call's row hint, and returns the layer's
+  salient rows ``S_out`` ([B, N] bool). Every gated region after the site runs on ``S_out``; the next layer's
+  k/v projections run on it. Returning ``S_in`` unchanged freezes everything else.
+- **outside the graph** (:meth:`Policy.dense_call`, :meth:`Policy.row_hint`): the per-call plan the runtime
+  makes from the call's token ids (which rows hold the mask token now and at the sequence's last dense call,
+  how many calls it has had): whether this call runs dense (refreshing every cache), and an optional row mask
+  passed into the graph as an input (so it changes per call without recompiling). Hinted rows join the first
+  layer's ``S_in``: they are recomputed from the start of the call, attention included.
+
+Select one with ``options={"policy": "block_freeze"}`` or pass an instance: ``options={"policy":
+BlockFreeze(block_length=64)}``. Write your own by subclassing :class:`Policy` (docs/policies.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CallState:
+    """What the runtime knows about a call before running it (outside the graph)."""
+
+    calls: int  # calls this sequence has had (the first, dense, call is 0)
+    changed: torch.Tensor  # [B, N] rows whose inputs changed since the last call
+    masked: Optional[torch.Tensor]  # [B, N] rows holding the mask token now (None: inputs are not token ids)
+    masked_at_dense: Optional[torch.Tensor]  # the same at the sequence's last dense call
+    masked_at_start: Optional[torch.Tensor]  # the same at the sequence's first call: its response rows
+
+
+class Policy:
+    """Base class: the DyLLM defaults for the runtime half; subclasses define :meth:`after_attention`."""
+
+    #: Name in error messages and reports.
+    name = "policy"
+    #: True when :meth:`row_hint` returns a tensor (it is then a graph input of the sparse variant).
+    uses_row_hint = False
+    #: True when the policy needs the mask positions (token-id inputs and a known mask id); without them the
+    #: runtime runs dense and warns.
+    needs_mask_positions = False
+
+    def after_attention(self, salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor, axis: int,
+                        layer: int, hint: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
+        """``S_out [B, N]`` of one attention site; ``context``/``cached`` carry the tokens on ``axis``."""
+        raise NotImplementedError
+
+    def dense_call(self, state: CallState) -> bool:
+        return False
+
+    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
+        """Layer 0's ``S_in`` from the rows whose inputs changed: rows added here are recomputed from the start
+        of the call, attention included."""
+        return changed
+
+    def row_hint(self, state: CallState) -> Optional[torch.Tensor]:
+        return None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def cosine_below(context: torch.Tensor, cached: torch.Tensor, axis: int, threshold: float) -> torch.Tensor:
+    """[B, N]: rows whose context (all heads together) has cosine below ``threshold`` with its cached value."""
+    return _context_cosine(context, cached, axis) < threshold
+
+
+class DyllmPolicy(Policy):
+    """DyLLM (arXiv 2603.08026): a row is salient when the cosine of its attention context with the cached one
+    falls below the ``threshold`` option; rows salient in an earlier layer stay salient. Knob: ``threshold``
+    (the config option)."""
+
+    name = "dyllm"
+
+    def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
+        if threshold >= 1.0:
+            return torch.ones_like(salient_in)
+        return salient_in | cosine_below(context, cached, axis, threshold)
+
+
+class BlockFreeze(Policy):
+    """Fast-dLLM's dual cache (arXiv 2505.22618) as a policy: the rows of the block being decoded are recomputed
+    in every layer at every call; rows before and after it (prompt, finished blocks, later masked blocks) are
+    frozen at their values from the block's first call, which is dense.
+
+    The block starts at a sequence's first masked row at its last dense call and spans ``block_length`` rows;
+    once every row of it is unmasked, the next call is dense and opens the next block. Knob: ``block_length``
+    (the decoder's block length; 32 is LLaDA's and Fast-dLLM's default).
+    """
+
+    name = "block_freeze"
+    uses_row_hint = True
+    needs_mask_positions = True
+
+    def __init__(self, block_length: int = 32) -> None:
+        if not isinstance(block_length, int) or block_length < 1:
+            raise ValueError(f"BlockFreeze block_length must be a positive int, got {block_length!r}")
+        self.block_length = block_length
+
+    def active_rows(self, masked_at_dense: torch.Tensor) -> torch.Tensor:
+        """[B, N]: the block opened at the last dense call, per batch element (none if nothing was masked)."""
+        n = masked_at_dense.shape[1]
+        position = torch.arange(n, device=masked_at_dense.device)
+        first = torch.where(masked_at_dense, position, n).amin(dim=1, keepdim=True)
+        return (position >= first) & (position < first + self.block_length)
+
+    def dense_call(self, state: CallState) -> bool:
+        active = self.active_rows(state.masked_at_dense)
+        return not bool((state.masked & active).any())  # the block is finished: open the next one
+
+    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
+        return changed | self.active_rows(state.masked_at_dense)
+
+    def row_hint(self, state: CallState) -> torch.Tensor:
+        return self.active_rows(state.masked_at_dense)
+
+    def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
+        return salient_in | hint
+
+
+def lowest_fraction(score: torch.Tensor, fraction: float, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, N] bool: per batch element, the ``ceil(fraction * |allowed|)`` allowed rows of lowest ``score``.
+
+    Ranks come from a double argsort, so the count may differ per batch element without a host sync."""
+    if allowed is None:
+        allowed = torch.ones_like(score, dtype=torch.bool)
+    score = score.masked_fill(~allowed, float("inf"))
+    rank = score.argsort(dim=1, stable=True).argsort(dim=1)
+    count = torch.ceil(fraction * allowed.sum(dim=1, keepdim=True).float())
+    return (rank < count) & allowed
+
+
+def _context_cosine(context: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
+    rows = context.movedim(axis, 1).flatten(2).float()
+    return F.cosine_similarity(rows, cached.movedim(axis, 1).flatten(2).float(), dim=-1)
+
+
+class DllmCache(Policy):
+    """dLLM-Cache (arXiv 2506.06295): prompt rows refreshed every ``prompt_interval`` calls (a dense call),
+    response rows every ``response_interval`` calls (all of them recomputed), and in between an adaptive partial
+    update of the ``update_fraction`` of response rows that changed most, in every layer.
+
+    dLLM-Cache ranks rows by the cosine of their value vectors; here the hook after attention ranks them by the
+    cosine of their attention context with its cache (a hook before attention, on the values, is not there yet).
+    Response rows: the rows holding the mask token at the sequence's first call.
+    """
+
+    name = "dllm_cache"
+    uses_row_hint = True
+    needs_mask_positions = True
+
+    def __init__(self, prompt_interval: int = 50, response_interval: int = 8, update_fraction: float = 0.25) -> None:
+        for key, value in (("prompt_interval", prompt_interval), ("response_interval", response_interval)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DllmCache {key} must be a positive int, got {value!r}")
+        if not 0 <= update_fraction <= 1:
+            raise ValueError(f"DllmCache update_fraction must be in [0, 1], got {update_fraction!r}")
+        self.prompt_interval, self.response_interval = prompt_interval, response_interval
+        self.update_fraction = update_fraction
+
+    def dense_call(self, state: CallState) -> bool:
+        return state.calls % self.prompt_interval == 0
+
+    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
+        refresh = state.calls % self.response_interval == 0
+        return changed | state.masked_at_start if refresh else changed
+
+    def row_hint(self, state: CallState) -> torch.Tensor:
+        return state.masked_at_start  # the response rows, among which the partial update ranks
+
+    def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
+        score = _context_cosine(context, cached, axis)
+        return salient_in | lowest_fraction(score, self.update_fraction, allowed=hint)
+
+
+class EsDllm(Policy):
+    """ES-dLLM (arXiv 2508.10788), early skipping: the first ``early_layers`` layers recompute every row; at the
+    last of them each row's importance is how much its attention context changed (1 - cosine with the cache),
+    and only the ``keep_fraction`` most important rows, plus the rows whose tokens changed, go through the later
+    layers; the others keep their cached values there. Knobs: ``early_layers``, ``keep_fraction``.
+    """
+
+    name = "es_dllm"
+    uses_row_hint = True
+
+    def __init__(self, early_layers: int = 1, keep_fraction: float = 0.25) -> None:
+        if not isinstance(early_layers, int) or early_layers < 1:
+            raise ValueError(f"EsDllm early_layers must be a positive int, got {early_layers!r}")
+        if not 0 <= keep_fraction <= 1:
+            raise ValueError(f"EsDllm keep_fraction must be in [0, 1], got {keep_fraction!r}")
+        self.early_layers, self.keep_fraction = early_layers, keep_fraction
+
+    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
+        return torch.ones_like(changed)  # early layers: every row
+
+    def row_hint(self, state: CallState) -> torch.Tensor:
+        return state.changed  # rows whose tokens changed always go on
+
+    def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
+        if layer < self.early_layers - 1:
+            return torch.ones_like(salient_in)
+        if layer == self.early_layers - 1:
+            return hint | lowest_fraction(_context_cosine(context, cached, axis), self.keep_fraction)
+        return salient_in  # later layers: the set chosen at the last early layer
+
+
+POLICIES: dict[str, type] = {"dyllm": DyllmPolicy, "block_freeze": BlockFreeze, "dllm_cache": DllmCache,
+                             "es_dllm": EsDllm}
+
+
+def resolve(policy: Union[str, Policy]) -> Policy:
+    """A policy instance from a name or an instance; anything else raises ``ValueError`` naming the choices."""
+    if isinstance(policy, Policy):
+        if type(policy).after_attention is Policy.after_attention:
+            raise ValueError(f"policy {policy!r} does not define after_attention")
+        return policy
+    if isinstance(policy, str) and policy in POLICIES:
+        return POLICIES[policy]()
+    raise ValueError(f"dyllm option 'policy' must be one of {sorted(POLICIES)} or a dyllm_compile.policies.Policy "
+                     f"instance, got {policy!r}")
+
+
+class PolicyHook(torch.nn.Module):
+    """The in-graph half of a policy at one site: a submodule the sparse variant calls, traced by the lowering."""
+
+    def __init__(self, policy: Policy, axis: int, layer: int, threshold: float) -> None:
+        super().__init__()
+        self.policy, self.axis, self.layer, self.threshold = policy, axis, layer, threshold
+
+    def forward(self, salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor,
+                hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.policy.after_attention(salient_in, context, cached, self.axis, self.layer, hint, self.threshold)
+        return out.to(torch.bool)

@@ -1,5 +1,6 @@
 """Reference diffusion LMs in plain PyTorch, and loading of local Hugging Face checkpoints."""
 
+from .default import load_checkpoint, load_default_model
 from .presets import dream_config, dream_like, llada_config, llada_like
 from .transformer import DiffusionTransformer, TransformerConfig
 
@@ -18,5 +19,7 @@ __all__ = [
     "dream_like",
     "llada_config",
     "llada_like",
+    "load_checkpoint",
+    "load_default_model",
     "load_pretrained",
 ]

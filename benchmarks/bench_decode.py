@@ -1,0 +1,345 @@
+"""Whole-decode benchmark: dense eager vs dense Inductor vs dyllm (paper, exact), side by side in one run.
+
+    python benchmarks/bench_decode.py --preset cpu          # the committed CPU set
+    python benchmarks/bench_decode.py --preset gpu          # LLaDA-8B / Dream-7B shapes, bf16 (random weights)
+    python benchmarks/bench_decode.py --model default --batch 1 --modes eager,inductor,dyllm-paper
+
+Every configuration decodes twice per mode: the first decode compiles and warms up, the second is timed
+(per-step latency from a synchronising wrapper around the model). Rows go to a CSV with the device, torch and
+Triton versions; plots (speedup bars, salient fraction per step and layer) go next to it. The roofline bound
+(benchmarks/roofline.py) uses the salient fractions measured in the same run and the machine's measured
+bandwidth and matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roofline import Machine, Shape, measure_machine, step_cost  # noqa: E402
+
+import dyllm_compile  # noqa: E402
+from dyllm_compile.generate import generate  # noqa: E402
+from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
+from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
+
+MODES = ("eager", "inductor", "dyllm-paper", "dyllm-exact")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Workload:
+    """A model and the prompts it decodes; ``label`` names the weights (trained or random) in every row."""
+
+    name: str
+    model: torch.nn.Module
+    prompts: torch.Tensor
+    gen_length: int
+    block_length: int
+    steps: int
+    weights: str
+
+
+def default_workload(batch: int, **_) -> Workload:
+    from dyllm_compile.evaluate import held_out
+    from dyllm_compile.tasks import ANSWER_LENGTH, TASKS, encode_prompts
+
+    problems = [p for i in range(batch) for p in held_out(TASKS[i % len(TASKS)], i // len(TASKS) + 1)[-1:]]
+    return Workload("default (trained, in-repo)", load_default_model(), encode_prompts(problems), ANSWER_LENGTH,
+                    ANSWER_LENGTH, ANSWER_LENGTH, "trained")
+
+
+def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
+                       **_) -> Workload:
+    model = llada_like("tiny", d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511)
+    prompts = torch.randint(1, 511, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
+    return Workload("llada-like 4L d512", model, prompts, gen_length, block_length, gen_length, "random")
+
+
+def full_size_workload(arch: str, batch: int, device: str, dtype: torch.dtype, checkpoint: Optional[str],
+                       prompt_length: int = 128, gen_length: int = 256, block_length: int = 32, **_) -> Workload:
+    if checkpoint:
+        model, weights = load_checkpoint(checkpoint, dtype), f"checkpoint {checkpoint}"
+    else:
+        make = llada_like if arch == "llada" else dream_like
+        with torch.device(device):
+            model = make("8b" if arch == "llada" else "7b", init_std=0.02).to(dtype)
+        weights = "random"
+    cfg = model.cfg
+    prompts = torch.randint(1, cfg.mask_token_id, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
+    return Workload(f"{arch}-{'8b' if arch == 'llada' else '7b'}", model, prompts.to(device), gen_length,
+                    block_length, gen_length, weights)
+
+
+class TimedModel:
+    """Wraps a callable model; records each call's wall time (synchronising on CUDA)."""
+
+    def __init__(self, fn: Callable, device: torch.device) -> None:
+        self.fn, self.device, self.times = fn, device, []
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter() - start)
+        return out
+
+
+def build(mode: str, model: torch.nn.Module, args) -> Callable:
+    if mode == "eager":
+        return model
+    if mode == "inductor":
+        return torch.compile(model)
+    options = {"threshold": args.threshold, "attention_mode": mode.split("-")[1], "lowering": args.lowering}
+    if args.force_fraction is not None:
+        options["force_salient"] = args.force_fraction
+    return torch.compile(model, backend="dyllm", options=options)
+
+
+def decode(model: Callable, work: Workload, confidence_threshold: Optional[float]):
+    return generate(model, work.prompts, mask_token_id=work.model.cfg.mask_token_id, gen_length=work.gen_length,
+                    steps=work.steps, block_length=work.block_length, confidence_threshold=confidence_threshold)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_mode(mode: str, work: Workload, args, machine: Machine, device: torch.device, dtype: torch.dtype) -> dict:
+    dyllm_compile.reset()
+    torch._dynamo.reset()
+    counters.clear()
+    since = last_serial()
+    compiled = build(mode, work.model, args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    decode(compiled, work, args.confidence_threshold)
+    warmup = time.perf_counter() - start
+    graphs = counters["stats"]["unique_graphs"]
+    for r in runtimes(since):
+        r.stats = RuntimeStats()
+    timed = TimedModel(compiled, device)
+    result = decode(timed, work, args.confidence_threshold)
+    live = runtimes(since)
+    cfg = work.model.cfg
+    batch, n = result.tokens.shape
+    row = dict(
+        mode=mode, tokens=result.tokens.cpu(), tokens_per_s=result.stats.tokens_per_second,
+        forward_calls=result.stats.forward_calls,
+        step_ms_median=1e3 * statistics.median(timed.times), step_ms_p90=1e3 * percentile(timed.times, 0.9),
+        compile_s=max(0.0, warmup - result.stats.seconds),
+        dynamo_graphs=graphs, recompiles_timed=counters["stats"]["unique_graphs"] - graphs,
+        peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else ""),
+    )
+    shape = Shape.of(cfg)
+    fractions = None
+    if mode.startswith("dyllm") and live:
+        stats = [r.stats for r in live if r.stats.history]
+        per_call = stats[0].per_call_fractions(len(live[0].plan.sites)) if stats else torch.ones(0, 0)
+        row["per_call"] = per_call
+        fractions = per_call.mean(0).tolist() if per_call.numel() else [1.0] * cfg.n_layers
+        analyses = [r.plan.analysis for r in live]
+        row.update(
+            salient_fraction_mean=sum(fractions) / len(fractions),
+            salient_fraction_per_layer=";".join(f"{f:.3f}" for f in fractions),
+            rows_computed_fraction=sum(s.rows_computed for s in stats) / max(1, sum(s.rows_dense for s in stats)),
+            gated_flops_share=sum(a.gated_flops for a in analyses) / max(1, sum(a.total_flops for a in analyses)),
+            cache_mb=sum(r.cache_bytes() for r in live) / 2 ** 20,
+            sparse_variants=sum(s.sparse_compiles for s in stats),
+        )
+    elem = torch.finfo(dtype).bits // 8
+    cost = step_cost(shape, batch, n, fractions if fractions and len(fractions) == cfg.n_layers else None, elem)
+    row["bound_ms"] = 1e3 * cost.bound_seconds(machine)
+    row["bound_share"] = row["bound_ms"] / row["step_ms_median"]
+    return row
+
+
+def machine_facts(device: torch.device) -> dict:
+    import triton  # noqa: F401  (a test dependency everywhere the benchmark runs)
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+                    platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    return dict(device=name, torch=torch.__version__, triton=sys.modules["triton"].__version__)
+
+
+FIELDS = [
+    "device", "torch", "triton", "model", "weights", "params_m", "layers", "d_model", "seq_len", "gen_length",
+    "block_length", "batch", "dtype", "decoding", "mode", "threshold", "saliency", "tokens_per_s",
+    "speedup_vs_inductor", "speedup_vs_eager", "step_ms_median", "step_ms_p90", "forward_calls", "compile_s",
+    "compile_vs_inductor", "dynamo_graphs", "recompiles_timed", "sparse_variants", "peak_mem_mb", "cache_mb",
+    "salient_fraction_mean", "salient_fraction_per_layer", "rows_computed_fraction", "gated_flops_share",
+    "bound_ms", "bound_share", "same_tokens_as_eager",
+]
+
+
+def run_config(work: Workload, args, machine: Machine, device: torch.device, dtype: torch.dtype,
+               facts: dict) -> list[dict]:
+    cfg = work.model.cfg
+    rows = [run_mode(mode, work, args, machine, device, dtype) for mode in args.modes.split(",")]
+    by_mode = {r["mode"]: r for r in rows}
+    decoding = "low-confidence" if args.confidence_threshold is None else f"threshold {args.confidence_threshold}"
+    saliency = "measured" if args.force_fraction is None else f"fixed {args.force_fraction}"
+    for r in rows:
+        r.update(facts)
+        r.update(
+            model=work.name, weights=work.weights, params_m=sum(p.numel() for p in work.model.parameters()) / 1e6,
+            layers=cfg.n_layers, d_model=cfg.d_model, seq_len=r["tokens"].shape[1], gen_length=work.gen_length,
+            block_length=work.block_length, batch=r["tokens"].shape[0], dtype=str(dtype).replace("torch.", ""),
+            decoding=decoding, threshold=args.threshold if r["mode"].startswith("dyllm") else "",
+            saliency=saliency if r["mode"].startswith("dyllm") else "",
+        )
+        for ref in ("inductor", "eager"):
+            if ref in by_mode:
+                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / by_mode[ref]["tokens_per_s"]
+        if "inductor" in by_mode and by_mode["inductor"]["compile_s"] > 0 and r["mode"] != "eager":
+            r["compile_vs_inductor"] = r["compile_s"] / by_mode["inductor"]["compile_s"]
+        if "eager" in by_mode:
+            r["same_tokens_as_eager"] = bool(torch.equal(r["tokens"], by_mode["eager"]["tokens"]))
+    return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items() if k in FIELDS})
+
+
+def plot(rows: list[dict], prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    configs = list(dict.fromkeys((r["model"], r["batch"], r["decoding"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs) + 2), 4))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        values = [next((r.get("speedup_vs_inductor", float("nan")) for r in rows
+                        if (r["model"], r["batch"], r["decoding"]) == c and r["mode"] == mode), float("nan"))
+                  for c in configs]
+        ax.bar([i + j * width for i in range(len(configs))], values, width, label=mode)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
+    ax.set_xticklabels([f"{m}\nbatch {b}, {d}" for m, b, d in configs], fontsize=7)
+    ax.set_ylabel("tokens/s vs dense Inductor")
+    ax.set_title(f"whole decode, {rows[0]['device']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(f"{prefix}_speedup.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    heat = [r for r in rows if r["mode"] == "dyllm-paper" and r.get("per_call") is not None
+            and r["per_call"].numel()]
+    if heat:
+        fig, axes = plt.subplots(1, len(heat), figsize=(4 * len(heat), 3.2), squeeze=False)
+        for ax, r in zip(axes[0], heat):
+            image = ax.imshow(r["per_call"].T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                              interpolation="nearest")
+            ax.set(xlabel="decoding step", ylabel="layer", title=f"{r['model']}, batch {r['batch']}")
+            ax.title.set_fontsize(8)
+            fig.colorbar(image, ax=ax, label="salient fraction")
+        fig.tight_layout()
+        paths.append(f"{prefix}_salient_heatmap.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+PRESETS = {
+    # (workload, batch, confidence threshold)
+    "cpu": [("default", 1, None), ("default", 8, None), ("default", 1, 0.9), ("reference", 1, None)],
+    "gpu": [("llada", 1, None), ("llada", 8, None), ("dream", 1, None), ("llada", 8, 0.9)],
+    "smoke": [("tiny", 1, None)],
+}
+
+
+def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) -> Workload:
+    if name == "default":
+        return default_workload(batch)
+    if name == "reference":
+        return reference_workload(batch)
+    if name == "tiny":
+        model = llada_like("tiny")
+        prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
+        return Workload("llada-like tiny", model, prompts, 4, 4, 2, "random")
+    return full_size_workload(name, batch, device, dtype, args.checkpoint)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of configurations")
+    parser.add_argument("--model", choices=("default", "reference", "llada", "dream", "tiny"), default="default")
+    parser.add_argument("--checkpoint", help="local checkpoint directory for --model llada/dream")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
+    parser.add_argument("--confidence-threshold", type=float, default=None,
+                        help="threshold parallel decoding (default: one token per step)")
+    parser.add_argument("--force-fraction", type=float, default=None,
+                        help="fixed-salient-fraction mode: this share of rows forced salient per layer")
+    parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
+                        help="dyllm's lowering (aot_eager only for smoke runs: it times nothing useful)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/decode_<device>.csv)")
+    args = parser.parse_args(argv)
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    configs = PRESETS[args.preset] if args.preset else [(args.model, args.batch, args.confidence_threshold)]
+    facts = machine_facts(device)
+    machine = measure_machine(device, dtype)
+    print(f"{facts['device']}: measured {machine.bandwidth / 1e9:.1f} GB/s, {machine.peak_flops / 1e12:.2f} "
+          f"TFLOP/s ({dtype}); torch {facts['torch']}, triton {facts['triton']}")
+    rows = []
+    for name, batch, confidence in configs:
+        args.confidence_threshold = confidence
+        work = make_workload(name, batch, args, args.device, dtype)
+        work.model.to(device=device, dtype=dtype)
+        work.prompts = work.prompts.to(device)
+        for r in run_config(work, args, machine, device, dtype, facts):
+            rows.append(r)
+            print(f"{r['model']:<28} b{r['batch']:<3} {r['decoding']:<16} {r['mode']:<12} "
+                  f"{r['tokens_per_s']:>9.1f} tok/s  x{r.get('speedup_vs_inductor', float('nan')):.2f} vs "
+                  f"inductor  step {r['step_ms_median']:.2f} ms (bound {r['bound_ms']:.2f})  "
+                  f"salient {r.get('salient_fraction_mean', 1.0):.3f}", flush=True)
+    out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
+    write_csv(rows, out)
+    paths = plot(rows, os.path.splitext(out)[0])
+    print("wrote", out, *paths)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

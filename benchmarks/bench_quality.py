@@ -1,0 +1,161 @@
+"""Quality sweep on the trained default model: dyllm threshold x attention mode vs dense, paired per problem.
+
+    python benchmarks/bench_quality.py [--count 1000] [--thresholds 0.95,0.98,0.99,0.995,1.0]
+
+For every configuration the same held-out problems are decoded (low-confidence remasking, one token per step;
+plus one pair with confidence-threshold parallel decoding). Accuracy comes with a 95% confidence interval, and
+the difference to dense with a paired 95% interval. "FFN rows" is the share of FFN rows the per-sequence
+algorithm recomputes (mean salient fraction over all calls and layers, dense calls counting as all rows); the
+accuracy decode batches problems, so its union-over-batch row count says nothing about speed. Speed is measured
+separately at batch 1 with Inductor: tokens/s of each configuration and of dense Inductor, in the same run.
+The default threshold (0.99, the paper's) was fixed before this sweep was run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import RESULTS, machine_facts  # noqa: E402
+
+import dyllm_compile  # noqa: E402
+from dyllm_compile.evaluate import evaluate, paired_difference, proportion_interval  # noqa: E402
+from dyllm_compile.models import load_default_model  # noqa: E402
+from dyllm_compile.runtime.graph_runtime import last_serial, runtimes  # noqa: E402
+from dyllm_compile.tasks import TASKS  # noqa: E402
+
+FIELDS = ["device", "torch", "decoding", "config", "policy", "threshold", "attention_mode", "task", "problems", "accuracy",
+          "accuracy_ci95", "diff_vs_dense", "diff_ci95", "ffn_rows_fraction", "tokens_per_s_b1",
+          "speedup_vs_inductor_b1"]
+
+
+def dyllm(model, options: dict, lowering: str):
+    return torch.compile(model, backend="dyllm", options={**options, "lowering": lowering})
+
+
+def rows_fraction(since: int) -> float:
+    per_call = [r.stats.per_call_fractions(len(r.plan.sites)) for r in runtimes(since) if r.stats.history]
+    calls = torch.cat(per_call) if per_call else torch.ones(1, 1)
+    return float(calls.mean())
+
+
+def accuracy_run(model, count: int, batch: int, confidence: Optional[float]):
+    since = last_serial()
+    results = evaluate(model, count=count, batch_size=batch, confidence_threshold=confidence, progress=True)
+    return results, rows_fraction(since)
+
+
+def speed_run(model, count: int, confidence: Optional[float]) -> float:
+    """Tokens/s at batch 1 over ``count`` problems per task, after one warm-up pass over the first problem."""
+    evaluate(model, count=1, batch_size=1, confidence_threshold=confidence)
+    start = time.perf_counter()
+    results = evaluate(model, count=count, batch_size=1, confidence_threshold=confidence)
+    seconds = time.perf_counter() - start
+    from dyllm_compile.tasks import ANSWER_LENGTH
+
+    return sum(len(r.correct) for r in results.values()) * ANSWER_LENGTH / seconds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1000, help="held-out problems per task")
+    parser.add_argument("--batch", type=int, default=250, help="problems per decode in the accuracy runs")
+    parser.add_argument("--thresholds", default="0.95,0.98,0.99,0.995,1.0")
+    parser.add_argument("--modes", default="paper,exact")
+    parser.add_argument("--speed-count", type=int, default=4, help="problems per task for the batch-1 timing")
+    parser.add_argument("--policies", default="block_freeze,dllm_cache,es_dllm",
+                        help="policies also compared at their defaults (paper mode, threshold 0.99)")
+    parser.add_argument("--parallel-confidence", type=float, default=0.9,
+                        help="also compare dense and dyllm (0.99, paper) with this threshold parallel decoding")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "quality_cpu.csv"))
+    args = parser.parse_args(argv)
+    facts = machine_facts(torch.device("cpu"))
+    model = load_default_model()
+    # (name, dyllm options or None for dense, confidence threshold of parallel decoding or None)
+    configs: list[tuple[str, Optional[dict], Optional[float]]] = [("dense", None, None)]
+    configs += [(f"dyllm {m} {t}", {"threshold": float(t), "attention_mode": m}, None)
+                for m in args.modes.split(",") for t in args.thresholds.split(",")]
+    configs += [(f"policy {p}", {"policy": p}, None) for p in filter(None, args.policies.split(","))]
+    if args.parallel_confidence:
+        configs += [("dense", None, args.parallel_confidence),
+                    ("dyllm paper 0.99", {"threshold": 0.99}, args.parallel_confidence)]
+    rows, dense_results, inductor_speed = [], {}, {}
+    for name, options, confidence in configs:
+        decoding = "low-confidence" if confidence is None else f"threshold {confidence}"
+        dyllm_compile.reset()
+        torch._dynamo.reset()
+        runner = model if options is None else dyllm(model, options, "aot_eager")
+        results, fraction = accuracy_run(runner, args.count, args.batch, confidence)
+        torch._dynamo.reset()
+        fast = torch.compile(model) if options is None else dyllm(model, options, "inductor")
+        speed = speed_run(fast, args.speed_count, confidence)
+        options = options or {}
+        threshold = options.get("threshold", 0.99) if options and "policy" not in options else None
+        if not options:
+            dense_results[decoding], inductor_speed[decoding] = results, speed
+        everything = {"all": [c for r in results.values() for c in r.correct]}
+        for task, correct in {**{t: results[t].correct for t in TASKS}, **everything}.items():
+            dense = dense_results[decoding]
+            dense_correct = [c for r in dense.values() for c in r.correct] if task == "all" else dense[task].correct
+            diff, diff_ci = paired_difference(correct, dense_correct)
+            rows.append(dict(
+                facts, decoding=decoding, config=name, policy=options.get("policy", "dyllm" if options else ""),
+                threshold=threshold or "", attention_mode=options.get("attention_mode", "paper" if options else ""),
+                task=task,
+                problems=len(correct), accuracy=sum(correct) / len(correct),
+                accuracy_ci95=proportion_interval(correct), diff_vs_dense=diff, diff_ci95=diff_ci,
+                ffn_rows_fraction=fraction if options else 1.0, tokens_per_s_b1=speed,
+                speedup_vs_inductor_b1=speed / inductor_speed[decoding],
+            ))
+        overall = rows[-1]
+        print(f"{decoding:<16} {name:<20} accuracy {100 * overall['accuracy']:.2f}% "
+              f"(vs dense {100 * overall['diff_vs_dense']:+.2f} +- {100 * overall['diff_ci95']:.2f}) "
+              f"FFN rows {100 * overall['ffn_rows_fraction']:.1f}%  {speed:.1f} tok/s b1 "
+              f"(x{overall['speedup_vs_inductor_b1']:.2f} vs Inductor)", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    plot(rows, os.path.splitext(args.out)[0] + "_pareto.png")
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overall = [r for r in rows if r["task"] == "all" and r["decoding"] == "low-confidence"
+               and r["policy"] in ("", "dyllm")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "ffn_rows_fraction", "FFN rows recomputed (share of dense)"),
+                           (axes[1], "speedup_vs_inductor_b1", "tokens/s vs dense Inductor (batch 1)")):
+        for mode, marker in (("", "s"), ("paper", "o"), ("exact", "^")):
+            points = [r for r in overall if r["attention_mode"] == mode]
+            ax.errorbar([r[key] for r in points], [100 * r["accuracy"] for r in points],
+                        yerr=[100 * r["accuracy_ci95"] for r in points], fmt=marker, capsize=3,
+                        label=mode or "dense")
+            for r in points:
+                if r["threshold"]:
+                    ax.annotate(str(r["threshold"]), (r[key], 100 * r["accuracy"]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="exact-match accuracy, all tasks (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"default model, held-out problems; {rows[0]['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The roofline bound of one decoding step, dense or sparse: one formula for every benchmark.
+
+    bound = max(bytes moved / bandwidth, FLOPs / peak)
+
+counted per forward call of a pre-norm transformer (attention + gated FFN + lm_head) from its shape. A layer
+whose rows are recomputed for a fraction ``f`` of the sequence runs its projections, FFN and attention queries on
+``f * N`` rows; everything full-width (residual adds, norms, the merges of fresh and cached rows) still touches
+all ``N`` rows. Bytes count the weights once per step, the activations each matmul reads and writes, the K/V of
+all keys, and for sparse steps the cache traffic: reading the context and FFN-output caches for the cosine test
+and the merge, writing the recomputed rows back. The lm_head reads and writes logits of the recomputed rows, and
+a sparse step merges them into the logits cache (all rows). Machine numbers are measured, not taken from a
+datasheet: :func:`measure_machine`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    d_kv: int  # n_kv_heads * head_dim
+    d_ffn: int
+    n_layers: int
+    vocab_size: int
+    ffn_matrices: int = 3  # SwiGLU: gate, up, down
+
+    @classmethod
+    def of(cls, cfg) -> "Shape":
+        return cls(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.d_ffn, cfg.n_layers, cfg.vocab_size,
+                   3 if cfg.ffn == "swiglu" else 2)
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    bandwidth: float  # bytes / s
+    peak_flops: float  # FLOP / s at the benchmark's dtype
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float
+    bytes: float
+
+    def bound_seconds(self, machine: Machine) -> float:
+        return max(self.bytes / machine.bandwidth, self.flops / machine.peak_flops)
+
+
+def step_cost(shape: Shape, batch: int, n: int, fractions: Optional[Sequence[float]], elem_bytes: int,
+              lm_head_fraction: Optional[float] = None) -> StepCost:
+    """FLOPs and bytes of one step; ``fractions`` per layer (None: a dense step)."""
+    sparse = fractions is not None
+    fractions = list(fractions) if sparse else [1.0] * shape.n_layers
+    d, kv, f, e = shape.d_model, shape.d_kv, shape.d_ffn, elem_bytes
+    layer_weights = d * (2 * d + 2 * kv) + shape.ffn_matrices * d * f
+    flops = 0.0
+    moved = 0.0
+    for frac in fractions:
+        rows = batch * frac * n
+        flops += 2 * rows * layer_weights + 4 * rows * n * d  # projections + FFN; scores and values
+        moved += layer_weights * e
+        # matmul inputs and outputs on the recomputed rows: q/k/v/o and the FFN (its hidden tensor twice)
+        moved += rows * e * ((d + d + 2 * kv) + (d + d) + (d + 2 * f) + (f + d))
+        moved += batch * n * 2 * kv * e  # every key and value
+        moved += batch * n * d * e * 4  # full-width residual adds and norms
+        if sparse:
+            moved += batch * n * d * e * 4  # read context + FFN caches, merge them into the residual
+            moved += rows * e * (2 * kv + 2 * d)  # write back K, V, context and FFN rows
+    head = batch * n * (fractions[-1] if lm_head_fraction is None else lm_head_fraction)
+    flops += 2 * head * d * shape.vocab_size
+    moved += shape.vocab_size * d * e + head * shape.vocab_size * 4
+    if sparse:
+        moved += 2 * batch * n * shape.vocab_size * 4  # merge into the fp32 logits cache
+    return StepCost(flops, moved)
+
+
+def _time(fn, device: torch.device, repeats: int = 5) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_machine(device: torch.device, dtype: torch.dtype) -> Machine:
+    """Copy bandwidth (read + write of a large buffer) and matmul peak at ``dtype``, measured here."""
+    big = 1 << (28 if device.type == "cuda" else 26)  # elements: 512 MiB / 128 MiB of bf16/fp32
+    src = torch.empty(big, dtype=dtype, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = _time(lambda: dst.copy_(src), device)
+    bandwidth = 2 * src.numel() * src.element_size() / seconds
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    peak = 2 * size ** 3 / _time(lambda: a @ b, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Machine(name, bandwidth, peak)

@@ -1,0 +1,60 @@
+"""The decode benchmark runs end to end in its smoke preset and writes well-formed rows and plots.
+
+Only the shape of the output is asserted: speed is measured by the benchmark, never by tests.
+"""
+
+import csv
+import importlib
+import math
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        yield importlib.import_module("bench_decode")
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
+    out = tmp_path / "decode.csv"
+    bench.main(["--preset", "smoke", "--modes", "eager,dyllm-paper,dyllm-exact", "--lowering", "aot_eager",
+                "--out", str(out)])
+    with open(out) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.FIELDS
+        rows = list(reader)
+    assert [r["mode"] for r in rows] == ["eager", "dyllm-paper", "dyllm-exact"]
+    for r in rows:
+        assert r["device"] and r["torch"] and r["triton"]
+        for key in ("tokens_per_s", "step_ms_median", "step_ms_p90", "bound_ms", "bound_share", "speedup_vs_eager"):
+            value = float(r[key])
+            assert math.isfinite(value) and value > 0, (key, r[key])
+        assert float(r["step_ms_p90"]) >= float(r["step_ms_median"])
+        assert int(r["forward_calls"]) == 2 and int(r["recompiles_timed"]) == 0
+    for r in rows[1:]:
+        layers = [float(x) for x in r["salient_fraction_per_layer"].split(";")]
+        assert len(layers) == int(r["layers"]) and all(0 <= x <= 1 for x in layers)
+        assert 0 < float(r["gated_flops_share"]) < 1 and float(r["cache_mb"]) > 0
+    assert (tmp_path / "decode_speedup.png").stat().st_size > 0
+    assert (tmp_path / "decode_salient_heatmap.png").stat().st_size > 0
+
+
+def test_roofline_sparse_step_is_cheaper_and_dense_matches_hand_count(bench):
+    roofline = importlib.import_module("roofline")
+    shape = roofline.Shape(d_model=64, d_kv=64, d_ffn=128, n_layers=2, vocab_size=100)
+    dense = roofline.step_cost(shape, batch=1, n=10, fractions=None, elem_bytes=4)
+    layer_weights = 64 * (2 * 64 + 2 * 64) + 3 * 64 * 128
+    expected = 2 * (2 * 10 * layer_weights + 4 * 10 * 10 * 64) + 2 * 10 * 64 * 100
+    assert dense.flops == expected
+    sparse = roofline.step_cost(shape, batch=1, n=10, fractions=[0.1, 0.1], elem_bytes=4)
+    assert sparse.flops < dense.flops / 5
+    machine = roofline.Machine("m", bandwidth=1e9, peak_flops=1e9)
+    assert dense.bound_seconds(machine) == max(dense.bytes, dense.flops) / 1e9

@@ -73,8 +73,14 @@ def full_size_workload(arch: str, batch: int, device: str, dtype: torch.dtype, c
         model, weights = load_checkpoint(checkpoint, dtype), f"checkpoint {checkpoint}"
     else:
         make = llada_like if arch == "llada" else dream_like
-        with torch.device(device):
-            model = make("8b" if arch == "llada" else "7b", init_std=0.02).to(dtype)
+        # Built on the CPU in the benchmark dtype (16 GB at 8B in bf16, not 32 in fp32): the model seeds its
+        # random init with a CPU generator. Moved to the device by the caller.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = make("8b" if arch == "llada" else "7b")
+        finally:
+            torch.set_default_dtype(previous)
         weights = "random"
     cfg = model.cfg
     prompts = torch.randint(1, cfg.mask_token_id, (batch, prompt_length), generator=torch.Generator().manual_seed(0))

@@ -65,7 +65,10 @@ def speed_run(model, count: int, confidence: Optional[float]) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=1000, help="held-out problems per task")
+    parser.add_argument("--count", type=int, default=1000,
+                        help="held-out problems per task for dense and the defaults (paper mode, threshold 0.99)")
+    parser.add_argument("--sweep-count", type=int, default=200,
+                        help="held-out problems per task for the other thresholds and the policies")
     parser.add_argument("--batch", type=int, default=250, help="problems per decode in the accuracy runs")
     parser.add_argument("--thresholds", default="0.95,0.98,0.99,0.995,1.0")
     parser.add_argument("--modes", default="paper,exact")
@@ -78,24 +81,30 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parser.parse_args(argv)
     facts = machine_facts(torch.device("cpu"))
     model = load_default_model()
-    # (name, dyllm options or None for dense, confidence threshold of parallel decoding or None)
-    configs: list[tuple[str, Optional[dict], Optional[float]]] = [("dense", None, None)]
-    configs += [(f"dyllm {m} {t}", {"threshold": float(t), "attention_mode": m}, None)
-                for m in args.modes.split(",") for t in args.thresholds.split(",")]
-    configs += [(f"policy {p}", {"policy": p}, None) for p in filter(None, args.policies.split(","))]
+    # (name, dyllm options or None for dense, confidence of parallel decoding or None, problems per task, timed)
+    configs: list[tuple[str, Optional[dict], Optional[float], int, bool]] = [("dense", None, None, args.count, True)]
+    for m in args.modes.split(","):
+        for t in args.thresholds.split(","):
+            default = float(t) == 0.99
+            configs.append((f"dyllm {m} {t}", {"threshold": float(t), "attention_mode": m}, None,
+                            args.count if default and m == "paper" else args.sweep_count, default))
+    configs += [(f"policy {p}", {"policy": p}, None, args.sweep_count, True)
+                for p in filter(None, args.policies.split(","))]
     if args.parallel_confidence:
-        configs += [("dense", None, args.parallel_confidence),
-                    ("dyllm paper 0.99", {"threshold": 0.99}, args.parallel_confidence)]
+        configs += [("dense", None, args.parallel_confidence, args.sweep_count, True),
+                    ("dyllm paper 0.99", {"threshold": 0.99}, args.parallel_confidence, args.sweep_count, True)]
     rows, dense_results, inductor_speed = [], {}, {}
-    for name, options, confidence in configs:
+    for name, options, confidence, count, timed in configs:
         decoding = "low-confidence" if confidence is None else f"threshold {confidence}"
         dyllm_compile.reset()
         torch._dynamo.reset()
         runner = model if options is None else dyllm(model, options, "aot_eager")
-        results, fraction = accuracy_run(runner, args.count, args.batch, confidence)
-        torch._dynamo.reset()
-        fast = torch.compile(model) if options is None else dyllm(model, options, "inductor")
-        speed = speed_run(fast, args.speed_count, confidence)
+        results, fraction = accuracy_run(runner, count, args.batch, confidence)
+        speed = float("nan")
+        if timed:
+            torch._dynamo.reset()
+            fast = torch.compile(model) if options is None else dyllm(model, options, "inductor")
+            speed = speed_run(fast, args.speed_count, confidence)
         options = options or {}
         threshold = options.get("threshold", 0.99) if options and "policy" not in options else None
         if not options:
@@ -103,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         everything = {"all": [c for r in results.values() for c in r.correct]}
         for task, correct in {**{t: results[t].correct for t in TASKS}, **everything}.items():
             dense = dense_results[decoding]
-            dense_correct = [c for r in dense.values() for c in r.correct] if task == "all" else dense[task].correct
+            dense_correct = [c for r in dense.values() for c in r.correct[:count]] if task == "all" else (
+                dense[task].correct[:count])
             diff, diff_ci = paired_difference(correct, dense_correct)
             rows.append(dict(
                 facts, decoding=decoding, config=name, policy=options.get("policy", "dyllm" if options else ""),

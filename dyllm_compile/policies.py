@@ -56,10 +56,10 @@ class Policy:
     def dense_call(self, state: CallState) -> bool:
         return False
 
-    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
-        """Layer 0's ``S_in`` from the rows whose inputs changed: rows added here are recomputed from the start
-        of the call, attention included."""
-        return changed
+    def first_rows(self, state: CallState) -> torch.Tensor:
+        """Layer 0's ``S_in``; by default the rows whose inputs changed. Rows added here are recomputed from the
+        start of the call, attention included."""
+        return state.changed
 
     def row_hint(self, state: CallState) -> Optional[torch.Tensor]:
         return None
@@ -117,8 +117,8 @@ class BlockFreeze(Policy):
         active = self.active_rows(state.masked_at_dense)
         return not bool((state.masked & active).any())  # the block is finished: open the next one
 
-    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
-        return changed | self.active_rows(state.masked_at_dense)
+    def first_rows(self, state: CallState) -> torch.Tensor:
+        return state.changed | self.active_rows(state.masked_at_dense)
 
     def row_hint(self, state: CallState) -> torch.Tensor:
         return self.active_rows(state.masked_at_dense)
@@ -170,9 +170,9 @@ class DllmCache(Policy):
     def dense_call(self, state: CallState) -> bool:
         return state.calls % self.prompt_interval == 0
 
-    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
+    def first_rows(self, state: CallState) -> torch.Tensor:
         refresh = state.calls % self.response_interval == 0
-        return changed | state.masked_at_start if refresh else changed
+        return state.changed | state.masked_at_start if refresh else state.changed
 
     def row_hint(self, state: CallState) -> torch.Tensor:
         return state.masked_at_start  # the response rows, among which the partial update ranks
@@ -199,8 +199,8 @@ class EsDllm(Policy):
             raise ValueError(f"EsDllm keep_fraction must be in [0, 1], got {keep_fraction!r}")
         self.early_layers, self.keep_fraction = early_layers, keep_fraction
 
-    def first_rows(self, changed: torch.Tensor, state: CallState) -> torch.Tensor:
-        return torch.ones_like(changed)  # early layers: every row
+    def first_rows(self, state: CallState) -> torch.Tensor:
+        return torch.ones_like(state.changed)  # early layers: every row
 
     def row_hint(self, state: CallState) -> torch.Tensor:
         return state.changed  # rows whose tokens changed always go on

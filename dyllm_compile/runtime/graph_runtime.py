@@ -169,7 +169,7 @@ class GraphRuntime:
         call = self._call_state(state, tokens, changed)
         hint = [self.policy.row_hint(call)] if call is not None and self.policy.uses_row_hint else []
         if call is not None:
-            changed = self.policy.first_rows(changed, call)
+            changed = self.policy.first_rows(call)
         rows = int(changed.any(0).sum())
         if (state.calls < cfg.dense_steps or refresh or rows > cap or call is None
                 or self.policy.dense_call(call)):

@@ -128,14 +128,14 @@ def test_dllm_cache_and_es_dllm_plans_on_constructed_states():
     policy = DllmCache(prompt_interval=6, response_interval=3, update_fraction=0.5)
     state = lambda calls: CallState(calls, changed, response, response, response)  # noqa: E731
     assert [policy.dense_call(state(c)) for c in range(1, 8)] == [False] * 5 + [True, False]
-    assert torch.equal(policy.first_rows(changed, state(3)), changed | response)
-    assert torch.equal(policy.first_rows(changed, state(4)), changed)
+    assert torch.equal(policy.first_rows(state(3)), changed | response)
+    assert torch.equal(policy.first_rows(state(4)), changed)
     context, cached = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
     cached[:, :, :2] = context[:, :, :2] * -1  # prompt rows changed most, but they are not response rows
     out = policy.after_attention(changed, context, cached, 2, 0, response, 0.99)
     assert not out[0, :2].any() and int(out[0, 2:].sum()) >= 2
     es = EsDllm(early_layers=2, keep_fraction=0.5)
-    assert es.first_rows(changed, state(1)).all()
+    assert es.first_rows(state(1)).all()
     assert es.after_attention(changed, context, cached, 2, 0, changed, 0.99).all()
     picked = es.after_attention(torch.ones_like(changed), context, cached, 2, 1, changed, 0.99)
     assert picked[0, 3] and int(picked.sum()) <= 4  # changed row + ceil(0.5 * 6) ranked rows

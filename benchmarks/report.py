@@ -1,0 +1,75 @@
+"""Markdown tables of the committed benchmark CSVs, for the README.
+
+    python benchmarks/report.py [benchmarks/results/decode_cpu.csv] [benchmarks/results/quality_cpu.csv]
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _num(value: str, digits: int = 2, scale: float = 1.0) -> str:
+    try:
+        return f"{float(value) * scale:.{digits}f}"
+    except ValueError:
+        return "-"
+
+
+def _pct(value: str, digits: int = 1) -> str:
+    number = _num(value, digits, 100)
+    return number if number == "-" else number + "%"
+
+
+def decode_table(path: str) -> str:
+    rows = _rows(path)
+    lines = [f"Device: {rows[0]['device']}; torch {rows[0]['torch']}, triton {rows[0]['triton']}.", "",
+             "| model | batch | decoding | mode | tokens/s | x Inductor | x eager | step ms (p50 / p90) | "
+             "bound ms | share of bound | compile s | salient | rows computed | same tokens as eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} ({r['weights']}, {r['seq_len']} tok) | {r['batch']} | {r['decoding']} | {r['mode']} | "
+            f"{_num(r['tokens_per_s'], 1)} | {_num(r['speedup_vs_inductor'])} | {_num(r['speedup_vs_eager'])} | "
+            f"{_num(r['step_ms_median'])} / {_num(r['step_ms_p90'])} | {_num(r['bound_ms'], 3)} | "
+            f"{_pct(r['bound_share'])} | {_num(r['compile_s'], 1)} | {_num(r['salient_fraction_mean'], 3)} | "
+            f"{_pct(r['rows_computed_fraction'])} | {r['same_tokens_as_eager']} |")
+    return "\n".join(lines)
+
+
+def quality_table(path: str) -> str:
+    rows = _rows(path)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    configs = list(dict.fromkeys((r["decoding"], r["config"]) for r in rows))
+    head = "| decoding | config | " + " | ".join(tasks) + " | all vs dense (paired 95% CI) | FFN rows | tok/s b1 vs Inductor |"
+    lines = [f"Device: {rows[0]['device']}; torch {rows[0]['torch']}. Exact-match accuracy in %, problems per "
+             "task in parentheses.", "", head, "|" + "---|" * (len(tasks) + 5)]
+    for decoding, config in configs:
+        by_task = {r["task"]: r for r in rows if (r["decoding"], r["config"]) == (decoding, config)}
+        cells = [f"{_num(by_task[t]['accuracy'], 1, 100)} ({by_task[t]['problems']})" for t in tasks]
+        overall = by_task["all"]
+        lines.append(
+            f"| {decoding} | {config} | " + " | ".join(cells) +
+            f" | {_num(overall['diff_vs_dense'], 2, 100):>6} +- {_num(overall['diff_ci95'], 2, 100)} | "
+            f"{_pct(overall['ffn_rows_fraction'])} | {_num(overall['speedup_vs_inductor_b1'])}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    decode = argv[0] if argv else os.path.join(RESULTS, "decode_cpu.csv")
+    quality = argv[1] if len(argv) > 1 else os.path.join(RESULTS, "quality_cpu.csv")
+    for path, table in ((decode, decode_table), (quality, quality_table)):
+        if os.path.exists(path):
+            print(table(path), end="\n\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

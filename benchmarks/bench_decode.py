@@ -264,7 +264,8 @@ def plot(rows: list[dict], prefix: str) -> list[str]:
         for ax, r in zip(axes[0], heat):
             image = ax.imshow(r["per_call"].T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                               interpolation="nearest")
-            ax.set(xlabel="decoding step", ylabel="layer", title=f"{r['model']}, batch {r['batch']}")
+            ax.set(xlabel="decoding step", ylabel="layer", title=f"{r['model']}, batch {r['batch']}, {r['decoding']}")
+            ax.set_yticks(range(r["per_call"].shape[1]))
             ax.title.set_fontsize(8)
             fig.colorbar(image, ax=ax, label="salient fraction")
         fig.tight_layout()

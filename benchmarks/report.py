@@ -29,6 +29,11 @@ def _pct(value: str, digits: int = 1) -> str:
     return number if number == "-" else number + "%"
 
 
+def _model(row: dict) -> str:
+    weights = "" if row["weights"] in row["model"] else f", {row['weights']} weights"
+    return f"{row['model']}{weights}, {row['seq_len']} tokens"
+
+
 def decode_table(path: str) -> str:
     rows = _rows(path)
     lines = [f"Device: {rows[0]['device']}; torch {rows[0]['torch']}, triton {rows[0]['triton']}.", "",
@@ -37,7 +42,7 @@ def decode_table(path: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['model']} ({r['weights']}, {r['seq_len']} tok) | {r['batch']} | {r['decoding']} | {r['mode']} | "
+            f"| {_model(r)} | {r['batch']} | {r['decoding']} | {r['mode']} | "
             f"{_num(r['tokens_per_s'], 1)} | {_num(r['speedup_vs_inductor'])} | {_num(r['speedup_vs_eager'])} | "
             f"{_num(r['step_ms_median'])} / {_num(r['step_ms_p90'])} | {_num(r['bound_ms'], 3)} | "
             f"{_pct(r['bound_share'])} | {_num(r['compile_s'], 1)} | {_num(r['salient_fraction_mean'], 3)} | "

@@ -1,8 +1,12 @@
 """Demo: decode with the embedded default model densely in eager, with dense Inductor, and with dyllm.
 
-    python -m dyllm_compile.demo [--arch llada|dream] [--size small] [--gen-length 64] ...
+    python -m dyllm_compile.demo [--batch 5] [--threshold 0.99] [--attention-mode paper|exact]
+    python -m dyllm_compile.demo --model llada --size small --gen-length 64   # random-weight reference model
 
-Prints tokens/s per mode, the speedup over dense Inductor and whether the decoded tokens agree.
+The default model is the in-repo trained one (:func:`dyllm_compile.models.load_default_model`); it answers
+held-out problems of the generated tasks (:mod:`dyllm_compile.tasks`), and the demo prints each answer. Prints
+tokens/s per mode, the speedup over dense Inductor, whether the decoded tokens agree, and dyllm's salient
+fraction per layer.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .evaluate import held_out
 from .generate import DecodeResult, dream_generate, generate
-from .models import dream_like, llada_like
+from .models import dream_like, llada_like, load_default_model
+from .tasks import ANSWER_LENGTH, TASKS, TOKENIZER, Problem, encode_prompts
 from .runtime.graph_runtime import RuntimeStats, last_serial, runtimes
 
 
@@ -29,9 +35,9 @@ class ModeResult:
 
 
 def _decode(model, args, prompt, mask_token_id: int) -> DecodeResult:
-    decode = dream_generate if args.arch == "dream" else generate
+    decode = dream_generate if args.model == "dream" else generate
     kwargs = dict(mask_token_id=mask_token_id, gen_length=args.gen_length, steps=args.steps)
-    if args.arch != "dream":
+    if args.model != "dream":
         kwargs["block_length"] = args.block_length
     return decode(model, prompt, **kwargs)
 
@@ -55,41 +61,64 @@ def run_mode(name: str, model, args, prompt, mask_token_id: int) -> ModeResult:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=("llada", "dream"), default="llada")
-    parser.add_argument("--size", default="small", help="model size preset (tiny, small)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--model", choices=("default", "llada", "dream"), default="default",
+                        help="the trained default model, or a random-weight LLaDA-like / Dream-like one")
+    parser.add_argument("--size", default="small", help="random-weight model size preset (tiny, small)")
+    parser.add_argument("--batch", type=int, default=5, help="problems (default model) or prompts decoded at once")
+    parser.add_argument("--prompt-length", type=int, default=32, help="random-weight models only")
+    parser.add_argument("--gen-length", type=int, default=64, help="random-weight models only")
+    parser.add_argument("--steps", type=int, default=64, help="random-weight models only")
+    parser.add_argument("--block-length", type=int, default=32, help="random-weight models only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="eager,inductor,dyllm", help="comma-separated subset")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
     parser.add_argument("--attention-mode", choices=("paper", "exact"), default="paper")
-    return parser.parse_args(argv)
+    parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
+                        help="dyllm's lowering (aot_eager compiles fast and is slow to run)")
+    args = parser.parse_args(argv)
+    if args.model == "default":
+        args.gen_length = args.steps = args.block_length = ANSWER_LENGTH
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[ModeResult]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    make = dream_like if args.arch == "dream" else llada_like
-    model = make(args.size)
+    problems: list[Problem] = []
+    if args.model == "default":
+        model = load_default_model()
+        problems = [held_out(TASKS[i % len(TASKS)], i // len(TASKS) + 1)[-1] for i in range(args.batch)]
+        prompt = encode_prompts(problems)
+        weights = "trained in-repo model"
+    else:
+        model = (dream_like if args.model == "dream" else llada_like)(args.size)
+        prompt = torch.randint(0, model.cfg.mask_token_id, (args.batch, args.prompt_length))
+        weights = f"{args.model}-like '{args.size}', random weights"
     cfg = model.cfg
-    prompt = torch.randint(0, cfg.mask_token_id, (args.batch, args.prompt_length))
     print(
-        f"model: {args.arch}-like '{args.size}' (random weights): {cfg.n_layers} layers, d={cfg.d_model}, "
+        f"model: {weights}: {cfg.n_layers} layers, d={cfg.d_model}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; batch {args.batch}, "
-        f"{args.prompt_length} prompt + {args.gen_length} generated tokens, {args.steps} steps"
+        f"{prompt.shape[1]} prompt + {args.gen_length} generated tokens, {args.steps} steps"
     )
     compiled = {
         "eager": lambda: model,
         "inductor": lambda: torch.compile(model),
         "dyllm": lambda: torch.compile(model, backend="dyllm", options={
-            "threshold": args.threshold, "attention_mode": args.attention_mode}),
+            "threshold": args.threshold, "attention_mode": args.attention_mode, "lowering": args.lowering}),
     }
     results = [run_mode(name, compiled[name](), args, prompt, cfg.mask_token_id) for name in args.modes.split(",")]
     print_table(results)
+    if problems:
+        print_answers(problems, results[-1])
     return results
+
+
+def print_answers(problems: list[Problem], mode: ModeResult) -> None:
+    print(f"answers ({mode.name}):")
+    for problem, row in zip(problems, mode.result.generated):
+        answer = TOKENIZER.decode_answer(row.tolist())
+        verdict = "right" if answer == problem.answer else f"wrong, expected {problem.answer}"
+        print(f"  {problem.task:<8} {problem.prompt:<28} -> {answer:<14} {verdict}")
 
 
 def print_table(results: list[ModeResult]) -> None:

@@ -52,12 +52,11 @@ class Workload:
 
 
 def default_workload(batch: int, **_) -> Workload:
-    from dyllm_compile.evaluate import held_out
-    from dyllm_compile.tasks import ANSWER_LENGTH, TASKS, encode_prompts
+    from dyllm_compile.evaluate import held_out_mix
+    from dyllm_compile.tasks import ANSWER_LENGTH, encode_prompts
 
-    problems = [p for i in range(batch) for p in held_out(TASKS[i % len(TASKS)], i // len(TASKS) + 1)[-1:]]
-    return Workload("default (trained, in-repo)", load_default_model(), encode_prompts(problems), ANSWER_LENGTH,
-                    ANSWER_LENGTH, ANSWER_LENGTH, "trained")
+    return Workload("default (trained, in-repo)", load_default_model(), encode_prompts(held_out_mix(batch)),
+                    ANSWER_LENGTH, ANSWER_LENGTH, ANSWER_LENGTH, "trained")
 
 
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,

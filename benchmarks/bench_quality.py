@@ -29,10 +29,10 @@ import dyllm_compile  # noqa: E402
 from dyllm_compile.evaluate import evaluate, paired_difference, proportion_interval  # noqa: E402
 from dyllm_compile.models import load_default_model  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes  # noqa: E402
-from dyllm_compile.tasks import TASKS  # noqa: E402
+from dyllm_compile.tasks import ANSWER_LENGTH, TASKS  # noqa: E402
 
-FIELDS = ["device", "torch", "decoding", "config", "policy", "threshold", "attention_mode", "task", "problems", "accuracy",
-          "accuracy_ci95", "diff_vs_dense", "diff_ci95", "ffn_rows_fraction", "tokens_per_s_b1",
+FIELDS = ["device", "torch", "decoding", "config", "policy", "threshold", "attention_mode", "task", "problems",
+          "accuracy", "accuracy_ci95", "diff_vs_dense", "diff_ci95", "ffn_rows_fraction", "tokens_per_s_b1",
           "speedup_vs_inductor_b1"]
 
 
@@ -58,8 +58,6 @@ def speed_run(model, count: int, confidence: Optional[float]) -> float:
     start = time.perf_counter()
     results = evaluate(model, count=count, batch_size=1, confidence_threshold=confidence)
     seconds = time.perf_counter() - start
-    from dyllm_compile.tasks import ANSWER_LENGTH
-
     return sum(len(r.correct) for r in results.values()) * ANSWER_LENGTH / seconds
 
 

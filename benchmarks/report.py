@@ -54,7 +54,8 @@ def quality_table(path: str) -> str:
     rows = _rows(path)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     configs = list(dict.fromkeys((r["decoding"], r["config"]) for r in rows))
-    head = "| decoding | config | " + " | ".join(tasks) + " | all vs dense (paired 95% CI) | FFN rows | tok/s b1 vs Inductor |"
+    head = ("| decoding | config | " + " | ".join(tasks)
+            + " | all vs dense (paired 95% CI) | FFN rows | tok/s b1 vs Inductor |")
     lines = [f"Device: {rows[0]['device']}; torch {rows[0]['torch']}. Exact-match accuracy in %, problems per "
              "task in parentheses.", "", head, "|" + "---|" * (len(tasks) + 5)]
     for decoding, config in configs:

@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .evaluate import held_out
+from .evaluate import held_out_mix
 from .generate import DecodeResult, dream_generate, generate
 from .models import dream_like, llada_like, load_default_model
-from .tasks import ANSWER_LENGTH, TASKS, TOKENIZER, Problem, encode_prompts
+from .tasks import ANSWER_LENGTH, TOKENIZER, Problem, encode_prompts
 from .runtime.graph_runtime import RuntimeStats, last_serial, runtimes
 
 
@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[ModeResult]:
     problems: list[Problem] = []
     if args.model == "default":
         model = load_default_model()
-        problems = [held_out(TASKS[i % len(TASKS)], i // len(TASKS) + 1)[-1] for i in range(args.batch)]
+        problems = held_out_mix(args.batch)
         prompt = encode_prompts(problems)
         weights = "trained in-repo model"
     else:

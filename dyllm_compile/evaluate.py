@@ -36,6 +36,12 @@ def held_out(task: str, count: int) -> list[Problem]:
     return sample_problems(task, count, HELD_OUT_SEED)
 
 
+def held_out_mix(count: int) -> list[Problem]:
+    """``count`` held-out problems, one task after another (the demo's and the benchmarks' prompts)."""
+    per_task = {t: held_out(t, -(-count // len(TASKS))) for t in TASKS}
+    return [per_task[TASKS[i % len(TASKS)]][i // len(TASKS)] for i in range(count)]
+
+
 @dataclass
 class TaskResult:
     task: str
@@ -48,12 +54,11 @@ class TaskResult:
         return sum(self.correct) / len(self.correct)
 
 
-def decode_problems(model: Callable, problems: Sequence[Problem], confidence_threshold: Optional[float] = None,
-                    steps: Optional[int] = None):
+def decode_problems(model: Callable, problems: Sequence[Problem], confidence_threshold: Optional[float] = None):
     prompts = encode_prompts(problems)
     return generate(
-        model, prompts, mask_token_id=TOKENIZER.mask_token_id, gen_length=ANSWER_LENGTH,
-        steps=steps or ANSWER_LENGTH, confidence_threshold=confidence_threshold, pad_token_id=TOKENIZER.pad_token_id,
+        model, prompts, mask_token_id=TOKENIZER.mask_token_id, gen_length=ANSWER_LENGTH, steps=ANSWER_LENGTH,
+        confidence_threshold=confidence_threshold, pad_token_id=TOKENIZER.pad_token_id,
     )
 
 

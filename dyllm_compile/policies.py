@@ -32,7 +32,8 @@ class CallState:
 
     calls: int  # calls this sequence has had (the first, dense, call is 0)
     changed: torch.Tensor  # [B, N] rows whose inputs changed since the last call
-    masked: Optional[torch.Tensor]  # [B, N] rows holding the mask token now (None: inputs are not token ids)
+    # The mask positions below are None unless the policy sets needs_mask_positions.
+    masked: Optional[torch.Tensor]  # [B, N] rows holding the mask token now
     masked_at_dense: Optional[torch.Tensor]  # the same at the sequence's last dense call
     masked_at_start: Optional[torch.Tensor]  # the same at the sequence's first call: its response rows
 
@@ -44,8 +45,8 @@ class Policy:
     name = "policy"
     #: True when :meth:`row_hint` returns a tensor (it is then a graph input of the sparse variant).
     uses_row_hint = False
-    #: True when the policy needs the mask positions (token-id inputs and a known mask id); without them the
-    #: runtime runs dense and warns.
+    #: True when the policy reads the mask positions of :class:`CallState` (they are computed only then); they
+    #: need token-id inputs and a known mask id, without which the runtime runs dense and warns.
     needs_mask_positions = False
 
     def after_attention(self, salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor, axis: int,

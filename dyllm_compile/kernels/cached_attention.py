@@ -124,7 +124,7 @@ def cached_attention_paper(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paper-mode cached attention with the Triton kernel; (c [B,H,N,D] in q's dtype, m, l [B,H,N] fp32)."""
     b, h, n, d = q.shape
-    if d & (d - 1) or d < 16:
+    if not _tileable(d):
         raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 16, got {d}")
     q, k, v, v_old, c_old = (t.contiguous() for t in (q, k, v, v_old, c_old))
     salient = salient_in.contiguous().to(torch.uint8)
@@ -145,9 +145,13 @@ def cached_attention_paper(
     return c, m, l
 
 
+def _tileable(head_dim: int) -> bool:
+    """tl.dot tiles need a power-of-two head dim of at least 16."""
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def supports(q: torch.Tensor, mode: str) -> bool:
-    d = q.shape[-1]
-    return mode == "paper" and d >= 16 and not d & (d - 1)
+    return mode == "paper" and _tileable(q.shape[-1])
 
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,

@@ -24,7 +24,7 @@ from torch import fx
 
 from ..config import DyllmConfig
 from ..ops.cached_attention import default_scale  # importing the module registers dyllm::cached_attention
-from ..policies import PolicyHook, resolve
+from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
@@ -60,6 +60,7 @@ class RewritePlan:
     token_inputs: list[int]  # placeholder positions whose changed rows form layer 0's S_in
     input_axes: list[int]  # their token axes
     reasons: list[str]
+    policy: Policy  # resolved once from config.policy: the graph hooks and the runtime share the instance
 
     @property
     def placeholders(self) -> list[fx.Node]:
@@ -120,7 +121,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         name = "head.lm_head" if region.role == "lm_head" else f"L{region.layer}.{region.role}"
         region_caches[id(region)] = add_cache(name, region.exit)
     return RewritePlan(analysis, config, sites, regions, region_caches, caches,
-                       [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons)
+                       [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
+                       resolve(config.policy))
 
 
 def _batch_size(analysis: GraphAnalysis) -> Any:
@@ -245,8 +247,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
 
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
     (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``. Each
-    site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original outputs, the new caches, the number of
-    union rows each gather needed (for overflow detection) and the salient fraction per site [layers, B].
+    site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
+    outputs, the new caches, the number of union rows each gather needed (for overflow detection) and the salient
+    fraction per site [layers, B].
     """
     config = plan.config
     b = _Builder(plan)
@@ -258,7 +261,7 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     cache_in = [b.graph.placeholder(f"cache_{spec.name.replace('.', '_')}") for spec in plan.caches]
     salient = b.graph.placeholder("salient_in")
     forced = b.graph.placeholder("forced_salient") if config.force_salient is not None else None
-    policy = resolve(config.policy)
+    policy = plan.policy
     hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
     new_cache: dict[int, Any] = {}
     counts, fractions = [], []

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from ..passes.rewrite import RewritePlan, build_sparse, scalar_inputs
-from ..policies import CallState, resolve
+from ..policies import CallState
 
 log = logging.getLogger("dyllm_compile")
 
@@ -99,7 +99,7 @@ class GraphRuntime:
         self.sparse_fns: dict[tuple, Callable] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
-        self.policy = resolve(self.config.policy)
+        self.policy = plan.policy
         self._warned_policy = False
         self.serial = next(_serials)  # creation order
         _runtimes.add(self)
@@ -151,7 +151,7 @@ class GraphRuntime:
                 rows = rows.movedim(axis, 1).flatten(2).any(dim=2)
             if not new.is_floating_point() and bool(rows.any()):
                 before, after = old[rows], new[rows]
-                mask_id = self.config.mask_token_id if self.config.mask_token_id is not None else state.mask_id
+                mask_id = self._mask_id(state)
                 if mask_id is None:
                     mask_id = int(before[0])
                 if not bool((before == mask_id).all()) or bool((after == mask_id).any()):
@@ -206,19 +206,25 @@ class GraphRuntime:
 
     def _call_state(self, state: SequenceState, tokens: list[torch.Tensor],
                     changed: torch.Tensor) -> Optional[CallState]:
-        """The policy's view of this call; None when it needs mask positions the inputs cannot give."""
-        mask_id = self.config.mask_token_id if self.config.mask_token_id is not None else state.mask_id
+        """The policy's view of this call; None when it needs mask positions the inputs cannot give.
+
+        Mask positions are computed only for policies that read them (not on the default policy's hot path)."""
+        if not self.policy.needs_mask_positions:
+            return CallState(state.calls, changed, None, None, None)
+        mask_id = self._mask_id(state)
         ids = tokens[0]
         if ids.is_floating_point() or ids.dim() != 2 or mask_id is None:
-            if self.policy.needs_mask_positions:
-                if not self._warned_policy:
-                    log.warning("dyllm: graph %s: policy %s needs token-id inputs and a known mask id "
-                                "(set mask_token_id); running dense", self.graph_id, self.policy.name)
-                    self._warned_policy = True
-                return None
-            return CallState(state.calls, changed, None, None, None)
+            if not self._warned_policy:
+                log.warning("dyllm: graph %s: policy %s needs token-id inputs and a known mask id "
+                            "(set mask_token_id); running dense", self.graph_id, self.policy.name)
+                self._warned_policy = True
+            return None
         return CallState(state.calls, changed, ids == mask_id, state.dense_tokens[0] == mask_id,
                          state.start_tokens[0] == mask_id)
+
+    def _mask_id(self, state: SequenceState) -> Optional[int]:
+        """The configured mask id, else the one inferred for this sequence (None until a row unmasks)."""
+        return self.config.mask_token_id if self.config.mask_token_id is not None else state.mask_id
 
     def _shadow(self, args: tuple, sparse: torch.Tensor) -> None:
         dense = self.dense_fn(*args)[0]  # its caches are dropped: the sparse trajectory goes on undisturbed

@@ -2,16 +2,24 @@
 
 A policy has two halves:
 
-- **in the graph** (:meth:`Policy.after_attention`): ordinary tensor code, traced into the sparse variant at each
-  attention site. It sees the rows recomputed so far in this call (``S_in`` of the layer), the site's fresh
-  attention context and its cached value, the layer index and the call's row hint, and returns the layer's
-  salient rows ``S_out`` ([B, N] bool). Every gated region after the site runs on ``S_out``; the next layer's
-  k/v projections run on it. Returning ``S_in`` unchanged freezes everything else.
-- **outside the graph** (:meth:`Policy.dense_call`, :meth:`Policy.row_hint`): the per-call plan the runtime
-  makes from the call's token ids (which rows hold the mask token now and at the sequence's last dense call,
-  how many calls it has had): whether this call runs dense (refreshing every cache), and an optional row mask
-  passed into the graph as an input (so it changes per call without recompiling). Hinted rows join the first
-  layer's ``S_in``: they are recomputed from the start of the call, attention included.
+- **in the graph**: ordinary tensor code, traced into the sparse variant at three hook points. Each hook sees the
+  rows recomputed so far in this call (``salient_in``, [B, N] bool), a fresh value for every row and its cached
+  value, the layer index and the call's row hint, and returns the rows recomputed from there on:
+
+  - :meth:`Policy.before_attention`, on the site's value vectors: the rows whose keys and values are recomputed
+    (and that get exact attention). The value projection then runs on every row: a policy that reads values
+    pays for computing them.
+  - :meth:`Policy.after_attention`, on the site's attention context: the layer's salient rows ``S_out``. Every
+    gated region after the site runs on them; the next layer's k/v projections run on them.
+  - :meth:`Policy.at_branch`, on a gated region's input (an FFN's, lm_head's): the rows that region runs on (they
+    carry on into the next layer). The input is cached per region for this hook, only when a policy defines it.
+
+  Only the hooks a policy overrides are traced in; returning ``salient_in`` unchanged freezes everything else.
+- **outside the graph** (:meth:`Policy.dense_call`, :meth:`Policy.first_rows`, :meth:`Policy.row_hint`): the
+  per-call plan the runtime makes from the call's token ids (which rows hold the mask token now, at the
+  sequence's last dense call and at its first call, how many calls it has had): whether this call runs dense
+  (refreshing every cache), layer 0's ``S_in``, and an optional row mask passed into the graph as an input (so
+  it changes per call without recompiling).
 
 Select one with ``options={"policy": "block_freeze"}`` or pass an instance: ``options={"policy":
 BlockFreeze(block_length=64)}``. Write your own by subclassing :class:`Policy` (docs/policies.md).
@@ -38,8 +46,11 @@ class CallState:
     masked_at_start: Optional[torch.Tensor]  # the same at the sequence's first call: its response rows
 
 
+HOOK_POINTS = ("before_attention", "after_attention", "at_branch")
+
+
 class Policy:
-    """Base class: the DyLLM defaults for the runtime half; subclasses define :meth:`after_attention`."""
+    """Base class: the DyLLM defaults for the runtime half; subclasses override at least one hook point."""
 
     #: Name in error messages and reports.
     name = "policy"
@@ -49,10 +60,27 @@ class Policy:
     #: need token-id inputs and a known mask id, without which the runtime runs dense and warns.
     needs_mask_positions = False
 
+    def before_attention(self, salient_in: torch.Tensor, values: torch.Tensor, cached: torch.Tensor, axis: int,
+                         layer: int, hint: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
+        """[B, N]: the rows whose keys and values one attention site recomputes. ``values`` (this call's, every
+        row) and ``cached`` carry the tokens on ``axis``."""
+        return salient_in
+
     def after_attention(self, salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor, axis: int,
                         layer: int, hint: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
         """``S_out [B, N]`` of one attention site; ``context``/``cached`` carry the tokens on ``axis``."""
-        raise NotImplementedError
+        return salient_in
+
+    def at_branch(self, salient_in: torch.Tensor, inputs: torch.Tensor, cached: torch.Tensor, axis: int,
+                  layer: int, hint: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
+        """[B, N]: the rows a gated region (FFN, lm_head) runs on; ``inputs`` is the region's input for every
+        row, ``cached`` its value when each row last ran through the region."""
+        return salient_in
+
+    @classmethod
+    def hooks(cls) -> frozenset:
+        """The hook points this policy overrides (the only ones traced into the graph)."""
+        return frozenset(p for p in HOOK_POINTS if getattr(cls, p) is not getattr(Policy, p))
 
     def dense_call(self, state: CallState) -> bool:
         return False
@@ -72,7 +100,7 @@ class Policy:
 
 def cosine_below(context: torch.Tensor, cached: torch.Tensor, axis: int, threshold: float) -> torch.Tensor:
     """[B, N]: rows whose context (all heads together) has cosine below ``threshold`` with its cached value."""
-    return _context_cosine(context, cached, axis) < threshold
+    return row_cosine(context, cached, axis) < threshold
 
 
 class DyllmPolicy(Policy):
@@ -140,19 +168,19 @@ def lowest_fraction(score: torch.Tensor, fraction: float, allowed: Optional[torc
     return (rank < count) & allowed
 
 
-def _context_cosine(context: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
-    rows = context.movedim(axis, 1).flatten(2).float()
+def row_cosine(fresh: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
+    """[B, N]: per row (tokens on ``axis``, every other dim flattened together), the cosine of fresh vs cached."""
+    rows = fresh.movedim(axis, 1).flatten(2).float()
     return F.cosine_similarity(rows, cached.movedim(axis, 1).flatten(2).float(), dim=-1)
 
 
 class DllmCache(Policy):
     """dLLM-Cache (arXiv 2506.06295): prompt rows refreshed every ``prompt_interval`` calls (a dense call),
     response rows every ``response_interval`` calls (all of them recomputed), and in between an adaptive partial
-    update of the ``update_fraction`` of response rows that changed most, in every layer.
-
-    dLLM-Cache ranks rows by the cosine of their value vectors; here the hook after attention ranks them by the
-    cosine of their attention context with its cache (a hook before attention, on the values, is not there yet).
-    Response rows: the rows holding the mask token at the sequence's first call.
+    update, in every layer, of the ``update_fraction`` of response rows whose value vectors changed most (lowest
+    cosine between this call's value and the cached one, before attention). Response rows: the rows holding the
+    mask token at the sequence's first call. Knobs: ``prompt_interval``, ``response_interval``,
+    ``update_fraction``.
     """
 
     name = "dllm_cache"
@@ -178,8 +206,8 @@ class DllmCache(Policy):
     def row_hint(self, state: CallState) -> torch.Tensor:
         return state.masked_at_start  # the response rows, among which the partial update ranks
 
-    def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
-        score = _context_cosine(context, cached, axis)
+    def before_attention(self, salient_in, values, cached, axis, layer, hint, threshold):
+        score = row_cosine(values, cached, axis)
         return salient_in | lowest_fraction(score, self.update_fraction, allowed=hint)
 
 
@@ -210,7 +238,7 @@ class EsDllm(Policy):
         if layer < self.early_layers - 1:
             return torch.ones_like(salient_in)
         if layer == self.early_layers - 1:
-            return hint | lowest_fraction(_context_cosine(context, cached, axis), self.keep_fraction)
+            return hint | lowest_fraction(row_cosine(context, cached, axis), self.keep_fraction)
         return salient_in  # later layers: the set chosen at the last early layer
 
 
@@ -221,8 +249,8 @@ POLICIES: dict[str, type] = {"dyllm": DyllmPolicy, "block_freeze": BlockFreeze, 
 def resolve(policy: Union[str, Policy]) -> Policy:
     """A policy instance from a name or an instance; anything else raises ``ValueError`` naming the choices."""
     if isinstance(policy, Policy):
-        if type(policy).after_attention is Policy.after_attention:
-            raise ValueError(f"policy {policy!r} does not define after_attention")
+        if not policy.hooks():
+            raise ValueError(f"policy {policy!r} overrides none of the hook points {HOOK_POINTS}")
         return policy
     if isinstance(policy, str) and policy in POLICIES:
         return POLICIES[policy]()
@@ -231,13 +259,14 @@ def resolve(policy: Union[str, Policy]) -> Policy:
 
 
 class PolicyHook(torch.nn.Module):
-    """The in-graph half of a policy at one site: a submodule the sparse variant calls, traced by the lowering."""
+    """The in-graph half of a policy at one hook point of one site or region: a submodule the sparse variant
+    calls, traced by the lowering."""
 
-    def __init__(self, policy: Policy, axis: int, layer: int, threshold: float) -> None:
+    def __init__(self, policy: Policy, point: str, axis: int, layer: int, threshold: float) -> None:
         super().__init__()
-        self.policy, self.axis, self.layer, self.threshold = policy, axis, layer, threshold
+        self.hook = getattr(policy, point)
+        self.point, self.axis, self.layer, self.threshold = point, axis, layer, threshold
 
-    def forward(self, salient_in: torch.Tensor, context: torch.Tensor, cached: torch.Tensor,
+    def forward(self, salient_in: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
                 hint: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = self.policy.after_attention(salient_in, context, cached, self.axis, self.layer, hint, self.threshold)
-        return out.to(torch.bool)
+        return self.hook(salient_in, fresh, cached, self.axis, self.layer, hint, self.threshold).to(torch.bool)

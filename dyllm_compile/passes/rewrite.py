@@ -5,7 +5,9 @@ Pattern: each attention site whose k and v chains are row-wise and whose attenti
 Every gated region (FFN, MoE FFN, lm_head) runs only on the rows of the most recent salient set (S_out of its
 layer's attention) and is scattered into its output cache. S_out comes from the caching policy's hook, traced
 in after each site (default DyLLM: S_in | cos(c, c_old) < threshold). Other attention kinds (hand-written, flex,
-causal) stay dense but still produce S_out from their context.
+causal) stay dense but still produce S_out from their context. A policy's optional hooks before attention (on
+the site's values, then computed for every row) and at a gated region's input (cached per region) refine the
+salient set at those points.
 
 Invariants: the dense variant computes exactly the original graph (plus cache outputs); the sparse variant reads
 caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token
@@ -47,6 +49,7 @@ class SitePlan:
     reason: str = ""
     scale: float = 1.0
     caches: dict[str, int] = field(default_factory=dict)  # "k" | "v" | "c" | "q" | "m" | "l" -> cache index
+    values: Optional[Region] = None  # the v chain, run on every row for a policy's before_attention hook
 
 
 @dataclass
@@ -56,6 +59,7 @@ class RewritePlan:
     sites: list[SitePlan]
     regions: list[Region]  # gated regions and k/v chains that run on salient rows
     region_caches: dict[int, int]  # id(region) -> cache index
+    input_caches: dict[int, int]  # id(gated region) -> cache index of its input (a policy's at_branch hook)
     caches: list[CacheSpec]
     token_inputs: list[int]  # placeholder positions whose changed rows form layer 0's S_in
     input_axes: list[int]  # their token axes
@@ -83,10 +87,13 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and infos[n].axis.lead == 1]
     if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
+    policy = resolve(config.policy)
+    hooks = policy.hooks()
     reasons: list[str] = []
     caches: list[CacheSpec] = []
     regions: list[Region] = []
     region_caches: dict[int, int] = {}
+    input_caches: dict[int, int] = {}
 
     def add_cache(name: str, node: Optional[fx.Node]) -> int:
         caches.append(CacheSpec(name, node))
@@ -98,6 +105,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             plan = SitePlan(site, False, "dense_layers option")
         else:
             plan = _plan_site(site, chains, infos, batch)
+            if plan.cached and "before_attention" in hooks:
+                plan = _plan_values(plan, chains, analysis.gm.graph)
         if plan.reason:
             reasons.append(f"layer {site.layer}: attention computed densely ({plan.reason})")
         if plan.cached:
@@ -120,9 +129,11 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         regions.append(region)
         name = "head.lm_head" if region.role == "lm_head" else f"L{region.layer}.{region.role}"
         region_caches[id(region)] = add_cache(name, region.exit)
-    return RewritePlan(analysis, config, sites, regions, region_caches, caches,
+        if "at_branch" in hooks:
+            input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
+    return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
-                       resolve(config.policy))
+                       policy)
 
 
 def _batch_size(analysis: GraphAnalysis) -> Any:
@@ -143,6 +154,19 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
             return SitePlan(site, False, f"{which} chain: {problem}")
     scale = arg(site.node, 6, "scale")
     return SitePlan(site, True, scale=float(scale) if scale is not None else default_scale(q.shape[-1]))
+
+
+def _plan_values(plan: SitePlan, chains: dict[str, Region], graph: fx.Graph) -> SitePlan:
+    """A site whose policy reads values before attention: the whole v chain must be computable before either
+    k/v chain ends, since both run on the hook's rows."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first_exit = min(order[chains["k"].exit], order[chains["v"].exit])
+    values = chains["v"]
+    if any(order[n] > first_exit for n in values.token_inputs + values.other_inputs):
+        return SitePlan(plan.site, False, "the policy reads values before attention, but the v chain's inputs "
+                        "come after the k chain")
+    plan.values = values
+    return plan
 
 
 def _region_problem(region: Region, infos, batch) -> str:
@@ -269,6 +293,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     region_by_exit = {r.exit: r for r in plan.regions}
     skipped = {n for r in plan.regions for n in r.nodes if n is not r.exit}
     by_node = {s.site.node: s for s in plan.sites}
+    # Sites whose policy reads values: both chain exits lead to the site; its values for every row, once run.
+    value_sites = {exit: s for s in plan.sites if s.values is not None for exit in (s.site.k, s.site.v)}
+    dense_values: dict[fx.Node, fx.Node] = {}
 
     def select(current: fx.Node) -> tuple[fx.Node, fx.Node]:
         if current not in selections:
@@ -277,6 +304,13 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             selections[current] = (b.item(picked, 0), b.item(picked, 1))
         return selections[current]
 
+    def hook(point: str, layer: int, axis: int, current: fx.Node, fresh: fx.Node, cached: fx.Node) -> fx.Node:
+        name = f"dyllm_{point}_{len(hook_names)}"
+        hook_names.append(name)
+        plan.analysis.gm.add_submodule(name, PolicyHook(policy, point, axis, layer, config.threshold))
+        return b.graph.call_module(name, (current, fresh, cached, hint))
+
+    hook_names: list[str] = []
     for node in graph_nodes:
         if node.op == "placeholder" or node in skipped:
             continue
@@ -285,8 +319,19 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             continue
         if node in region_by_exit:
             region = region_by_exit[node]
-            index, valid = select(salient)
             cache = plan.region_caches[id(region)]
+            owner = value_sites.get(node)
+            if owner is not None and owner.site.v not in dense_values:  # the site's first chain exit
+                values = dense_values[owner.site.v] = _emit_dense(b, owner.values)
+                salient = hook("before_attention", owner.site.layer, 2, salient, values,
+                               cache_in[owner.caches["v"]])
+            if node in dense_values:  # already computed for every row: keep the hook's rows of it
+                b.env[node] = b.call(rows.merge_rows, salient, dense_values[node], cache_in[cache], 2)
+                new_cache[cache] = b.env[node]
+                continue
+            if id(region) in plan.input_caches:
+                salient = _emit_branch_hook(b, region, salient, cache_in, new_cache, hook)
+            index, valid = select(salient)
             b.env[node] = _emit_gathered(b, region, index, valid, cache_in[cache], capacity)
             new_cache[cache] = b.env[node]
             continue
@@ -306,10 +351,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
         if forced is not None:
             layer_forced = b.call(operator.getitem, forced, site.site.layer)
             salient = b.call(operator.or_, salient, layer_forced)
-        else:
-            hook = f"dyllm_policy_{site.site.layer}"
-            plan.analysis.gm.add_submodule(hook, PolicyHook(policy, 2, site.site.layer, config.threshold))
-            salient = b.graph.call_module(hook, (salient, context, c_old, hint))
+        elif "after_attention" in policy.hooks():
+            salient = hook("after_attention", site.site.layer, 2, salient, context, c_old)
         b.env[node] = context
         fractions.append(b.call(rows.salient_fraction, salient))
     extra = [new_cache[i] for i in range(len(plan.caches))]
@@ -331,6 +374,26 @@ def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, 
         retarget_rows(node, copy, infos, capacity)
         local[node] = copy
     return b.call(rows.scatter_rows, cache, local[region.exit], index, valid, infos[region.exit].axis.dim)
+
+
+def _emit_dense(b: _Builder, region: Region) -> fx.Node:
+    """The region's nodes on every row (its inputs are already in the new graph)."""
+    local = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
+    for node in region.nodes:
+        local[node] = b.graph.node_copy(node, lambda n: local[n])
+    return local[region.exit]
+
+
+def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: list[fx.Node],
+                      new_cache: dict[int, Any], hook: Callable) -> fx.Node:
+    """The policy's at_branch hook on the region's input (for a pre-norm FFN the residual stream it reads, its
+    norm being part of the region); a row's cached input is the one it last ran with."""
+    source = region.token_inputs[0]
+    axis = b.plan.analysis.infos[source].axis.dim
+    cache = b.plan.input_caches[id(region)]
+    picked = hook("at_branch", region.layer, axis, salient, b.env[source], cache_in[cache])
+    new_cache[cache] = b.call(rows.merge_rows, picked, b.env[source], cache_in[cache], axis)
+    return picked
 
 
 def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:

@@ -10,6 +10,8 @@ A sequence continues when every changed row held the mask id and no longer does 
 unmasks). Any other change (a new prompt, even one token) starts a new sequence with a dense call. States are
 keyed by input shapes, dtypes, devices and the identity of the weights (one graph can serve several layers
 after a graph break), kept in a small LRU so alternating sequences (classifier-free guidance) do not thrash.
+The states of a set of weights are dropped when those weights are collected (the model deleted): Dynamo keeps
+the compiled graph, not the caches, alive, and new weights at the same addresses never see old caches.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class GraphRuntime:
     def __call__(self, *args: Any) -> Any:
         tokens = [args[i] for i in self.plan.token_inputs]
         key = self._key(args)
+        if key not in self.states:
+            self._watch(args, key)
         states = self.states.setdefault(key, [])
         self.states.move_to_end(key)
         others = self._others(args)
@@ -133,6 +137,12 @@ class GraphRuntime:
         shapes = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         weights = tuple(a.data_ptr() for a in args if isinstance(a, torch.nn.Parameter))
         return shapes, weights
+
+    def _watch(self, args: tuple, key: tuple) -> None:
+        """Drop ``key``'s states when its weights die (weakly: the runtime does not keep them alive)."""
+        weight = next((a for a in args if isinstance(a, torch.nn.Parameter)), None)
+        if weight is not None:
+            weakref.finalize(weight, _forget, weakref.ref(self), key)
 
     def _others(self, args: tuple) -> list[torch.Tensor]:
         skip = set(self.plan.token_inputs)
@@ -268,6 +278,12 @@ class GraphRuntime:
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %d rows", self.graph_id, capacity)
         return self.sparse_fns[key]
+
+
+def _forget(runtime: "weakref.ref[GraphRuntime]", key: tuple) -> None:
+    alive = runtime()
+    if alive is not None:
+        alive.states.pop(key, None)
 
 
 def runtimes(since: int = 0) -> list[GraphRuntime]:

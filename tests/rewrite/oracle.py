@@ -37,7 +37,9 @@ class Oracle:
     mask_id: int = 127
     block: Optional[torch.Tensor] = None
     # Any other policy, as plain functions: dense(calls) -> bool, first(changed, calls, response) -> S_in,
-    # after(layer, salient, changed, response, c, c_old) -> S_out. ``response``: rows masked at the first call.
+    # after(layer, salient, changed, response, c, c_old) -> S_out, and optionally before(layer, salient, changed,
+    # response, v, v_cached) -> rows whose k/v are recomputed, branch(layer, salient, changed, response, x,
+    # x_cached) -> rows a branch (FFN, lm_head) runs on. ``response``: rows masked at the first call.
     rules: Optional[object] = None
     response: Optional[torch.Tensor] = None
     caches: Optional[dict] = None
@@ -86,6 +88,15 @@ class Oracle:
         self.caches[name] = value
         return value, old
 
+    def _branch(self, layer, name, x, salient, dense):
+        """The rules' branch hook on a branch input; the cached input is the one each row last ran with."""
+        if not hasattr(self.rules, "branch"):
+            return salient
+        if not dense:
+            salient = self.rules.branch(layer, salient, self.changed, self.response, x, self.caches[f"{name}.in"])
+        self._keep(f"{name}.in", x, salient, 1, dense)
+        return salient
+
     def _forward(self, ids, salient, dense, forced):
         m, cfg = self.model, self.model.cfg
         b, n = ids.shape
@@ -101,6 +112,8 @@ class Oracle:
             v = a.v_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
             q, k = apply_rotary(q, *rope, cfg.rotary_dim), apply_rotary(k, *rope, cfg.rotary_dim)
             k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            if not dense and hasattr(self.rules, "before"):
+                salient = self.rules.before(i, salient, self.changed, self.response, v, self.caches[f"{i}.v"])
             k, _ = self._keep(f"{i}.k", k, salient, 2, dense)
             v, v_old = self._keep(f"{i}.v", v, salient, 2, dense)
             if self.mode == "exact":
@@ -126,8 +139,10 @@ class Oracle:
                     salient = salient | (cos < self.threshold)
             layer_fractions.append(salient.float().mean().item())
             h = h + a.o_proj(c.transpose(1, 2).reshape(b, n, cfg.d_model))
+            salient = self._branch(i, f"{i}.ffn", h, salient, dense)  # a branch's input: the residual stream read
             f, _ = self._keep(f"{i}.ffn", layer.ffn(layer.ffn_norm(h)), salient, 1, dense)
             h = h + f
+        salient = self._branch(len(m.layers) - 1, "logits", h, salient, dense)
         logits, _ = self._keep("logits", m.lm_head(m.final_norm(h)), salient, 1, dense)
         if not dense:
             self.fractions.append(layer_fractions)

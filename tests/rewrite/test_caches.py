@@ -107,3 +107,28 @@ def test_reset_frees_caches_and_next_call_runs_dense():
         assert not runtime.states
         compiled(x)
     assert runtime.stats.dense_calls == 2 and runtime.stats.sparse_calls == 0
+
+
+def test_caches_are_freed_with_the_model_and_never_reach_a_new_one():
+    import gc
+
+    import dyllm_compile
+    from dyllm_compile.runtime.graph_runtime import last_serial
+
+    before = last_serial()
+    model = llada_like("tiny", init_std=0.2)
+    compiled = _compiled(model)
+    x = _prompt(3, length=12)
+    x[:, 6:] = MASK
+    with torch.inference_mode():
+        compiled(x)
+    (runtime,) = dyllm_compile.runtimes(before)
+    assert runtime.cache_bytes() > 0
+    del model, compiled
+    gc.collect()
+    assert runtime.cache_bytes() == 0 and not runtime.states  # Dynamo keeps the graph, not the caches
+    # A new model (whose weights may reuse the freed addresses) starts with a dense call, never old caches.
+    other = llada_like("tiny", init_std=0.2, seed=1)
+    with torch.inference_mode():
+        torch.compile(other, backend="dyllm", options={"lowering": "aot_eager"})(x)
+    assert sum(r.stats.dense_calls for r in dyllm_compile.runtimes(before)) == 2

@@ -46,12 +46,13 @@ def test_invalid_policies_are_rejected_at_compile_time(bad):
         DyllmConfig.from_options({"policy": bad})
 
 
-def test_block_freeze_with_everything_selected_equals_dense():
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_block_freeze_with_everything_selected_equals_dense(arch):
     # Everything masked at the dense call and one block over the whole sequence: every row is in the block.
     from dyllm_compile.models.zoo import ZOO
     from decode_driver import decode_inputs
 
-    entry = ZOO["llada"]
+    entry = ZOO[arch]
     model = entry.build()
     torch._dynamo.reset()
     since = last_serial()
@@ -65,14 +66,14 @@ def test_block_freeze_with_everything_selected_equals_dense():
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_block_freeze_matches_oracle(mode, batch):
+@pytest.mark.parametrize("arch, batch", [("llada", 1), ("llada", 3), ("dream", 3)])
+def test_block_freeze_matches_oracle(mode, arch, batch):
     # The decoder's blocks are 8 wide: two blocks, so one dense call opens the second.
-    lock, oracle = _run("llada", batch, {"policy": "block_freeze", "attention_mode": mode, "mask_token_id": 127},
+    lock, oracle = _run(arch, batch, {"policy": "block_freeze", "attention_mode": mode, "mask_token_id": 127},
                         dict(mode=mode, block_freeze=32))
     stats = lock.runtimes[0].stats
     assert stats.dense_calls == 1 and stats.sparse_calls == 15  # 32 >= 16 generated rows: one block
-    lock, oracle = _run("llada", batch, {"policy": BlockFreeze(block_length=8), "attention_mode": mode},
+    lock, oracle = _run(arch, batch, {"policy": BlockFreeze(block_length=8), "attention_mode": mode},
                         dict(mode=mode, block_freeze=8))
     stats = lock.runtimes[0].stats
     assert stats.dense_calls == 2 and stats.sparse_calls == 14
@@ -130,10 +131,15 @@ def test_dllm_cache_and_es_dllm_plans_on_constructed_states():
     assert [policy.dense_call(state(c)) for c in range(1, 8)] == [False] * 5 + [True, False]
     assert torch.equal(policy.first_rows(state(3)), changed | response)
     assert torch.equal(policy.first_rows(state(4)), changed)
-    context, cached = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
-    cached[:, :, :2] = context[:, :, :2] * -1  # prompt rows changed most, but they are not response rows
-    out = policy.after_attention(changed, context, cached, 2, 0, response, 0.99)
-    assert not out[0, :2].any() and int(out[0, 2:].sum()) >= 2
+    values = torch.randn(1, 2, 6, 4)
+    cached = values.clone()
+    cached[:, :, :2] *= -1  # prompt rows changed most, but they are not response rows
+    cached[:, :, 4] *= -1  # the response row whose values turned
+    out = policy.before_attention(changed, values, cached, 2, 0, response, 0.99)
+    # changed row 3, plus ceil(0.5 * 4) = 2 lowest-cosine response rows: row 4 (turned), row 3 or another
+    assert out[0, 3] and out[0, 4] and not out[0, :2].any() and 2 <= int(out.sum()) <= 3
+    assert DllmCache.hooks() == {"before_attention"}
+    context = torch.randn(1, 2, 6, 4)
     es = EsDllm(early_layers=2, keep_fraction=0.5)
     assert es.first_rows(state(1)).all()
     assert es.after_attention(changed, context, cached, 2, 0, changed, 0.99).all()
@@ -169,8 +175,11 @@ class DllmCacheRules:
     def first(self, changed, calls, response):
         return changed | response if calls % self.r == 0 else changed
 
+    def before(self, layer, salient, changed, response, v, v_old):
+        return salient | _lowest(_cosine(v, v_old), self.f, response)
+
     def after(self, layer, salient, changed, response, c, c_old):
-        return salient | _lowest(_cosine(c, c_old), self.f, response)
+        return salient
 
 
 class EsDllmRules:
@@ -198,21 +207,23 @@ class EsDllmRules:
      DllmCacheRules(5, 3, 0.25)),
     ("es_dllm", {"policy": "es_dllm"}, EsDllmRules(1, 0.25)),
 ])
-def test_dllm_cache_and_es_dllm_match_oracle(mode, name, options, rules):
-    lock, oracle = _run("llada", 3, {**options, "attention_mode": mode, "mask_token_id": 127},
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_dllm_cache_and_es_dllm_match_oracle(mode, name, options, rules, arch):
+    lock, oracle = _run(arch, 3, {**options, "attention_mode": mode, "mask_token_id": 127},
                         dict(mode=mode, rules=rules))
     assert lock.steps == 16
     assert 0 < torch.tensor(oracle.fractions).mean() < 1
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("policy", ["dllm_cache", "es_dllm"])
-def test_everything_selected_equals_dense(policy):
+def test_everything_selected_equals_dense(policy, arch):
     from dyllm_compile.models.zoo import ZOO
     from dyllm_compile.policies import DllmCache, EsDllm
     from decode_driver import decode_inputs
 
     chosen = DllmCache(50, 1, 1.0) if policy == "dllm_cache" else EsDllm(1, 1.0)
-    entry = ZOO["llada"]
+    entry = ZOO[arch]
     model = entry.build()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "policy": chosen})
@@ -220,3 +231,76 @@ def test_everything_selected_equals_dense(policy):
         # No prompt: every row is a response row, so dllm_cache's response refresh covers the sequence.
         for args in decode_inputs(entry, batch=2, prompt=0, response=16, calls=6):
             torch.testing.assert_close(compiled(*args), model(*args), atol=1e-5, rtol=1e-5)
+
+
+class AllHooks(Policy):
+    """A policy at every hook point: values before attention, contexts after, branch inputs at each branch."""
+
+    def before_attention(self, salient_in, values, cached, axis, layer, hint, threshold):
+        from dyllm_compile.policies import lowest_fraction, row_cosine
+
+        return salient_in | lowest_fraction(row_cosine(values, cached, axis), 0.125)
+
+    def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
+        return salient_in
+
+    def at_branch(self, salient_in, inputs, cached, axis, layer, hint, threshold):
+        from dyllm_compile.policies import lowest_fraction, row_cosine
+
+        return salient_in | lowest_fraction(row_cosine(inputs, cached, axis), 0.125)
+
+
+class AllHooksRules:
+    def dense(self, calls):
+        return False
+
+    def first(self, changed, calls, response):
+        return changed
+
+    def before(self, layer, salient, changed, response, v, v_old):
+        return salient | _lowest(_cosine(v, v_old), 0.125, torch.ones_like(salient))
+
+    def after(self, layer, salient, changed, response, c, c_old):
+        return salient
+
+    def branch(self, layer, salient, changed, response, x, x_old):
+        cos = torch.nn.functional.cosine_similarity(x, x_old, dim=-1)
+        return salient | _lowest(cos, 0.125, torch.ones_like(salient))
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_every_hook_point_matches_oracle(mode):
+    assert AllHooks.hooks() == {"before_attention", "after_attention", "at_branch"}
+    lock, oracle = _run("llada", 3, {"policy": AllHooks(), "attention_mode": mode}, dict(mode=mode, rules=AllHooksRules()))
+    assert lock.steps == 16
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    names = [c.name for c in runtime.plan.caches]
+    assert "L0.ffn.in" in names and "head.lm_head.in" in names  # branch inputs cached only for this policy
+    assert 0 < torch.tensor(oracle.fractions).mean() < 1
+
+
+def test_hooks_are_traced_only_where_overridden():
+    from dyllm_compile.policies import DllmCache, EsDllm
+
+    assert DyllmPolicy.hooks() == {"after_attention"} and EsDllm.hooks() == {"after_attention"}
+    assert BlockFreeze.hooks() == {"after_attention"} and DllmCache.hooks() == {"before_attention"}
+
+
+def test_values_hook_needs_the_v_chain_inputs_before_the_k_chain_ends():
+    """Graph order k_proj(x) -> k ends -> y = mix(x) -> v_proj(y): a values hook cannot run before k is cached."""
+    from torch import fx
+
+    from dyllm_compile.passes.regions import Region
+    from dyllm_compile.passes.rewrite import SitePlan, _plan_values
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    k = graph.call_function(torch.neg, (x,))
+    y = graph.call_function(torch.cumsum, (x, 1))  # a token-mixing op: not part of any chain
+    v = graph.call_function(torch.neg, (y,))
+    site = type("Site", (), {"layer": 0})()
+    early = {"k": Region("k", k, [k], [x], [], 1), "v": Region("v", v, [v], [x], [], 1)}
+    assert _plan_values(SitePlan(site, True), early, graph).values is early["v"]
+    late = {"k": early["k"], "v": Region("v", v, [v], [y], [], 1)}
+    plan = _plan_values(SitePlan(site, True), late, graph)
+    assert not plan.cached and "v chain's inputs come after the k chain" in plan.reason

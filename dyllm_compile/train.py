@@ -61,16 +61,24 @@ def diffusion_loss(model, prompts: torch.Tensor, answers: torch.Tensor, gen: tor
 
 
 class ProblemStream:
-    """An endless, seeded, even mix of all tasks, skipping the held-out problems."""
+    """An endless, seeded mix of the tasks (even, or ``weights[task]`` problems of each per cycle), skipping the
+    held-out problems."""
 
-    def __init__(self, seed: int, held_out: set) -> None:
+    def __init__(self, seed: int, held_out: set, weights: Optional[dict[str, int]] = None) -> None:
         self.rng = random.Random(seed)
         self.held_out = held_out
+        weights = weights or {}
+        unknown = set(weights) - set(TASKS)
+        if unknown or any(not isinstance(w, int) or w < 0 for w in weights.values()):
+            raise ValueError(f"task weights must be non-negative ints for tasks among {TASKS}, got {weights}")
+        self.cycle = [t for t in TASKS for _ in range(weights.get(t, 1))]
+        if not self.cycle:
+            raise ValueError("task weights select no task")
 
     def problems(self, size: int) -> list[Problem]:
         out: list[Problem] = []
         while len(out) < size:
-            task = TASKS[len(out) % len(TASKS)]
+            task = self.cycle[len(out) % len(self.cycle)]
             (p,) = sample_problems(task, 1, seed=self.rng.getrandbits(62))
             if (p.task, p.prompt) not in self.held_out:
                 out.append(p)
@@ -114,10 +122,11 @@ def plot_loss(rows: list[tuple[int, float]], path: str) -> None:
 
 
 def train(out: str, steps: int, batch: int, lr: float, warmup: int, seed: int, log_every: int = 25,
-          threads: Optional[int] = None, shape: Optional[dict] = None,
-          init: Optional[str] = None) -> DiffusionTransformer:
+          threads: Optional[int] = None, shape: Optional[dict] = None, init: Optional[str] = None,
+          weights: Optional[dict[str, int]] = None) -> DiffusionTransformer:
     """Trains a model of ``DEFAULT_SHAPE`` (updated by ``shape``), fresh or continued from the checkpoint
-    directory ``init``, and writes the checkpoint to ``out``."""
+    directory ``init``, on a task mix (``weights``: problems per task per cycle, default one each), and writes
+    the checkpoint to ``out``."""
     from tqdm import tqdm
 
     from .evaluate import held_out_prompts
@@ -132,7 +141,7 @@ def train(out: str, steps: int, batch: int, lr: float, warmup: int, seed: int, l
     else:
         model = DiffusionTransformer(model_config(seed=seed, **(shape or {}))).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    stream = ProblemStream(seed, held_out_prompts())
+    stream = ProblemStream(seed, held_out_prompts(), weights)
     gen = torch.Generator().manual_seed(seed)
     rows: list[tuple[int, float]] = []
     history = os.path.join(init, "loss.csv") if init else ""
@@ -175,8 +184,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--init", default=None, help="continue from this checkpoint directory")
+    parser.add_argument("--weights", default="", type=_weights,
+                        help="task mix, problems per task per cycle, e.g. reverse=3,recall=3 (others: 1)")
     args = parser.parse_args(argv)
-    train(args.out, args.steps, args.batch, args.lr, args.warmup, args.seed, threads=args.threads, init=args.init)
+    train(args.out, args.steps, args.batch, args.lr, args.warmup, args.seed, threads=args.threads, init=args.init,
+          weights=args.weights)
+
+
+def _weights(text: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected task=int[,task=int...], got {text!r}") from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,18 @@ def test_stream_skips_held_out_problems():
     assert prompts.shape == (7, PROMPT_LENGTH) and answers.shape == (7, ANSWER_LENGTH)
 
 
+def test_stream_mixes_tasks_by_weight_and_rejects_bad_weights():
+    import pytest
+
+    stream = training.ProblemStream(0, frozenset(), {"recall": 3, "copy": 0})
+    tasks = [p.task for p in stream.problems(12)]
+    assert tasks == ["reverse", "sort", "add", "recall", "recall", "recall"] * 2
+    for bad in ({"recal": 2}, {"copy": -1}, {t: 0 for t in TASKS}):
+        with pytest.raises(ValueError, match="task weights"):
+            training.ProblemStream(0, frozenset(), bad)
+    assert training._weights("reverse=3,recall=2") == {"reverse": 3, "recall": 2}
+
+
 def test_short_training_lowers_loss_and_round_trips(tmp_path):
     shape = dict(d_model=32, n_layers=1, n_heads=2, d_ffn=64)
     gen = torch.Generator().manual_seed(1)

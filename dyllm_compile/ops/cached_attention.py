@@ -89,53 +89,56 @@ def cached_attention_reference(
         keep_exact = salient_in.index_select(1, changed)[:, None, :, None]
         c[:, :, changed] = torch.where(keep_exact, exact, c.index_select(2, changed))
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
-    c, m, l = c_old.float().clone(), m_old.float().clone(), l_old.float().clone()
-    for b in range(q.shape[0]):
-        _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_share, salient_in[b], c, m, l)
-    return c.to(q.dtype).contiguous(), m, l
+    return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, recompute_share)
 
 
-def _mask_rows(attn_mask: Optional[torch.Tensor], b: int, rows: torch.Tensor, cols: Optional[torch.Tensor]):
-    """The [.., |rows|, |cols|] slice of a mask broadcastable to [B, H, N, N]."""
-    if attn_mask is None:
-        return None
-    mask = attn_mask[b if attn_mask.shape[0] > 1 else 0]
-    if mask.dim() == 2:
-        mask = mask[None]
-    mask = mask[:, rows] if mask.shape[-2] > 1 else mask
-    return mask if cols is None else mask[..., cols]
+def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor) -> Optional[torch.Tensor]:
+    """``attn_mask`` (broadcastable to [B, H, N, N]) restricted to ``index`` along ``dim`` (-2 rows, -1 columns)."""
+    if attn_mask is None or attn_mask.shape[dim] == 1:
+        return attn_mask
+    return attn_mask.index_select(dim, index)
 
 
-def _exact_update_one(b, q, k, v, k_old, v_old, attn_mask, scale, recompute_share, salient, c, m, l) -> None:
-    """Exact-mode update of batch element ``b`` in place: incremental for unchanged queries, exact otherwise."""
-    n = q.shape[2]
-    everyone = torch.arange(n, device=q.device)
-    cols = salient.nonzero().flatten()
-    use_exact = salient.clone()
-    if 0 < cols.numel() < n:  # all rows salient: everything is recomputed below
-        mask = _mask_rows(attn_mask, b, everyone, cols)
-        s_new = _scores(q[b], k[b][:, cols], mask, scale)  # [H,N,|J|]
-        s_old = _scores(q[b], k_old[b][:, cols], mask, scale)
-        m0, l0 = m[b], l[b]
-        m1 = torch.maximum(m0, s_new.amax(dim=-1))
-        kept = l0 * torch.exp(m0 - m1)  # m0 <= m1: a rescale, no need of the floor
-        e_old, e_new = _exp_(s_old.sub_(m1[..., None])), _exp_(s_new.sub_(m1[..., None]))
+def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, recompute_share):
+    """Exact mode for the whole batch: incremental for unchanged queries, exact attention for the others.
+
+    The incremental update runs over the union of the batch's changed columns; a column that changed for some
+    elements only is masked out of the others' sums (their keys and values there did not change, so it would
+    cancel anyway)."""
+    c, m, l = c_old.float(), m_old.float(), l_old.float()
+    cols = salient_in.any(dim=0).nonzero().flatten()
+    use_exact = salient_in.clone()
+    if cols.numel() and not bool(salient_in.all()):
+        own = salient_in.index_select(1, cols)[:, None, None, :]  # [B, 1, 1, |J|]
+        mask = _mask_slice(attn_mask, -1, cols)
+        s_new = _scores(q, k.index_select(2, cols), mask, scale)  # [B, H, N, |J|]
+        s_old = _scores(q, k_old.index_select(2, cols), mask, scale)
+        m1 = torch.maximum(m, s_new.masked_fill(~own, float("-inf")).amax(dim=-1))
+        kept = l * torch.exp(m - m1)  # m <= m1: a rescale, no need of the floor
+        e_old = _exp_(s_old.sub_(m1[..., None])).mul_(own)
+        e_new = _exp_(s_new.sub_(m1[..., None])).mul_(own)
         removed = e_old.sum(dim=-1)
-        l1 = kept - removed + e_new.sum(dim=-1)
-        acc = (c[b] * kept[..., None] - torch.matmul(e_old, v_old[b][:, cols].float())
-               + torch.matmul(e_new, v[b][:, cols].float()))
-        c[b], m[b], l[b] = acc / l1[..., None], m1, l1
+        l = kept - removed + e_new.sum(dim=-1)
+        acc = (c * kept[..., None] - torch.matmul(e_old, v_old.index_select(2, cols).float())
+               + torch.matmul(e_new, v.index_select(2, cols).float()))
+        c, m = acc / l[..., None], m1
         # Removing most of a row's mass cancels badly: those rows (in any head) recompute exactly.
-        unstable = (removed > recompute_share * kept) | ~torch.isfinite(c[b]).all(-1)
-        use_exact |= unstable.any(dim=0)
-    rows = use_exact.nonzero().flatten()
+        unstable = (removed > recompute_share * kept) | ~torch.isfinite(c).all(dim=-1)
+        use_exact |= unstable.any(dim=1)
+    else:
+        c, m, l = c.clone(), m.clone(), l.clone()
+    rows = use_exact.any(dim=0).nonzero().flatten()
     if rows.numel():
-        s = _scores(q[b][:, rows], k[b], _mask_rows(attn_mask, b, rows, None), scale)  # [H,|E|,N]
+        s = _scores(q.index_select(2, rows), k, _mask_slice(attn_mask, -2, rows), scale)  # [B, H, |E|, N]
         m_rows = s.amax(dim=-1)
         p = _exp_(s.sub_(m_rows[..., None]))
         l_rows = p.sum(dim=-1)
-        c[b][:, rows] = torch.matmul(p, v[b].float()) / l_rows[..., None]
-        m[b][:, rows], l[b][:, rows] = m_rows, l_rows
+        c_rows = torch.matmul(p, v.float()) / l_rows[..., None]
+        pick = use_exact.index_select(1, rows)[:, None, :]  # [B, 1, |E|]: rows computed for other elements too
+        c[:, :, rows] = torch.where(pick[..., None], c_rows, c.index_select(2, rows))
+        m[:, :, rows] = torch.where(pick, m_rows, m.index_select(2, rows))
+        l[:, :, rows] = torch.where(pick, l_rows, l.index_select(2, rows))
+    return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
 
 
 # The reference is the op's implementation on every device until a kernel is registered (kernels/).

@@ -1,6 +1,7 @@
 """Quality sweep on the trained default model: dyllm threshold x attention mode vs dense, paired per problem.
 
     python benchmarks/bench_quality.py [--count 1000] [--thresholds 0.95,0.98,0.99,0.995,1.0]
+    python benchmarks/bench_quality.py --merge a.csv b.csv [--out ...]   # one table from parts run separately
 
 For every configuration the same held-out problems are decoded (low-confidence remasking, one token per step;
 plus one pair with confidence-threshold parallel decoding). Accuracy comes with a 95% confidence interval, and
@@ -76,7 +77,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--parallel-confidence", type=float, default=0.9,
                         help="also compare dense and dyllm (0.99, paper) with this threshold parallel decoding")
     parser.add_argument("--out", default=os.path.join(RESULTS, "quality_cpu.csv"))
+    parser.add_argument("--merge", nargs="+", metavar="CSV",
+                        help="instead of running: join these result files (a configuration already in an "
+                             "earlier file is skipped) into --out, with its plot")
     args = parser.parse_args(argv)
+    if args.merge:
+        return write(merge(args.merge), args.out)
     facts = machine_facts(torch.device("cpu"))
     model = load_default_model()
     # (name, dyllm options or None for dense, confidence of parallel decoding or None, problems per task, timed)
@@ -127,12 +133,33 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
               f"(vs dense {100 * overall['diff_vs_dense']:+.2f} +- {100 * overall['diff_ci95']:.2f}) "
               f"FFN rows {100 * overall['ffn_rows_fraction']:.1f}%  {speed:.1f} tok/s b1 "
               f"(x{overall['speedup_vs_inductor_b1']:.2f} vs Inductor)", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
+    return write(rows, args.out)
+
+
+def write(rows: list[dict], out: str) -> list[dict]:
+    """The CSV and, next to it, the Pareto plot."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-    plot(rows, os.path.splitext(args.out)[0] + "_pareto.png")
+    plot(rows, os.path.splitext(out)[0] + "_pareto.png")
+    return rows
+
+
+NUMERIC = ("problems", "accuracy", "accuracy_ci95", "diff_vs_dense", "diff_ci95", "ffn_rows_fraction",
+           "tokens_per_s_b1", "speedup_vs_inductor_b1")
+
+
+def merge(paths: Sequence[str]) -> list[dict]:
+    """Rows of several result files; a (decoding, config) already in an earlier file is skipped (e.g. the dense
+    baseline each part ran for its paired differences)."""
+    rows: list[dict] = []
+    for path in paths:
+        with open(path) as f:
+            part = [{k: float(v) if k in NUMERIC else v for k, v in r.items()} for r in csv.DictReader(f)]
+        seen = {(r["decoding"], r["config"]) for r in rows}
+        rows += [r for r in part if (r["decoding"], r["config"]) not in seen]
     return rows
 
 

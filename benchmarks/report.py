@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 
@@ -19,14 +20,20 @@ def _rows(path: str) -> list[dict]:
 
 def _num(value: str, digits: int = 2, scale: float = 1.0) -> str:
     try:
-        return f"{float(value) * scale:.{digits}f}"
+        number = float(value)
     except ValueError:
         return "-"
+    return "-" if math.isnan(number) else f"{number * scale:.{digits}f}"
 
 
 def _pct(value: str, digits: int = 1) -> str:
     number = _num(value, digits, 100)
     return number if number == "-" else number + "%"
+
+
+def _times(value: str) -> str:
+    number = _num(value)
+    return number if number == "-" else number + "x"
 
 
 def _model(row: dict) -> str:
@@ -65,7 +72,7 @@ def quality_table(path: str) -> str:
         lines.append(
             f"| {decoding} | {config} | " + " | ".join(cells) +
             f" | {_num(overall['diff_vs_dense'], 2, 100):>6} +- {_num(overall['diff_ci95'], 2, 100)} | "
-            f"{_pct(overall['ffn_rows_fraction'])} | {_num(overall['speedup_vs_inductor_b1'])}x |")
+            f"{_pct(overall['ffn_rows_fraction'])} | {_times(overall['speedup_vs_inductor_b1'])} |")
     return "\n".join(lines)
 
 

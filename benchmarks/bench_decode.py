@@ -137,6 +137,9 @@ def run_mode(mode: str, work: Workload, args, machine: Machine, device: torch.de
     graphs = counters["stats"]["unique_graphs"]
     for r in runtimes(since):
         r.stats = RuntimeStats()
+    # The timed decode is a new request: without this, a decode of a single call (parallel decoding on a
+    # confident model) would see its own warm-up input again and continue that sequence sparsely.
+    dyllm_compile.reset()
     timed = TimedModel(compiled, device)
     result = decode(timed, work, args.confidence_threshold)
     live = runtimes(since)

@@ -57,10 +57,9 @@ class Report:
                 flops=attention_flops + sum(p.flops for p in parts),
                 gated_flops=sum(p.flops for p in parts if p.gated),
             ))
-        for head in (r for r in graph.regions if r.role == "lm_head"):
-            rows.append(LayerRow(-1, "-", 0, 0, [_label(head)] if head.gated else [],
-                                 [] if head.gated else [_label(head)], head.flops,
-                                 head.flops if head.gated else 0))
+        # A graph without attention (after a graph break): its branches, each a row of the layer it belongs to.
+        rows += [_branch_row(r.layer, "none", r) for r in graph.regions if not graph.sites and r.role != "lm_head"]
+        rows += [_branch_row(-1, "-", r) for r in graph.regions if r.role == "lm_head"]
         return rows
 
     def table(self) -> str:
@@ -82,6 +81,12 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _branch_row(layer: int, attention: str, region) -> LayerRow:
+    gated = [_label(region)] if region.gated else []
+    return LayerRow(layer, attention, 0, 0, gated, [] if gated else [_label(region)], region.flops,
+                    region.flops if region.gated else 0)
 
 
 def _label(region) -> str:

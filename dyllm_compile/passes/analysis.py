@@ -14,7 +14,7 @@ from .graph_utils import op_name, tensor_value
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
 from .regions import Region, Spine, find_chains, find_regions, find_spine, node_flops
-from .token_axes import infer_token_axes
+from .token_axes import hidden_state_inputs, infer_token_axes
 
 
 @dataclass
@@ -26,6 +26,7 @@ class GraphAnalysis:
     spine: Spine = field(default_factory=lambda: Spine([]))
     regions: list[Region] = field(default_factory=list)
     chains: list[dict[str, Region]] = field(default_factory=list)  # per site: "q", "k", "v"
+    hidden_inputs: list[fx.Node] = field(default_factory=list)  # a graph without attention: its seeds
     dense_reasons: list[str] = field(default_factory=list)
 
     @property
@@ -43,12 +44,17 @@ class GraphAnalysis:
 
     @property
     def token_shape(self) -> Optional[tuple]:
-        return tuple(tensor_value(self.sites[0].q).shape) if self.sites else None
+        if self.sites:
+            return tuple(tensor_value(self.sites[0].q).shape)
+        return tuple(tensor_value(self.hidden_inputs[0]).shape) if self.hidden_inputs else None
 
     def summary(self) -> str:
+        roles = Counter(r.role for r in self.gated_regions)
+        if not self.sites and roles:
+            return (f"dyllm: graph {self.graph_id}: no attention; gated regions {dict(roles)} on the rows of its "
+                    f"hidden-state input that changed")
         if not self.sites:
             return f"dyllm: graph {self.graph_id}: nothing to gate ({'; '.join(self.dense_reasons)})"
-        roles = Counter(r.role for r in self.gated_regions)
         kinds = Counter(s.kind for s in self.sites)
         share = self.gated_flops / max(1, self.total_flops)
         return (
@@ -64,7 +70,9 @@ class FindAttentionSites(DyllmPass):
 
     def __call__(self, state: GraphAnalysis) -> None:
         state.sites = find_attention_sites(state.gm.graph)
-        if not state.sites:
+        if not state.sites:  # the tail of a layer after a graph break: its hidden-state inputs seed the axes
+            state.hidden_inputs = hidden_state_inputs(state.gm.graph)
+        if not state.sites and not state.hidden_inputs:
             opaque = sorted({_label(n) for n in state.gm.graph.nodes if _is_opaque(n)})
             hint = f"; opaque ops that may hide attention: {', '.join(opaque)}" if opaque else ""
             state.dense_reasons.append(f"no self-attention site found in this graph{hint}")
@@ -77,17 +85,17 @@ class InferTokenAxes(DyllmPass):
     name = "token_axes"
 
     def __call__(self, state: GraphAnalysis) -> None:
-        if state.sites:
-            state.infos = infer_token_axes(state.gm.graph, state.sites)
+        if state.sites or state.hidden_inputs:
+            state.infos = infer_token_axes(state.gm.graph, state.sites, state.hidden_inputs)
 
 
 class FindRegions(DyllmPass):
     name = "regions"
 
     def __call__(self, state: GraphAnalysis) -> None:
-        if not state.sites:
+        if not state.infos:
             return
-        state.spine = find_spine(state.gm.graph, state.infos, state.sites)
+        state.spine = find_spine(state.gm.graph, state.infos, state.sites, state.hidden_inputs)
         if not state.spine.nodes:
             state.dense_reasons.append("no residual stream found from the token input to the output")
             return

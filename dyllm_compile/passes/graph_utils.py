@@ -73,6 +73,15 @@ def tensor_value(node: Any) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def is_weight(node: fx.Node) -> bool:
+    """A placeholder Dynamo lifted from a module parameter (its recorded example is an ``nn.Parameter``)."""
+    graph_arg = node.meta.get("grapharg")
+    try:
+        return isinstance(getattr(graph_arg, "example", None), torch.nn.Parameter)
+    except Exception:  # the example is held weakly and may be gone
+        return False
+
+
 def tensor_args(node: fx.Node) -> Iterator[fx.Node]:
     """Every graph-node argument of ``node`` that holds a tensor (nested lists included), in order."""
     seen = set()

@@ -21,7 +21,7 @@ running it on gathered rows and scattering the exit is exactly the dense computa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import fx
 
@@ -90,7 +90,10 @@ def main_output(graph: fx.Graph, infos: dict[fx.Node, Info]) -> Optional[fx.Node
     return max(returned, key=order.__getitem__, default=None)
 
 
-def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite]) -> Spine:
+def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite],
+               hidden: Sequence[fx.Node] = ()) -> Spine:
+    """The residual stream from the token source (upstream of the first value projection; without attention,
+    the ``hidden`` state inputs) to the main output."""
     sink = main_output(graph, infos)
     if sink is None:
         return Spine([])
@@ -118,7 +121,7 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
             cur = meet(cur, u)
         ipdom[node], depth[node] = cur, depth[cur] + 1
 
-    leaves = _source_leaves(sites[0].v, infos) if sites else []
+    leaves = _source_leaves(sites[0].v, infos) if sites else list(hidden)
     leaves = [leaf for leaf in leaves if leaf in ipdom]
     if not leaves:
         return Spine([])

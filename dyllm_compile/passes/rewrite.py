@@ -65,6 +65,7 @@ class RewritePlan:
     input_axes: list[int]  # their token axes
     reasons: list[str]
     policy: Policy  # resolved once from config.policy: the graph hooks and the runtime share the instance
+    row_outputs: list[tuple[int, int]]  # (position, token axis) of returned hidden states (row_tags)
 
     @property
     def placeholders(self) -> list[fx.Node]:
@@ -76,10 +77,9 @@ class NotRewritable(Exception):
 
 
 def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
-    if not analysis.sites or not analysis.spine.nodes:
+    if not analysis.spine.nodes or not (analysis.sites or analysis.gated_regions):
         raise NotRewritable("; ".join(analysis.dense_reasons) or "nothing to gate")
     infos = analysis.infos
-    batch = _batch_size(analysis)
     placeholders = [n for n in analysis.gm.graph.nodes if n.op == "placeholder"]
     # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first. Inputs
     # with the token axis first are per-position tables (RoPE cos/sin after a graph break), compared whole.
@@ -87,6 +87,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and infos[n].axis.lead == 1]
     if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
+    batch = tensor_value(sources[0]).shape[0]
     policy = resolve(config.policy)
     hooks = policy.hooks()
     reasons: list[str] = []
@@ -133,11 +134,19 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
-                       policy)
+                       policy, _row_outputs(analysis, batch))
 
 
-def _batch_size(analysis: GraphAnalysis) -> Any:
-    return tensor_value(analysis.sites[0].q).shape[0]
+def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
+    """(position, token axis) of the returned values that carry the residual stream to a next graph:
+    floating point, batch first, one row per token."""
+    found = []
+    for position, node in enumerate(analysis.gm.graph.output_node().args[0]):
+        info, value = analysis.infos.get(node), tensor_value(node)
+        if (info is not None and info.axis is not None and info.axis.dim != 0 and info.axis.lead == 1
+                and value is not None and value.is_floating_point() and same_size(value.shape[0], batch)):
+            found.append((position, info.axis.dim))
+    return found
 
 
 def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> SitePlan:
@@ -272,8 +281,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
     (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``. Each
     site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
-    outputs, the new caches, the number of union rows each gather needed (for overflow detection) and the salient
-    fraction per site [layers, B].
+    outputs, the new caches, the number of union rows each gather needed (for overflow detection), the salient
+    fraction per site [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break).
+    A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config
     b = _Builder(plan)
@@ -357,7 +367,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
         fractions.append(b.call(rows.salient_fraction, salient))
     extra = [new_cache[i] for i in range(len(plan.caches))]
     extra.append(b.call(rows.stack_counts, *counts))
-    extra.append(b.call(torch.stack, fractions))
+    extra.append(b.call(torch.stack, fractions) if fractions else b.call(rows.no_fractions, salient))
+    extra.append(salient)
     return b.finish(extra)
 
 

@@ -3,7 +3,9 @@
 Seeds: the token axis of each attention site's q, k, v (dim -2; -1 for a transposed key) is known from the
 attention's definition. It is propagated backward through row-wise ops to the graph's leaves (input ids,
 hidden-state inputs, per-position tables such as ``rope_cache[:N]`` or ``arange(N)``), then forward over the
-whole graph with the rules of :mod:`op_rules`. This works on static graphs, where sizes are plain integers and a
+whole graph with the rules of :mod:`op_rules`. A graph without attention (the tail of a layer after a graph
+break: FFN, final norm, lm_head) is seeded from its hidden-state inputs instead, ``[batch, tokens, features]``
+as the graph before the break returned them. This works on static graphs, where sizes are plain integers and a
 head dim may equal the sequence length, and on dynamic ones; on dynamic graphs every token axis found is also
 checked against the sequence-length symbol through the ShapeEnv.
 
@@ -13,27 +15,29 @@ their query's token axis on their output.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import fx
 
 from .attention_sites import AttentionSite
-from .graph_utils import is_symbolic, same_size, tensor_value
+from .graph_utils import is_symbolic, is_weight, same_size, tensor_value
 from .op_rules import Axis, Info, Kind, Rules
 
 META_KEY = "dyllm"
 
 
-def infer_token_axes(graph: fx.Graph, sites: list[AttentionSite]) -> dict[fx.Node, Info]:
-    """Classifies every node; returns node -> Info and stores it in ``node.meta['dyllm']``."""
-    n = sites[0].token_count
+def infer_token_axes(graph: fx.Graph, sites: list[AttentionSite],
+                     hidden: Sequence[fx.Node] = ()) -> dict[fx.Node, Info]:
+    """Classifies every node; returns node -> Info and stores it in ``node.meta['dyllm']``. Seeds come from
+    ``sites``, or when there are none from the ``hidden`` state inputs (token axis 1)."""
+    n = sites[0].token_count if sites else tensor_value(hidden[0]).shape[1]
     infos: dict[fx.Node, Info] = {}
 
     def info_of(node: Any) -> Optional[Info]:
         return infos.get(node) if isinstance(node, fx.Node) else None
 
     rules = Rules(n, info_of)
-    seeds = _seed_backward(sites, rules)
+    seeds = _seed_backward(sites, rules) if sites else {node: Axis(1) for node in hidden}
     attention = {}
     for site in sites:
         q = tensor_value(site.q)
@@ -57,6 +61,17 @@ def infer_token_axes(graph: fx.Graph, sites: list[AttentionSite]) -> dict[fx.Nod
         infos[node] = info
         node.meta[META_KEY] = info
     return infos
+
+
+def hidden_state_inputs(graph: fx.Graph) -> list[fx.Node]:
+    """Floating-point ``[batch, tokens, features]`` inputs that are not weights, with one (batch, tokens) size:
+    the residual stream a graph receives from the graph before a break."""
+    found = [n for n in graph.nodes if n.op == "placeholder" and not is_weight(n) and tensor_value(n) is not None
+             and tensor_value(n).dim() == 3 and tensor_value(n).is_floating_point()]
+    if not found:
+        return []
+    lead = tuple(tensor_value(found[0]).shape[:2])
+    return [n for n in found if all(same_size(a, b) for a, b in zip(tensor_value(n).shape[:2], lead))]
 
 
 def _seed_backward(sites: list[AttentionSite], rules: Rules) -> dict[fx.Node, Axis]:

@@ -7,7 +7,10 @@ smallest bucket that held last call's salient rows; if a layer needed more, the 
 bucket (caches are functional, so a rerun is safe), so a salient row is never left stale.
 
 A sequence continues when every changed row held the mask id and no longer does (diffusion decoding only
-unmasks). Any other change (a new prompt, even one token) starts a new sequence with a dense call. States are
+unmasks). Any other change (a new prompt, even one token) starts a new sequence with a dense call. After a graph
+break, a graph whose input is the hidden state another graph returned follows that graph (:mod:`row_tags`): it
+runs dense when its producer did, and otherwise takes the producer's last salient rows as its S_in; a hidden
+state without a valid tag falls back to the rows that changed at all (exact compare). States are
 keyed by input shapes, dtypes, devices and the identity of the weights (one graph can serve several layers
 after a graph break), kept in a small LRU so alternating sequences (classifier-free guidance) do not thrash.
 The states of a set of weights are dropped when those weights are collected (the model deleted): Dynamo keeps
@@ -29,6 +32,7 @@ from torch import fx
 
 from ..passes.rewrite import RewritePlan, build_sparse, scalar_inputs
 from ..policies import CallState
+from . import row_tags
 
 log = logging.getLogger("dyllm_compile")
 
@@ -78,6 +82,8 @@ class SequenceState:
     start_tokens: list[torch.Tensor]  # token inputs at the sequence's first call (its response rows)
     calls: int = 1
     needed: int = 0  # union salient rows the last sparse call needed
+    upstream: Optional[tuple[int, int]] = None  # (producer state serial, its step) of the tagged input last read
+    serial: int = field(default_factory=lambda: next(_serials))
 
 
 def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction: float) -> torch.Tensor:
@@ -125,6 +131,13 @@ class GraphRuntime:
         states = self.states.setdefault(key, [])
         self.states.move_to_end(key)
         others = self._others(args)
+        upstream = self._upstream(tokens)
+        if upstream is not None:
+            state = next((s for s in states if s.upstream and s.upstream[0] == upstream.source), None)
+            if (state is None or upstream.rows is None or upstream.step != state.upstream[1] + 1
+                    or any(not torch.equal(a, b) for a, b in zip(others, state.others))):
+                return self._dense(states, state, args, tokens, others, upstream)
+            return self._step(states, state, args, tokens, others, upstream.rows, upstream)
         for state in states:
             changed = self._continuation(state, tokens, others)
             if changed is not None:
@@ -149,6 +162,15 @@ class GraphRuntime:
         return [a for i, a in enumerate(args)
                 if isinstance(a, torch.Tensor) and i not in skip and not isinstance(a, torch.nn.Parameter)]
 
+    def _upstream(self, tokens: list[torch.Tensor]) -> Optional[row_tags.RowTag]:
+        """The valid tag of the first hidden-state input another graph returned, if any."""
+        for t, axis in zip(tokens, self.plan.input_axes):
+            if t.is_floating_point():
+                found = row_tags.read(t, axis)
+                if found is not None:
+                    return found
+        return None
+
     def _continuation(self, state: SequenceState, tokens: list[torch.Tensor],
                       others: list[torch.Tensor]) -> Optional[torch.Tensor]:
         """Rows changed since ``state``'s last call [B, N], or None when this call starts a new sequence."""
@@ -171,7 +193,7 @@ class GraphRuntime:
         return changed
 
     def _step(self, states: list[SequenceState], state: SequenceState, args: tuple, tokens: list[torch.Tensor],
-              others: list[torch.Tensor], changed: torch.Tensor) -> Any:
+              others: list[torch.Tensor], changed: torch.Tensor, upstream: Optional[row_tags.RowTag] = None) -> Any:
         cfg = self.config
         n = changed.shape[1]
         cap = math.ceil(cfg.max_salient_fraction * n)
@@ -183,7 +205,7 @@ class GraphRuntime:
         rows = int(changed.any(0).sum())
         if (state.calls < cfg.dense_steps or refresh or rows > cap or call is None
                 or self.policy.dense_call(call)):
-            return self._dense(states, state, args, tokens, others)
+            return self._dense(states, state, args, tokens, others, upstream)
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
             changed = torch.ones_like(changed)
         forced = []
@@ -198,7 +220,7 @@ class GraphRuntime:
             if needed <= capacity:
                 break
             if needed > cap:  # more salient rows than the policy allows: this call runs dense
-                return self._dense(states, state, args, tokens, others)
+                return self._dense(states, state, args, tokens, others, upstream)
             self.stats.reruns += 1
             capacity = self._bucket(needed, n)
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
@@ -212,7 +234,17 @@ class GraphRuntime:
             self._shadow(args, out[0])
         self.stats.rows_computed += capacity * len(self.plan.regions)
         self.stats.rows_dense += n * len(self.plan.regions)
-        return tuple(out[: self.n_user])
+        return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
+
+    def _returned(self, state: SequenceState, out: Any, rows: Optional[torch.Tensor],
+                  upstream: Optional[row_tags.RowTag]) -> tuple:
+        """The user outputs, their hidden states tagged with ``rows`` (None: dense) for a graph after a break."""
+        if upstream is not None:
+            state.upstream = (upstream.source, upstream.step)
+        result = tuple(out[: self.n_user])
+        for position, axis in self.plan.row_outputs:
+            row_tags.tag(result[position], rows, axis, state.serial, state.calls)
+        return result
 
     def _call_state(self, state: SequenceState, tokens: list[torch.Tensor],
                     changed: torch.Tensor) -> Optional[CallState]:
@@ -248,23 +280,26 @@ class GraphRuntime:
         return next(k for k in sizes if k >= max(needed, floor, 1))
 
     def _dense(self, states: list[SequenceState], old: Optional[SequenceState], args: tuple,
-               tokens: list[torch.Tensor], others: list[torch.Tensor]) -> Any:
+               tokens: list[torch.Tensor], others: list[torch.Tensor],
+               upstream: Optional[row_tags.RowTag] = None) -> Any:
         out = self.dense_fn(*args)
         caches = list(out[self.n_user : self.n_user + self.n_caches])
-        if old is not None:
-            old.caches, old.tokens, old.calls, old.needed = caches, [t.clone() for t in tokens], old.calls + 1, 0
-            old.dense_tokens = old.tokens
+        state = old
+        if state is not None:
+            state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
+            state.calls, state.needed, state.dense_tokens = state.calls + 1, 0, state.tokens
         else:
             copies = [t.clone() for t in tokens]
-            states.append(SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id,
-                                        copies, copies))
+            state = SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id, copies,
+                                  copies)
+            states.append(state)
             del states[:-MAX_SEQUENCES]
         self.stats.dense_calls += 1
         self.stats.history.append(None)
         n = tokens[0].shape[self.plan.input_axes[0]]
         self.stats.rows_computed += n * len(self.plan.regions)
         self.stats.rows_dense += n * len(self.plan.regions)
-        return tuple(out[: self.n_user])
+        return self._returned(state, out, None, upstream)
 
     def _sparse(self, capacity: int, args: tuple, state: SequenceState, changed: torch.Tensor,
                 extra: list) -> Callable:

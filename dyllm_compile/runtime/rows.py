@@ -57,5 +57,10 @@ def salient_fraction(salient: torch.Tensor) -> torch.Tensor:
     return salient.float().mean(dim=1)
 
 
+def no_fractions(salient: torch.Tensor) -> torch.Tensor:
+    """The per-site fractions [0, B] of a graph without attention."""
+    return salient.new_zeros((0, salient.shape[0]), dtype=torch.float32)
+
+
 def stack_counts(*counts: torch.Tensor) -> torch.Tensor:
     return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)

@@ -1,4 +1,5 @@
-"""Caches never go stale: new prompts, one-token prompt changes, batch / length / dtype changes, graph breaks."""
+"""Caches never go stale: new prompts, one-token prompt changes, batch / length / dtype changes (graph breaks:
+test_graph_breaks.py)."""
 
 import torch
 
@@ -44,51 +45,6 @@ def test_batch_length_and_dtype_changes_start_fresh():
     compiled_double = _compiled(double)
     expected = generate(Oracle(double), _prompt(5), **KW).tokens
     assert torch.equal(generate(compiled_double, _prompt(5), **KW).tokens, expected)
-
-
-class BreakInsideLayers(torch.nn.Module):
-    """The reference model with a graph break inside each layer: one compiled graph serves every layer."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        m = self.model
-        h = m.embed(ids)
-        rope = m.rotary(ids.shape[1], h.dtype)
-        for layer in m.layers:
-            h = self.layer(layer, h, rope)
-        return m.lm_head(m.final_norm(h))
-
-    def layer(self, layer, h, rope):
-        h = h + layer.attn(layer.attn_norm(h), rope, None)
-        torch._dynamo.graph_break()
-        return h + layer.ffn(layer.ffn_norm(h))
-
-
-def test_graph_break_inside_layers_keeps_per_layer_state():
-    """One compiled graph serves every layer: state is keyed by the weights, so layers never share caches.
-
-    At threshold 1 every call equals dense. (Below 1, S_out does not yet flow across a graph break: each graph
-    derives S_in from its changed float inputs; matching the oracle there is an open item.)"""
-    from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-
-    model = llada_like("tiny", init_std=0.2)
-    before = last_serial()
-    wrapped = _compiled(BreakInsideLayers(model), threshold=1.0)
-    seen = []
-
-    def lockstep(x):
-        expected = model(x)
-        got = wrapped(x)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        seen.append(x)
-        return expected
-
-    generate(lockstep, _prompt(9), **KW)
-    shared = [r for r in runtimes(before) if r.stats.sparse_calls and any(len(v) for v in r.states.values())]
-    assert any(len(r.states) >= 2 for r in shared), "one graph holds separate states for different layers' weights"
 
 
 def test_reset_frees_caches_and_next_call_runs_dense():

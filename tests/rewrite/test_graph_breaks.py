@@ -1,0 +1,181 @@
+"""A graph break inside every layer: one compiled graph serves all layers, the FFN and the head run in graphs of
+their own, and the salient rows flow from each graph to the next on the hidden states (row tags)."""
+
+import pytest
+import torch
+
+from dyllm_compile.generate import generate
+from dyllm_compile.models import llada_like
+from dyllm_compile.passes.analysis import analyze
+from dyllm_compile.runtime import row_tags
+from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+from oracle import Oracle
+
+MASK = 127
+KW = dict(mask_token_id=MASK, gen_length=16, steps=16, block_length=8)
+
+
+class BreakInsideLayers(torch.nn.Module):
+    """The reference model with a graph break between each layer's attention and its FFN.
+
+    Dynamo compiles each called method as a frame of its own: the attention half of a layer (one graph for every
+    layer, keyed by the weights it is called with), the FFN half after the break (likewise), and the head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        m = self.model
+        h = m.embed(ids)
+        rope = m.rotary(ids.shape[1], h.dtype)
+        for layer in m.layers:
+            h = self.layer(layer, h, rope)
+        return self.head(h)
+
+    def layer(self, layer, h, rope):
+        h = h + layer.attn(layer.attn_norm(h), rope, None)
+        torch._dynamo.graph_break()
+        return h + layer.ffn(layer.ffn_norm(h))
+
+    def head(self, h):
+        return self.model.lm_head(self.model.final_norm(h))
+
+
+def _prompt(seed, batch=1, length=8):
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", **options})
+
+
+def test_graphs_without_attention_gate_their_regions_on_the_hidden_state_input():
+    """Before: a graph with no attention site (the FFN half, the head) was left dense. After: its hidden-state
+    input seeds the token axis, and its FFN / lm_head is a gated region fed from that input."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(analyze(gm, f"g{len(graphs)}"))
+        return gm.forward
+
+    with torch.inference_mode():
+        torch.compile(BreakInsideLayers(llada_like("tiny")), backend=backend)(_prompt(0, length=12))
+    roles = [sorted(r.role for r in g.gated_regions) for g in graphs if g.gated_regions or g.sites]
+    assert roles == [[], ["ffn"], ["lm_head"]]  # attention half (site, no gated region), FFN half, head
+    attention, ffn, head = [g for g in graphs if g.gated_regions or g.sites]
+    assert len(attention.sites) == 1 and not attention.hidden_inputs
+    for g in (ffn, head):
+        assert not g.sites and len(g.hidden_inputs) == 1
+        (region,) = g.gated_regions
+        assert g.hidden_inputs[0] in region.token_inputs + g.spine.nodes[:1]
+        assert g.spine.nodes[0] is g.hidden_inputs[0]
+
+
+def test_a_three_dimensional_weight_is_not_a_hidden_state():
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 8, 8))
+
+        def forward(self, x):
+            return x + torch.relu(x @ self.w[0])
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(analyze(gm))
+        return gm.forward
+
+    with torch.inference_mode():
+        torch.compile(Experts(), backend=backend)(torch.randn(2, 5, 8))
+    (g,) = graphs
+    assert [n.name for n in g.hidden_inputs] == ["l_x_"]
+
+
+class Lockstep:
+    def __init__(self, compiled, oracle):
+        self.compiled, self.oracle, self.steps = compiled, oracle, 0
+
+    def __call__(self, x):
+        expected = self.oracle(x)
+        got = self.compiled(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {self.steps}: {m}")
+        self.steps += 1
+        return expected
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_break_inside_layers_matches_the_oracle(mode, batch):
+    """Below threshold 1, with every layer split by a break, the compiled model matches the unbroken oracle step
+    by step: each graph's S_in is the S_out the graph before it left."""
+    model = llada_like("tiny", init_std=0.2)
+    before = last_serial()
+    wrapped = _compiled(BreakInsideLayers(model), attention_mode=mode)
+    oracle = Oracle(model, threshold=0.99, mode=mode)
+    lock = Lockstep(wrapped, oracle)
+    generate(lock, _prompt(batch, batch=batch), **KW)
+    assert lock.steps == 16
+    live = [r for r in runtimes(before) if r.stats.sparse_calls]
+    # The attention graph, the FFN graph and the head all ran sparse, each graph once per layer it serves.
+    layers = len(model.layers)
+    assert layers > 1 and len(live) == 3 and sorted(r.stats.sparse_calls for r in live) == [15, 15 * layers,
+                                                                                            15 * layers]
+    assert any(len(r.states) == layers for r in live), "one graph holds a state per layer's weights"
+    assert 0 < torch.tensor(oracle.fractions).mean() < 1.0
+    # Rows really skipped (with random weights the later layers of this tiny model are mostly salient).
+    assert min(r.stats.rows_fraction for r in live) < 0.8
+
+
+def test_graph_break_inside_layers_at_threshold_one_equals_dense():
+    model = llada_like("tiny", init_std=0.2)
+    wrapped = _compiled(BreakInsideLayers(model), threshold=1.0)
+
+    def lockstep(x):
+        expected = model(x)
+        torch.testing.assert_close(wrapped(x), expected, rtol=1e-5, atol=1e-5)
+        return expected
+
+    generate(lockstep, _prompt(9), **KW)
+
+
+def test_a_row_tag_is_void_once_its_tensor_changes():
+    h = torch.randn(2, 6, 4)
+    rows = torch.zeros(2, 6, dtype=torch.bool)
+    rows[:, 2] = True
+    row_tags.tag(h, rows, 1, source=7, step=3)
+    found = row_tags.read(h, 1)
+    assert found is not None and found.source == 7 and found.step == 3 and torch.equal(found.rows, rows)
+    assert row_tags.read(h, 2) is None  # read along another axis
+    assert row_tags.read(h.clone(), 1) is None  # another tensor
+    h[0, 4] += 1.0  # written in place between the graphs: the rows no longer describe it
+    assert row_tags.read(h, 1) is None
+
+
+def test_hidden_state_written_between_graphs_voids_the_rows():
+    """Eager code between the graphs that changes the hidden state in place: the next graph cannot trust the
+    rows it was handed, and computes from what it sees (dense here: every row changed)."""
+
+    @torch._dynamo.disable
+    def nudge(h):
+        h.add_(1e-3)
+
+    class Nudged(BreakInsideLayers):
+        def layer(self, layer, h, rope):
+            h = h + layer.attn(layer.attn_norm(h), rope, None)
+            nudge(h)
+            return h + layer.ffn(layer.ffn_norm(h))
+
+    model = llada_like("tiny", init_std=0.2)
+    before = last_serial()
+    wrapped = _compiled(Nudged(model))
+    with torch.inference_mode():
+        generate(wrapped, _prompt(4), **KW)
+    ffn = [r for r in runtimes(before) if not r.plan.sites and r.plan.regions[0].role == "ffn"]
+    assert len(ffn) == 1 and ffn[0].stats.sparse_calls + ffn[0].stats.dense_calls == 16 * len(model.layers)
+    # Every FFN call saw all rows changed: none ran on a subset of rows.
+    assert ffn[0].stats.rows_fraction == 1.0

@@ -61,6 +61,12 @@ class DyllmConfig:
                              kind=int, low=1)
     refresh_period: int = _knob(0, "Run a dense, cache-refreshing call every this many calls (0: never).",
                                 kind=int, low=0)
+    query_pruning_period: int = _knob(
+        0, "Query pruning: 0 queries every row on every call. P > 0: rows outside the response (not masked at the "
+        "sequence's first call: the prompt) are queried only on every P-th call; on the others they keep their "
+        "cached context, K/V, attention output and FFN output. Needs token-id inputs and a known mask id "
+        "(mask_token_id, or inferred); a graph without them queries every row.", kind=int, low=0,
+    )
     max_salient_fraction: float = _knob(
         1.0, "A call whose salient rows (in any layer) exceed this fraction of the sequence runs dense.",
         kind=float, low=0.0, high=1.0, low_open=True,

@@ -155,11 +155,12 @@ def supports(q: torch.Tensor, mode: str) -> bool:
 
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
-                        recompute_share):
-    """The op's CUDA implementation: the kernel where it applies, the reference otherwise (exact mode)."""
+                        recompute_share, queried=None):
+    """The op's CUDA implementation: the kernel where it applies, the reference otherwise (exact mode, and query
+    pruning's row subsets, which the kernel's square row/column tiling does not take yet)."""
     from ..ops.cached_attention import cached_attention_reference
 
-    if supports(q, mode):
+    if supports(q, mode) and queried is None:
         return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale)
     return cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,
-                                      mode, recompute_share)
+                                      mode, recompute_share, queried)

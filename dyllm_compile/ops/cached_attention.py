@@ -2,13 +2,15 @@
 
 Contract (shapes: B batch, H query heads, G kv heads with H % G == 0, N tokens, D head dim):
 
-    cached_attention(q [B,H,N,D], k [B,G,N,D], v [B,G,N,D], k_old, v_old, c_old [B,H,N,D],
-                     m_old [B,H,N], l_old [B,H,N], salient_in [B,N] bool, attn_mask, scale, mode,
-                     recompute_share) -> (c [B,H,N,D], m [B,H,N], l [B,H,N])
+    cached_attention(q [B,H,R,D], k [B,G,N,D], v [B,G,N,D], k_old, v_old, c_old [B,H,R,D],
+                     m_old [B,H,R], l_old [B,H,R], salient_in [B,N] bool, attn_mask, scale, mode,
+                     recompute_share, queried=None) -> (c [B,H,R,D], m [B,H,R], l [B,H,R])
 
 ``k, v`` are this step's keys/values (the caches after the salient rows were rewritten), ``k_old, v_old`` the
 previous step's; they differ only on rows in ``salient_in``. ``c_old, m_old, l_old`` are the previous context and
-the running softmax max / denominator of each row (fp32).
+the running softmax max / denominator of each row (fp32). The query rows are all N rows (R = N), or with
+``queried`` (int64 [R], query pruning) the rows it lists: q, c_old, m_old, l_old and the results hold those rows
+only, ``attn_mask`` still covers all N, and a query row is salient when ``salient_in`` marks its position.
 
 - rows in ``salient_in``: exact attention of their (new) query against ``k, v``.
 - ``mode="paper"`` (DyLLM), other rows: ``c = c_old + softmax(q k^T) (v - v_old)``: the value change is
@@ -72,24 +74,31 @@ def cached_attention_reference(
     scale: float,
     mode: str,
     recompute_share: float,
+    queried: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     heads = q.shape[1]
     k, v, k_old, v_old = (_expand_kv(t, heads) for t in (k, v, k_old, v_old))
+    salient_q = salient_in  # [B, R]: which query rows are salient
+    if queried is not None:
+        salient_q = salient_in.index_select(1, queried)
+        attn_mask = _mask_slice(attn_mask, -2, queried)
     if mode == "paper":
-        s = _scores(q, k, attn_mask, scale)  # [B,H,N,N] fp32
+        s = _scores(q, k, attn_mask, scale)  # [B,H,R,N] fp32
         m = s.amax(dim=-1)
         p = _exp_(s.sub_(m[..., None]))
         l = p.sum(dim=-1)
         # V changed only on salient rows (union over the batch): P (V - V_old) needs those columns only, and
-        # the exact context only the salient rows. Normalising after the products avoids an [N, N] pass.
+        # the exact context only the salient rows. Normalising after the products avoids an [R, N] pass.
         changed = salient_in.any(dim=0).nonzero().flatten()
         dv = (v.float() - v_old.float()).index_select(2, changed)
         c = c_old.float() + torch.matmul(p.index_select(3, changed), dv) / l[..., None]
-        exact = torch.matmul(p.index_select(2, changed), v.float()) / l.index_select(2, changed)[..., None]
-        keep_exact = salient_in.index_select(1, changed)[:, None, :, None]
-        c[:, :, changed] = torch.where(keep_exact, exact, c.index_select(2, changed))
+        rows = salient_q.any(dim=0).nonzero().flatten()
+        exact = torch.matmul(p.index_select(2, rows), v.float()) / l.index_select(2, rows)[..., None]
+        keep_exact = salient_q.index_select(1, rows)[:, None, :, None]
+        c[:, :, rows] = torch.where(keep_exact, exact, c.index_select(2, rows))
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
-    return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, recompute_share)
+    return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
+                  recompute_share)
 
 
 def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor) -> Optional[torch.Tensor]:
@@ -99,16 +108,16 @@ def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor
     return attn_mask.index_select(dim, index)
 
 
-def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, recompute_share):
+def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale, recompute_share):
     """Exact mode for the whole batch: incremental for unchanged queries, exact attention for the others.
 
     The incremental update runs over the union of the batch's changed columns; a column that changed for some
     elements only is masked out of the others' sums (their keys and values there did not change, so it would
-    cancel anyway)."""
+    cancel anyway). ``salient_q`` marks the salient query rows, ``attn_mask`` holds the query rows only."""
     c, m, l = c_old.float(), m_old.float(), l_old.float()
     cols = salient_in.any(dim=0).nonzero().flatten()
-    use_exact = salient_in.clone()
-    if cols.numel() and not bool(salient_in.all()):
+    use_exact = salient_q.clone()
+    if cols.numel() and not bool(salient_q.all()):
         own = salient_in.index_select(1, cols)[:, None, None, :]  # [B, 1, 1, |J|]
         mask = _mask_slice(attn_mask, -1, cols)
         s_new = _scores(q, k.index_select(2, cols), mask, scale)  # [B, H, N, |J|]
@@ -146,7 +155,8 @@ cached_attention = torch.library.custom_op("dyllm::cached_attention", mutates_ar
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode, recompute_share):
+def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode, recompute_share,
+      queried=None):
     stats = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 

@@ -50,6 +50,7 @@ class SitePlan:
     scale: float = 1.0
     caches: dict[str, int] = field(default_factory=dict)  # "k" | "v" | "c" | "q" | "m" | "l" -> cache index
     values: Optional[Region] = None  # the v chain, run on every row for a policy's before_attention hook
+    queries: Optional[Region] = None  # query pruning: the q chain, run on the queried rows only
 
 
 @dataclass
@@ -66,6 +67,11 @@ class RewritePlan:
     reasons: list[str]
     policy: Policy  # resolved once from config.policy: the graph hooks and the runtime share the instance
     row_outputs: list[tuple[int, int]]  # (position, token axis) of returned hidden states (row_tags)
+    queried_regions: set[int] = field(default_factory=set)  # ids of regions run on the queried rows (o proj)
+
+    @property
+    def prunes_queries(self) -> bool:
+        return any(s.queries is not None for s in self.sites)
 
     @property
     def placeholders(self) -> list[fx.Node]:
@@ -95,6 +101,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     regions: list[Region] = []
     region_caches: dict[int, int] = {}
     input_caches: dict[int, int] = {}
+    queried_regions: set[int] = set()
 
     def add_cache(name: str, node: Optional[fx.Node]) -> int:
         caches.append(CacheSpec(name, node))
@@ -120,6 +127,17 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                 plan.caches["m"] = add_cache(f"L{site.layer}.m", None)
                 plan.caches["l"] = add_cache(f"L{site.layer}.l", None)
         plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node)
+        if plan.cached and config.query_pruning_period:
+            problem = _region_problem(chains["q"], infos, batch) if chains["q"].nodes else "no q projection chain"
+            if problem:
+                reasons.append(f"layer {site.layer}: every row queried (q chain: {problem})")
+            else:
+                plan.queries = chains["q"]
+                out = _output_projection(analysis, site)
+                if out is not None and not _region_problem(out, infos, batch):
+                    regions.append(out)
+                    queried_regions.add(id(out))
+                    region_caches[id(out)] = add_cache(f"L{site.layer}.o", out.exit)
         sites.append(plan)
     for region in analysis.gated_regions:
         reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(
@@ -134,7 +152,12 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
-                       policy, _row_outputs(analysis, batch))
+                       policy, _row_outputs(analysis, batch), queried_regions)
+
+
+def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional[Region]:
+    """The site's attention output projection (the branch its context feeds), if it is one region."""
+    return next((r for r in analysis.regions if r.role == "attn_out" and site.node in r.token_inputs), None)
 
 
 def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
@@ -271,15 +294,18 @@ def scalar_inputs(plan: RewritePlan) -> list[int]:
             and any(u.op == "call_method" and u.target == "item" for u in p.users)]
 
 
-def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, Any]] = None) -> fx.GraphModule:
-    """The sparse variant for row capacity K = ``capacity``.
+def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, Any]] = None,
+                 query_capacity: Optional[int] = None) -> fx.GraphModule:
+    """The sparse variant for row capacity K = ``capacity`` (query pruning: ``query_capacity`` queried rows).
 
     ``scalars`` (input position -> value) bakes the values of ``scalar_inputs`` in as constants: the variant
     is compiled outside Dynamo's ShapeEnv, where ``.item()`` of an input is data-dependent. The runtime keys
     its compiled variants by these values.
 
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
-    (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``. Each
+    (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``, then
+    (query pruning) ``queried [B, N]``: pruned sites run their q chain, attention and output projection on
+    those rows only, the other rows keep their cached context and projection. Each
     site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
     outputs, the new caches, the number of union rows each gather needed (for overflow detection), the salient
     fraction per site [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break).
@@ -297,11 +323,13 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     forced = b.graph.placeholder("forced_salient") if config.force_salient is not None else None
     policy = plan.policy
     hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
+    queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     new_cache: dict[int, Any] = {}
     counts, fractions = [], []
     selections: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
     region_by_exit = {r.exit: r for r in plan.regions}
-    skipped = {n for r in plan.regions for n in r.nodes if n is not r.exit}
+    query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None}
+    skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
     by_node = {s.site.node: s for s in plan.sites}
     # Sites whose policy reads values: both chain exits lead to the site; its values for every row, once run.
     value_sites = {exit: s for s in plan.sites if s.values is not None for exit in (s.site.k, s.site.v)}
@@ -309,8 +337,11 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
 
     def select(current: fx.Node) -> tuple[fx.Node, fx.Node]:
         if current not in selections:
-            picked = b.call(rows.select_rows, current, capacity)
-            counts.append(b.item(picked, 2))
+            if current is queried:  # sized by the runtime from this very mask: it cannot overflow
+                picked = b.call(rows.select_rows, current, query_capacity)
+            else:
+                picked = b.call(rows.select_rows, current, capacity)
+                counts.append(b.item(picked, 2))
             selections[current] = (b.item(picked, 0), b.item(picked, 1))
         return selections[current]
 
@@ -326,6 +357,15 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             continue
         if node.op == "output":
             b.outputs = node.args[0]
+            continue
+        if node in query_chains:  # the queried rows of q, for the site to attend with
+            b.env[node] = _emit_rows(b, query_chains[node], select(queried)[0], query_capacity)
+            continue
+        if node in region_by_exit and id(region_by_exit[node]) in plan.queried_regions:
+            region = region_by_exit[node]
+            cache = plan.region_caches[id(region)]
+            b.env[node] = new_cache[cache] = _emit_gathered(b, region, *select(queried), cache_in[cache],
+                                                            query_capacity)
             continue
         if node in region_by_exit:
             region = region_by_exit[node]
@@ -354,7 +394,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             continue
         c_old = cache_in[site.caches["c"]]
         if site.cached:
-            context = _emit_cached_attention(b, plan, site, salient, cache_in, new_cache)
+            picked = select(queried) if site.queries is not None else None
+            context = _emit_cached_attention(b, plan, site, salient, cache_in, new_cache, picked)
         else:
             context = b.env[node] = b.copy(node)
         new_cache[site.caches["c"]] = context
@@ -372,8 +413,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     return b.finish(extra)
 
 
-def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, cache: fx.Node,
-                   capacity: int) -> fx.Node:
+def _emit_rows(b: _Builder, region: Region, index: fx.Node, capacity: int) -> fx.Node:
+    """The region's nodes on the ``capacity`` rows ``index`` of its token inputs; returns its exit's rows."""
     infos = b.plan.analysis.infos
     local: dict[fx.Node, Any] = {}
     for node in region.token_inputs:
@@ -384,7 +425,14 @@ def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, 
         copy = b.graph.node_copy(node, lambda n: local[n])
         retarget_rows(node, copy, infos, capacity)
         local[node] = copy
-    return b.call(rows.scatter_rows, cache, local[region.exit], index, valid, infos[region.exit].axis.dim)
+    return local[region.exit]
+
+
+def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, cache: fx.Node,
+                   capacity: int) -> fx.Node:
+    """The region on the gathered rows, scattered into (an out-of-place copy of) its cache."""
+    fresh = _emit_rows(b, region, index, capacity)
+    return b.call(rows.scatter_rows, cache, fresh, index, valid, b.plan.analysis.infos[region.exit].axis.dim)
 
 
 def _emit_dense(b: _Builder, region: Region) -> fx.Node:
@@ -412,19 +460,33 @@ def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
 
 
 def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salient: fx.Node,
-                           cache_in: list[fx.Node], new_cache: dict[int, Any]) -> fx.Node:
+                           cache_in: list[fx.Node], new_cache: dict[int, Any],
+                           queried: Optional[tuple[fx.Node, fx.Node]] = None) -> fx.Node:
+    """The op on every query row, or (query pruning) on the rows ``queried`` = (index, valid): their q is
+    already gathered; their cached context and statistics are gathered, the results scattered back."""
     s = site.site
     exact = plan.config.attention_mode == "exact"
     q = b.env[s.q]
+    take: Callable[[fx.Node], fx.Node] = lambda cached: cached  # noqa: E731
+    put: Callable[[fx.Node, fx.Node], fx.Node] = lambda cached, fresh: fresh  # noqa: E731
+    salient_q, extra = salient, []
+    if queried is not None:
+        index, valid = queried
+        take = lambda cached: b.call(rows.gather_rows, cached, index, 2)  # noqa: E731
+        put = lambda cached, fresh: b.call(rows.scatter_rows, cached, fresh, index, valid, 2)  # noqa: E731
+        salient_q, extra = b.call(rows.gather_rows, salient, index, 1), [index]
     if exact:  # unchanged rows keep their cached query: the incremental update is then exact
-        q = b.call(rows.merge_rows, salient, q, cache_in[site.caches["q"]], 2)
-        new_cache[site.caches["q"]] = q
-        m_old, l_old = cache_in[site.caches["m"]], cache_in[site.caches["l"]]
+        q_cache = cache_in[site.caches["q"]]
+        q = b.call(rows.merge_rows, salient_q, q, take(q_cache), 2)
+        new_cache[site.caches["q"]] = put(q_cache, q)
+        m_old, l_old = take(cache_in[site.caches["m"]]), take(cache_in[site.caches["l"]])
     else:
         m_old = l_old = b.call(rows.zero_stats, q)
+    c_cache = cache_in[site.caches["c"]]
     out = b.call(CACHED_ATTENTION, q, b.env[s.k], b.env[s.v], cache_in[site.caches["k"]],
-                 cache_in[site.caches["v"]], cache_in[site.caches["c"]], m_old, l_old, salient, _mask(b, s),
-                 site.scale, plan.config.attention_mode, plan.config.recompute_share)
+                 cache_in[site.caches["v"]], take(c_cache), m_old, l_old, salient, _mask(b, s),
+                 site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
     if exact:
-        new_cache[site.caches["m"]], new_cache[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
-    return b.item(out, 0)
+        for which, position in (("m", 1), ("l", 2)):
+            new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))
+    return put(c_cache, b.item(out, 0))

@@ -83,6 +83,7 @@ class SequenceState:
     calls: int = 1
     needed: int = 0  # union salient rows the last sparse call needed
     upstream: Optional[tuple[int, int]] = None  # (producer state serial, its step) of the tagged input last read
+    queried: Optional[torch.Tensor] = None  # query pruning: the rows the last call queried (None: every row)
     serial: int = field(default_factory=lambda: next(_serials))
 
 
@@ -202,6 +203,11 @@ class GraphRuntime:
         hint = [self.policy.row_hint(call)] if call is not None and self.policy.uses_row_hint else []
         if call is not None:
             changed = self.policy.first_rows(call)
+        queried = self._queried(state, tokens, changed) if self.plan.prunes_queries else None
+        if queried is not None and state.queried is not None:
+            # A row queried again after calls that skipped it has an old context (its incremental update would
+            # miss the keys that changed meanwhile): it is recomputed, salient.
+            changed = changed | (queried & ~state.queried)
         rows = int(changed.any(0).sum())
         if (state.calls < cfg.dense_steps or refresh or rows > cap or call is None
                 or self.policy.dense_call(call)):
@@ -211,10 +217,16 @@ class GraphRuntime:
         forced = []
         if cfg.force_salient is not None:
             forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
+        query_capacity = None
+        if queried is not None:
+            # The response's size is fixed per sequence: a fine bucket (N/16 steps) costs one variant, not many.
+            step = max(1, n // 16)
+            query_capacity = min(n, max(1, step * math.ceil(int(queried.any(0).sum()) / step)))
+        extra = forced + hint + ([queried] if queried is not None else [])
         capacity = self._bucket(max(state.needed, rows), n)
         while True:
-            fn = self._sparse(capacity, args, state, changed, forced + hint)
-            out = fn(*args, *state.caches, changed, *forced, *hint)
+            fn = self._sparse(capacity, args, state, changed, extra, query_capacity)
+            out = fn(*args, *state.caches, changed, *extra)
             counts = out[self.n_user + self.n_caches]
             needed = int(counts.max()) if counts.numel() else 0
             if needed <= capacity:
@@ -227,12 +239,14 @@ class GraphRuntime:
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
         state.needed = needed
+        state.queried = None if queried is None or bool(queried.all()) else queried
         fractions = out[self.n_user + self.n_caches + 1].mean(dim=1)
         self.stats.sparse_calls += 1
         self.stats.history.append(fractions)
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
-        self.stats.rows_computed += capacity * len(self.plan.regions)
+        self.stats.rows_computed += sum(query_capacity if id(r) in self.plan.queried_regions else capacity
+                                        for r in self.plan.regions)
         self.stats.rows_dense += n * len(self.plan.regions)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
@@ -264,6 +278,15 @@ class GraphRuntime:
         return CallState(state.calls, changed, ids == mask_id, state.dense_tokens[0] == mask_id,
                          state.start_tokens[0] == mask_id)
 
+    def _queried(self, state: SequenceState, tokens: list[torch.Tensor], changed: torch.Tensor) -> torch.Tensor:
+        """Query pruning's rows [B, N]: the response (rows masked at the sequence's first call); every row on
+        every ``query_pruning_period``-th call, and where the inputs cannot tell (hidden states, unknown mask)."""
+        ids, mask_id = state.start_tokens[0], self._mask_id(state)
+        if (state.calls % self.config.query_pruning_period == 0 or ids.is_floating_point() or ids.dim() != 2
+                or mask_id is None):
+            return torch.ones_like(changed)
+        return ids == mask_id
+
     def _mask_id(self, state: SequenceState) -> Optional[int]:
         """The configured mask id, else the one inferred for this sequence (None until a row unmasks)."""
         return self.config.mask_token_id if self.config.mask_token_id is not None else state.mask_id
@@ -287,7 +310,7 @@ class GraphRuntime:
         state = old
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
-            state.calls, state.needed, state.dense_tokens = state.calls + 1, 0, state.tokens
+            state.calls, state.needed, state.dense_tokens, state.queried = state.calls + 1, 0, state.tokens, None
         else:
             copies = [t.clone() for t in tokens]
             state = SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id, copies,
@@ -302,13 +325,14 @@ class GraphRuntime:
         return self._returned(state, out, None, upstream)
 
     def _sparse(self, capacity: int, args: tuple, state: SequenceState, changed: torch.Tensor,
-                extra: list) -> Callable:
-        """The sparse variant for ``capacity`` rows; ``extra``: the forced-salient and row-hint inputs."""
+                extra: list, query_capacity: Optional[int] = None) -> Callable:
+        """The sparse variant for ``capacity`` rows (and ``query_capacity`` queried rows); ``extra``: the
+        forced-salient, row-hint and queried-rows inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
-        key = (capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
+        key = (capacity, query_capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
                tuple(scalars.items()))
         if key not in self.sparse_fns:
-            gm = build_sparse(self.plan, capacity, scalars)
+            gm = build_sparse(self.plan, capacity, scalars, query_capacity)
             self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *extra])
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %d rows", self.graph_id, capacity)

@@ -87,6 +87,25 @@ def test_paper_mode_formula(rep, mask_kind, salient_kind):
         torch.testing.assert_close(c1, dense if salient_kind == "all" else t["c0"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("rep", [1, 2])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("salient_kind", SALIENT)
+def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, salient_kind):
+    """Query pruning: the op run on a subset of query rows (q, c_old, m_old, l_old gathered; keys, values, mask
+    and salient_in whole) gives exactly the full op's rows."""
+    t = _step((3, 4, 13, 8), rep, mask_kind, salient_kind)
+    queried = torch.tensor([0, 2, 3, 5, 9, 12])
+    rows = lambda x: x.index_select(2, queried)  # noqa: E731
+    args = (t["k1"], t["v1"], t["k0"], t["v0"])
+    full = cached_attention(t["q1"], *args, t["c0"], t["m0"], t["l0"], t["salient"], t["mask"], t["d"] ** -0.5,
+                            mode, 0.5)
+    part = cached_attention(rows(t["q1"]), *args, rows(t["c0"]), rows(t["m0"]), rows(t["l0"]), t["salient"],
+                            t["mask"], t["d"] ** -0.5, mode, 0.5, queried)
+    for got, expected in zip(part, full):
+        torch.testing.assert_close(got, rows(expected), rtol=1e-5, atol=1e-5)
+
+
 def test_exact_mode_drift_over_fifty_steps():
     gen = torch.Generator().manual_seed(1)
     b, h, n, d = 1, 4, 256, 64

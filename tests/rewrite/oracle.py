@@ -41,6 +41,10 @@ class Oracle:
     # response, v, v_cached) -> rows whose k/v are recomputed, branch(layer, salient, changed, response, x,
     # x_cached) -> rows a branch (FFN, lm_head) runs on. ``response``: rows masked at the first call.
     rules: Optional[object] = None
+    # Query pruning: on sparse calls whose count is not a multiple of this, rows outside the response keep their
+    # cached context (so their attention output, K/V and FFN output stay as cached too).
+    query_pruning_period: int = 0
+    last_queried: Optional[torch.Tensor] = None
     response: Optional[torch.Tensor] = None
     caches: Optional[dict] = None
     ids: Optional[torch.Tensor] = None
@@ -55,7 +59,7 @@ class Oracle:
         if self.rules is not None and self.caches is not None and self.rules.dense(self.calls):
             self.caches = None
         dense = self.caches is None
-        if dense and self.rules is not None and self.response is None:
+        if dense and (self.rules is not None or self.query_pruning_period) and self.response is None:
             self.response = ids == self.mask_id
         if dense:
             self.caches = {}  # calls keep counting across refreshes, as the runtime counts them
@@ -78,7 +82,13 @@ class Oracle:
         forced = None
         if self.force_salient is not None and not dense:
             forced = forced_masks(self.seed, self.calls, len(self.model.layers), *ids.shape, self.force_salient)
-        logits = self._forward(ids, salient, dense, forced)
+        queried = None
+        if not dense and self.query_pruning_period:
+            queried = self.response if self.calls % self.query_pruning_period else torch.ones_like(salient)
+            if self.last_queried is not None:  # queried again after skipped calls: an old context, recomputed
+                salient = salient | (queried & ~self.last_queried)
+        logits = self._forward(ids, salient, dense, forced, queried)
+        self.last_queried = None if queried is None or bool(queried.all()) else queried
         self.ids, self.calls = ids.clone(), self.calls + 1
         return logits
 
@@ -97,7 +107,7 @@ class Oracle:
         self._keep(f"{name}.in", x, salient, 1, dense)
         return salient
 
-    def _forward(self, ids, salient, dense, forced):
+    def _forward(self, ids, salient, dense, forced, queried=None):
         m, cfg = self.model, self.model.cfg
         b, n = ids.shape
         h = m.embed(ids)
@@ -124,6 +134,8 @@ class Oracle:
                 delta = c - F.scaled_dot_product_attention(q, k, v_old)  # softmax(q K^T)(V - V_old)
                 c = torch.where(_rows(salient, 4, 2), c, c_prev + delta)
             c_old = self.caches.get(f"{i}.c")
+            if queried is not None:
+                c = torch.where(_rows(queried, 4, 2), c, c_old)
             self.caches[f"{i}.c"] = c
             if not dense:
                 if forced is not None:

@@ -58,3 +58,25 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
     stats = [r.stats for r in lock.runtimes if r.stats.sparse_calls]
     assert len(stats) == 1 and stats[0].sparse_calls == 15 and stats[0].dense_calls == 1
     assert torch.tensor(oracle.fractions).mean() < 1.0
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_query_pruning_matches_oracle(arch, mode, batch):
+    """Prompt rows are queried on every 4th call only; in between they keep their cached context (and so their
+    K/V, attention output and FFN output), as the oracle does."""
+    options = {"attention_mode": mode, "query_pruning_period": 4, "mask_token_id": MASK}
+    lock, oracle = _run(arch, batch, options, dict(mode=mode, threshold=0.99, query_pruning_period=4))
+    assert lock.steps == 16
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert runtime.plan.prunes_queries and runtime.plan.queried_regions  # q chain, attention and o proj
+    n = 8 + 16
+    assert {key[1] for key in runtime.sparse_fns} == {n, 16}  # all rows every 4th call, else the 16 response rows
+
+
+def test_query_pruning_with_forced_salient_rows_matches_oracle():
+    """Forced sets also mark prompt rows: salient but not queried, they keep their cached context."""
+    options = {"query_pruning_period": 3, "mask_token_id": MASK, "force_salient": 0.3, "seed": 2}
+    lock, _ = _run("llada", 3, options, dict(query_pruning_period=3, force_salient=0.3, seed=2))
+    assert lock.steps == 16

@@ -34,7 +34,8 @@ from dyllm_compile.generate import generate  # noqa: E402
 from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
-MODES = ("eager", "inductor", "dyllm-paper", "dyllm-exact")
+# dyllm-paper-qp: paper mode with query pruning (prompt rows queried every --query-pruning-period calls).
+MODES = ("eager", "inductor", "dyllm-paper", "dyllm-exact", "dyllm-paper-qp")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -110,6 +111,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
     options = {"threshold": args.threshold, "attention_mode": mode.split("-")[1], "lowering": args.lowering}
     if args.force_fraction is not None:
         options["force_salient"] = args.force_fraction
+    if mode.endswith("-qp"):
+        options.update(query_pruning_period=args.query_pruning_period, mask_token_id=model.cfg.mask_token_id)
     return torch.compile(model, backend="dyllm", options=options)
 
 
@@ -307,6 +310,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
     parser.add_argument("--confidence-threshold", type=float, default=None,
                         help="threshold parallel decoding (default: one token per step)")
+    parser.add_argument("--query-pruning-period", type=int, default=32,
+                        help="dyllm-paper-qp: prompt rows are queried on every this many calls")
     parser.add_argument("--force-fraction", type=float, default=None,
                         help="fixed-salient-fraction mode: this share of rows forced salient per layer")
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",

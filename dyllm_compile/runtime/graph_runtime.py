@@ -87,6 +87,11 @@ class SequenceState:
     serial: int = field(default_factory=lambda: next(_serials))
 
 
+def bucket_sizes(n: int) -> list[int]:
+    """The row capacities a sparse variant is compiled for, for a sequence of ``n`` rows."""
+    return sorted({max(1, math.ceil(f * n)) for f in BUCKET_FRACTIONS})
+
+
 def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction: float) -> torch.Tensor:
     """The rows ``force_salient`` adds per layer at a sequence's ``call``-th call: [layers, batch, n] bool."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + call)
@@ -299,8 +304,7 @@ class GraphRuntime:
 
     def _bucket(self, needed: int, n: int) -> int:
         floor = math.ceil(self.config.min_salient_fraction * n)
-        sizes = sorted({max(1, math.ceil(f * n)) for f in BUCKET_FRACTIONS})
-        return next(k for k in sizes if k >= max(needed, floor, 1))
+        return next(k for k in bucket_sizes(n) if k >= max(needed, floor, 1))
 
     def _dense(self, states: list[SequenceState], old: Optional[SequenceState], args: tuple,
                tokens: list[torch.Tensor], others: list[torch.Tensor],

@@ -1,6 +1,7 @@
 """Exact-match accuracy of a diffusion LM on the held-out problems of :mod:`dyllm_compile.tasks`.
 
     python -m dyllm_compile.evaluate [--backend dense|inductor|dyllm] [--count 200] [--confidence-threshold 0.9]
+                                     [--checkpoint DIR]
 
 Decodes each problem's answer region (``ANSWER_LENGTH`` tokens, one block) with low-confidence remasking, one
 token per step, or with confidence-threshold parallel decoding; a problem is right when the text up to the first
@@ -102,7 +103,7 @@ def proportion_interval(correct: Sequence[bool]) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from .models import load_default_model
+    from .models import load_checkpoint, load_default_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("dense", "inductor", "dyllm"), default="dense")
@@ -112,8 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--confidence-threshold", type=float, default=None,
                         help="threshold parallel decoding instead of one token per step")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a checkpoint directory written by dyllm_compile.train (default: the shipped model)")
     args = parser.parse_args(argv)
-    model = load_default_model()
+    model = load_checkpoint(args.checkpoint) if args.checkpoint else load_default_model()
     if args.backend == "inductor":
         model = torch.compile(model)
     elif args.backend == "dyllm":

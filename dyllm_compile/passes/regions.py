@@ -78,7 +78,8 @@ def _token_inputs(node: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
 
 
 def _tensor_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.op == "output" or isinstance(example_value(u), (tuple, list)) or tensor_value(u) is not None]
+    return [u for u in node.users
+            if u.op == "output" or isinstance(example_value(u), (tuple, list)) or tensor_value(u) is not None]
 
 
 def main_output(graph: fx.Graph, infos: dict[fx.Node, Info]) -> Optional[fx.Node]:

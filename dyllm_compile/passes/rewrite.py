@@ -17,6 +17,7 @@ their cached values. With threshold 1 every row is salient and both variants equ
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -345,13 +346,13 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             selections[current] = (b.item(picked, 0), b.item(picked, 1))
         return selections[current]
 
+    hook_count = itertools.count()
+
     def hook(point: str, layer: int, axis: int, current: fx.Node, fresh: fx.Node, cached: fx.Node) -> fx.Node:
-        name = f"dyllm_{point}_{len(hook_names)}"
-        hook_names.append(name)
+        name = f"dyllm_{point}_{next(hook_count)}"
         plan.analysis.gm.add_submodule(name, PolicyHook(policy, point, axis, layer, config.threshold))
         return b.graph.call_module(name, (current, fresh, cached, hint))
 
-    hook_names: list[str] = []
     for node in graph_nodes:
         if node.op == "placeholder" or node in skipped:
             continue
@@ -372,7 +373,7 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             cache = plan.region_caches[id(region)]
             owner = value_sites.get(node)
             if owner is not None and owner.site.v not in dense_values:  # the site's first chain exit
-                values = dense_values[owner.site.v] = _emit_dense(b, owner.values)
+                values = dense_values[owner.site.v] = _emit_rows(b, owner.values)
                 salient = hook("before_attention", owner.site.layer, 2, salient, values,
                                cache_in[owner.caches["v"]])
             if node in dense_values:  # already computed for every row: keep the hook's rows of it
@@ -413,17 +414,19 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     return b.finish(extra)
 
 
-def _emit_rows(b: _Builder, region: Region, index: fx.Node, capacity: int) -> fx.Node:
-    """The region's nodes on the ``capacity`` rows ``index`` of its token inputs; returns its exit's rows."""
+def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None,
+               capacity: Optional[int] = None) -> fx.Node:
+    """The region's nodes on the ``capacity`` rows ``index`` of its token inputs (None: on every row, its
+    inputs already in the new graph); returns its exit's value."""
     infos = b.plan.analysis.infos
-    local: dict[fx.Node, Any] = {}
-    for node in region.token_inputs:
-        local[node] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
-    for node in region.other_inputs:
-        local[node] = b.env[node]
+    local: dict[fx.Node, Any] = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
+    if index is not None:
+        for node in region.token_inputs:
+            local[node] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
     for node in region.nodes:
         copy = b.graph.node_copy(node, lambda n: local[n])
-        retarget_rows(node, copy, infos, capacity)
+        if index is not None:
+            retarget_rows(node, copy, infos, capacity)
         local[node] = copy
     return local[region.exit]
 
@@ -433,14 +436,6 @@ def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, 
     """The region on the gathered rows, scattered into (an out-of-place copy of) its cache."""
     fresh = _emit_rows(b, region, index, capacity)
     return b.call(rows.scatter_rows, cache, fresh, index, valid, b.plan.analysis.infos[region.exit].axis.dim)
-
-
-def _emit_dense(b: _Builder, region: Region) -> fx.Node:
-    """The region's nodes on every row (its inputs are already in the new graph)."""
-    local = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
-    for node in region.nodes:
-        local[node] = b.graph.node_copy(node, lambda n: local[n])
-    return local[region.exit]
 
 
 def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: list[fx.Node],

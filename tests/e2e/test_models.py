@@ -25,7 +25,8 @@ def test_additive_mask_equals_boolean_mask():
 
 def test_full_size_presets_match_published_shapes():
     llada = llada_config("8b")
-    assert (llada.n_layers, llada.d_model, llada.n_heads, llada.d_ffn, llada.vocab_size) == (32, 4096, 32, 12288, 126464)
+    shape = (llada.n_layers, llada.d_model, llada.n_heads, llada.d_ffn, llada.vocab_size)
+    assert shape == (32, 4096, 32, 12288, 126464)
     dream = dream_config("7b")
     assert (dream.n_layers, dream.d_model, dream.n_heads, dream.n_kv_heads, dream.qkv_bias) == (28, 3584, 28, 4, True)
 

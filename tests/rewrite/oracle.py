@@ -159,3 +159,17 @@ class Oracle:
         if not dense:
             self.fractions.append(layer_fractions)
         return logits.clone()
+
+
+class Lockstep:
+    """Calls the compiled model and the oracle on the same inputs; decoding follows the oracle."""
+
+    def __init__(self, compiled, oracle):
+        self.compiled, self.oracle, self.steps = compiled, oracle, 0
+
+    def __call__(self, x):
+        expected = self.oracle(x)
+        got = self.compiled(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {self.steps}: {m}")
+        self.steps += 1
+        return expected

@@ -9,7 +9,7 @@ from dyllm_compile.models import llada_like
 from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.runtime import row_tags
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from oracle import Oracle
+from oracle import Lockstep, Oracle
 
 MASK = 127
 KW = dict(mask_token_id=MASK, gen_length=16, steps=16, block_length=8)
@@ -94,18 +94,6 @@ def test_a_three_dimensional_weight_is_not_a_hidden_state():
         torch.compile(Experts(), backend=backend)(torch.randn(2, 5, 8))
     (g,) = graphs
     assert [n.name for n in g.hidden_inputs] == ["l_x_"]
-
-
-class Lockstep:
-    def __init__(self, compiled, oracle):
-        self.compiled, self.oracle, self.steps = compiled, oracle, 0
-
-    def __call__(self, x):
-        expected = self.oracle(x)
-        got = self.compiled(x)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {self.steps}: {m}")
-        self.steps += 1
-        return expected
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])

@@ -6,24 +6,10 @@ import torch
 from dyllm_compile.generate import generate
 from dyllm_compile.models import dream_like, llada_like
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from oracle import Oracle
+from oracle import Lockstep, Oracle
 
 MASK = 127
 MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dream_like("tiny", init_std=0.2)}
-
-
-class Lockstep:
-    """Calls the compiled model and the oracle on the same inputs; decoding follows the oracle."""
-
-    def __init__(self, compiled, oracle):
-        self.compiled, self.oracle, self.steps = compiled, oracle, 0
-
-    def __call__(self, x):
-        expected = self.oracle(x)
-        got = self.compiled(x)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {self.steps}: {m}")
-        self.steps += 1
-        return expected
 
 
 def _run(arch, batch, options, oracle_kwargs):

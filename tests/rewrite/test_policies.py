@@ -271,7 +271,8 @@ class AllHooksRules:
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 def test_every_hook_point_matches_oracle(mode):
     assert AllHooks.hooks() == {"before_attention", "after_attention", "at_branch"}
-    lock, oracle = _run("llada", 3, {"policy": AllHooks(), "attention_mode": mode}, dict(mode=mode, rules=AllHooksRules()))
+    lock, oracle = _run("llada", 3, {"policy": AllHooks(), "attention_mode": mode},
+                        dict(mode=mode, rules=AllHooksRules()))
     assert lock.steps == 16
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     names = [c.name for c in runtime.plan.caches]

@@ -32,6 +32,7 @@ from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
 from .graph_utils import arg, same_size, tensor_value
+from .head_repeat import cut_head_repeat
 from .op_rules import Kind
 from .region_graph import RegionNotRelocatable, retarget_rows
 from .regions import Region
@@ -52,6 +53,7 @@ class SitePlan:
     caches: dict[str, int] = field(default_factory=dict)  # "k" | "v" | "c" | "q" | "m" | "l" -> cache index
     values: Optional[Region] = None  # the v chain, run on every row for a policy's before_attention hook
     queries: Optional[Region] = None  # query pruning: the q chain, run on the queried rows only
+    kv: dict[str, Region] = field(default_factory=dict)  # the k and v chains as cached (GQA: kv heads only)
 
 
 @dataclass
@@ -114,15 +116,17 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             plan = SitePlan(site, False, "dense_layers option")
         else:
             plan = _plan_site(site, chains, infos, batch)
+            if plan.cached:
+                plan.kv = {which: cut_head_repeat(chains[which], infos) for which in ("k", "v")}
             if plan.cached and "before_attention" in hooks:
-                plan = _plan_values(plan, chains, analysis.gm.graph)
+                plan = _plan_values(plan, plan.kv, analysis.gm.graph)
         if plan.reason:
             reasons.append(f"layer {site.layer}: attention computed densely ({plan.reason})")
         if plan.cached:
             for which in ("k", "v"):
-                regions.append(chains[which])
-                plan.caches[which] = region_caches[id(chains[which])] = add_cache(
-                    f"L{site.layer}.{which}", getattr(site, which))
+                regions.append(plan.kv[which])
+                plan.caches[which] = region_caches[id(plan.kv[which])] = add_cache(
+                    f"L{site.layer}.{which}", plan.kv[which].exit)
             if config.attention_mode == "exact":
                 plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q)
                 plan.caches["m"] = add_cache(f"L{site.layer}.m", None)
@@ -275,7 +279,7 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
         site = by_node.get(node)
         if exact and site is not None and site.cached:
             s = site.site
-            q, k, v = b.env[s.q], b.env[s.k], b.env[s.v]
+            q, k, v = b.env[s.q], b.env[site.kv["k"].exit], b.env[site.kv["v"].exit]
             everyone = b.call(rows.all_rows, q, 2)
             zero = b.call(rows.zero_stats, q)
             out = b.call(CACHED_ATTENTION, q, k, v, k, v, q, zero, zero, everyone, _mask(b, s), site.scale,
@@ -333,7 +337,7 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
     by_node = {s.site.node: s for s in plan.sites}
     # Sites whose policy reads values: both chain exits lead to the site; its values for every row, once run.
-    value_sites = {exit: s for s in plan.sites if s.values is not None for exit in (s.site.k, s.site.v)}
+    value_sites = {s.kv[w].exit: s for s in plan.sites if s.values is not None for w in ("k", "v")}
     dense_values: dict[fx.Node, fx.Node] = {}
 
     def select(current: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -372,8 +376,8 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             region = region_by_exit[node]
             cache = plan.region_caches[id(region)]
             owner = value_sites.get(node)
-            if owner is not None and owner.site.v not in dense_values:  # the site's first chain exit
-                values = dense_values[owner.site.v] = _emit_rows(b, owner.values)
+            if owner is not None and owner.values.exit not in dense_values:  # the site's first chain exit
+                values = dense_values[owner.values.exit] = _emit_rows(b, owner.values)
                 salient = hook("before_attention", owner.site.layer, 2, salient, values,
                                cache_in[owner.caches["v"]])
             if node in dense_values:  # already computed for every row: keep the hook's rows of it
@@ -478,7 +482,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     else:
         m_old = l_old = b.call(rows.zero_stats, q)
     c_cache = cache_in[site.caches["c"]]
-    out = b.call(CACHED_ATTENTION, q, b.env[s.k], b.env[s.v], cache_in[site.caches["k"]],
+    out = b.call(CACHED_ATTENTION, q, b.env[site.kv["k"].exit], b.env[site.kv["v"].exit], cache_in[site.caches["k"]],
                  cache_in[site.caches["v"]], take(c_cache), m_old, l_old, salient, _mask(b, s),
                  site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
     if exact:

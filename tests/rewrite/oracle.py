@@ -121,11 +121,13 @@ class Oracle:
             k = a.k_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
             v = a.v_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
             q, k = apply_rotary(q, *rope, cfg.rotary_dim), apply_rotary(k, *rope, cfg.rotary_dim)
-            k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            # K/V cached per kv head (GQA: before the repetition), as the policies see the values.
             if not dense and hasattr(self.rules, "before"):
                 salient = self.rules.before(i, salient, self.changed, self.response, v, self.caches[f"{i}.v"])
             k, _ = self._keep(f"{i}.k", k, salient, 2, dense)
             v, v_old = self._keep(f"{i}.v", v, salient, 2, dense)
+            k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            v_old = None if v_old is None else repeat_kv(v_old, rep)
             if self.mode == "exact":
                 q, _ = self._keep(f"{i}.q", q, salient, 2, dense)
             c = F.scaled_dot_product_attention(q, k, v)

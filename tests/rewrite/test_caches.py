@@ -88,3 +88,26 @@ def test_caches_are_freed_with_the_model_and_never_reach_a_new_one():
     with torch.inference_mode():
         torch.compile(other, backend="dyllm", options={"lowering": "aot_eager"})(x)
     assert sum(r.stats.dense_calls for r in dyllm_compile.runtimes(before)) == 2
+
+
+def test_gqa_caches_hold_the_kv_heads_only():
+    """The Dream-like model repeats its kv heads (repeat_kv) before attention: K/V caches keep the kv heads."""
+    from dyllm_compile.models import dream_like
+    from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+
+    model = dream_like("tiny", init_std=0.2)
+    cfg = model.cfg
+    assert cfg.n_kv_heads < cfg.n_heads
+    before = last_serial()
+    compiled = _compiled(model)
+    x = _prompt(2, length=12)
+    with torch.inference_mode():
+        compiled(x)
+    (runtime,) = runtimes(before)
+    (states,) = runtime.states.values()
+    caches = dict(zip((spec.name for spec in runtime.plan.caches), states[0].caches))
+    head_dim = cfg.d_model // cfg.n_heads
+    for layer in range(cfg.n_layers):
+        for which in ("k", "v"):
+            assert tuple(caches[f"L{layer}.{which}"].shape) == (1, cfg.n_kv_heads, 12, head_dim)
+        assert tuple(caches[f"L{layer}.c"].shape) == (1, cfg.n_heads, 12, head_dim)

@@ -1,0 +1,84 @@
+"""GQA's head repetition at the end of a k/v chain, so caches can hold the kv heads only.
+
+Pattern: a k or v chain that ends by repeating each of ``x [B, G, N, D]``'s heads r times consecutively along dim 1
+(Hugging Face ``repeat_kv``: ``x[:, :, None].expand(B, G, r, N, D).reshape(B, G * r, N, D)``, or
+``x.unsqueeze(2)`` / a view inserting the singleton dim; or ``x.repeat_interleave(r, dim=1)``). The chain is cut
+before the repetition: its exit becomes ``x``, the cache holds G heads instead of G * r, and
+``dyllm::cached_attention`` repeats them itself (its contract takes G kv heads).
+
+Invariant: a chain is cut only when the shapes prove the tail is exactly that repetition (a singleton dim inserted
+right after the heads, expanded, merged back into the heads); anything else keeps the whole chain.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+from torch import fx
+
+from .graph_utils import arg, op_name, same_size, tensor_value
+from .op_rules import Info
+from .regions import Region, build_region
+
+_FULL = slice(None, None, None)
+
+
+def cut_head_repeat(chain: Region, infos: dict[fx.Node, Info]) -> Region:
+    """``chain`` without its trailing head repetition (the same region when it has none)."""
+    source = repeated_heads_source(chain.exit)
+    if source is None or source not in chain.nodes:
+        return chain
+    # Every chain node is an ancestor of the exit; the repetition reads only ``source``, so the nodes up to it
+    # are exactly ``source``'s ancestors in the chain.
+    cut = build_region(chain.role, source, chain.nodes[: chain.nodes.index(source) + 1], infos)
+    cut.layer, cut.gated = chain.layer, chain.gated
+    return cut
+
+
+def repeated_heads_source(node: fx.Node) -> Optional[fx.Node]:
+    """``x`` when ``node`` is ``x [B, G, N, D]`` with each head repeated r times consecutively along dim 1."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if op_name(node) == "repeat_interleave":
+        x = node.args[0]
+        dim = arg(node, 2, "dim")
+        if isinstance(x, fx.Node) and isinstance(arg(node, 1, "repeats"), int) and dim in (1, -3) \
+                and _dims(x) == 4:
+            return x
+        return None
+    if op_name(node) not in ("reshape", "view") or not isinstance(node.args[0], fx.Node):
+        return None
+    expanded = node.args[0]
+    if op_name(expanded) != "expand" or not isinstance(expanded.args[0], fx.Node):
+        return None
+    inserted = expanded.args[0]
+    x = inserted.args[0] if inserted.op in ("call_function", "call_method") and inserted.args else None
+    if not isinstance(x, fx.Node) or _dims(x) != 4 or not _inserts_dim_2(inserted):
+        return None
+    b, g, n, d = tensor_value(x).shape
+    r = tensor_value(expanded).shape[2]
+    shapes = ((tensor_value(inserted).shape, (b, g, 1, n, d)), (tensor_value(expanded).shape, (b, g, r, n, d)),
+              (tensor_value(node).shape, (b, g * r, n, d)))
+    if all(len(got) == len(want) and all(same_size(a, w) for a, w in zip(got, want)) for got, want in shapes):
+        return x
+    return None
+
+
+def _dims(node: fx.Node) -> int:
+    value = tensor_value(node)
+    return value.dim() if value is not None else -1
+
+
+def _inserts_dim_2(node: fx.Node) -> bool:
+    """The op only inserts a singleton dim at position 2 of a 4-d tensor (shapes are checked by the caller)."""
+    name = op_name(node)
+    if name == "unsqueeze":
+        return arg(node, 1, "dim") in (2, -3)
+    if name in ("view", "reshape"):  # [B, G, N, D] -> [B, G, 1, N, D]: no element moves
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        rest = [i for i in index[3:] if i is not Ellipsis]
+        return index[:3] == (_FULL, _FULL, None) and all(i == _FULL for i in rest)
+    return False

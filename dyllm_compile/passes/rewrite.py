@@ -167,12 +167,14 @@ def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional
 
 def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
     """(position, token axis) of the returned values that carry the residual stream to a next graph:
-    floating point, batch first, one row per token."""
+    floating point, batch first, one row per token; not the logits (an lm_head's output), which no graph reads."""
+    logits = {r.exit for r in analysis.regions if r.role == "lm_head"}
     found = []
     for position, node in enumerate(analysis.gm.graph.output_node().args[0]):
         info, value = analysis.infos.get(node), tensor_value(node)
         if (info is not None and info.axis is not None and info.axis.dim != 0 and info.axis.lead == 1
-                and value is not None and value.is_floating_point() and same_size(value.shape[0], batch)):
+                and node not in logits and value is not None and value.is_floating_point()
+                and same_size(value.shape[0], batch)):
             found.append((position, info.axis.dim))
     return found
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -320,6 +322,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/decode_<device>.csv)")
+    parser.add_argument("--warm-compile-cache", action="store_true",
+                        help="keep Inductor's on-disk FX graph and AOT caches (default: off, so compile times are "
+                             "cold compiles, comparable between modes)")
     args = parser.parse_args(argv)
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
@@ -329,6 +334,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
+    if not args.warm_compile_cache:  # a cache hit would make one mode's compile look free
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     configs = PRESETS[args.preset] if args.preset else [(args.model, args.batch, args.confidence_threshold)]

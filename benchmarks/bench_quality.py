@@ -74,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--speed-count", type=int, default=4, help="problems per task for the batch-1 timing")
     parser.add_argument("--policies", default="block_freeze,dllm_cache,es_dllm",
                         help="policies also compared at their defaults (paper mode, threshold 0.99)")
+    parser.add_argument("--query-pruning-period", type=int, default=32,
+                        help="also compare paper mode, threshold 0.99 with query pruning at this period (0: skip)")
     parser.add_argument("--parallel-confidence", type=float, default=0.9,
                         help="also compare dense and dyllm (0.99, paper) with this threshold parallel decoding")
     parser.add_argument("--out", default=os.path.join(RESULTS, "quality_cpu.csv"))
@@ -87,11 +89,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     model = load_default_model()
     # (name, dyllm options or None for dense, confidence of parallel decoding or None, problems per task, timed)
     configs: list[tuple[str, Optional[dict], Optional[float], int, bool]] = [("dense", None, None, args.count, True)]
-    for m in args.modes.split(","):
-        for t in args.thresholds.split(","):
+    for m in filter(None, args.modes.split(",")):
+        for t in filter(None, args.thresholds.split(",")):
             default = float(t) == 0.99
             configs.append((f"dyllm {m} {t}", {"threshold": float(t), "attention_mode": m}, None,
                             args.count if default and m == "paper" else args.sweep_count, default))
+    if args.query_pruning_period:
+        pruning = {"threshold": 0.99, "query_pruning_period": args.query_pruning_period,
+                   "mask_token_id": model.cfg.mask_token_id}
+        configs.append((f"dyllm paper 0.99 qp{args.query_pruning_period}", pruning, None, args.count, True))
     configs += [(f"policy {p}", {"policy": p}, None, args.sweep_count, True)
                 for p in filter(None, args.policies.split(","))]
     if args.parallel_confidence:

@@ -30,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from dyllm_compile.runtime import rows
-from dyllm_compile.runtime.graph_runtime import bucket_sizes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import machine_facts  # noqa: E402
+
+from dyllm_compile.runtime import rows  # noqa: E402
+from dyllm_compile.runtime.graph_runtime import bucket_sizes  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["device", "torch", "tokens", "d_model", "d_ffn", "batch", "salient_rows", "route", "capacity",
@@ -94,10 +97,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 results.append(dict(salient_rows=count, route=route, capacity=capacity, ms_per_call=1e3 * seconds,
                                     dense_ms=1e3 * dense_s, speedup_vs_dense=dense_s / seconds))
             graphs[route] = counters["stats"]["unique_graphs"]
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({torch.get_num_threads()} threads)")
+    facts = machine_facts(device)
     for r in results:
-        r.update(device=name, torch=torch.__version__, tokens=n, d_model=d, d_ffn=f, batch=b,
+        r.update(device=facts["device"], torch=facts["torch"], tokens=n, d_model=d, d_ffn=f, batch=b,
                  graphs_compiled=graphs[r["route"]])
     return results
 

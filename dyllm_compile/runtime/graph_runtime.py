@@ -208,7 +208,7 @@ class GraphRuntime:
         hint = [self.policy.row_hint(call)] if call is not None and self.policy.uses_row_hint else []
         if call is not None:
             changed = self.policy.first_rows(call)
-        queried = self._queried(state, tokens, changed) if self.plan.prunes_queries else None
+        queried = self._queried(state, changed) if self.plan.prunes_queries else None
         if queried is not None and state.queried is not None:
             # A row queried again after calls that skipped it has an old context (its incremental update would
             # miss the keys that changed meanwhile): it is recomputed, salient.
@@ -283,7 +283,7 @@ class GraphRuntime:
         return CallState(state.calls, changed, ids == mask_id, state.dense_tokens[0] == mask_id,
                          state.start_tokens[0] == mask_id)
 
-    def _queried(self, state: SequenceState, tokens: list[torch.Tensor], changed: torch.Tensor) -> torch.Tensor:
+    def _queried(self, state: SequenceState, changed: torch.Tensor) -> torch.Tensor:
         """Query pruning's rows [B, N]: the response (rows masked at the sequence's first call); every row on
         every ``query_pruning_period``-th call, and where the inputs cannot tell (hidden states, unknown mask)."""
         ids, mask_id = state.start_tokens[0], self._mask_id(state)

@@ -8,9 +8,10 @@ two ways:
 - ``buckets``: top-K rows, K the smallest of N/16, N/8, N/4, N/2, N holding the salient rows
   (:func:`dyllm_compile.runtime.rows.select_rows`): static shapes, one compiled variant per bucket, rows padded
   up to the bucket;
-- ``unbacked``: exactly the salient rows, from ``nonzero`` (a data-dependent size, compiled with
-  ``capture_dynamic_output_shape_ops``): one variant for every count, no padding, a device-to-host sync for
-  the size.
+- ``unbacked``: exactly the salient rows, from ``nonzero``
+  (:func:`dyllm_compile.runtime.rows.select_rows_unbacked`: a data-dependent size, compiled with
+  ``capture_dynamic_output_shape_ops``, plus the two padding rows dyllm gathers): one variant for every count,
+  a device-to-host sync for the size.
 
 Per salient-row count: time per call (median of repeats), the dense FFN's time on all N rows, and the number
 of compiled graphs each route needed over the whole sweep. CSV: ``benchmarks/results/rows_<device>.csv``.
@@ -51,19 +52,19 @@ def bucket_step(h, cache, salient, w1, w3, w2, capacity: int):
 
 
 def unbacked_step(h, cache, salient, w1, w3, w2):
-    index = salient.any(dim=0).nonzero().flatten()
-    valid = salient.index_select(1, index)
-    return rows.scatter_rows(cache, ffn(h.index_select(1, index), w1, w3, w2), index, valid, 1)
+    gather, index, valid, _ = rows.select_rows_unbacked(salient)
+    fresh = rows.first_rows(ffn(h.index_select(1, gather), w1, w3, w2), index, 1)
+    return rows.scatter_rows(cache, fresh, index, valid, 1)
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> float:
     fn()  # compiles
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     w2 = torch.randn(f, d, generator=gen).to(device) / f ** 0.5
     torch._dynamo.reset()
     dense = torch.compile(ffn)
-    dense_s = timed(lambda: dense(h, w1, w3, w2), args.repeats)
+    dense_s = timed(lambda: dense(h, w1, w3, w2), args.repeats, device)
     buckets = torch.compile(bucket_step, dynamic=False)  # static: one variant per capacity, as dyllm compiles
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         unbacked = torch.compile(unbacked_step)
@@ -90,10 +91,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 salient[:, torch.randperm(n, generator=gen)[:count].to(device)] = True
                 if route == "buckets":
                     capacity = next(k for k in bucket_sizes(n) if k >= count)
-                    seconds = timed(lambda: buckets(h, cache, salient, w1, w3, w2, capacity), args.repeats)
+                    seconds = timed(lambda: buckets(h, cache, salient, w1, w3, w2, capacity), args.repeats, device)
                 else:
                     capacity = count
-                    seconds = timed(lambda: unbacked(h, cache, salient, w1, w3, w2), args.repeats)
+                    seconds = timed(lambda: unbacked(h, cache, salient, w1, w3, w2), args.repeats, device)
                 results.append(dict(salient_rows=count, route=route, capacity=capacity, ms_per_call=1e3 * seconds,
                                     dense_ms=1e3 * dense_s, speedup_vs_dense=dense_s / seconds))
             graphs[route] = counters["stats"]["unique_graphs"]

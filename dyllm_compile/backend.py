@@ -6,6 +6,7 @@ Dynamo resolves ``backend="dyllm"`` through the ``torch_dynamo_backends`` entry 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -58,4 +59,4 @@ def dyllm_backend(
     if plan.reasons:
         log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))
     dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode)
-    return GraphRuntime(plan, dense_fn, lambda sparse, inputs: lower(sparse, inputs, config.lowering, mode), graph_id)
+    return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=mode), graph_id)

@@ -20,6 +20,8 @@ LOWERINGS = ("inductor", "aot_eager", "eager")
 
 ATTENTION_MODES = ("paper", "exact")
 
+ROW_COUNTS = ("auto", "buckets", "unbacked")
+
 
 def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None, kind: Optional[type] = None,
           low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
@@ -74,6 +76,16 @@ class DyllmConfig:
     min_salient_fraction: float = _knob(
         0.0, "Smallest row capacity of a sparse call, as a fraction of the sequence (capacity buckets).",
         kind=float, low=0.0, high=1.0,
+    )
+    row_counts: str = _knob(
+        "auto",
+        "How a sparse call sizes the rows it gathers for a gated region. buckets: top-K with a static capacity "
+        "K in N/16, N/8, N/4, N/2, N (rows padded up to K, one compiled variant per bucket, no host sync in the "
+        "graph, a rerun when a layer needs a bigger bucket). unbacked: exactly the salient rows (nonzero, a "
+        "data-dependent size: one variant, no padding, no rerun; a device-to-host sync per row set on GPU). "
+        "auto: unbacked on CPU, where it measured as fast or faster (benchmarks/bench_rows.py), buckets on "
+        "other devices (CUDA graphs need static shapes).",
+        choices=ROW_COUNTS,
     )
     mask_token_id: Optional[int] = _knob(
         None, "Id of the mask token. None: inferred as the id that changed rows held (a row that leaves another "

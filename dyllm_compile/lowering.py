@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx
@@ -13,8 +13,16 @@ def lower(
     example_inputs: Sequence[torch.Tensor],
     lowering: str,
     mode: Optional[str] = None,
+    dynamic_output_shapes: bool = False,
 ) -> Callable:
-    """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode."""
+    """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode.
+
+    ``dynamic_output_shapes``: ``gm`` has ops whose output size depends on data (``nonzero``). Tracing them
+    from real inputs raises DynamicOutputShapeException, so the lowering gets fake copies of the inputs whose
+    ShapeEnv allows such ops (what Dynamo's ``capture_dynamic_output_shape_ops`` does for user code): the size
+    becomes an unbacked symbol and one compiled graph serves every count."""
+    if dynamic_output_shapes and lowering != "eager":
+        example_inputs = _fake(example_inputs)
     if lowering == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
@@ -26,3 +34,11 @@ def lower(
     if lowering == "eager":
         return gm.forward
     raise ValueError(f"unknown lowering {lowering!r}")
+
+
+def _fake(inputs: Sequence[Any]) -> list[Any]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True))
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]

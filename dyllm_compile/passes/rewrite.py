@@ -11,7 +11,8 @@ salient set at those points.
 
 Invariants: the dense variant computes exactly the original graph (plus cache outputs); the sparse variant reads
 caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token
-count of every gathered region replaced by the static capacity K; rows outside the union of salient rows keep
+count of every gathered region replaced by the static capacity K (or, unbacked, the number of salient rows
+plus a constant pad); rows outside the union of salient rows keep
 their cached values. With threshold 1 every row is salient and both variants equal the original graph.
 """
 
@@ -234,6 +235,20 @@ def _region_problem(region: Region, infos, batch) -> str:
 CACHED_ATTENTION = torch.ops.dyllm.cached_attention.default
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """A row selection in the new graph: a region runs on the ``size`` rows ``gather`` (an int capacity, or a
+    node: the unbacked count), the first ``len(scatter)`` of its results go to rows ``scatter`` where ``valid``
+    [B, K]. For capacity buckets ``gather is scatter``; an unbacked gather carries padding rows. ``count``: the
+    number of union salient rows (None for the queried rows, which cannot overflow)."""
+
+    gather: fx.Node
+    size: Any
+    scatter: fx.Node
+    valid: fx.Node
+    count: Optional[fx.Node] = None
+
+
 class _Builder:
     """Copies the analysed graph into a new one, letting the variants replace sites and regions."""
 
@@ -301,9 +316,12 @@ def scalar_inputs(plan: RewritePlan) -> list[int]:
             and any(u.op == "call_method" and u.target == "item" for u in p.users)]
 
 
-def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, Any]] = None,
+def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[dict[int, Any]] = None,
                  query_capacity: Optional[int] = None) -> fx.GraphModule:
     """The sparse variant for row capacity K = ``capacity`` (query pruning: ``query_capacity`` queried rows).
+
+    ``capacity=None``: unbacked row counts; each gated region runs on exactly its salient rows (``nonzero``, a
+    data-dependent size: lower it from fake inputs whose ShapeEnv allows dynamic output shapes).
 
     ``scalars`` (input position -> value) bakes the values of ``scalar_inputs`` in as constants: the variant
     is compiled outside Dynamo's ShapeEnv, where ``.item()`` of an input is data-dependent. The runtime keys
@@ -314,8 +332,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     (query pruning) ``queried [B, N]``: pruned sites run their q chain, attention and output projection on
     those rows only, the other rows keep their cached context and projection. Each
     site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
-    outputs, the new caches, the number of union rows each gather needed (for overflow detection), the salient
-    fraction per site [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break).
+    outputs, the new caches, the number of union rows each gathered region needed (for overflow detection and
+    the row counters), the salient fraction per site [layers, B] and the last salient set [B, N] (the next
+    graph's S_in after a graph break).
     A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config
@@ -333,7 +352,7 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     new_cache: dict[int, Any] = {}
     counts, fractions = [], []
-    selections: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    selections: dict[fx.Node, _Rows] = {}
     region_by_exit = {r.exit: r for r in plan.regions}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None}
     skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
@@ -342,14 +361,21 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     value_sites = {s.kv[w].exit: s for s in plan.sites if s.values is not None for w in ("k", "v")}
     dense_values: dict[fx.Node, fx.Node] = {}
 
-    def select(current: fx.Node) -> tuple[fx.Node, fx.Node]:
+    def select(current: fx.Node) -> _Rows:
         if current not in selections:
             if current is queried:  # sized by the runtime from this very mask: it cannot overflow
                 picked = b.call(rows.select_rows, current, query_capacity)
+                index = b.item(picked, 0)
+                selections[current] = _Rows(index, query_capacity, index, b.item(picked, 1))
+            elif capacity is None:
+                picked = b.call(rows.select_rows_unbacked, current)
+                gather = b.item(picked, 0)
+                size = b.graph.call_method("size", (gather, 0))
+                selections[current] = _Rows(gather, size, b.item(picked, 1), b.item(picked, 2), b.item(picked, 3))
             else:
                 picked = b.call(rows.select_rows, current, capacity)
-                counts.append(b.item(picked, 2))
-            selections[current] = (b.item(picked, 0), b.item(picked, 1))
+                index = b.item(picked, 0)
+                selections[current] = _Rows(index, capacity, index, b.item(picked, 1), b.item(picked, 2))
         return selections[current]
 
     hook_count = itertools.count()
@@ -366,13 +392,12 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
             b.outputs = node.args[0]
             continue
         if node in query_chains:  # the queried rows of q, for the site to attend with
-            b.env[node] = _emit_rows(b, query_chains[node], select(queried)[0], query_capacity)
+            b.env[node] = _emit_rows(b, query_chains[node], select(queried).gather, query_capacity)
             continue
         if node in region_by_exit and id(region_by_exit[node]) in plan.queried_regions:
             region = region_by_exit[node]
             cache = plan.region_caches[id(region)]
-            b.env[node] = new_cache[cache] = _emit_gathered(b, region, *select(queried), cache_in[cache],
-                                                            query_capacity)
+            b.env[node] = new_cache[cache] = _emit_gathered(b, region, select(queried), cache_in[cache])
             continue
         if node in region_by_exit:
             region = region_by_exit[node]
@@ -388,8 +413,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
                 continue
             if id(region) in plan.input_caches:
                 salient = _emit_branch_hook(b, region, salient, cache_in, new_cache, hook)
-            index, valid = select(salient)
-            b.env[node] = _emit_gathered(b, region, index, valid, cache_in[cache], capacity)
+            picked = select(salient)
+            counts.append(picked.count)
+            b.env[node] = _emit_gathered(b, region, picked, cache_in[cache])
             new_cache[cache] = b.env[node]
             continue
         site = by_node.get(node)
@@ -420,10 +446,9 @@ def build_sparse(plan: RewritePlan, capacity: int, scalars: Optional[dict[int, A
     return b.finish(extra)
 
 
-def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None,
-               capacity: Optional[int] = None) -> fx.Node:
+def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, capacity: Any = None) -> fx.Node:
     """The region's nodes on the ``capacity`` rows ``index`` of its token inputs (None: on every row, its
-    inputs already in the new graph); returns its exit's value."""
+    inputs already in the new graph; a node: an unbacked count); returns its exit's value."""
     infos = b.plan.analysis.infos
     local: dict[fx.Node, Any] = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
     if index is not None:
@@ -437,11 +462,13 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None,
     return local[region.exit]
 
 
-def _emit_gathered(b: _Builder, region: Region, index: fx.Node, valid: fx.Node, cache: fx.Node,
-                   capacity: int) -> fx.Node:
+def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache: fx.Node) -> fx.Node:
     """The region on the gathered rows, scattered into (an out-of-place copy of) its cache."""
-    fresh = _emit_rows(b, region, index, capacity)
-    return b.call(rows.scatter_rows, cache, fresh, index, valid, b.plan.analysis.infos[region.exit].axis.dim)
+    axis = b.plan.analysis.infos[region.exit].axis.dim
+    fresh = _emit_rows(b, region, picked.gather, picked.size)
+    if picked.scatter is not picked.gather:
+        fresh = b.call(rows.first_rows, fresh, picked.scatter, axis)
+    return b.call(rows.scatter_rows, cache, fresh, picked.scatter, picked.valid, axis)
 
 
 def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: list[fx.Node],
@@ -462,8 +489,8 @@ def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
 
 def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salient: fx.Node,
                            cache_in: list[fx.Node], new_cache: dict[int, Any],
-                           queried: Optional[tuple[fx.Node, fx.Node]] = None) -> fx.Node:
-    """The op on every query row, or (query pruning) on the rows ``queried`` = (index, valid): their q is
+                           queried: Optional[_Rows] = None) -> fx.Node:
+    """The op on every query row, or (query pruning) on the rows ``queried`` (a static capacity): their q is
     already gathered; their cached context and statistics are gathered, the results scattered back."""
     s = site.site
     exact = plan.config.attention_mode == "exact"
@@ -472,7 +499,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     put: Callable[[fx.Node, fx.Node], fx.Node] = lambda cached, fresh: fresh  # noqa: E731
     salient_q, extra = salient, []
     if queried is not None:
-        index, valid = queried
+        index, valid = queried.gather, queried.valid
         take = lambda cached: b.call(rows.gather_rows, cached, index, 2)  # noqa: E731
         put = lambda cached, fresh: b.call(rows.scatter_rows, cached, fresh, index, valid, 2)  # noqa: E731
         salient_q, extra = b.call(rows.gather_rows, salient, index, 1), [index]

@@ -2,9 +2,10 @@
 
 Each call picks a variant. Dense: the first ``dense_steps`` calls of a sequence, every ``refresh_period`` calls,
 any call that does not continue a known sequence, and calls with too many salient rows. Sparse otherwise: layer
-0's salient rows are the rows whose token inputs changed since the last call, and the row capacity K is the
-smallest bucket that held last call's salient rows; if a layer needed more, the call is rerun with a bigger
-bucket (caches are functional, so a rerun is safe), so a salient row is never left stale.
+0's salient rows are the rows whose token inputs changed since the last call. Row counts (``row_counts``):
+unbacked, one variant gathers exactly the salient rows; buckets, the row capacity K is the smallest bucket that
+held last call's salient rows, and if a layer needed more, the call is rerun with a bigger bucket (caches are
+functional, so a rerun is safe), so a salient row is never left stale.
 
 A sequence continues when every changed row held the mask id and no longer does (diffusion decoding only
 unmasks). Any other change (a new prompt, even one token) starts a new sequence with a dense call. After a graph
@@ -99,8 +100,8 @@ def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction
 
 
 class GraphRuntime:
-    def __init__(self, plan: RewritePlan, dense_fn: Callable, lower: Callable[[fx.GraphModule, list], Callable],
-                 graph_id: str) -> None:
+    def __init__(self, plan: RewritePlan, dense_fn: Callable, lower: Callable[..., Callable], graph_id: str) -> None:
+        """``lower(gm, example_inputs, dynamic_output_shapes=...)`` compiles a sparse variant."""
         self.plan = plan
         self.config = plan.config
         self.dense_fn = dense_fn
@@ -228,18 +229,20 @@ class GraphRuntime:
             step = max(1, n // 16)
             query_capacity = min(n, max(1, step * math.ceil(int(queried.any(0).sum()) / step)))
         extra = forced + hint + ([queried] if queried is not None else [])
-        capacity = self._bucket(max(state.needed, rows), n)
+        capacity = None if self._unbacked(changed.device) else self._bucket(max(state.needed, rows), n)
         while True:
             fn = self._sparse(capacity, args, state, changed, extra, query_capacity)
             out = fn(*args, *state.caches, changed, *extra)
-            counts = out[self.n_user + self.n_caches]
-            needed = int(counts.max()) if counts.numel() else 0
-            if needed <= capacity:
+            counts = out[self.n_user + self.n_caches].tolist()  # one sync: rows per gathered region
+            needed = max(counts, default=0)
+            if capacity is None or needed <= capacity:
                 break
             if needed > cap:  # more salient rows than the policy allows: this call runs dense
                 return self._dense(states, state, args, tokens, others, upstream)
             self.stats.reruns += 1
             capacity = self._bucket(needed, n)
+        if needed > cap:
+            return self._dense(states, state, args, tokens, others, upstream)
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
@@ -250,8 +253,12 @@ class GraphRuntime:
         self.stats.history.append(fractions)
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
-        self.stats.rows_computed += sum(query_capacity if id(r) in self.plan.queried_regions else capacity
-                                        for r in self.plan.regions)
+        # Gathered regions computed their counted rows (or the capacity); queried ones the query capacity; regions
+        # a policy computes for every row (its values) all n.
+        queried_rows = (query_capacity or 0) * len(self.plan.queried_regions)
+        ungathered = len(self.plan.regions) - len(counts) - len(self.plan.queried_regions)
+        self.stats.rows_computed += ((sum(counts) if capacity is None else capacity * len(counts)) + queried_rows
+                                     + n * ungathered)
         self.stats.rows_dense += n * len(self.plan.regions)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
@@ -302,6 +309,10 @@ class GraphRuntime:
         flips = int((sparse.argmax(-1) != dense.argmax(-1)).sum()) if dense.dim() >= 2 else 0
         self.stats.shadow.append((drift, flips))
 
+    def _unbacked(self, device: torch.device) -> bool:
+        choice = self.config.row_counts
+        return choice == "unbacked" or (choice == "auto" and device.type == "cpu")
+
     def _bucket(self, needed: int, n: int) -> int:
         floor = math.ceil(self.config.min_salient_fraction * n)
         return next(k for k in bucket_sizes(n) if k >= max(needed, floor, 1))
@@ -328,18 +339,20 @@ class GraphRuntime:
         self.stats.rows_dense += n * len(self.plan.regions)
         return self._returned(state, out, None, upstream)
 
-    def _sparse(self, capacity: int, args: tuple, state: SequenceState, changed: torch.Tensor,
+    def _sparse(self, capacity: Optional[int], args: tuple, state: SequenceState, changed: torch.Tensor,
                 extra: list, query_capacity: Optional[int] = None) -> Callable:
-        """The sparse variant for ``capacity`` rows (and ``query_capacity`` queried rows); ``extra``: the
-        forced-salient, row-hint and queried-rows inputs."""
+        """The sparse variant for ``capacity`` rows (None: unbacked counts) and ``query_capacity`` queried rows;
+        ``extra``: the forced-salient, row-hint and queried-rows inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
         key = (capacity, query_capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
                tuple(scalars.items()))
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity)
-            self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *extra])
+            self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *extra],
+                                              dynamic_output_shapes=capacity is None)
             self.stats.sparse_compiles += 1
-            log.info("dyllm: graph %s: compiled the sparse variant for %d rows", self.graph_id, capacity)
+            log.info("dyllm: graph %s: compiled the sparse variant for %s rows", self.graph_id,
+                     "unbacked" if capacity is None else capacity)
         return self.sparse_fns[key]
 
 

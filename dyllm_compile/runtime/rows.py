@@ -1,7 +1,8 @@
 """Row selection and scatter, traced into the sparse variant as plain torch code.
 
-The row set of a gated region is the union over the batch of its salient rows, picked by top-K with a static
-capacity K (no data-dependent shapes, no host sync). Gathering one index set for the whole batch lets inputs
+The row set of a gated region is the union over the batch of its salient rows, picked either by top-K with a
+static capacity K (capacity buckets: no data-dependent shapes, no host sync) or exactly, by ``nonzero`` (an
+unbacked row count: one variant for every count, no padding). Gathering one index set for the whole batch lets inputs
 without a batch dim (RoPE tables) be gathered the same way. Rows computed for one batch element but salient
 only in another keep their cached value, so the result equals the per-element algorithm exactly.
 """
@@ -20,6 +21,27 @@ def select_rows(salient: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     score = union.to(torch.int64) * (2 * n) - position
     index = torch.topk(score, capacity, sorted=False).indices.sort().values
     return index, salient.index_select(1, index), union.sum()
+
+
+#: Rows appended to an unbacked selection's gather: its size is then provably not 0 or 1, so lowerings that
+#: specialise on a size of one need no data-dependent guard (without them Inductor 2.13 fails at batch > 1 on
+#: Eq(u, 1) in bmm's layout choice).
+UNBACKED_PAD = 2
+
+
+def select_rows_unbacked(salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``salient [B, N]`` -> (gather index [U + UNBACKED_PAD], union rows [U] sorted, valid [B, U], U as a 0-d
+    tensor), U the data-dependent number of union rows. The gather index repeats row 0 as padding; the rows
+    computed for it are dropped (:func:`first_rows`) before the scatter."""
+    union = salient.any(dim=0)
+    index = union.nonzero().squeeze(1)
+    padded = torch.cat([index, index.new_zeros(UNBACKED_PAD)])
+    return padded, index, salient.index_select(1, index), union.sum()
+
+
+def first_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+    """The first ``len(index)`` rows of ``x`` along ``axis`` (an unbacked gather without its padding)."""
+    return x.narrow(axis, 0, index.shape[0])
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:

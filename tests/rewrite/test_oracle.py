@@ -12,15 +12,15 @@ MASK = 127
 MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dream_like("tiny", init_std=0.2)}
 
 
-def _run(arch, batch, options, oracle_kwargs):
+def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16):
     torch._dynamo.reset()
     lock_serial = last_serial()
     model = MODELS[arch]()
-    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", **options})
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
     oracle = Oracle(model, **oracle_kwargs)
     prompt = torch.randint(0, 100, (batch, 8), generator=torch.Generator().manual_seed(batch))
     lock = Lockstep(compiled, oracle)
-    generate(lock, prompt, mask_token_id=MASK, gen_length=16, steps=16, block_length=8)
+    generate(lock, prompt, mask_token_id=MASK, gen_length=gen_length, steps=gen_length, block_length=8)
     lock.runtimes = runtimes(lock_serial)
     return lock, oracle
 
@@ -28,8 +28,10 @@ def _run(arch, batch, options, oracle_kwargs):
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_forced_salient_sets_match_oracle(arch, mode, batch):
-    lock, oracle = _run(arch, batch, {"attention_mode": mode, "force_salient": 0.3, "seed": 5},
+@pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
+def test_forced_salient_sets_match_oracle(arch, mode, batch, row_counts):
+    lock, oracle = _run(arch, batch, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
+                                      "row_counts": row_counts},
                         dict(mode=mode, force_salient=0.3, seed=5))
     assert lock.steps == 16
     fractions = torch.tensor(oracle.fractions)

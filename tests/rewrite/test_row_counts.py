@@ -1,0 +1,126 @@
+"""Row counts of the sparse variant's gathers: capacity buckets (top-K, static) vs unbacked (``nonzero``)."""
+
+import pytest
+import torch
+
+from dyllm_compile.config import DyllmConfig
+from dyllm_compile.generate import generate
+from dyllm_compile.models import llada_like
+from dyllm_compile.models.zoo import ZOO
+from dyllm_compile.passes.analysis import analyze
+from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.passes.rewrite import build_sparse, plan_rewrite
+from dyllm_compile.runtime import rows
+from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+from decode_driver import decode_inputs
+from oracle import Lockstep, Oracle
+
+
+def _calls(gm, fn):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fn]
+
+
+def test_sparse_graph_buckets_vs_unbacked():
+    """Before (buckets): each salient set is picked by top-K at a static capacity, the region runs on K rows and
+    scatters K. After (unbacked): picked by nonzero, the region runs on the count plus the padding, the padding
+    is dropped before the scatter. Same selections, same regions, same caches out."""
+    torch._dynamo.reset()
+    analyses = []
+
+    def backend(gm, example_inputs):
+        analyses.append(analyze(gm))
+        return gm.forward
+
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.compile(llada_like("tiny"), backend=backend)(ids)
+    (analysis,) = analyses
+    plan = plan_rewrite(analysis, DyllmConfig(lowering="aot_eager"))
+    before, after = build_sparse(plan, 4), build_sparse(plan, None)
+    picked = len(_calls(before, rows.select_rows))
+    assert picked >= len(plan.sites)  # one per salient set: S_in for the k/v chains, then each layer's S_out
+    assert not _calls(before, rows.select_rows_unbacked) and not _calls(before, rows.first_rows)
+    assert not _calls(after, rows.select_rows)
+    assert len(_calls(after, rows.select_rows_unbacked)) == picked
+    scatters = _calls(after, rows.scatter_rows)
+    assert len(scatters) == len(_calls(before, rows.scatter_rows)) == len(_calls(after, rows.first_rows))
+    for scatter in scatters:  # the unpadded rows go back: first_rows(fresh, index) and index both the [U] index
+        fresh, index = scatter.args[1], scatter.args[2]
+        assert fresh.target is rows.first_rows and fresh.args[1] is index
+    sizes = [n for n in after.graph.nodes if n.op == "call_method" and n.target == "size"]
+    assert sizes and all(op_name(n.args[0]) == "getitem" for n in sizes)  # the padded gather's length
+
+
+def test_unbacked_selection_pads_and_drops():
+    salient = torch.tensor([[False, True, False, False, True], [False, False, False, True, False]])
+    gather, index, valid, count = rows.select_rows_unbacked(salient)
+    assert index.tolist() == [1, 3, 4] and int(count) == 3
+    assert gather.tolist() == [1, 3, 4] + [0] * rows.UNBACKED_PAD
+    assert valid.tolist() == [[True, False, True], [False, True, False]]
+    x = torch.arange(10.0).view(1, 5, 2)
+    assert torch.equal(rows.first_rows(x.index_select(1, gather), index, 1), x.index_select(1, index))
+    empty = rows.select_rows_unbacked(torch.zeros(1, 5, dtype=torch.bool))
+    assert empty[0].shape == (rows.UNBACKED_PAD,) and empty[1].numel() == 0 and int(empty[3]) == 0
+
+
+def _decode(options, calls=8, lowering="aot_eager"):
+    torch._dynamo.reset()
+    before = last_serial()
+    entry = ZOO["llada"]
+    model = entry.build()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
+    with torch.inference_mode():
+        for args in decode_inputs(entry, 1, prompt=6, response=10, calls=calls):
+            compiled(*args)
+    (runtime,) = runtimes(before)
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def routes():
+    forced = {"force_salient": 0.3, "seed": 3}
+    return {route: _decode({"row_counts": route, **forced}) for route in ("auto", "buckets", "unbacked")}
+
+
+def test_unbacked_compiles_one_variant_and_never_reruns(routes):
+    unbacked = routes["unbacked"]
+    assert {key[0] for key in unbacked.sparse_fns} == {None}
+    assert unbacked.stats.sparse_compiles == 1 and unbacked.stats.reruns == 0
+    buckets = routes["buckets"]
+    assert all(isinstance(key[0], int) for key in buckets.sparse_fns)
+
+
+def test_auto_is_unbacked_on_cpu(routes):
+    assert {key[0] for key in routes["auto"].sparse_fns} == {None}
+
+
+def test_unbacked_counts_only_the_salient_rows(routes):
+    """Same forced salient sets on both routes: buckets compute their padded capacity, unbacked the rows."""
+    buckets, unbacked = routes["buckets"].stats, routes["unbacked"].stats
+    assert unbacked.sparse_calls == buckets.sparse_calls
+    assert 0 < unbacked.rows_computed < buckets.rows_computed
+
+
+def test_max_salient_fraction_runs_dense_on_the_unbacked_route():
+    """The count is known only after the variant ran: a call over the cap is then rerun dense."""
+    runtime = _decode({"row_counts": "unbacked", "force_salient": 0.9, "max_salient_fraction": 0.5})
+    assert runtime.stats.sparse_compiles == 1  # the sparse variant ran, found too many rows
+    assert runtime.stats.dense_calls == 8 and runtime.stats.sparse_calls == 0
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("route", ["buckets", "unbacked"])
+def test_routes_under_inductor_match_oracle(route):
+    """Inductor lowers both routes; unbacked: the data-dependent row count, one variant for every count. At batch
+    2 an unpadded count fails to lower (a guard on the count being one in bmm's layout choice)."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model = llada_like("tiny", init_std=0.2)
+    options = {"force_salient": 0.3, "seed": 5, "row_counts": route}
+    compiled = torch.compile(model, backend="dyllm", options=options)
+    lock = Lockstep(compiled, Oracle(model, force_salient=0.3, seed=5))
+    prompt = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    generate(lock, prompt, mask_token_id=127, gen_length=8, steps=8, block_length=8)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.sparse_calls == 7
+    assert (runtime.stats.sparse_compiles == 1) == (route == "unbacked")

@@ -55,6 +55,7 @@ class SitePlan:
     values: Optional[Region] = None  # the v chain, run on every row for a policy's before_attention hook
     queries: Optional[Region] = None  # query pruning: the q chain, run on the queried rows only
     kv: dict[str, Region] = field(default_factory=dict)  # the k and v chains as cached (GQA: kv heads only)
+    gated_q: bool = False  # exact mode: the q chain is a region on S_in whose cache is the q cache
 
 
 @dataclass
@@ -130,6 +131,13 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                     f"L{site.layer}.{which}", plan.kv[which].exit)
             if config.attention_mode == "exact":
                 plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q)
+                # Rows outside S_in keep their cached q: the q chain runs on S_in only, like k and v (with query
+                # pruning it runs on the queried rows instead, and the op's caller merges).
+                if (not config.query_pruning_period and chains["q"].nodes and chains["q"].exit is site.q
+                        and not _region_problem(chains["q"], infos, batch)):
+                    plan.gated_q = True
+                    regions.append(chains["q"])
+                    region_caches[id(chains["q"])] = plan.caches["q"]
                 plan.caches["m"] = add_cache(f"L{site.layer}.m", None)
                 plan.caches["l"] = add_cache(f"L{site.layer}.l", None)
         plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node)
@@ -503,10 +511,11 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
         take = lambda cached: b.call(rows.gather_rows, cached, index, 2)  # noqa: E731
         put = lambda cached, fresh: b.call(rows.scatter_rows, cached, fresh, index, valid, 2)  # noqa: E731
         salient_q, extra = b.call(rows.gather_rows, salient, index, 1), [index]
-    if exact:  # unchanged rows keep their cached query: the incremental update is then exact
+    if exact and not site.gated_q:  # unchanged rows keep their cached query: the incremental update is exact
         q_cache = cache_in[site.caches["q"]]
         q = b.call(rows.merge_rows, salient_q, q, take(q_cache), 2)
         new_cache[site.caches["q"]] = put(q_cache, q)
+    if exact:
         m_old, l_old = take(cache_in[site.caches["m"]]), take(cache_in[site.caches["l"]])
     else:
         m_old = l_old = b.call(rows.zero_stats, q)

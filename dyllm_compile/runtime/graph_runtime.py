@@ -235,14 +235,12 @@ class GraphRuntime:
             out = fn(*args, *state.caches, changed, *extra)
             counts = out[self.n_user + self.n_caches].tolist()  # one sync: rows per gathered region
             needed = max(counts, default=0)
-            if capacity is None or needed <= capacity:
-                break
             if needed > cap:  # more salient rows than the policy allows: this call runs dense
                 return self._dense(states, state, args, tokens, others, upstream)
+            if capacity is None or needed <= capacity:
+                break
             self.stats.reruns += 1
             capacity = self._bucket(needed, n)
-        if needed > cap:
-            return self._dense(states, state, args, tokens, others, upstream)
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1

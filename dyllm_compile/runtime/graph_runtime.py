@@ -277,24 +277,30 @@ class GraphRuntime:
         Mask positions are computed only for policies that read them (not on the default policy's hot path)."""
         if not self.policy.needs_mask_positions:
             return CallState(state.calls, changed, None, None, None)
-        mask_id = self._mask_id(state)
-        ids = tokens[0]
-        if ids.is_floating_point() or ids.dim() != 2 or mask_id is None:
+        response = self._response_rows(state)
+        if response is None:
             if not self._warned_policy:
                 log.warning("dyllm: graph %s: policy %s needs token-id inputs and a known mask id "
                             "(set mask_token_id); running dense", self.graph_id, self.policy.name)
                 self._warned_policy = True
             return None
-        return CallState(state.calls, changed, ids == mask_id, state.dense_tokens[0] == mask_id,
-                         state.start_tokens[0] == mask_id)
+        mask_id = self._mask_id(state)
+        return CallState(state.calls, changed, tokens[0] == mask_id, state.dense_tokens[0] == mask_id, response)
 
     def _queried(self, state: SequenceState, changed: torch.Tensor) -> torch.Tensor:
-        """Query pruning's rows [B, N]: the response (rows masked at the sequence's first call); every row on
-        every ``query_pruning_period``-th call, and where the inputs cannot tell (hidden states, unknown mask)."""
-        ids, mask_id = state.start_tokens[0], self._mask_id(state)
-        if (state.calls % self.config.query_pruning_period == 0 or ids.is_floating_point() or ids.dim() != 2
-                or mask_id is None):
+        """Query pruning's rows [B, N]: the response; every row on every ``query_pruning_period``-th call, and
+        where the inputs cannot tell the response (hidden states, unknown mask)."""
+        response = self._response_rows(state)
+        if state.calls % self.config.query_pruning_period == 0 or response is None:
             return torch.ones_like(changed)
+        return response
+
+    def _response_rows(self, state: SequenceState) -> Optional[torch.Tensor]:
+        """Rows masked at the sequence's first call [B, N], or None when the inputs are not [B, N] token ids or
+        the mask id is unknown."""
+        ids, mask_id = state.start_tokens[0], self._mask_id(state)
+        if ids.is_floating_point() or ids.dim() != 2 or mask_id is None:
+            return None
         return ids == mask_id
 
     def _mask_id(self, state: SequenceState) -> Optional[int]:

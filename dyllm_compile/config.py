@@ -74,7 +74,7 @@ class DyllmConfig:
         kind=float, low=0.0, high=1.0, low_open=True,
     )
     min_salient_fraction: float = _knob(
-        0.0, "Smallest row capacity of a sparse call, as a fraction of the sequence (capacity buckets).",
+        0.0, "Smallest row capacity of a sparse call, as a fraction of the sequence (row_counts buckets only).",
         kind=float, low=0.0, high=1.0,
     )
     row_counts: str = _knob(

@@ -23,6 +23,8 @@ def test_unknown_key_names_key_and_valid_keys():
 def test_bad_value_names_valid_choices():
     with pytest.raises(ValueError, match=r"'lowering' must be one of \['inductor', 'aot_eager', 'eager'\]"):
         DyllmConfig.from_options({"lowering": "tvm"})
+    with pytest.raises(ValueError, match=r"'row_counts' must be one of \['auto', 'buckets', 'unbacked'\]"):
+        DyllmConfig.from_options({"row_counts": "nonzero"})
 
 
 def test_non_mapping_options_rejected():

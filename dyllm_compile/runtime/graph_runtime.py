@@ -93,6 +93,14 @@ def bucket_sizes(n: int) -> list[int]:
     return sorted({max(1, math.ceil(f * n)) for f in BUCKET_FRACTIONS})
 
 
+def _query_capacity(queried: torch.Tensor) -> int:
+    """Rows a query-pruned call gathers for ``queried [B, N]``: the union, rounded up to N/16 steps (the response's
+    size is fixed per sequence: one variant, not one per count)."""
+    n = queried.shape[1]
+    step = max(1, n // 16)
+    return min(n, max(1, step * math.ceil(int(queried.any(0).sum()) / step)))
+
+
 def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction: float) -> torch.Tensor:
     """The rows ``force_salient`` adds per layer at a sequence's ``call``-th call: [layers, batch, n] bool."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + call)
@@ -223,11 +231,7 @@ class GraphRuntime:
         forced = []
         if cfg.force_salient is not None:
             forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
-        query_capacity = None
-        if queried is not None:
-            # The response's size is fixed per sequence: a fine bucket (N/16 steps) costs one variant, not many.
-            step = max(1, n // 16)
-            query_capacity = min(n, max(1, step * math.ceil(int(queried.any(0).sum()) / step)))
+        query_capacity = None if queried is None else _query_capacity(queried)
         extra = forced + hint + ([queried] if queried is not None else [])
         capacity = None if self._unbacked(changed.device) else self._bucket(max(state.needed, rows), n)
         while True:
@@ -246,19 +250,23 @@ class GraphRuntime:
         state.calls += 1
         state.needed = needed
         state.queried = None if queried is None or bool(queried.all()) else queried
-        fractions = out[self.n_user + self.n_caches + 1].mean(dim=1)
-        self.stats.sparse_calls += 1
-        self.stats.history.append(fractions)
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
-        # Gathered regions computed their counted rows (or the capacity); queried ones the query capacity; regions
-        # a policy computes for every row (its values) all n.
+        self._count_sparse(out, counts, n, capacity, query_capacity)
+        return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
+
+    def _count_sparse(self, out: Any, counts: list[int], n: int, capacity: Optional[int],
+                      query_capacity: Optional[int]) -> None:
+        """A sparse call's counters: its salient fractions per site, and the rows its gated regions computed:
+        gathered regions their counted rows (or the capacity), queried ones the query capacity, regions a
+        policy computes for every row (its values) all ``n``."""
+        self.stats.sparse_calls += 1
+        self.stats.history.append(out[self.n_user + self.n_caches + 1].mean(dim=1))
         queried_rows = (query_capacity or 0) * len(self.plan.queried_regions)
         ungathered = len(self.plan.regions) - len(counts) - len(self.plan.queried_regions)
         self.stats.rows_computed += ((sum(counts) if capacity is None else capacity * len(counts)) + queried_rows
                                      + n * ungathered)
         self.stats.rows_dense += n * len(self.plan.regions)
-        return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
     def _returned(self, state: SequenceState, out: Any, rows: Optional[torch.Tensor],
                   upstream: Optional[row_tags.RowTag]) -> tuple:

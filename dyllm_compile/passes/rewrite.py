@@ -10,10 +10,10 @@ the site's values, then computed for every row) and at a gated region's input (c
 salient set at those points.
 
 Invariants: the dense variant computes exactly the original graph (plus cache outputs); the sparse variant reads
-caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token
-count of every gathered region replaced by the static capacity K (or, unbacked, the number of salient rows
-plus a constant pad); rows outside the union of salient rows keep
-their cached values. With threshold 1 every row is salient and both variants equal the original graph.
+caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token count of
+every gathered region replaced by the static capacity K (or, unbacked, the number of salient rows plus a constant
+pad); rows outside the union of salient rows keep their cached values. With threshold 1 every row is salient and
+both variants equal the original graph.
 """
 
 from __future__ import annotations
@@ -248,13 +248,13 @@ class _Rows:
     """A row selection in the new graph: a region runs on the ``size`` rows ``gather`` (an int capacity, or a
     node: the unbacked count), the first ``len(scatter)`` of its results go to rows ``scatter`` where ``valid``
     [B, K]. For capacity buckets ``gather is scatter``; an unbacked gather carries padding rows. ``count``: the
-    number of union salient rows (None for the queried rows, which cannot overflow)."""
+    number of union salient rows (0-d), for overflow detection and the row counters."""
 
     gather: fx.Node
     size: Any
     scatter: fx.Node
     valid: fx.Node
-    count: Optional[fx.Node] = None
+    count: fx.Node
 
 
 class _Builder:
@@ -371,19 +371,17 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
 
     def select(current: fx.Node) -> _Rows:
         if current not in selections:
-            if current is queried:  # sized by the runtime from this very mask: it cannot overflow
-                picked = b.call(rows.select_rows, current, query_capacity)
-                index = b.item(picked, 0)
-                selections[current] = _Rows(index, query_capacity, index, b.item(picked, 1))
-            elif capacity is None:
+            # The queried rows keep a static capacity: the runtime sizes it from this very mask (no overflow).
+            size = query_capacity if current is queried else capacity
+            if size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
                 gather = b.item(picked, 0)
-                size = b.graph.call_method("size", (gather, 0))
-                selections[current] = _Rows(gather, size, b.item(picked, 1), b.item(picked, 2), b.item(picked, 3))
+                selections[current] = _Rows(gather, b.graph.call_method("size", (gather, 0)), b.item(picked, 1),
+                                            b.item(picked, 2), b.item(picked, 3))
             else:
-                picked = b.call(rows.select_rows, current, capacity)
+                picked = b.call(rows.select_rows, current, size)
                 index = b.item(picked, 0)
-                selections[current] = _Rows(index, capacity, index, b.item(picked, 1), b.item(picked, 2))
+                selections[current] = _Rows(index, size, index, b.item(picked, 1), b.item(picked, 2))
         return selections[current]
 
     hook_count = itertools.count()

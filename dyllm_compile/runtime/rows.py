@@ -1,9 +1,9 @@
 """Row selection and scatter, traced into the sparse variant as plain torch code.
 
-The row set of a gated region is the union over the batch of its salient rows, picked either by top-K with a
-static capacity K (capacity buckets: no data-dependent shapes, no host sync) or exactly, by ``nonzero`` (an
-unbacked row count: one variant for every count, no padding). Gathering one index set for the whole batch lets inputs
-without a batch dim (RoPE tables) be gathered the same way. Rows computed for one batch element but salient
+The row set of a gated region is the union over the batch of its salient rows, picked either by top-K with a static
+capacity K (capacity buckets: no data-dependent shapes, no host sync) or exactly, by ``nonzero`` (an unbacked row
+count: one variant for every count, no padding up to a bucket). Gathering one index set for the whole batch lets
+inputs without a batch dim (RoPE tables) be gathered the same way. Rows computed for one batch element but salient
 only in another keep their cached value, so the result equals the per-element algorithm exactly.
 """
 

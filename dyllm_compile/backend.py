@@ -20,7 +20,7 @@ from .explain import Report
 from .lowering import lower
 from .passes.analysis import analyze
 from .passes.rewrite import NotRewritable, build_dense, plan_rewrite
-from .runtime.graph_runtime import GraphRuntime
+from .runtime.graph_runtime import GraphRuntime, unbacked_rows
 
 log = logging.getLogger("dyllm_compile")
 _graph_ids = itertools.count()
@@ -58,5 +58,8 @@ def dyllm_backend(
         return lower(gm, example_inputs, config.lowering, mode)
     if plan.reasons:
         log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))
-    dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode)
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    dense_fn = None  # unbacked row counts: dense calls run through the sparse variant, one compile instead of two
+    if config.shadow or not unbacked_rows(config, device):
+        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode)
     return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=mode), graph_id)

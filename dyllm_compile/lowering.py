@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -22,7 +23,7 @@ def lower(
     ShapeEnv allows such ops (what Dynamo's ``capture_dynamic_output_shape_ops`` does for user code): the size
     becomes an unbacked symbol and one compiled graph serves every count."""
     if dynamic_output_shapes and lowering != "eager":
-        example_inputs = _fake(example_inputs)
+        example_inputs = fake_inputs(example_inputs)
     if lowering == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
@@ -36,9 +37,22 @@ def lower(
     raise ValueError(f"unknown lowering {lowering!r}")
 
 
-def _fake(inputs: Sequence[Any]) -> list[Any]:
+def fake_inputs(inputs: Sequence[Any]) -> list[Any]:
+    """Fake copies of ``inputs`` (same shapes, no data) in one FakeTensorMode whose ShapeEnv allows
+    data-dependent sizes and scalars."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True))
     return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def output_layouts(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Optional[tuple[torch.Size, torch.dtype,
+                                                                                   torch.device]]]:
+    """Shape, dtype and device of each of ``gm``'s outputs for ``inputs`` (None for a non-tensor), from a run on
+    fake copies (no compute, nothing compiled)."""
+    fakes = fake_inputs(inputs)
+    mode = next((x.fake_mode for x in fakes if isinstance(x, torch.Tensor)), None)
+    with mode if mode is not None else contextlib.nullcontext():
+        outputs = gm(*fakes)
+    return [(x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else None for x in outputs]

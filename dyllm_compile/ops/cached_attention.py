@@ -88,10 +88,11 @@ def cached_attention_reference(
         p = _exp_(s.sub_(m[..., None]))
         l = p.sum(dim=-1)
         # V changed only on salient rows (union over the batch): P (V - V_old) needs those columns only, and
-        # the exact context only the salient rows. Normalising after the products avoids an [R, N] pass.
+        # the exact context only the salient rows. Normalising the few columns' weights instead of P avoids an
+        # [R, N] pass, and the batched matmul adds into c_old in one pass over the context.
         changed = salient_in.any(dim=0).nonzero().flatten()
-        dv = (v.float() - v_old.float()).index_select(2, changed)
-        c = c_old.float() + torch.matmul(p.index_select(3, changed), dv) / l[..., None]
+        dv = v.index_select(2, changed).float() - v_old.index_select(2, changed).float()
+        c = _add_products(c_old.float(), p.index_select(3, changed).div_(l[..., None]), dv)
         rows = salient_q.any(dim=0).nonzero().flatten()
         exact = torch.matmul(p.index_select(2, rows), v.float()) / l.index_select(2, rows)[..., None]
         keep_exact = salient_q.index_select(1, rows)[:, None, :, None]
@@ -99,6 +100,14 @@ def cached_attention_reference(
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
                   recompute_share)
+
+
+def _add_products(c: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``c + weights @ values`` for [B, H, R, D] ``c``, [B, H, R, J] ``weights``, [B, H, J, D] ``values``: one
+    batched matmul that adds into ``c`` as it writes (one pass over the context, not three)."""
+    b, h, r, d = c.shape
+    out = torch.baddbmm(c.reshape(b * h, r, d), weights.reshape(b * h, r, -1), values.reshape(b * h, -1, d))
+    return out.view(b, h, r, d)
 
 
 def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor) -> Optional[torch.Tensor]:
@@ -128,11 +137,14 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
         e_new = _exp_(s_new.sub_(m1[..., None])).mul_(own)
         removed = e_old.sum(dim=-1)
         l = kept - removed + e_new.sum(dim=-1)
-        acc = (c * kept[..., None] - torch.matmul(e_old, v_old.index_select(2, cols).float())
-               + torch.matmul(e_new, v.index_select(2, cols).float()))
-        c, m = acc / l[..., None], m1
-        # Removing most of a row's mass cancels badly: those rows (in any head) recompute exactly.
-        unstable = (removed > recompute_share * kept) | ~torch.isfinite(c).all(dim=-1)
+        # c = (c_old kept - e_old V_old + e_new V) / l, in one pass over the context: the columns' weights are
+        # divided by l (they are few), c_old scaled by kept / l, and the products added into it.
+        weights = torch.cat([e_new, e_old.neg_()], dim=-1).div_(l[..., None])
+        values = torch.cat([v.index_select(2, cols), v_old.index_select(2, cols)], dim=2).float()
+        c, m = _add_products(c * (kept / l)[..., None], weights, values), m1
+        # Removing most of a row's mass cancels badly: those rows (in any head) recompute exactly, as do rows
+        # whose result is not finite (a sum over the head dim is not finite when any element is not).
+        unstable = (removed > recompute_share * kept) | ~torch.isfinite(c.sum(dim=-1))
         use_exact |= unstable.any(dim=1)
     else:
         c, m, l = c.clone(), m.clone(), l.clone()

@@ -338,8 +338,9 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
     (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``, then
     (query pruning) ``queried [B, N]``: pruned sites run their q chain, attention and output projection on
-    those rows only, the other rows keep their cached context and projection. Each
-    site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
+    those rows only, the other rows keep their cached context and projection; last ``dense_call [B, 1]``: True
+    recomputes every row (a dense call through this variant, from any caches), however the policy's hooks narrow
+    the set. Each site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
     outputs, the new caches, the number of union rows each gathered region needed (for overflow detection and
     the row counters), the salient fraction per site [layers, B] and the last salient set [B, N] (the next
     graph's S_in after a graph break).
@@ -358,6 +359,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     policy = plan.policy
     hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
+    everyone = b.graph.placeholder("dense_call")
     new_cache: dict[int, Any] = {}
     counts, fractions = [], []
     selections: dict[fx.Node, _Rows] = {}
@@ -389,7 +391,8 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     def hook(point: str, layer: int, axis: int, current: fx.Node, fresh: fx.Node, cached: fx.Node) -> fx.Node:
         name = f"dyllm_{point}_{next(hook_count)}"
         plan.analysis.gm.add_submodule(name, PolicyHook(policy, point, axis, layer, config.threshold))
-        return b.graph.call_module(name, (current, fresh, cached, hint))
+        # A policy may drop rows that came in salient (ES-dLLM does): a dense call keeps every row all the same.
+        return b.call(operator.or_, b.graph.call_module(name, (current, fresh, cached, hint)), everyone)
 
     for node in graph_nodes:
         if node.op == "placeholder" or node in skipped:

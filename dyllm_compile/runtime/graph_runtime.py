@@ -2,7 +2,10 @@
 
 Each call picks a variant. Dense: the first ``dense_steps`` calls of a sequence, every ``refresh_period`` calls,
 any call that does not continue a known sequence, and calls with too many salient rows. Sparse otherwise: layer
-0's salient rows are the rows whose token inputs changed since the last call. Row counts (``row_counts``):
+0's salient rows are the rows whose token inputs changed since the last call. With unbacked row counts a dense
+call is the sparse variant with every row salient (its ``dense_call`` input), from zero caches for a new
+sequence: one compiled variant serves both kinds of call. With capacity buckets (and in shadow mode, which
+compares against it) the dense variant is compiled as well. Row counts (``row_counts``):
 unbacked, one variant gathers exactly the salient rows; buckets, the row capacity K is the smallest bucket that
 held last call's salient rows, and if a layer needed more, the call is rerun with a bigger bucket (caches are
 functional, so a rerun is safe), so a salient row is never left stale.
@@ -31,7 +34,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from ..passes.rewrite import RewritePlan, build_sparse, scalar_inputs
+from ..config import DyllmConfig
+from ..lowering import output_layouts
+from ..passes.rewrite import RewritePlan, build_dense, build_sparse, scalar_inputs
 from ..policies import CallState
 from . import row_tags
 
@@ -101,6 +106,11 @@ def _query_capacity(queried: torch.Tensor) -> int:
     return min(n, max(1, step * math.ceil(int(queried.any(0).sum()) / step)))
 
 
+def unbacked_rows(config: DyllmConfig, device: torch.device) -> bool:
+    """Whether sparse calls on ``device`` size their row sets by unbacked counts (else capacity buckets)."""
+    return config.row_counts == "unbacked" or (config.row_counts == "auto" and device.type == "cpu")
+
+
 def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction: float) -> torch.Tensor:
     """The rows ``force_salient`` adds per layer at a sequence's ``call``-th call: [layers, batch, n] bool."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + call)
@@ -108,8 +118,10 @@ def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction
 
 
 class GraphRuntime:
-    def __init__(self, plan: RewritePlan, dense_fn: Callable, lower: Callable[..., Callable], graph_id: str) -> None:
-        """``lower(gm, example_inputs, dynamic_output_shapes=...)`` compiles a sparse variant."""
+    def __init__(self, plan: RewritePlan, dense_fn: Optional[Callable], lower: Callable[..., Callable],
+                 graph_id: str) -> None:
+        """``lower(gm, example_inputs, dynamic_output_shapes=...)`` compiles a sparse variant; ``dense_fn`` is the
+        compiled dense variant, None where dense calls run through the sparse one (unbacked row counts)."""
         self.plan = plan
         self.config = plan.config
         self.dense_fn = dense_fn
@@ -120,6 +132,7 @@ class GraphRuntime:
         self.n_sites = len(plan.sites)
         self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
         self.sparse_fns: dict[tuple, Callable] = {}
+        self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
         self.policy = plan.policy
@@ -232,10 +245,10 @@ class GraphRuntime:
         if cfg.force_salient is not None:
             forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
         query_capacity = None if queried is None else _query_capacity(queried)
-        extra = forced + hint + ([queried] if queried is not None else [])
-        capacity = None if self._unbacked(changed.device) else self._bucket(max(state.needed, rows), n)
+        extra = forced + hint + ([queried] if queried is not None else []) + [self._dense_flag(changed, False)]
+        capacity = None if unbacked_rows(cfg, changed.device) else self._bucket(max(state.needed, rows), n)
         while True:
-            fn = self._sparse(capacity, args, state, changed, extra, query_capacity)
+            fn = self._sparse(capacity, args, state.caches, changed, extra, query_capacity)
             out = fn(*args, *state.caches, changed, *extra)
             counts = out[self.n_user + self.n_caches].tolist()  # one sync: rows per gathered region
             needed = max(counts, default=0)
@@ -321,10 +334,6 @@ class GraphRuntime:
         flips = int((sparse.argmax(-1) != dense.argmax(-1)).sum()) if dense.dim() >= 2 else 0
         self.stats.shadow.append((drift, flips))
 
-    def _unbacked(self, device: torch.device) -> bool:
-        choice = self.config.row_counts
-        return choice == "unbacked" or (choice == "auto" and device.type == "cpu")
-
     def _bucket(self, needed: int, n: int) -> int:
         floor = math.ceil(self.config.min_salient_fraction * n)
         return next(k for k in bucket_sizes(n) if k >= max(needed, floor, 1))
@@ -332,7 +341,7 @@ class GraphRuntime:
     def _dense(self, states: list[SequenceState], old: Optional[SequenceState], args: tuple,
                tokens: list[torch.Tensor], others: list[torch.Tensor],
                upstream: Optional[row_tags.RowTag] = None) -> Any:
-        out = self.dense_fn(*args)
+        out = self._dense_outputs(args, tokens, old)
         caches = list(out[self.n_user : self.n_user + self.n_caches])
         state = old
         if state is not None:
@@ -351,16 +360,48 @@ class GraphRuntime:
         self.stats.rows_dense += n * len(self.plan.regions)
         return self._returned(state, out, None, upstream)
 
-    def _sparse(self, capacity: Optional[int], args: tuple, state: SequenceState, changed: torch.Tensor,
+    def _dense_outputs(self, args: tuple, tokens: list[torch.Tensor], old: Optional[SequenceState]) -> Any:
+        """A dense call's outputs: the dense variant's, or where it is not compiled the sparse variant's with every
+        row salient, from ``old``'s caches or zero ones (every cache row is rewritten either way)."""
+        if self.dense_fn is not None:
+            return self.dense_fn(*args)
+        everyone = torch.ones(tokens[0].shape[0], tokens[0].shape[self.plan.input_axes[0]], dtype=torch.bool,
+                              device=tokens[0].device)
+        caches = old.caches if old is not None else self._zero_caches(args)
+        extra = []
+        if self.config.force_salient is not None:
+            extra.append(everyone.repeat(self.n_sites, 1, 1))
+        if self.policy.uses_row_hint:
+            extra.append(everyone)
+        if self.plan.prunes_queries:
+            extra.append(everyone)
+        extra.append(self._dense_flag(everyone, True))
+        query_capacity = everyone.shape[1] if self.plan.prunes_queries else None
+        return self._sparse(None, args, caches, everyone, extra, query_capacity)(*args, *caches, everyone, *extra)
+
+    def _zero_caches(self, args: tuple) -> list[torch.Tensor]:
+        """Zero caches in the layout the dense variant would return for ``args`` (found from a fake run)."""
+        key = self._key(args)[0]
+        if key not in self._cache_layouts:
+            layouts = output_layouts(build_dense(self.plan), args)
+            self._cache_layouts[key] = layouts[self.n_user : self.n_user + self.n_caches]
+        return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in self._cache_layouts[key]]
+
+    @staticmethod
+    def _dense_flag(rows: torch.Tensor, dense: bool) -> torch.Tensor:
+        """The sparse variant's ``dense_call`` input [B, 1]."""
+        return torch.full((rows.shape[0], 1), dense, dtype=torch.bool, device=rows.device)
+
+    def _sparse(self, capacity: Optional[int], args: tuple, caches: list[torch.Tensor], changed: torch.Tensor,
                 extra: list, query_capacity: Optional[int] = None) -> Callable:
         """The sparse variant for ``capacity`` rows (None: unbacked counts) and ``query_capacity`` queried rows;
-        ``extra``: the forced-salient, row-hint and queried-rows inputs."""
+        ``extra``: the forced-salient, row-hint, queried-rows and dense-call inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
         key = (capacity, query_capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
                tuple(scalars.items()))
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity)
-            self.sparse_fns[key] = self.lower(gm, [*args, *state.caches, changed, *extra],
+            self.sparse_fns[key] = self.lower(gm, [*args, *caches, changed, *extra],
                                               dynamic_output_shapes=capacity is None)
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %s rows", self.graph_id,

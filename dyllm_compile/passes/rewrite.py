@@ -340,10 +340,10 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     (query pruning) ``queried [B, N]``: pruned sites run their q chain, attention and output projection on
     those rows only, the other rows keep their cached context and projection; last ``dense_call [B, 1]``: True
     recomputes every row (a dense call through this variant, from any caches), however the policy's hooks narrow
-    the set. Each site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs: the original
-    outputs, the new caches, the number of union rows each gathered region needed (for overflow detection and
-    the row counters), the salient fraction per site [layers, B] and the last salient set [B, N] (the next
-    graph's S_in after a graph break).
+    the set. Each site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs:
+    the original outputs, the new caches, the number of union rows each gathered region needed (for overflow
+    detection and the row counters), the salient fraction per site [layers, B] and the last salient set [B, N]
+    (the next graph's S_in after a graph break).
     A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config

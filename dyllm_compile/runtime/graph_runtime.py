@@ -227,7 +227,7 @@ class GraphRuntime:
         cap = math.ceil(cfg.max_salient_fraction * n)
         refresh = cfg.refresh_period and state.calls % cfg.refresh_period == 0
         call = self._call_state(state, tokens, changed)
-        hint = [self.policy.row_hint(call)] if call is not None and self.policy.uses_row_hint else []
+        hint = self.policy.row_hint(call) if call is not None and self.policy.uses_row_hint else None
         if call is not None:
             changed = self.policy.first_rows(call)
         queried = self._queried(state, changed) if self.plan.prunes_queries else None
@@ -241,11 +241,11 @@ class GraphRuntime:
             return self._dense(states, state, args, tokens, others, upstream)
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
             changed = torch.ones_like(changed)
-        forced = []
+        forced = None
         if cfg.force_salient is not None:
-            forced = [forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)]
+            forced = forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)
         query_capacity = None if queried is None else _query_capacity(queried)
-        extra = forced + hint + ([queried] if queried is not None else []) + [self._dense_flag(changed, False)]
+        extra = self._extra_inputs(changed, forced, hint, queried, dense=False)
         capacity = None if unbacked_rows(cfg, changed.device) else self._bucket(max(state.needed, rows), n)
         while True:
             fn = self._sparse(capacity, args, state.caches, changed, extra, query_capacity)
@@ -368,15 +368,11 @@ class GraphRuntime:
         everyone = torch.ones(tokens[0].shape[0], tokens[0].shape[self.plan.input_axes[0]], dtype=torch.bool,
                               device=tokens[0].device)
         caches = old.caches if old is not None else self._zero_caches(args)
-        extra = []
-        if self.config.force_salient is not None:
-            extra.append(everyone.repeat(self.n_sites, 1, 1))
-        if self.policy.uses_row_hint:
-            extra.append(everyone)
-        if self.plan.prunes_queries:
-            extra.append(everyone)
-        extra.append(self._dense_flag(everyone, True))
-        query_capacity = everyone.shape[1] if self.plan.prunes_queries else None
+        forced = everyone.repeat(self.n_sites, 1, 1) if self.config.force_salient is not None else None
+        queried = everyone if self.plan.prunes_queries else None
+        extra = self._extra_inputs(everyone, forced, everyone if self.policy.uses_row_hint else None, queried,
+                                   dense=True)
+        query_capacity = everyone.shape[1] if queried is not None else None
         return self._sparse(None, args, caches, everyone, extra, query_capacity)(*args, *caches, everyone, *extra)
 
     def _zero_caches(self, args: tuple) -> list[torch.Tensor]:
@@ -388,9 +384,12 @@ class GraphRuntime:
         return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in self._cache_layouts[key]]
 
     @staticmethod
-    def _dense_flag(rows: torch.Tensor, dense: bool) -> torch.Tensor:
-        """The sparse variant's ``dense_call`` input [B, 1]."""
-        return torch.full((rows.shape[0], 1), dense, dtype=torch.bool, device=rows.device)
+    def _extra_inputs(salient_in: torch.Tensor, forced: Optional[torch.Tensor], hint: Optional[torch.Tensor],
+                      queried: Optional[torch.Tensor], dense: bool) -> list[torch.Tensor]:
+        """The sparse variant's inputs after ``salient_in [B, N]``, in :func:`build_sparse`'s order: those this plan
+        has (None: not an input), then ``dense_call [B, 1]``."""
+        flag = torch.full((salient_in.shape[0], 1), dense, dtype=torch.bool, device=salient_in.device)
+        return [x for x in (forced, hint, queried) if x is not None] + [flag]
 
     def _sparse(self, capacity: Optional[int], args: tuple, caches: list[torch.Tensor], changed: torch.Tensor,
                 extra: list, query_capacity: Optional[int] = None) -> Callable:

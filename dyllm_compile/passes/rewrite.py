@@ -373,7 +373,8 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
 
     def select(current: fx.Node) -> _Rows:
         if current not in selections:
-            # The queried rows keep a static capacity: the runtime sizes it from this very mask (no overflow).
+            # Bucketed queried rows have their own static capacity: the runtime sizes it from this very mask (no
+            # overflow). Unbacked, both selections count their rows.
             size = query_capacity if current is queried else capacity
             if size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
@@ -401,7 +402,8 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
             b.outputs = node.args[0]
             continue
         if node in query_chains:  # the queried rows of q, for the site to attend with
-            b.env[node] = _emit_rows(b, query_chains[node], select(queried).gather, query_capacity)
+            picked = select(queried)
+            b.env[node] = _emit_rows(b, query_chains[node], picked.gather, picked.size)
             continue
         if node in region_by_exit and id(region_by_exit[node]) in plan.queried_regions:
             region = region_by_exit[node]
@@ -499,19 +501,26 @@ def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
 def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salient: fx.Node,
                            cache_in: list[fx.Node], new_cache: dict[int, Any],
                            queried: Optional[_Rows] = None) -> fx.Node:
-    """The op on every query row, or (query pruning) on the rows ``queried`` (a static capacity): their q is
-    already gathered; their cached context and statistics are gathered, the results scattered back."""
+    """The op on every query row, or (query pruning) on the rows ``queried``: their q is already gathered; their
+    cached context and statistics are gathered, the results scattered back (an unbacked gather's padding rows
+    dropped)."""
     s = site.site
     exact = plan.config.attention_mode == "exact"
     q = b.env[s.q]
-    take: Callable[[fx.Node], fx.Node] = lambda cached: cached  # noqa: E731
-    put: Callable[[fx.Node, fx.Node], fx.Node] = lambda cached, fresh: fresh  # noqa: E731
     salient_q, extra = salient, []
     if queried is not None:
-        index, valid = queried.gather, queried.valid
-        take = lambda cached: b.call(rows.gather_rows, cached, index, 2)  # noqa: E731
-        put = lambda cached, fresh: b.call(rows.scatter_rows, cached, fresh, index, valid, 2)  # noqa: E731
-        salient_q, extra = b.call(rows.gather_rows, salient, index, 1), [index]
+        salient_q, extra = b.call(rows.gather_rows, salient, queried.gather, 1), [queried.gather]
+
+    def take(cached: fx.Node) -> fx.Node:
+        return cached if queried is None else b.call(rows.gather_rows, cached, queried.gather, 2)
+
+    def put(cached: fx.Node, fresh: fx.Node) -> fx.Node:
+        if queried is None:
+            return fresh
+        if queried.scatter is not queried.gather:
+            fresh = b.call(rows.first_rows, fresh, queried.scatter, 2)
+        return b.call(rows.scatter_rows, cached, fresh, queried.scatter, queried.valid, 2)
+
     if exact and not site.gated_q:  # unchanged rows keep their cached query: the incremental update is exact
         q_cache = cache_in[site.caches["q"]]
         q = b.call(rows.merge_rows, salient_q, q, take(q_cache), 2)

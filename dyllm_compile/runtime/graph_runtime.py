@@ -244,9 +244,10 @@ class GraphRuntime:
         forced = None
         if cfg.force_salient is not None:
             forced = forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)
-        query_capacity = None if queried is None else _query_capacity(queried)
         extra = self._extra_inputs(changed, forced, hint, queried, dense=False)
-        capacity = None if unbacked_rows(cfg, changed.device) else self._bucket(max(state.needed, rows), n)
+        unbacked = unbacked_rows(cfg, changed.device)
+        capacity = None if unbacked else self._bucket(max(state.needed, rows), n)
+        query_capacity = None if queried is None or unbacked else _query_capacity(queried)
         while True:
             fn = self._sparse(capacity, args, state.caches, changed, extra, query_capacity)
             out = fn(*args, *state.caches, changed, *extra)
@@ -265,17 +266,17 @@ class GraphRuntime:
         state.queried = None if queried is None or bool(queried.all()) else queried
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
-        self._count_sparse(out, counts, n, capacity, query_capacity)
+        queried_rows = query_capacity or (0 if queried is None else int(queried.any(0).sum()))
+        self._count_sparse(out, counts, n, capacity, queried_rows)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
-    def _count_sparse(self, out: Any, counts: list[int], n: int, capacity: Optional[int],
-                      query_capacity: Optional[int]) -> None:
+    def _count_sparse(self, out: Any, counts: list[int], n: int, capacity: Optional[int], queried: int) -> None:
         """A sparse call's counters: its salient fractions per site, and the rows its gated regions computed:
-        gathered regions their counted rows (or the capacity), queried ones the query capacity, regions a
-        policy computes for every row (its values) all ``n``."""
+        gathered regions their counted rows (or the capacity), queried ones the ``queried`` rows (or their
+        capacity), regions a policy computes for every row (its values) all ``n``."""
         self.stats.sparse_calls += 1
         self.stats.history.append(out[self.n_user + self.n_caches + 1].mean(dim=1))
-        queried_rows = (query_capacity or 0) * len(self.plan.queried_regions)
+        queried_rows = queried * len(self.plan.queried_regions)
         ungathered = len(self.plan.regions) - len(counts) - len(self.plan.queried_regions)
         self.stats.rows_computed += ((sum(counts) if capacity is None else capacity * len(counts)) + queried_rows
                                      + n * ungathered)
@@ -372,8 +373,7 @@ class GraphRuntime:
         queried = everyone if self.plan.prunes_queries else None
         extra = self._extra_inputs(everyone, forced, everyone if self.policy.uses_row_hint else None, queried,
                                    dense=True)
-        query_capacity = everyone.shape[1] if queried is not None else None
-        return self._sparse(None, args, caches, everyone, extra, query_capacity)(*args, *caches, everyone, *extra)
+        return self._sparse(None, args, caches, everyone, extra)(*args, *caches, everyone, *extra)
 
     def _zero_caches(self, args: tuple) -> list[torch.Tensor]:
         """Zero caches in the layout the dense variant would return for ``args`` (found from a fake run)."""

@@ -59,6 +59,17 @@ def test_query_pruning_matches_oracle(arch, mode, batch):
     assert lock.steps == 16
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert runtime.plan.prunes_queries and runtime.plan.queried_regions  # q chain, attention and o proj
+    # CPU default: unbacked row counts, so one variant serves the calls that query every row and the others.
+    assert list(runtime.sparse_fns) and {key[:2] for key in runtime.sparse_fns} == {(None, None)}
+    assert runtime.stats.sparse_compiles == 1
+    assert runtime.stats.rows_computed < 0.8 * runtime.stats.rows_dense
+
+
+def test_query_pruning_buckets_match_oracle():
+    """Capacity buckets: the queried rows have their own static capacity, sized from the queried mask."""
+    options = {"query_pruning_period": 4, "mask_token_id": MASK, "row_counts": "buckets"}
+    lock, _ = _run("llada", 3, options, dict(threshold=0.99, query_pruning_period=4))
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     n = 8 + 16
     assert {key[1] for key in runtime.sparse_fns} == {n, 16}  # all rows every 4th call, else the 16 response rows
 

@@ -5,7 +5,8 @@
     python benchmarks/bench_decode.py --model default --batch 1 --modes eager,inductor,dyllm-paper
 
 Every configuration decodes twice per mode: the first decode compiles and warms up, the second is timed
-(per-step latency from a synchronising wrapper around the model). Rows go to a CSV with the device, torch and
+(per-step latency from a synchronising wrapper around the model). Before the first configuration, every mode runs
+once untimed on a tiny model, so the process's one-time start-up costs are not charged to one mode's compile. Rows go to a CSV with the device, torch and
 Triton versions; plots (speedup bars, salient fraction per step and layer) go next to it. The roofline bound
 (benchmarks/roofline.py) uses the salient fractions measured in the same run and the machine's measured
 bandwidth and matmul peak.
@@ -205,6 +206,18 @@ FIELDS = [
 ]
 
 
+def warm_up(args, machine: Machine, device: torch.device, dtype: torch.dtype) -> None:
+    """One untimed run of every mode on the tiny model, each from empty caches: the process's one-time costs
+    (imports, the C++ compiler probe, thread pools, Triton's start-up) then fall outside every timed compile,
+    instead of all landing on the first configuration's first compiling mode."""
+    work = make_workload("tiny", 1, args, args.device, dtype)
+    work.model.to(device=device, dtype=dtype)
+    work.prompts = work.prompts.to(device)
+    for mode in args.modes.split(","):
+        with contextlib.nullcontext() if args.warm_compile_cache else fresh_cache():
+            run_mode(mode, work, args, machine, device, dtype)
+
+
 def run_config(work: Workload, args, machine: Machine, device: torch.device, dtype: torch.dtype,
                facts: dict) -> list[dict]:
     cfg = work.model.cfg
@@ -352,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     machine = measure_machine(device, dtype)
     print(f"{facts['device']}: measured {machine.bandwidth / 1e9:.1f} GB/s, {machine.peak_flops / 1e12:.2f} "
           f"TFLOP/s ({dtype}); torch {facts['torch']}, triton {facts['triton']}")
+    warm_up(args, machine, device, dtype)
     rows = []
     for name, batch, confidence in configs:
         args.confidence_threshold = confidence

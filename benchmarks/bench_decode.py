@@ -5,8 +5,8 @@
     python benchmarks/bench_decode.py --model default --batch 1 --modes eager,inductor,dyllm-paper
 
 Every configuration decodes twice per mode: the first decode compiles and warms up, the second is timed
-(per-step latency from a synchronising wrapper around the model). Before the first configuration, every mode runs
-once untimed on a tiny model, so the process's one-time start-up costs are not charged to one mode's compile. Rows go to a CSV with the device, torch and
+(per-step latency from a synchronising wrapper around the model). Before the first configuration, every mode
+runs once untimed on a tiny model, so the process's one-time start-up costs are not charged to one mode's compile. Rows go to a CSV with the device, torch and
 Triton versions; plots (speedup bars, salient fraction per step and layer) go next to it. The roofline bound
 (benchmarks/roofline.py) uses the salient fractions measured in the same run and the machine's measured
 bandwidth and matmul peak.

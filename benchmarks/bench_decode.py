@@ -39,8 +39,9 @@ from dyllm_compile.generate import generate  # noqa: E402
 from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
-# dyllm-paper-qp: paper mode with query pruning (prompt rows queried every --query-pruning-period calls).
-MODES = ("eager", "inductor", "dyllm-paper", "dyllm-exact", "dyllm-paper-qp")
+# dyllm-<mode>-qp: that attention mode with query pruning (prompt rows queried every --query-pruning-period calls).
+# exact is the library default (docs/rewrite.md).
+MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -334,7 +335,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--confidence-threshold", type=float, default=None,
                         help="threshold parallel decoding (default: one token per step)")
     parser.add_argument("--query-pruning-period", type=int, default=32,
-                        help="dyllm-paper-qp: prompt rows are queried on every this many calls")
+                        help="dyllm-*-qp: prompt rows are queried on every this many calls")
     parser.add_argument("--force-fraction", type=float, default=None,
                         help="fixed-salient-fraction mode: this share of rows forced salient per layer")
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",

@@ -54,9 +54,11 @@ class DyllmConfig:
         kind=float, low=0.0, high=1.0, low_open=True,
     )
     attention_mode: str = _knob(
-        "paper",
-        "paper: non-salient rows get c_old + softmax(qK^T)(V - V_old) (DyLLM). exact: running softmax "
-        "statistics updated for the changed key columns only; equals dense attention for unchanged queries.",
+        "exact",
+        "exact: running softmax statistics updated for the changed key columns only; equals dense attention for "
+        "unchanged queries. paper: non-salient rows get c_old + softmax(qK^T)(V - V_old) (DyLLM), with q and the "
+        "scores of every row recomputed. exact is the default: closer to dense on the trained model and cheaper "
+        "per step (docs/rewrite.md).",
         choices=ATTENTION_MODES,
     )
     dense_steps: int = _knob(1, "Calls per sequence that run dense (and fill the caches) before sparse ones.",

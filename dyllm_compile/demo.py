@@ -1,6 +1,6 @@
 """Demo: decode with the embedded default model densely in eager, with dense Inductor, and with dyllm.
 
-    python -m dyllm_compile.demo [--batch 5] [--threshold 0.99] [--attention-mode paper|exact]
+    python -m dyllm_compile.demo [--batch 5] [--threshold 0.99] [--attention-mode exact|paper]
     python -m dyllm_compile.demo --model llada --size small --gen-length 64   # random-weight reference model
 
 The default model is the in-repo trained one (:func:`dyllm_compile.models.load_default_model`); it answers
@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .config import ATTENTION_MODES, DyllmConfig
 from .evaluate import held_out_mix
 from .generate import DecodeResult, dream_generate, generate
 from .models import dream_like, llada_like, load_default_model
@@ -72,7 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="eager,inductor,dyllm", help="comma-separated subset")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
-    parser.add_argument("--attention-mode", choices=("paper", "exact"), default="paper")
+    parser.add_argument("--attention-mode", choices=ATTENTION_MODES, default=DyllmConfig().attention_mode)
     parser.add_argument("--lowering", choices=("inductor", "aot_eager"), default="inductor",
                         help="dyllm's lowering (aot_eager compiles fast and is slow to run)")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .config import ATTENTION_MODES, DyllmConfig
 from .generate import generate
 from .tasks import ANSWER_LENGTH, TASKS, TOKENIZER, Problem, encode_prompts, sample_problems
 
@@ -108,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("dense", "inductor", "dyllm"), default="dense")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
-    parser.add_argument("--attention-mode", choices=("paper", "exact"), default="paper")
+    parser.add_argument("--attention-mode", choices=ATTENTION_MODES, default=DyllmConfig().attention_mode)
     parser.add_argument("--count", type=int, default=200, help="held-out problems per task")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--confidence-threshold", type=float, default=None,

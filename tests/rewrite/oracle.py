@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dyllm_compile.config import DyllmConfig
 from dyllm_compile.models.transformer import DiffusionTransformer, apply_rotary, repeat_kv
 from dyllm_compile.runtime.graph_runtime import forced_masks
 
@@ -28,7 +29,7 @@ def _rows(s: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 class Oracle:
     model: DiffusionTransformer
     threshold: float = 0.99
-    mode: str = "paper"
+    mode: str = DyllmConfig().attention_mode  # the library's default, like the compiled model it checks
     force_salient: Optional[float] = None
     seed: int = 0
     # Block freezing (Fast-dLLM dual cache): rows [first masked at the last dense call, + block_freeze) are

@@ -53,7 +53,7 @@ def test_sparse_graph_buckets_vs_unbacked():
 def test_exact_mode_runs_the_q_chain_on_s_in_only():
     """Before (paper): q projected for every row, the op reads it directly. After (exact): the q chain is one
     more gathered region, on the same rows as k and v, scattered into the q cache; the op reads that cache."""
-    paper, exact = _plan(), _plan(attention_mode="exact")
+    paper, exact = _plan(attention_mode="paper"), _plan()  # exact is the default
     assert all(s.gated_q for s in exact.sites) and not any(s.gated_q for s in paper.sites)
     assert len(exact.regions) == len(paper.regions) + len(exact.sites)
     before, after = build_sparse(paper, 4), build_sparse(exact, 4)

@@ -47,7 +47,7 @@ def dyllm_backend(
         log.info("%s", analysis.summary())
         if config.debug_dir is not None:
             with open(os.path.join(config.debug_dir, graph_id, "explain.txt"), "w") as f:
-                f.write(Report([analysis]).table() + "\n")
+                f.write(Report([analysis], config).table() + "\n")
         plan = plan_rewrite(analysis, config)
     except NotRewritable as err:
         log.warning("dyllm: graph %s compiled dense: %s", graph_id, err)

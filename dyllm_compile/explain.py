@@ -1,8 +1,11 @@
-"""``dyllm_compile.explain``: what the backend would gate in a model, and why anything stays dense."""
+"""``dyllm_compile.explain``: what the backend would gate in a model, and why anything stays dense.
+
+"Gated" is what the rewrite plan for the given options runs on salient rows only (exact mode adds the q
+projection; query pruning the o projection, on the queried rows), not just what the analysis found row-wise."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -10,7 +13,8 @@ import torch
 from .config import DyllmConfig
 from .passes.analysis import GraphAnalysis, analyze
 from .passes.graph_utils import op_name, tensor_value
-from .passes.regions import node_flops
+from .passes.regions import Region, node_flops
+from .passes.rewrite import NotRewritable, plan_rewrite
 
 # Every graph break makes one more graph; tracing many shapes of one model class shares Dynamo's cache.
 _RECOMPILE_LIMIT = 64
@@ -35,8 +39,14 @@ class LayerRow:
 @dataclass
 class Report:
     graphs: list[GraphAnalysis]
+    config: DyllmConfig = field(default_factory=DyllmConfig)
 
     def layers(self, graph: GraphAnalysis) -> list[LayerRow]:
+        planned = _planned(graph, self.config)
+
+        def gated(region: Region) -> bool:
+            return (region.layer, region.role) in planned
+
         rows = []
         for site, chains in zip(graph.sites, graph.chains):
             regions = [r for r in graph.regions if r.layer == site.layer and r.role != "lm_head"]
@@ -52,26 +62,29 @@ class Report:
                 attention=site.kind + (" (dense)" if site.dense_reason else ""),
                 heads=site.heads,
                 kv_heads=kv_heads,
-                gated=[_label(p) for p in parts if p.gated],
-                dense=[_label(p) for p in parts if not p.gated and p.flops],
+                gated=[_label(p) for p in parts if gated(p)],
+                dense=[_label(p) for p in parts if not gated(p) and p.flops],
                 flops=attention_flops + sum(p.flops for p in parts),
-                gated_flops=sum(p.flops for p in parts if p.gated),
+                gated_flops=sum(p.flops for p in parts if gated(p)),
             ))
         # A graph without attention (after a graph break): its branches, each a row of the layer it belongs to.
-        rows += [_branch_row(r.layer, "none", r) for r in graph.regions if not graph.sites and r.role != "lm_head"]
-        rows += [_branch_row(-1, "-", r) for r in graph.regions if r.role == "lm_head"]
+        rows += [_branch_row(r.layer, "none", r, gated(r)) for r in graph.regions
+                 if not graph.sites and r.role != "lm_head"]
+        rows += [_branch_row(-1, "-", r, gated(r)) for r in graph.regions if r.role == "lm_head"]
         return rows
 
     def table(self) -> str:
         lines = []
         for graph in self.graphs:
             shape = "x".join(str(s) for s in graph.token_shape) if graph.token_shape else "-"
-            total = graph.total_flops
+            total, rows = graph.total_flops, self.layers(graph)
+            gated = sum(row.gated_flops for row in rows)
             lines.append(f"graph {graph.graph_id}: {len(graph.sites)} attention sites, q shape {shape}, "
-                         f"{100 * graph.gated_flops / max(1, total):.1f}% of {total / 1e6:.2f} MFLOP gateable")
+                         f"{100 * gated / max(1, total):.1f}% of {total / 1e6:.2f} MFLOP gated "
+                         f"({self.config.attention_mode} mode)")
             lines.append(f"{'layer':<7}{'attention':<12}{'heads':>6}{'kv':>4}  {'gated':<34}{'dense':<24}"
-                         f"{'gateable':>9}")
-            for row in self.layers(graph):
+                         f"{'share':>9}")
+            for row in rows:
                 name = "head" if row.layer < 0 else str(row.layer)
                 lines.append(f"{name:<7}{row.attention:<12}{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
                              f"{', '.join(row.gated):<34}{', '.join(row.dense):<24}{100 * row.share:>8.1f}%")
@@ -83,10 +96,20 @@ class Report:
         return self.table()
 
 
-def _branch_row(layer: int, attention: str, region) -> LayerRow:
-    gated = [_label(region)] if region.gated else []
+def _branch_row(layer: int, attention: str, region: Region, is_gated: bool) -> LayerRow:
+    gated = [_label(region)] if is_gated else []
     return LayerRow(layer, attention, 0, 0, gated, [] if gated else [_label(region)], region.flops,
-                    region.flops if region.gated else 0)
+                    region.flops if is_gated else 0)
+
+
+def _planned(graph: GraphAnalysis, config: DyllmConfig) -> set[tuple[int, str]]:
+    """(layer, role) of every chain and region the rewrite for ``config`` runs on salient (or queried) rows."""
+    try:
+        plan = plan_rewrite(graph, config)
+    except NotRewritable:
+        return set()
+    queried = {(s.site.layer, "q") for s in plan.sites if s.queries is not None}
+    return {(r.layer, r.role) for r in plan.regions} | queried
 
 
 def _label(region) -> str:
@@ -110,7 +133,7 @@ def explain(model: Any, *example_inputs: Any, dynamic: Optional[bool] = None, ve
         torch.compile(model, backend=capture, dynamic=dynamic)(*example_inputs)
     if not graphs:
         raise RuntimeError("explain: Dynamo produced no graph for this model and these inputs")
-    report = Report(graphs)
+    report = Report(graphs, config)
     if verbose:
         print(report.table())
     return report

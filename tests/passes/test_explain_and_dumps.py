@@ -17,10 +17,29 @@ def test_explain_returns_report_and_prints_table(capsys):
     (graph,) = report.graphs
     rows = report.layers(graph)
     assert [(r.layer, r.heads, r.kv_heads) for r in rows[:2]] == [(0, 4, 2), (1, 4, 2)]
-    assert rows[0].gated == ["k proj", "v proj", "ffn"] and rows[0].dense == ["q proj", "o proj"]
+    # default exact mode: the q projection runs on S_in like k and v
+    assert rows[0].gated == ["q proj", "k proj", "v proj", "ffn"] and rows[0].dense == ["o proj"]
     assert rows[-1].layer == -1 and rows[-1].gated == ["lm_head"]
     assert 0.5 < rows[0].share < 1.0
-    assert "k proj, v proj, ffn" in out and re.search(r"head .* lm_head .* 100\.0%", out)
+    assert "q proj, k proj, v proj, ffn" in out and re.search(r"head .* lm_head .* 100\.0%", out)
+    assert "gated (exact mode)" in out
+
+
+def test_explain_follows_the_options():
+    """The table is the rewrite plan for the given options: paper mode projects q for every row; query pruning
+    runs the o projection on the queried rows."""
+    entry = ZOO["dream"]
+    paper = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
+                                  attention_mode="paper")
+    rows = paper.layers(paper.graphs[0])
+    assert rows[0].gated == ["k proj", "v proj", "ffn"] and rows[0].dense == ["q proj", "o proj"]
+    pruned = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
+                                   attention_mode="paper", query_pruning_period=4, mask_token_id=3)
+    rows = pruned.layers(pruned.graphs[0])
+    assert rows[0].gated == ["q proj", "k proj", "v proj", "o proj", "ffn"] and rows[0].dense == []
+    dense = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
+                                  dense_layers=[0])
+    assert dense.layers(dense.graphs[0])[0].gated == []
 
 
 def test_explain_names_why_sites_stay_dense(capsys):

@@ -51,7 +51,11 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+    # The scale goes on the operand with fewer rows: one pass over a few gathered rows, not over every query.
+    if q.shape[-2] < k.shape[-2]:
+        s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+    else:
+        s = torch.matmul(q.float(), (k.float() * scale).transpose(-1, -2))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
@@ -127,19 +131,22 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
     cols = salient_in.any(dim=0).nonzero().flatten()
     use_exact = salient_q.clone()
     if cols.numel() and not bool(salient_q.all()):
+        j = cols.numel()
         own = salient_in.index_select(1, cols)[:, None, None, :]  # [B, 1, 1, |J|]
-        mask = _mask_slice(attn_mask, -1, cols)
-        s_new = _scores(q, k.index_select(2, cols), mask, scale)  # [B, H, N, |J|]
-        s_old = _scores(q, k_old.index_select(2, cols), mask, scale)
-        m1 = torch.maximum(m, s_new.masked_fill(~own, float("-inf")).amax(dim=-1))
+        # The new and old keys of the changed columns in one product: scores [B, H, N, 2|J|], new ones first.
+        both = torch.cat([cols, cols])
+        keys = torch.cat([k.index_select(2, cols), k_old.index_select(2, cols)], dim=2)
+        s = _scores(q, keys, _mask_slice(attn_mask, -1, both), scale)
+        m1 = torch.maximum(m, s[..., :j].masked_fill(~own, float("-inf")).amax(dim=-1))
         kept = l * torch.exp(m - m1)  # m <= m1: a rescale, no need of the floor
-        e_old = _exp_(s_old.sub_(m1[..., None])).mul_(own)
-        e_new = _exp_(s_new.sub_(m1[..., None])).mul_(own)
+        e = _exp_(s.sub_(m1[..., None])).mul_(torch.cat([own, own], dim=-1))
+        e_new, e_old = e[..., :j], e[..., j:]
         removed = e_old.sum(dim=-1)
         l = kept - removed + e_new.sum(dim=-1)
         # c = (c_old kept - e_old V_old + e_new V) / l, in one pass over the context: the columns' weights are
         # divided by l (they are few), c_old scaled by kept / l, and the products added into it.
-        weights = torch.cat([e_new, e_old.neg_()], dim=-1).div_(l[..., None])
+        e_old.neg_()
+        weights = e.div_(l[..., None])
         values = torch.cat([v.index_select(2, cols), v_old.index_select(2, cols)], dim=2).float()
         c, m = _add_products(c * (kept / l)[..., None], weights, values), m1
         # Removing most of a row's mass cancels badly: those rows (in any head) recompute exactly, as do rows

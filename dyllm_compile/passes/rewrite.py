@@ -53,7 +53,7 @@ class SitePlan:
     scale: float = 1.0
     caches: dict[str, int] = field(default_factory=dict)  # "k" | "v" | "c" | "q" | "m" | "l" -> cache index
     values: Optional[Region] = None  # the v chain, run on every row for a policy's before_attention hook
-    queries: Optional[Region] = None  # query pruning: the q chain, run on the queried rows only
+    queries: Optional[Region] = None  # query pruning: the q chain (on the queried rows; gated_q: on S_in)
     kv: dict[str, Region] = field(default_factory=dict)  # the k and v chains as cached (GQA: kv heads only)
     gated_q: bool = False  # exact mode: the q chain is a region on S_in whose cache is the q cache
 
@@ -132,8 +132,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             if config.attention_mode == "exact":
                 plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q)
                 # Rows outside S_in keep their cached q: the q chain runs on S_in only, like k and v (with query
-                # pruning it runs on the queried rows instead, and the op's caller merges).
-                if (not config.query_pruning_period and chains["q"].nodes and chains["q"].exit is site.q
+                # pruning too: a pruned site then gathers its queried rows' q from the cache).
+                if (chains["q"].nodes and chains["q"].exit is site.q
                         and not _region_problem(chains["q"], infos, batch)):
                     plan.gated_q = True
                     regions.append(chains["q"])
@@ -337,10 +337,10 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
 
     Inputs: the original inputs, then one per cache, then ``salient_in [B, N]`` (rows whose input changed), then
     (force_salient only) ``forced [layers, B, N]``, then (policies with a row hint) ``row_hint [B, N]``, then
-    (query pruning) ``queried [B, N]``: pruned sites run their q chain, attention and output projection on
-    those rows only, the other rows keep their cached context and projection; last ``dense_call [B, 1]``: True
-    recomputes every row (a dense call through this variant, from any caches), however the policy's hooks narrow
-    the set. Each site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs:
+    (query pruning) ``queried [B, N]``: pruned sites run their q chain (exact mode: on S_in, into the q cache),
+    attention and output projection on those rows only, the other rows keep their cached context and projection;
+    last ``dense_call [B, 1]``: True recomputes every row (a dense call through this variant, from any caches),
+    however the policy's hooks narrow the set. Each site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs:
     the original outputs, the new caches, the number of union rows each gathered region needed (for overflow
     detection and the row counters), the salient fraction per site [layers, B] and the last salient set [B, N]
     (the next graph's S_in after a graph break).
@@ -364,7 +364,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     counts, fractions = [], []
     selections: dict[fx.Node, _Rows] = {}
     region_by_exit = {r.exit: r for r in plan.regions}
-    query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None}
+    query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
     skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
     by_node = {s.site.node: s for s in plan.sites}
     # Sites whose policy reads values: both chain exits lead to the site; its values for every row, once run.
@@ -525,6 +525,8 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
         q_cache = cache_in[site.caches["q"]]
         q = b.call(rows.merge_rows, salient_q, q, take(q_cache), 2)
         new_cache[site.caches["q"]] = put(q_cache, q)
+    elif site.gated_q:  # q is the updated q cache, every row: the queried rows' part of it
+        q = take(q)
     if exact:
         m_old, l_old = take(cache_in[site.caches["m"]]), take(cache_in[site.caches["l"]])
     else:

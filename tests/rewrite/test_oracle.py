@@ -59,6 +59,8 @@ def test_query_pruning_matches_oracle(arch, mode, batch):
     assert lock.steps == 16
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert runtime.plan.prunes_queries and runtime.plan.queried_regions  # q chain, attention and o proj
+    # exact mode: q is projected for S_in only, into its cache, and the queried rows are gathered from it
+    assert [s.gated_q for s in runtime.plan.sites] == [mode == "exact"] * len(runtime.plan.sites)
     # CPU default: unbacked row counts, so one variant serves the calls that query every row and the others.
     assert list(runtime.sparse_fns) and {key[:2] for key in runtime.sparse_fns} == {(None, None)}
     assert runtime.stats.sparse_compiles == 1

@@ -36,6 +36,11 @@ def _times(value: str) -> str:
     return number if number == "-" else number + "x"
 
 
+def _compile_ratio(row: dict) -> str:
+    ratio = _num(row.get("compile_vs_inductor", ""))
+    return "" if ratio == "-" or row["mode"] == "inductor" else f" ({ratio}x)"
+
+
 def _model(row: dict) -> str:
     weights = "" if row["weights"] in row["model"] else f", {row['weights']} weights"
     return f"{row['model']}{weights}, {row['seq_len']} tokens"
@@ -45,14 +50,15 @@ def decode_table(path: str) -> str:
     rows = _rows(path)
     lines = [f"Device: {rows[0]['device']}; torch {rows[0]['torch']}, triton {rows[0]['triton']}.", "",
              "| model | batch | decoding | mode | tokens/s | x Inductor | x eager | step ms (p50 / p90) | "
-             "bound ms | share of bound | compile s | salient | rows computed | same tokens as eager |",
+             "bound ms | share of bound | compile s (x Inductor) | salient | rows computed | same tokens as eager |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {_model(r)} | {r['batch']} | {r['decoding']} | {r['mode']} | "
             f"{_num(r['tokens_per_s'], 1)} | {_num(r['speedup_vs_inductor'])} | {_num(r['speedup_vs_eager'])} | "
             f"{_num(r['step_ms_median'])} / {_num(r['step_ms_p90'])} | {_num(r['bound_ms'], 3)} | "
-            f"{_pct(r['bound_share'])} | {_num(r['compile_s'], 1)} | {_num(r['salient_fraction_mean'], 3)} | "
+            f"{_pct(r['bound_share'])} | {_num(r['compile_s'], 1)}{_compile_ratio(r)} | "
+            f"{_num(r['salient_fraction_mean'], 3)} | "
             f"{_pct(r['rows_computed_fraction'])} | {r['same_tokens_as_eager']} |")
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import RESULTS, machine_facts  # noqa: E402
 
 import dyllm_compile  # noqa: E402
-from dyllm_compile.config import DyllmConfig  # noqa: E402
+from dyllm_compile.config import ATTENTION_MODES, DyllmConfig  # noqa: E402
 from dyllm_compile.evaluate import evaluate, paired_difference, proportion_interval  # noqa: E402
 from dyllm_compile.models import load_default_model  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes  # noqa: E402
@@ -63,8 +63,8 @@ def speed_run(model, count: int, confidence: Optional[float]) -> float:
     return sum(len(r.correct) for r in results.values()) * ANSWER_LENGTH / seconds
 
 
-# Query pruning, the policies and parallel decoding are compared in paper mode (the library default when the
-# committed sweep ran; their rows are labelled so).
+# The policies, parallel decoding and (unless --pruning-mode says otherwise) query pruning are compared in paper
+# mode: the library default when the committed sweep ran; their rows are labelled so.
 OTHERS_MODE = "paper"
 
 
@@ -82,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--policies", default="block_freeze,dllm_cache,es_dllm",
                         help="policies also compared at their defaults (paper mode, threshold 0.99)")
     parser.add_argument("--query-pruning-period", type=int, default=32,
-                        help="also compare paper mode, threshold 0.99 with query pruning at this period (0: skip)")
+                        help="also compare threshold 0.99 with query pruning at this period (0: skip)")
+    parser.add_argument("--pruning-mode", choices=ATTENTION_MODES, default=OTHERS_MODE,
+                        help="the attention mode of the query-pruning comparison")
     parser.add_argument("--parallel-confidence", type=float, default=0.9,
                         help="also compare dense and dyllm (0.99, paper) with this threshold parallel decoding")
     parser.add_argument("--out", default=os.path.join(RESULTS, "quality_cpu.csv"))
@@ -102,9 +104,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             configs.append((f"dyllm {m} {t}", {"threshold": float(t), "attention_mode": m}, None,
                             args.count if default and m == DyllmConfig().attention_mode else args.sweep_count, default))
     if args.query_pruning_period:
-        pruning = {"threshold": 0.99, "attention_mode": OTHERS_MODE, "mask_token_id": model.cfg.mask_token_id,
+        pruning = {"threshold": 0.99, "attention_mode": args.pruning_mode, "mask_token_id": model.cfg.mask_token_id,
                    "query_pruning_period": args.query_pruning_period}
-        configs.append((f"dyllm {OTHERS_MODE} 0.99 qp{args.query_pruning_period}", pruning, None, args.count, True))
+        configs.append((f"dyllm {args.pruning_mode} 0.99 qp{args.query_pruning_period}", pruning, None, args.count,
+                        True))
     configs += [(f"policy {p}", {"policy": p, "attention_mode": OTHERS_MODE}, None, args.sweep_count, True)
                 for p in filter(None, args.policies.split(","))]
     if args.parallel_confidence:

@@ -197,8 +197,9 @@ def plot(rows: list[dict], path: str) -> None:
                         yerr=[100 * r["accuracy_ci95"] for r in points], fmt=marker, capsize=3,
                         label=mode or "dense")
             for r in points:
-                if r["threshold"]:
-                    ax.annotate(str(r["threshold"]), (r[key], 100 * r["accuracy"]), fontsize=7,
+                if r["threshold"]:  # query-pruned configurations say so: same threshold, other point
+                    text = f"{r['threshold']}{' qp' if ' qp' in r['config'] else ''}"
+                    ax.annotate(text, (r[key], 100 * r["accuracy"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="exact-match accuracy, all tasks (%)")
         ax.grid(alpha=0.3)

@@ -5,11 +5,11 @@
     python benchmarks/bench_decode.py --model default --batch 1 --modes eager,inductor,dyllm-paper
 
 Every configuration decodes 1 + --repeats times per mode: the first decode compiles and warms up, the others are
-timed (tokens/s of the median one; per-step latency from a synchronising wrapper around the model, over all). Before the first configuration, every mode
-runs once untimed on a tiny model, so the process's one-time start-up costs are not charged to one mode's compile. Rows go to a CSV with the device, torch and
-Triton versions; plots (speedup bars, salient fraction per step and layer) go next to it. The roofline bound
-(benchmarks/roofline.py) uses the salient fractions measured in the same run and the machine's measured
-bandwidth and matmul peak.
+timed (tokens/s of the median one; per-step latency from a synchronising wrapper around the model, over all).
+Before the first configuration, every mode runs once untimed on a tiny model, so the process's one-time start-up
+costs are not charged to one mode's compile. Rows go to a CSV with the device, torch and Triton versions; plots
+(speedup bars, salient fraction per step and layer) go next to it. The roofline bound (benchmarks/roofline.py)
+uses the salient fractions measured in the same run and the machine's measured bandwidth and matmul peak.
 """
 
 from __future__ import annotations

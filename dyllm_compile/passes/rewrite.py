@@ -340,10 +340,10 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     (query pruning) ``queried [B, N]``: pruned sites run their q chain (exact mode: on S_in, into the q cache),
     attention and output projection on those rows only, the other rows keep their cached context and projection;
     last ``dense_call [B, 1]``: True recomputes every row (a dense call through this variant, from any caches),
-    however the policy's hooks narrow the set. Each site's S_out comes from the policy's in-graph hook (a submodule the lowering traces). Outputs:
-    the original outputs, the new caches, the number of union rows each gathered region needed (for overflow
-    detection and the row counters), the salient fraction per site [layers, B] and the last salient set [B, N]
-    (the next graph's S_in after a graph break).
+    however the policy's hooks narrow the set. Each site's S_out comes from the policy's in-graph hook (a
+    submodule the lowering traces). Outputs: the original outputs, the new caches, the number of union rows each
+    gathered region needed (for overflow detection and the row counters), the salient fraction per site
+    [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break).
     A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config
@@ -476,7 +476,12 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
 def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache: fx.Node) -> fx.Node:
     """The region on the gathered rows, scattered into (an out-of-place copy of) its cache."""
     axis = b.plan.analysis.infos[region.exit].axis.dim
-    fresh = _emit_rows(b, region, picked.gather, picked.size)
+    return _scatter(b, cache, _emit_rows(b, region, picked.gather, picked.size), picked, axis)
+
+
+def _scatter(b: _Builder, cache: fx.Node, fresh: fx.Node, picked: _Rows, axis: int) -> fx.Node:
+    """``fresh``, computed on the rows ``picked.gather``, scattered into (an out-of-place copy of) ``cache``; an
+    unbacked gather's padding rows are dropped first."""
     if picked.scatter is not picked.gather:
         fresh = b.call(rows.first_rows, fresh, picked.scatter, axis)
     return b.call(rows.scatter_rows, cache, fresh, picked.scatter, picked.valid, axis)
@@ -515,11 +520,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
         return cached if queried is None else b.call(rows.gather_rows, cached, queried.gather, 2)
 
     def put(cached: fx.Node, fresh: fx.Node) -> fx.Node:
-        if queried is None:
-            return fresh
-        if queried.scatter is not queried.gather:
-            fresh = b.call(rows.first_rows, fresh, queried.scatter, 2)
-        return b.call(rows.scatter_rows, cached, fresh, queried.scatter, queried.valid, 2)
+        return fresh if queried is None else _scatter(b, cached, fresh, queried, 2)
 
     if exact and not site.gated_q:  # unchanged rows keep their cached query: the incremental update is exact
         q_cache = cache_in[site.caches["q"]]

@@ -52,9 +52,8 @@ def bucket_step(h, cache, salient, w1, w3, w2, capacity: int):
 
 
 def unbacked_step(h, cache, salient, w1, w3, w2):
-    gather, index, valid, _ = rows.select_rows_unbacked(salient)
-    fresh = rows.first_rows(ffn(h.index_select(1, gather), w1, w3, w2), index, 1)
-    return rows.scatter_rows(cache, fresh, index, valid, 1)
+    gather, position, _ = rows.select_rows_unbacked(salient)
+    return rows.place_rows(cache, ffn(h.index_select(1, gather), w1, w3, w2), position, salient, 1)
 
 
 def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> float:

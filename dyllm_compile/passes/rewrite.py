@@ -246,15 +246,16 @@ CACHED_ATTENTION = torch.ops.dyllm.cached_attention.default
 @dataclass(frozen=True)
 class _Rows:
     """A row selection in the new graph: a region runs on the ``size`` rows ``gather`` (an int capacity, or a
-    node: the unbacked count), the first ``len(scatter)`` of its results go to rows ``scatter`` where ``valid``
-    [B, K]. For capacity buckets ``gather is scatter``; an unbacked gather carries padding rows. ``count``: the
-    number of union salient rows (0-d), for overflow detection and the row counters."""
+    node: the unbacked gather's length). Capacity buckets scatter the results back to rows ``gather`` where
+    ``valid [B, K]``; an unbacked gather's results are placed into the cache by ``position [N]`` where ``valid``
+    (then the salient set itself, [B, N]). ``count``: the number of union salient rows (0-d), for overflow
+    detection and the row counters."""
 
     gather: fx.Node
     size: Any
-    scatter: fx.Node
     valid: fx.Node
     count: fx.Node
+    position: Optional[fx.Node] = None  # unbacked only
 
 
 class _Builder:
@@ -379,12 +380,11 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
             if size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
                 gather = b.item(picked, 0)
-                selections[current] = _Rows(gather, b.graph.call_method("size", (gather, 0)), b.item(picked, 1),
-                                            b.item(picked, 2), b.item(picked, 3))
+                selections[current] = _Rows(gather, b.graph.call_method("size", (gather, 0)), current,
+                                            b.item(picked, 2), b.item(picked, 1))
             else:
                 picked = b.call(rows.select_rows, current, size)
-                index = b.item(picked, 0)
-                selections[current] = _Rows(index, size, index, b.item(picked, 1), b.item(picked, 2))
+                selections[current] = _Rows(b.item(picked, 0), size, b.item(picked, 1), b.item(picked, 2))
         return selections[current]
 
     hook_count = itertools.count()
@@ -480,11 +480,10 @@ def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache: fx.Node) -
 
 
 def _scatter(b: _Builder, cache: fx.Node, fresh: fx.Node, picked: _Rows, axis: int) -> fx.Node:
-    """``fresh``, computed on the rows ``picked.gather``, scattered into (an out-of-place copy of) ``cache``; an
-    unbacked gather's padding rows are dropped first."""
-    if picked.scatter is not picked.gather:
-        fresh = b.call(rows.first_rows, fresh, picked.scatter, axis)
-    return b.call(rows.scatter_rows, cache, fresh, picked.scatter, picked.valid, axis)
+    """``fresh``, computed on the rows ``picked.gather``, written into (an out-of-place copy of) ``cache``."""
+    if picked.position is not None:
+        return b.call(rows.place_rows, cache, fresh, picked.position, picked.valid, axis)
+    return b.call(rows.scatter_rows, cache, fresh, picked.gather, picked.valid, axis)
 
 
 def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: list[fx.Node],
@@ -507,8 +506,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
                            cache_in: list[fx.Node], new_cache: dict[int, Any],
                            queried: Optional[_Rows] = None) -> fx.Node:
     """The op on every query row, or (query pruning) on the rows ``queried``: their q is already gathered; their
-    cached context and statistics are gathered, the results scattered back (an unbacked gather's padding rows
-    dropped)."""
+    cached context and statistics are gathered, the results written back."""
     s = site.site
     exact = plan.config.attention_mode == "exact"
     q = b.env[s.q]

@@ -29,19 +29,30 @@ def select_rows(salient: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
 UNBACKED_PAD = 2
 
 
-def select_rows_unbacked(salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``salient [B, N]`` -> (gather index [U + UNBACKED_PAD], union rows [U] sorted, valid [B, U], U as a 0-d
-    tensor), U the data-dependent number of union rows. The gather index repeats row 0 as padding; the rows
-    computed for it are dropped (:func:`first_rows`) before the scatter."""
+def select_rows_unbacked(salient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``salient [B, N]`` -> (gather index [G], position [N], number of union rows U as a 0-d tensor).
+
+    The gather index lists the U union rows in order, then UNBACKED_PAD copies of row N - 1 (computed, never
+    read back). Its length G = U + UNBACKED_PAD is one data-dependent size of its own (``nonzero`` over the union
+    with the padding appended), not an expression ``u + 2``: Inductor's index simplification over a region's
+    flattened batch x rows then meets ``x // G`` and ``x % G``, which it folds, instead of ``x // (u + 2)``, which
+    it sends to sympy for seconds per kernel at batch > 1. ``position[n]`` is where row n sits in the gather
+    (meaningful for union rows: :func:`place_rows` reads it only where the row is salient)."""
     union = salient.any(dim=0)
-    index = union.nonzero().squeeze(1)
-    padded = torch.cat([index, index.new_zeros(UNBACKED_PAD)])
-    return padded, index, salient.index_select(1, index), union.sum()
+    n = union.shape[0]
+    gather = torch.cat([union, union.new_ones(UNBACKED_PAD)]).nonzero().squeeze(1)
+    torch._check(gather.shape[0] >= UNBACKED_PAD)
+    position = (union.cumsum(0) - 1).clamp(min=0)
+    return gather.clamp(max=n - 1), position, union.sum()
 
 
-def first_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
-    """The first ``len(index)`` rows of ``x`` along ``axis`` (an unbacked gather without its padding)."""
-    return x.narrow(axis, 0, index.shape[0])
+def place_rows(cache: torch.Tensor, fresh: torch.Tensor, position: torch.Tensor, salient: torch.Tensor,
+               axis: int) -> torch.Tensor:
+    """Out-of-place ``cache`` whose rows salient in ``salient [B, N]`` (along ``axis``) come from ``fresh``, the
+    rows of an unbacked gather, at ``position``: one pass over the cache, no scatter."""
+    shape = [1] * cache.dim()
+    shape[0], shape[axis] = salient.shape
+    return torch.where(salient.view(shape), fresh.index_select(axis, position).to(cache.dtype), cache)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:

@@ -12,16 +12,23 @@ from decode_driver import decode_inputs
 from oracle import Lockstep, Oracle
 
 
-def test_unbacked_selection_pads_and_drops():
+def test_unbacked_selection_pads_and_places():
     salient = torch.tensor([[False, True, False, False, True], [False, False, False, True, False]])
-    gather, index, valid, count = rows.select_rows_unbacked(salient)
-    assert index.tolist() == [1, 3, 4] and int(count) == 3
-    assert gather.tolist() == [1, 3, 4] + [0] * rows.UNBACKED_PAD
-    assert valid.tolist() == [[True, False, True], [False, True, False]]
-    x = torch.arange(10.0).view(1, 5, 2)
-    assert torch.equal(rows.first_rows(x.index_select(1, gather), index, 1), x.index_select(1, index))
+    gather, position, count = rows.select_rows_unbacked(salient)
+    assert int(count) == 3
+    assert gather.tolist() == [1, 3, 4] + [4] * rows.UNBACKED_PAD  # padding: the last row, never read back
+    assert [position[i].item() for i in (1, 3, 4)] == [0, 1, 2]
+    x = torch.arange(20.0).view(2, 5, 2)
+    cache = -torch.ones(2, 5, 2)
+    fresh = 100 + x.index_select(1, gather)  # the region on the gathered rows
+    placed = rows.place_rows(cache, fresh, position, salient, 1)
+    # reference: each element's salient rows from the region, every other row from the cache
+    assert torch.equal(placed, torch.where(salient[..., None], 100 + x, cache))
     empty = rows.select_rows_unbacked(torch.zeros(1, 5, dtype=torch.bool))
-    assert empty[0].shape == (rows.UNBACKED_PAD,) and empty[1].numel() == 0 and int(empty[3]) == 0
+    assert empty[0].shape == (rows.UNBACKED_PAD,) and int(empty[2]) == 0
+    none = torch.zeros(1, 5, dtype=torch.bool)
+    placed = rows.place_rows(cache[:1], x[:1].index_select(1, empty[0]), empty[1], none, 1)
+    assert torch.equal(placed, cache[:1])
 
 
 def _decode(options, calls=8, lowering="aot_eager"):

@@ -1,5 +1,7 @@
 """The sparse variant's graph, before (the analysed Dynamo graph, or one route) and after (another)."""
 
+import operator
+
 import torch
 
 from dyllm_compile.config import DyllmConfig
@@ -31,23 +33,25 @@ def _calls(gm, fn):
 
 def test_sparse_graph_buckets_vs_unbacked():
     """Before (buckets): each salient set is picked by top-K at a static capacity, the region runs on K rows and
-    scatters K. After (unbacked): picked by nonzero, the region runs on the count plus the padding, the padding
-    is dropped before the scatter. Same selections, same regions, same caches out."""
+    scatters K. After (unbacked): picked by nonzero, the region runs on the count plus the padding, and its rows
+    are placed into the cache by position (``where`` over the salient set, no scatter). Same selections, same
+    regions, same caches out."""
     plan = _plan()
     before, after = build_sparse(plan, 4), build_sparse(plan, None)
     picked = len(_calls(before, rows.select_rows))
     assert picked >= len(plan.sites)  # one per salient set: S_in for the k/v chains, then each layer's S_out
-    assert not _calls(before, rows.select_rows_unbacked) and not _calls(before, rows.first_rows)
-    assert not _calls(after, rows.select_rows)
-    assert len(_calls(after, rows.select_rows_unbacked)) == picked
-    scatters = _calls(after, rows.scatter_rows)
-    assert len(scatters) == len(_calls(before, rows.scatter_rows)) == len(_calls(after, rows.first_rows))
-    for scatter in scatters:  # the unpadded rows go back: first_rows(fresh, index) and index both the [U] index
-        fresh, index = scatter.args[1], scatter.args[2]
-        assert fresh.target is rows.first_rows and fresh.args[1] is index
+    assert not _calls(before, rows.select_rows_unbacked) and not _calls(before, rows.place_rows)
+    assert not _calls(after, rows.select_rows) and not _calls(after, rows.scatter_rows)
+    selections = _calls(after, rows.select_rows_unbacked)
+    assert len(selections) == picked
+    places = _calls(after, rows.place_rows)
+    assert len(places) == len(_calls(before, rows.scatter_rows))
+    for place in places:  # position: item 1 of a selection over the very mask the place reads
+        position, salient = place.args[2], place.args[3]
+        assert position.target is operator.getitem and position.args[1] == 1
+        assert position.args[0] in selections and position.args[0].args[0] is salient
     sizes = [n for n in after.graph.nodes if n.op == "call_method" and n.target == "size"]
     assert sizes and all(op_name(n.args[0]) == "getitem" for n in sizes)  # the padded gather's length
-
 
 
 def test_exact_mode_runs_the_q_chain_on_s_in_only():

@@ -380,8 +380,8 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
             if size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
                 gather = b.item(picked, 0)
-                selections[current] = _Rows(gather, b.graph.call_method("size", (gather, 0)), current,
-                                            b.item(picked, 2), b.item(picked, 1))
+                selections[current] = _Rows(gather, b.graph.call_method("size", (gather, 0)), valid=current,
+                                            count=b.item(picked, 2), position=b.item(picked, 1))
             else:
                 picked = b.call(rows.select_rows, current, size)
                 selections[current] = _Rows(b.item(picked, 0), size, b.item(picked, 1), b.item(picked, 2))

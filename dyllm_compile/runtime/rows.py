@@ -50,9 +50,7 @@ def place_rows(cache: torch.Tensor, fresh: torch.Tensor, position: torch.Tensor,
                axis: int) -> torch.Tensor:
     """Out-of-place ``cache`` whose rows salient in ``salient [B, N]`` (along ``axis``) come from ``fresh``, the
     rows of an unbacked gather, at ``position``: one pass over the cache, no scatter."""
-    shape = [1] * cache.dim()
-    shape[0], shape[axis] = salient.shape
-    return torch.where(salient.view(shape), fresh.index_select(axis, position).to(cache.dtype), cache)
+    return merge_rows(salient, gather_rows(fresh, position, axis).to(cache.dtype), cache, axis)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:

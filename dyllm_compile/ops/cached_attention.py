@@ -99,19 +99,36 @@ def cached_attention_reference(
         c = _add_products(c_old.float(), p.index_select(3, changed).div_(l[..., None]), dv)
         rows = salient_q.any(dim=0).nonzero().flatten()
         exact = torch.matmul(p.index_select(2, rows), v.float()) / l.index_select(2, rows)[..., None]
-        keep_exact = salient_q.index_select(1, rows)[:, None, :, None]
-        c[:, :, rows] = torch.where(keep_exact, exact, c.index_select(2, rows))
+        _put_rows(c, rows, exact, _picked(salient_q, rows))
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
                   recompute_share)
 
 
-def _add_products(c: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _add_products(c: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, in_place: bool = False
+                  ) -> torch.Tensor:
     """``c + weights @ values`` for [B, H, R, D] ``c``, [B, H, R, J] ``weights``, [B, H, J, D] ``values``: one
-    batched matmul that adds into ``c`` as it writes (one pass over the context, not three)."""
+    batched matmul that adds into ``c`` as it writes (one pass over the context, not three); ``in_place`` when
+    ``c`` is a temporary of the caller's: the products are added into it, not into a copy."""
     b, h, r, d = c.shape
-    out = torch.baddbmm(c.reshape(b * h, r, d), weights.reshape(b * h, r, -1), values.reshape(b * h, -1, d))
+    operands = (c.reshape(b * h, r, d), weights.reshape(b * h, r, -1), values.reshape(b * h, -1, d))
+    out = operands[0].baddbmm_(*operands[1:]) if in_place else torch.baddbmm(*operands)
     return out.view(b, h, r, d)
+
+
+def _picked(chosen: torch.Tensor, rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """Which of ``rows`` each batch element chose (``chosen [B, N]`` -> [B, 1, |rows|]); None in a batch of one,
+    where ``rows`` are that element's own."""
+    return chosen.index_select(1, rows)[:, None, :] if chosen.shape[0] > 1 else None
+
+
+def _put_rows(target: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor, pick: Optional[torch.Tensor]) -> None:
+    """In place: ``target[:, :, rows] = fresh`` where ``pick [B, 1, |rows|]`` (None: everywhere); rows computed
+    for other elements of the batch keep their value."""
+    if pick is not None:
+        shape = pick.shape + (1,) * (fresh.dim() - pick.dim())
+        fresh = torch.where(pick.view(shape), fresh, target.index_select(2, rows))
+    target.index_copy_(2, rows, fresh)
 
 
 def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor) -> Optional[torch.Tensor]:
@@ -126,33 +143,40 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
 
     The incremental update runs over the union of the batch's changed columns; a column that changed for some
     elements only is masked out of the others' sums (their keys and values there did not change, so it would
-    cancel anyway). ``salient_q`` marks the salient query rows, ``attn_mask`` holds the query rows only."""
+    cancel anyway). ``salient_q`` marks the salient query rows, ``attn_mask`` holds the query rows only.
+
+    On CPU this body is the op's implementation and each tensor op costs a dispatch (several microseconds, as
+    much as its arithmetic at these sizes): in a batch of one the per-element masks are all true and are skipped,
+    and results are written in place into the fresh tensors that hold them."""
     c, m, l = c_old.float(), m_old.float(), l_old.float()
     cols = salient_in.any(dim=0).nonzero().flatten()
-    use_exact = salient_q.clone()
+    use_exact = salient_q
     if cols.numel() and not bool(salient_q.all()):
         j = cols.numel()
-        own = salient_in.index_select(1, cols)[:, None, None, :]  # [B, 1, 1, |J|]
         # The new and old keys of the changed columns in one product: scores [B, H, N, 2|J|], new ones first.
-        both = torch.cat([cols, cols])
         keys = torch.cat([k.index_select(2, cols), k_old.index_select(2, cols)], dim=2)
-        s = _scores(q, keys, _mask_slice(attn_mask, -1, both), scale)
-        m1 = torch.maximum(m, s[..., :j].masked_fill(~own, float("-inf")).amax(dim=-1))
-        kept = l * torch.exp(m - m1)  # m <= m1: a rescale, no need of the floor
-        e = _exp_(s.sub_(m1[..., None])).mul_(torch.cat([own, own], dim=-1))
+        s = _scores(q, keys, _mask_slice(attn_mask, -1, torch.cat([cols, cols])), scale)
+        own = _picked(salient_in, cols)  # [B, 1, |J|]
+        own = None if own is None else own[:, None]
+        s_new = s[..., :j] if own is None else s[..., :j].masked_fill(~own, float("-inf"))
+        m1 = torch.maximum(m, s_new.amax(dim=-1))
+        kept = (m - m1).exp_().mul_(l)  # m <= m1: a rescale, no need of the floor
+        e = _exp_(s.sub_(m1[..., None]))
+        if own is not None:
+            e.mul_(torch.cat([own, own], dim=-1))
         e_new, e_old = e[..., :j], e[..., j:]
         removed = e_old.sum(dim=-1)
-        l = kept - removed + e_new.sum(dim=-1)
+        l = (kept - removed).add_(e_new.sum(dim=-1))
         # c = (c_old kept - e_old V_old + e_new V) / l, in one pass over the context: the columns' weights are
         # divided by l (they are few), c_old scaled by kept / l, and the products added into it.
         e_old.neg_()
         weights = e.div_(l[..., None])
         values = torch.cat([v.index_select(2, cols), v_old.index_select(2, cols)], dim=2).float()
-        c, m = _add_products(c * (kept / l)[..., None], weights, values), m1
+        c, m = _add_products(c * (kept / l)[..., None], weights, values, in_place=True), m1
         # Removing most of a row's mass cancels badly: those rows (in any head) recompute exactly, as do rows
         # whose result is not finite (a sum over the head dim is not finite when any element is not).
-        unstable = (removed > recompute_share * kept) | ~torch.isfinite(c.sum(dim=-1))
-        use_exact |= unstable.any(dim=1)
+        unstable = (removed > recompute_share * kept).logical_or_(c.sum(dim=-1).isfinite().logical_not_())
+        use_exact = salient_q | unstable.any(dim=1)
     else:
         c, m, l = c.clone(), m.clone(), l.clone()
     rows = use_exact.any(dim=0).nonzero().flatten()
@@ -161,11 +185,10 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
         m_rows = s.amax(dim=-1)
         p = _exp_(s.sub_(m_rows[..., None]))
         l_rows = p.sum(dim=-1)
-        c_rows = torch.matmul(p, v.float()) / l_rows[..., None]
-        pick = use_exact.index_select(1, rows)[:, None, :]  # [B, 1, |E|]: rows computed for other elements too
-        c[:, :, rows] = torch.where(pick[..., None], c_rows, c.index_select(2, rows))
-        m[:, :, rows] = torch.where(pick, m_rows, m.index_select(2, rows))
-        l[:, :, rows] = torch.where(pick, l_rows, l.index_select(2, rows))
+        c_rows = torch.matmul(p, v.float()).div_(l_rows[..., None])
+        pick = _picked(use_exact, rows)
+        for target, fresh in ((c, c_rows), (m, m_rows), (l, l_rows)):
+            _put_rows(target, rows, fresh, pick)
     return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
 
 

@@ -106,6 +106,28 @@ def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, sali
         torch.testing.assert_close(got, rows(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("shape", B_H_N_D)
+@pytest.mark.parametrize("salient_kind", SALIENT)
+def test_inputs_are_not_written_and_their_layout_does_not_matter(mode, shape, salient_kind):
+    """The CPU body writes into temporaries in place: the caches it is given (float32, so ``.float()`` returns
+    them unchanged) must come out untouched, and a transposed layout must give the same results."""
+    t = _step(shape, 2, "padding", salient_kind)
+    inputs = [t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"]]
+    before = [x.clone() for x in inputs]
+    tail = (t["salient"], t["mask"], t["d"] ** -0.5, mode, 0.5)
+    expected = cached_attention(*inputs, *tail)
+    for x, kept in zip(inputs, before):
+        assert torch.equal(x, kept)
+    # The same values stored [B, N, H, D] (or [B, N, H]) and viewed back: not contiguous.
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs]
+    assert not strided[5].is_contiguous()
+    for got, want in zip(cached_attention(*strided, *tail), expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for x, kept in zip(strided, before):
+        assert torch.equal(x, kept)
+
+
 def test_exact_mode_drift_over_fifty_steps():
     gen = torch.Generator().manual_seed(1)
     b, h, n, d = 1, 4, 256, 64

@@ -4,8 +4,10 @@
     python benchmarks/bench_decode.py --preset gpu          # LLaDA-8B / Dream-7B shapes, bf16 (random weights)
     python benchmarks/bench_decode.py --model default --batch 1 --modes eager,inductor,dyllm-paper
 
-Every configuration decodes 1 + --repeats times per mode: the first decode compiles and warms up, the others are
-timed (tokens/s of the median one; per-step latency from a synchronising wrapper around the model, over all).
+Every configuration decodes 1 + --repeats times per mode: the first decode compiles and warms up (every mode's, one
+after the other), then the timed decodes go round-robin over the modes, so a slow phase of a shared machine slows
+all modes alike (tokens/s of each mode's median decode; per-step latency from a synchronising wrapper around the
+model, over all).
 Before the first configuration, every mode runs once untimed on a tiny model, so the process's one-time start-up
 costs are not charged to one mode's compile. Rows go to a CSV with the device, torch and Triton versions; plots
 (speedup bars, salient fraction per step and layer) go next to it. The roofline bound (benchmarks/roofline.py)
@@ -132,38 +134,66 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_mode(mode: str, work: Workload, args, machine: Machine, device: torch.device, dtype: torch.dtype) -> dict:
+@dataclass
+class ModeRun:
+    """One mode of a configuration: its compiled model, the runtimes it created (serials ``since`` < s <=
+    ``until``), its first (compiling) decode and its timed ones."""
+
+    mode: str
+    timed: TimedModel
+    since: int
+    until: int
+    warmup: float
+    graphs: int
+    peak_mem_mb: object
+    decodes: list
+    recompiles: int = 0
+    cache_bytes: int = 0  # held after the last timed decode (the next mode's decode frees it)
+
+    def runtimes(self) -> list:
+        return [r for r in runtimes(self.since) if r.serial <= self.until]
+
+
+def prepare_mode(mode: str, work: Workload, args, device: torch.device) -> ModeRun:
+    """Builds ``mode`` and runs its first decode, which compiles (from whatever caches the caller provides)."""
     dyllm_compile.reset()
-    torch._dynamo.reset()
-    counters.clear()
-    since = last_serial()
+    since, graphs = last_serial(), counters["stats"]["unique_graphs"]
     compiled = build(mode, work.model, args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     decode(compiled, work, args.confidence_threshold)
     warmup = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else ""
+    return ModeRun(mode, TimedModel(compiled, device), since, last_serial(), warmup,
+                   counters["stats"]["unique_graphs"] - graphs, peak, [])
+
+
+def timed_decode(run: ModeRun, work: Workload, args) -> None:
+    for r in run.runtimes():  # the counters describe the last timed decode
+        r.stats = RuntimeStats()
+    # Each timed decode is a new request: without this, a decode of a single call (parallel decoding on a
+    # confident model) would see its own previous input again and continue that sequence sparsely.
+    dyllm_compile.reset()
     graphs = counters["stats"]["unique_graphs"]
-    timed = TimedModel(compiled, device)
-    decodes = []
-    for _ in range(args.repeats):
-        for r in runtimes(since):  # the counters describe the last timed decode
-            r.stats = RuntimeStats()
-        # Each timed decode is a new request: without this, a decode of a single call (parallel decoding on a
-        # confident model) would see its own previous input again and continue that sequence sparsely.
-        dyllm_compile.reset()
-        decodes.append(decode(timed, work, args.confidence_threshold))
-    result = sorted(decodes, key=lambda d: d.stats.seconds)[len(decodes) // 2]  # the median decode
-    live = runtimes(since)
+    run.decodes.append(decode(run.timed, work, args.confidence_threshold))
+    run.recompiles += counters["stats"]["unique_graphs"] - graphs
+    run.cache_bytes = sum(r.cache_bytes() for r in run.runtimes())
+
+
+def summarize(run: ModeRun, work: Workload, machine: Machine, dtype: torch.dtype) -> dict:
+    """The mode's row: throughput of its median timed decode, latencies over all of them, its counters."""
+    mode, timed = run.mode, run.timed
+    result = sorted(run.decodes, key=lambda d: d.stats.seconds)[len(run.decodes) // 2]  # the median decode
+    live = run.runtimes()
     cfg = work.model.cfg
     batch, n = result.tokens.shape
     row = dict(
         mode=mode, tokens=result.tokens.cpu(), tokens_per_s=result.stats.tokens_per_second,
         forward_calls=result.stats.forward_calls,
         step_ms_median=1e3 * statistics.median(timed.times), step_ms_p90=1e3 * percentile(timed.times, 0.9),
-        compile_s=max(0.0, warmup - result.stats.seconds),
-        dynamo_graphs=graphs, recompiles_timed=counters["stats"]["unique_graphs"] - graphs,
-        peak_mem_mb=(torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else ""),
+        compile_s=max(0.0, run.warmup - result.stats.seconds),
+        dynamo_graphs=run.graphs, recompiles_timed=run.recompiles, peak_mem_mb=run.peak_mem_mb,
     )
     shape = Shape.of(cfg)
     fractions = None
@@ -178,7 +208,7 @@ def run_mode(mode: str, work: Workload, args, machine: Machine, device: torch.de
             salient_fraction_per_layer=";".join(f"{f:.3f}" for f in fractions),
             rows_computed_fraction=sum(s.rows_computed for s in stats) / max(1, sum(s.rows_dense for s in stats)),
             gated_flops_share=sum(a.gated_flops for a in analyses) / max(1, sum(a.total_flops for a in analyses)),
-            cache_mb=sum(r.cache_bytes() for r in live) / 2 ** 20,
+            cache_mb=run.cache_bytes / 2 ** 20,
             sparse_variants=sum(len(r.sparse_fns) for r in live),  # compiled over the whole run
         )
     elem = torch.finfo(dtype).bits // 8
@@ -217,21 +247,26 @@ def warm_up(args, machine: Machine, device: torch.device, dtype: torch.dtype) ->
     work = make_workload("tiny", 1, args, args.device, dtype)
     work.model.to(device=device, dtype=dtype)
     work.prompts = work.prompts.to(device)
-    for mode in args.modes.split(","):
-        with contextlib.nullcontext() if args.warm_compile_cache else fresh_cache():
-            run_mode(mode, work, args, machine, device, dtype)
+    run_config(work, args, machine, device, dtype, {})
 
 
 def run_config(work: Workload, args, machine: Machine, device: torch.device, dtype: torch.dtype,
                facts: dict) -> list[dict]:
+    """Every mode compiles (each cold, one after the other), then the timed decodes go round-robin over the
+    modes: a slow phase of a shared machine slows every mode alike instead of the one that ran in it."""
     cfg = work.model.cfg
-    rows = []
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
     for mode in args.modes.split(","):
         # Cold compiles: each mode gets an empty Inductor cache directory and empty in-memory code caches, so no
         # mode reuses kernels another one compiled (dyllm's dense variant shares most of Inductor's kernels).
-        cold = contextlib.nullcontext() if args.warm_compile_cache else fresh_cache()
-        with cold:
-            rows.append(run_mode(mode, work, args, machine, device, dtype))
+        with contextlib.nullcontext() if args.warm_compile_cache else fresh_cache():
+            runs.append(prepare_mode(mode, work, args, device))
+    for _ in range(args.repeats):
+        for run in runs:
+            timed_decode(run, work, args)
+    rows = [summarize(run, work, machine, dtype) for run in runs]
     by_mode = {r["mode"]: r for r in rows}
     decoding = "low-confidence" if args.confidence_threshold is None else f"threshold {args.confidence_threshold}"
     saliency = "measured" if args.force_fraction is None else f"fixed {args.force_fraction}"

@@ -2,12 +2,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import importlib
+
 from dyllm_compile.ops import cached_attention, cached_attention_reference
+
+_op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 B_H_N_D = [(1, 4, 13, 8), (3, 4, 13, 8)]
 GQA = [1, 2, 4]  # query heads per kv head
 MASKS = [None, "padding", "additive"]
 SALIENT = ["none", "one", "some", "all"]
+
+
+@pytest.fixture(params=["incremental", "recompute"])
+def exact_route(request, monkeypatch):
+    """Exact mode's two routes, whichever the problem size would pick: the incremental update (never recompute)
+    and recomputing every row (always)."""
+    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0 if request.param == "incremental" else 1 << 62)
+    return request.param
 
 
 def _mask(kind, b, h, n, gen):
@@ -63,7 +75,7 @@ def _step(shape, rep, mask_kind, salient_kind, seed=0):
 @pytest.mark.parametrize("rep", GQA)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("salient_kind", SALIENT)
-def test_exact_mode_equals_dense_attention(shape, rep, mask_kind, salient_kind):
+def test_exact_mode_equals_dense_attention(shape, rep, mask_kind, salient_kind, exact_route):
     t = _step(shape, rep, mask_kind, salient_kind)
     torch.testing.assert_close(t["c0"], _dense(t["q0"], t["k0"], t["v0"], t["mask"]), rtol=1e-5, atol=1e-5)
     c1, m1, l1 = cached_attention(t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"],
@@ -91,7 +103,7 @@ def test_paper_mode_formula(rep, mask_kind, salient_kind):
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("salient_kind", SALIENT)
-def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, salient_kind):
+def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, salient_kind, exact_route):
     """Query pruning: the op run on a subset of query rows (q, c_old, m_old, l_old gathered; keys, values, mask
     and salient_in whole) gives exactly the full op's rows."""
     t = _step((3, 4, 13, 8), rep, mask_kind, salient_kind)
@@ -109,7 +121,7 @@ def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, sali
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 @pytest.mark.parametrize("shape", B_H_N_D)
 @pytest.mark.parametrize("salient_kind", SALIENT)
-def test_inputs_are_not_written_and_their_layout_does_not_matter(mode, shape, salient_kind):
+def test_inputs_are_not_written_and_their_layout_does_not_matter(mode, shape, salient_kind, exact_route):
     """The CPU body writes into temporaries in place: the caches it is given (float32, so ``.float()`` returns
     them unchanged) must come out untouched, and a transposed layout must give the same results."""
     t = _step(shape, 2, "padding", salient_kind)
@@ -128,7 +140,7 @@ def test_inputs_are_not_written_and_their_layout_does_not_matter(mode, shape, sa
         assert torch.equal(x, kept)
 
 
-def test_exact_mode_drift_over_fifty_steps():
+def test_exact_mode_drift_over_fifty_steps(exact_route):
     gen = torch.Generator().manual_seed(1)
     b, h, n, d = 1, 4, 256, 64
     q = torch.randn(b, h, n, d, generator=gen)
@@ -151,7 +163,7 @@ def test_exact_mode_drift_over_fifty_steps():
     assert worst < 1e-5
 
 
-def test_op_runs_inside_a_compiled_graph():
+def test_op_runs_inside_a_compiled_graph(exact_route):
     t = _step((2, 4, 13, 8), 2, "padding", "some")
     args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], t["mask"])
 

@@ -74,11 +74,11 @@ def _exp_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tens
     return p, m, p.sum(dim=-1)
 
 
-#: Exact mode recomputes every row when the dense products take at most this many multiply-adds per operand
-#: (B * H * R * N * D): about 45 tensor ops of the incremental update cost more than that on CPU. Measured on the
-#: 2-core CI CPU: the in-repo model's shapes (B 1-8, H 6, N 48, D 32: up to 3.5M) run 3-4x faster recomputed;
-#: at B 1, H 8, N 128, D 64 (8.4M) recomputing is still faster, at N 256 (34M) the incremental update is, by 1.7x.
-#: Both give dense attention: exact mode's contract.
+#: Exact mode recomputes every row when each of the two dense products (scores, weighted values) takes at most
+#: this many multiply-adds (B * H * R * N * D): about 45 tensor ops of the incremental update cost more than that
+#: on CPU. Measured on the 2-core CI CPU: the in-repo model's shapes (B 1-8, H 6, N 48, D 32: up to 3.5M) run
+#: 3-4x faster recomputed; at B 1, H 8, N 128, D 64 (8.4M) recomputing is still faster, at N 256 (34M) the
+#: incremental update is, by 1.7x. Both give dense attention: exact mode's contract.
 RECOMPUTE_WORK = 1 << 24
 
 

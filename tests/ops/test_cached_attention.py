@@ -1,8 +1,8 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import importlib
 
 from dyllm_compile.ops import cached_attention, cached_attention_reference
 
@@ -14,12 +14,21 @@ MASKS = [None, "padding", "additive"]
 SALIENT = ["none", "one", "some", "all"]
 
 
+def _force_route(monkeypatch, route):
+    """Exact mode's route, whichever the problem size would pick: the incremental update (never recompute) or
+    recomputing every row (always); None (paper mode) leaves it."""
+    if route is not None:
+        monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0 if route == "incremental" else 1 << 62)
+
+
 @pytest.fixture(params=["incremental", "recompute"])
 def exact_route(request, monkeypatch):
-    """Exact mode's two routes, whichever the problem size would pick: the incremental update (never recompute)
-    and recomputing every row (always)."""
-    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0 if request.param == "incremental" else 1 << 62)
+    _force_route(monkeypatch, request.param)
     return request.param
+
+
+# Paper mode once, exact mode by each of its routes.
+MODE_ROUTES = [("paper", None), ("exact", "incremental"), ("exact", "recompute")]
 
 
 def _mask(kind, b, h, n, gen):
@@ -99,13 +108,14 @@ def test_paper_mode_formula(rep, mask_kind, salient_kind):
         torch.testing.assert_close(c1, dense if salient_kind == "all" else t["c0"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("mode,route", MODE_ROUTES)
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("salient_kind", SALIENT)
-def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, salient_kind, exact_route):
+def test_queried_rows_equal_the_full_op_on_those_rows(mode, route, rep, mask_kind, salient_kind, monkeypatch):
     """Query pruning: the op run on a subset of query rows (q, c_old, m_old, l_old gathered; keys, values, mask
     and salient_in whole) gives exactly the full op's rows."""
+    _force_route(monkeypatch, route)
     t = _step((3, 4, 13, 8), rep, mask_kind, salient_kind)
     queried = torch.tensor([0, 2, 3, 5, 9, 12])
     rows = lambda x: x.index_select(2, queried)  # noqa: E731
@@ -118,12 +128,13 @@ def test_queried_rows_equal_the_full_op_on_those_rows(mode, rep, mask_kind, sali
         torch.testing.assert_close(got, rows(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("mode,route", MODE_ROUTES)
 @pytest.mark.parametrize("shape", B_H_N_D)
 @pytest.mark.parametrize("salient_kind", SALIENT)
-def test_inputs_are_not_written_and_their_layout_does_not_matter(mode, shape, salient_kind, exact_route):
+def test_inputs_are_not_written_and_their_layout_does_not_matter(mode, route, shape, salient_kind, monkeypatch):
     """The CPU body writes into temporaries in place: the caches it is given (float32, so ``.float()`` returns
     them unchanged) must come out untouched, and a transposed layout must give the same results."""
+    _force_route(monkeypatch, route)
     t = _step(shape, 2, "padding", salient_kind)
     inputs = [t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"]]
     before = [x.clone() for x in inputs]

@@ -41,9 +41,12 @@ from dyllm_compile.generate import generate  # noqa: E402
 from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
-# dyllm-<mode>-qp: that attention mode with query pruning (prompt rows queried every --query-pruning-period calls).
+# dyllm-<mode>[-qp][-so]: that attention mode; -qp with query pruning (prompt rows queried every
+# --query-pruning-period calls), -so with the output projection on S_out (output_projection="salient").
 # exact is the library default (docs/rewrite.md).
-MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp")
+MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
+         "dyllm-exact-qp-so")
+DEFAULT_MODES = MODES[:7]  # the preset runs; dyllm-exact-qp-so on request
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -119,8 +122,11 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
     options = {"threshold": args.threshold, "attention_mode": mode.split("-")[1], "lowering": args.lowering}
     if args.force_fraction is not None:
         options["force_salient"] = args.force_fraction
-    if mode.endswith("-qp"):
+    flags = mode.split("-")[2:]
+    if "qp" in flags:
         options.update(query_pruning_period=args.query_pruning_period, mask_token_id=model.cfg.mask_token_id)
+    if "so" in flags:
+        options["output_projection"] = "salient"
     return torch.compile(model, backend="dyllm", options=options)
 
 
@@ -368,7 +374,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("default", "reference", "llada", "dream", "tiny"), default="default")
     parser.add_argument("--checkpoint", help="local checkpoint directory for --model llada/dream")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
     parser.add_argument("--confidence-threshold", type=float, default=None,
                         help="threshold parallel decoding (default: one token per step)")

@@ -22,6 +22,8 @@ ATTENTION_MODES = ("paper", "exact")
 
 ROW_COUNTS = ("auto", "buckets", "unbacked")
 
+OUTPUT_PROJECTIONS = ("dense", "salient")
+
 
 def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None, kind: Optional[type] = None,
           low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
@@ -70,6 +72,15 @@ class DyllmConfig:
         "sequence's first call: the prompt) are queried only on every P-th call; on the others they keep their "
         "cached context, K/V, attention output and FFN output. Needs token-id inputs and a known mask id "
         "(mask_token_id, or inferred); a graph without them queries every row.", kind=int, low=0,
+    )
+    output_projection: str = _knob(
+        "dense",
+        "dense: every row's attention output projection is recomputed on every call (its context moves a little "
+        "even when it is not salient). salient: only the rows of the site's S_out (the rows whose FFN is "
+        "recomputed) are projected; the others keep their cached projection, as they keep their cached FFN "
+        "output. An approximation beyond DESIGN.md's default, measured in docs/rewrite.md. With query pruning "
+        "a pruned site projects its queried rows either way.",
+        choices=OUTPUT_PROJECTIONS,
     )
     max_salient_fraction: float = _knob(
         1.0, "A call whose salient rows (in any layer) exceed this fraction of the sequence runs dense.",

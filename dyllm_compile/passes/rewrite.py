@@ -152,6 +152,16 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                     regions.append(out)
                     queried_regions.add(id(out))
                     region_caches[id(out)] = add_cache(f"L{site.layer}.o", out.exit)
+        if (config.output_projection == "salient" and plan.queries is None
+                and site.layer not in config.dense_layers):
+            # Gated like the FFN: the o projection's exit follows the site, so it runs on the site's S_out.
+            out = _output_projection(analysis, site)
+            problem = "no projection branch" if out is None else _region_problem(out, infos, batch)
+            if problem:
+                reasons.append(f"layer {site.layer}: output projection computed densely ({problem})")
+            else:
+                regions.append(out)
+                region_caches[id(out)] = add_cache(f"L{site.layer}.o", out.exit)
         sites.append(plan)
     for region in analysis.gated_regions:
         reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(

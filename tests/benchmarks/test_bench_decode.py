@@ -25,13 +25,13 @@ def bench():
 
 def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
     out = tmp_path / "decode.csv"
-    bench.main(["--preset", "smoke", "--modes", "eager,dyllm-paper,dyllm-exact,dyllm-exact-qp",
+    bench.main(["--preset", "smoke", "--modes", "eager,dyllm-paper,dyllm-exact,dyllm-exact-qp,dyllm-exact-so",
                 "--lowering", "aot_eager", "--out", str(out)])
     with open(out) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == bench.FIELDS
         rows = list(reader)
-    assert [r["mode"] for r in rows] == ["eager", "dyllm-paper", "dyllm-exact", "dyllm-exact-qp"]
+    assert [r["mode"] for r in rows] == ["eager", "dyllm-paper", "dyllm-exact", "dyllm-exact-qp", "dyllm-exact-so"]
     for r in rows:
         assert r["device"] and r["torch"] and r["triton"]
         for key in ("tokens_per_s", "step_ms_median", "step_ms_p90", "bound_ms", "bound_share", "speedup_vs_eager"):

@@ -25,6 +25,8 @@ def test_bad_value_names_valid_choices():
         DyllmConfig.from_options({"lowering": "tvm"})
     with pytest.raises(ValueError, match=r"'row_counts' must be one of \['auto', 'buckets', 'unbacked'\]"):
         DyllmConfig.from_options({"row_counts": "nonzero"})
+    with pytest.raises(ValueError, match=r"'output_projection' must be one of \['dense', 'salient'\]"):
+        DyllmConfig.from_options({"output_projection": True})
 
 
 def test_non_mapping_options_rejected():

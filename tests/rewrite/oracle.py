@@ -45,6 +45,8 @@ class Oracle:
     # Query pruning: on sparse calls whose count is not a multiple of this, rows outside the response keep their
     # cached context (so their attention output, K/V and FFN output stay as cached too).
     query_pruning_period: int = 0
+    # "salient": the attention output projection of rows outside S_out keeps its cached value, like the FFN's.
+    output_projection: str = "dense"
     last_queried: Optional[torch.Tensor] = None
     response: Optional[torch.Tensor] = None
     caches: Optional[dict] = None
@@ -153,7 +155,10 @@ class Oracle:
                     cos = F.cosine_similarity(c.transpose(1, 2).flatten(2), c_old.transpose(1, 2).flatten(2), dim=-1)
                     salient = salient | (cos < self.threshold)
             layer_fractions.append(salient.float().mean().item())
-            h = h + a.o_proj(c.transpose(1, 2).reshape(b, n, cfg.d_model))
+            o = a.o_proj(c.transpose(1, 2).reshape(b, n, cfg.d_model))
+            if self.output_projection == "salient":
+                o, _ = self._keep(f"{i}.o", o, salient, 1, dense)
+            h = h + o
             salient = self._branch(i, f"{i}.ffn", h, salient, dense)  # a branch's input: the residual stream read
             f, _ = self._keep(f"{i}.ffn", layer.ffn(layer.ffn_norm(h)), salient, 1, dense)
             h = h + f

@@ -81,3 +81,21 @@ def test_query_pruning_with_forced_salient_rows_matches_oracle():
     options = {"query_pruning_period": 3, "mask_token_id": MASK, "force_salient": 0.3, "seed": 2}
     lock, _ = _run("llada", 3, options, dict(query_pruning_period=3, force_salient=0.3, seed=2))
     assert lock.steps == 16
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("salient", ["forced", "threshold"])
+def test_salient_output_projection_matches_oracle(arch, mode, salient):
+    """output_projection="salient": the o projection runs on each site's S_out only (one gathered region more
+    per layer, cached like the FFN output); the other rows keep their cached projection, as in the oracle."""
+    rows = {"force_salient": 0.3, "seed": 3} if salient == "forced" else {}
+    options = {"attention_mode": mode, "output_projection": "salient", **rows}
+    lock, oracle = _run(arch, 3, options, dict(mode=mode, threshold=0.99, output_projection="salient", **rows))
+    assert lock.steps == 16
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    gated = [r.role for r in runtime.plan.regions]
+    assert gated.count("attn_out") == len(runtime.plan.sites) == 2 and not runtime.plan.queried_regions
+    assert [c.name for c in runtime.plan.caches].count("L0.o") == 1
+    assert runtime.stats.rows_computed < runtime.stats.rows_dense
+    assert torch.tensor(oracle.fractions).mean() < 1.0

@@ -8,12 +8,13 @@ from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from decode_driver import decode_inputs
 
 
-def _compare(name, batch, lowering, calls=5, tol=1e-5):
+def _compare(name, batch, lowering, calls=5, tol=1e-5, **options):
     torch._dynamo.reset()
     before = last_serial()
     entry = ZOO[name]
     model = entry.build()
-    compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, "threshold": 1.0})
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, "threshold": 1.0,
+                                                                  **options})
     with torch.inference_mode():
         for args in decode_inputs(entry, batch, prompt=6, response=10, calls=calls):
             expected = model(*args)
@@ -22,12 +23,21 @@ def _compare(name, batch, lowering, calls=5, tol=1e-5):
             assert torch.equal(got.argmax(-1), expected.argmax(-1))
     used = [r for r in runtimes(before) if r.stats.sparse_calls]
     assert len(used) == 1 and used[0].stats.sparse_calls == calls - 1, "the sparse variant really ran"
+    return used[0]
 
 
 @pytest.mark.parametrize("name", list(ZOO))
 @pytest.mark.parametrize("batch", [1, 2])
 def test_threshold_one_equals_dense_aot_eager(name, batch):
     _compare(name, batch, "aot_eager")
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_threshold_one_equals_dense_with_salient_output_projection(name):
+    runtime = _compare(name, 2, "aot_eager", output_projection="salient")
+    gated = [r for r in runtime.plan.regions if r.role == "attn_out"]
+    explained = [reason for reason in runtime.plan.reasons if "output projection" in reason]
+    assert len(gated) + len(explained) == len(runtime.plan.sites)  # each site gates it or says why not
 
 
 @pytest.mark.inductor

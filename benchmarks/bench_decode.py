@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from roofline import Machine, Shape, measure_machine, step_cost  # noqa: E402
 
 import dyllm_compile  # noqa: E402
+from dyllm_compile.explain import Report  # noqa: E402
 from dyllm_compile.generate import generate  # noqa: E402
 from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
@@ -208,12 +209,12 @@ def summarize(run: ModeRun, work: Workload, machine: Machine, dtype: torch.dtype
         per_call = stats[0].per_call_fractions(len(live[0].plan.sites)) if stats else torch.ones(0, 0)
         row["per_call"] = per_call
         fractions = per_call.mean(0).tolist() if per_call.numel() else [1.0] * cfg.n_layers
-        analyses = [r.plan.analysis for r in live]
+        gated, total = Report([r.plan.analysis for r in live], live[0].config).gated_flops()
         row.update(
             salient_fraction_mean=sum(fractions) / len(fractions),
             salient_fraction_per_layer=";".join(f"{f:.3f}" for f in fractions),
             rows_computed_fraction=sum(s.rows_computed for s in stats) / max(1, sum(s.rows_dense for s in stats)),
-            gated_flops_share=sum(a.gated_flops for a in analyses) / max(1, sum(a.total_flops for a in analyses)),
+            gated_flops_share=gated / max(1, total),  # what the mode's rewrite plan gates (explain's share)
             cache_mb=run.cache_bytes / 2 ** 20,
             sparse_variants=sum(len(r.sparse_fns) for r in live),  # compiled over the whole run
         )

@@ -85,6 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                         help="also compare threshold 0.99 with query pruning at this period (0: skip)")
     parser.add_argument("--pruning-mode", choices=ATTENTION_MODES, default=OTHERS_MODE,
                         help="the attention mode of the query-pruning comparison")
+    parser.add_argument("--salient-output-projection", action="store_true",
+                        help="also compare threshold 0.99 (the default attention mode) with output_projection="
+                             "'salient' (the o projection on S_out only)")
     parser.add_argument("--parallel-confidence", type=float, default=0.9,
                         help="also compare dense and dyllm (0.99, paper) with this threshold parallel decoding")
     parser.add_argument("--out", default=os.path.join(RESULTS, "quality_cpu.csv"))
@@ -108,6 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                    "query_pruning_period": args.query_pruning_period}
         configs.append((f"dyllm {args.pruning_mode} 0.99 qp{args.query_pruning_period}", pruning, None, args.count,
                         True))
+    if args.salient_output_projection:
+        mode = DyllmConfig().attention_mode
+        configs.append((f"dyllm {mode} 0.99 so", {"threshold": 0.99, "attention_mode": mode,
+                                                  "output_projection": "salient"}, None, args.count, True))
     configs += [(f"policy {p}", {"policy": p, "attention_mode": OTHERS_MODE}, None, args.sweep_count, True)
                 for p in filter(None, args.policies.split(","))]
     if args.parallel_confidence:
@@ -197,8 +204,9 @@ def plot(rows: list[dict], path: str) -> None:
                         yerr=[100 * r["accuracy_ci95"] for r in points], fmt=marker, capsize=3,
                         label=mode or "dense")
             for r in points:
-                if r["threshold"]:  # query-pruned configurations say so: same threshold, other point
-                    text = f"{r['threshold']}{' qp' if ' qp' in r['config'] else ''}"
+                if r["threshold"]:  # query-pruned (qp) and salient-o (so) configurations say so: other points
+                    tags = "".join(f" {tag}" for tag in ("qp", "so") if f" {tag}" in r["config"])
+                    text = f"{r['threshold']}{tags}"
                     ax.annotate(text, (r[key], 100 * r["accuracy"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="exact-match accuracy, all tasks (%)")

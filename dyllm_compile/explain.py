@@ -1,7 +1,8 @@
 """``dyllm_compile.explain``: what the backend would gate in a model, and why anything stays dense.
 
 "Gated" is what the rewrite plan for the given options runs on salient rows only (exact mode adds the q
-projection; query pruning the o projection, on the queried rows), not just what the analysis found row-wise."""
+projection; output_projection="salient" the o projection; query pruning the o projection, on the queried rows),
+not just what the analysis found row-wise."""
 
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ class Report:
                  if not graph.sites and r.role != "lm_head"]
         rows += [_branch_row(-1, "-", r, gated(r)) for r in graph.regions if r.role == "lm_head"]
         return rows
+
+    def gated_flops(self) -> tuple[int, int]:
+        """(gated, total) matmul FLOPs over every graph, for the rewrite plan of these options."""
+        gated = sum(row.gated_flops for graph in self.graphs for row in self.layers(graph))
+        return gated, sum(graph.total_flops for graph in self.graphs)
 
     def table(self) -> str:
         lines = []

@@ -27,7 +27,7 @@ def test_explain_returns_report_and_prints_table(capsys):
 
 def test_explain_follows_the_options():
     """The table is the rewrite plan for the given options: paper mode projects q for every row; query pruning
-    runs the o projection on the queried rows."""
+    runs the o projection on the queried rows, output_projection="salient" on S_out."""
     entry = ZOO["dream"]
     paper = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
                                   attention_mode="paper")
@@ -37,6 +37,13 @@ def test_explain_follows_the_options():
                                    attention_mode="paper", query_pruning_period=4, mask_token_id=3)
     rows = pruned.layers(pruned.graphs[0])
     assert rows[0].gated == ["q proj", "k proj", "v proj", "o proj", "ffn"] and rows[0].dense == []
+    salient_o = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
+                                      output_projection="salient", dense_layers=[1])
+    rows = salient_o.layers(salient_o.graphs[0])
+    assert rows[0].gated == ["q proj", "k proj", "v proj", "o proj", "ffn"] and rows[0].dense == []
+    assert rows[1].gated == [] and "o proj" in rows[1].dense  # a dense layer keeps its o projection dense
+    gated, total = salient_o.gated_flops()
+    assert gated == sum(r.gated_flops for r in rows) and 0 < gated < total
     dense = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
                                   dense_layers=[0])
     assert dense.layers(dense.graphs[0])[0].gated == []

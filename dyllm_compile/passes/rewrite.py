@@ -147,21 +147,19 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                 reasons.append(f"layer {site.layer}: every row queried (q chain: {problem})")
             else:
                 plan.queries = chains["q"]
-                out = _output_projection(analysis, site)
-                if out is not None and not _region_problem(out, infos, batch):
-                    regions.append(out)
-                    queried_regions.add(id(out))
-                    region_caches[id(out)] = add_cache(f"L{site.layer}.o", out.exit)
-        if (config.output_projection == "salient" and plan.queries is None
-                and site.layer not in config.dense_layers):
-            # Gated like the FFN: the o projection's exit follows the site, so it runs on the site's S_out.
+        # The o projection as a region with its own cache: on the queried rows of a pruned site, else (salient
+        # option) gated like the FFN: its exit follows the site, so it runs on the site's S_out.
+        salient_o = config.output_projection == "salient" and site.layer not in config.dense_layers
+        if plan.queries is not None or salient_o:
             out = _output_projection(analysis, site)
             problem = "no projection branch" if out is None else _region_problem(out, infos, batch)
-            if problem:
-                reasons.append(f"layer {site.layer}: output projection computed densely ({problem})")
-            else:
+            if not problem:
                 regions.append(out)
+                if plan.queries is not None:
+                    queried_regions.add(id(out))
                 region_caches[id(out)] = add_cache(f"L{site.layer}.o", out.exit)
+            elif plan.queries is None:
+                reasons.append(f"layer {site.layer}: output projection computed densely ({problem})")
         sites.append(plan)
     for region in analysis.gated_regions:
         reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(

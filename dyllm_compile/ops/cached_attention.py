@@ -30,6 +30,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 MODES = ("paper", "exact")
 
@@ -52,8 +53,9 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    # The scale goes on the operand with fewer rows: one pass over a few gathered rows, not over every query.
-    if q.shape[-2] < k.shape[-2]:
+    # The scale goes on the operand with fewer rows: one pass over a few gathered rows, not over every query (a
+    # choice made without a guard where the traced row count is data-dependent).
+    if statically_known_true(q.shape[-2] < k.shape[-2]):
         s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
     else:
         s = torch.matmul(q.float(), (k.float() * scale).transpose(-1, -2))
@@ -65,13 +67,26 @@ def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
     return s
 
 
-def _exp_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``exp(scores - m)`` [B, H, R, N] with the row max ``m`` and the row sum ``l`` (fp32)."""
+def _exp_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
+                in_place: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``exp(scores - m)`` [B, H, R, N] with the row max ``m`` and the row sum ``l`` (fp32). ``in_place=False``
+    for code that is traced into a graph rather than run: no mutation for the tracer to functionalize."""
     s = _scores(q, k, attn_mask, scale)
     m = s.amax(dim=-1)
-    p = _exp_(s.sub_(m[..., None]))
+    if in_place:
+        p = _exp_(s.sub_(m[..., None]))
+    else:
+        p = (s - m[..., None]).clamp_min(_EXP_FLOOR).exp()
     return p, m, p.sum(dim=-1)
+
+
+def _attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                          scale: float, in_place: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense attention of every query row with its exact row max and denominator: the op's result when it
+    recomputes every row."""
+    p, m, l = _exp_scores(q, k, attn_mask, scale, in_place)
+    c = torch.matmul(p, v.float())
+    return (c.div_(l[..., None]) if in_place else c / l[..., None]).to(q.dtype), m, l
 
 
 #: Exact mode recomputes every row when each of the two dense products (scores, weighted values) takes at most
@@ -117,8 +132,7 @@ def cached_attention_reference(
         _put_rows(c, rows, exact, _picked(salient_q, rows))
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
     if q.numel() * k.shape[2] <= RECOMPUTE_WORK:
-        p, m, l = _exp_scores(q, k, attn_mask, scale)
-        return torch.matmul(p, v.float()).div_(l[..., None]).to(q.dtype), m, l
+        return _attention_with_stats(q, k, v, attn_mask, scale)
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
                   recompute_share)
 
@@ -216,6 +230,24 @@ def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, 
       queried=None):
     stats = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
+                              recompute_share, queried=None):
+    """What the rewritten graphs call at each cached site (same contract as the op): the op, or where the shapes
+    being traced prove that exact mode recomputes every row (``RECOMPUTE_WORK``), that dense attention as plain
+    torch ops, which the lowering compiles with the rest of the graph (Inductor fuses it into its kernels)
+    instead of calling the op: on CPU the op's dispatch and eager body cost about 0.25 ms a call at the in-repo
+    model's shapes. A data-dependent row count (query pruning's queried rows) is bounded by the sequence; where
+    the bound cannot be proved (a symbolic sequence length), the op stays and decides at run time."""
+    if mode == "exact" and statically_known_true(q.numel() * k.shape[2] <= RECOMPUTE_WORK):
+        heads = q.shape[1]
+        attn_mask = attn_mask if queried is None else _mask_slice(attn_mask, -2, queried)
+        # Out of place: this code is traced, and the tracer would have to functionalize every in-place op.
+        return _attention_with_stats(q, _expand_kv(k, heads), _expand_kv(v, heads), attn_mask, scale,
+                                     in_place=False)
+    return torch.ops.dyllm.cached_attention.default(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in,
+                                                    attn_mask, scale, mode, recompute_share, queried)
 
 
 def default_scale(head_dim: int) -> float:

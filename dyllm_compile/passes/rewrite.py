@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from ..config import DyllmConfig
-from ..ops.cached_attention import default_scale  # importing the module registers dyllm::cached_attention
+from ..ops.cached_attention import cached_attention_or_dense, default_scale  # registers dyllm::cached_attention
 from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
@@ -247,10 +247,6 @@ def _region_problem(region: Region, infos, batch) -> str:
 # ---- graph building ------------------------------------------------------------------------------------------
 
 
-# The registered overload (an OpOverload), which graphs and Inductor schedule as one op.
-CACHED_ATTENTION = torch.ops.dyllm.cached_attention.default
-
-
 @dataclass(frozen=True)
 class _Rows:
     """A row selection in the new graph: a region runs on the ``size`` rows ``gather`` (an int capacity, or a
@@ -316,8 +312,8 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             q, k, v = b.env[s.q], b.env[site.kv["k"].exit], b.env[site.kv["v"].exit]
             everyone = b.call(rows.all_rows, q, 2)
             zero = b.call(rows.zero_stats, q)
-            out = b.call(CACHED_ATTENTION, q, k, v, k, v, q, zero, zero, everyone, _mask(b, s), site.scale,
-                         "exact", plan.config.recompute_share)
+            out = b.call(cached_attention_or_dense, q, k, v, k, v, q, zero, zero, everyone, _mask(b, s),
+                         site.scale, "exact", plan.config.recompute_share)
             b.env[node] = b.item(out, 0)
             stats[site.caches["m"]], stats[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
             continue
@@ -539,9 +535,9 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     else:
         m_old = l_old = b.call(rows.zero_stats, q)
     c_cache = cache_in[site.caches["c"]]
-    out = b.call(CACHED_ATTENTION, q, b.env[site.kv["k"].exit], b.env[site.kv["v"].exit], cache_in[site.caches["k"]],
-                 cache_in[site.caches["v"]], take(c_cache), m_old, l_old, salient, _mask(b, s),
-                 site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
+    out = b.call(cached_attention_or_dense, q, b.env[site.kv["k"].exit], b.env[site.kv["v"].exit],
+                 cache_in[site.caches["k"]], cache_in[site.caches["v"]], take(c_cache), m_old, l_old, salient,
+                 _mask(b, s), site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
     if exact:
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

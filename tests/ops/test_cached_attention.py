@@ -188,3 +188,72 @@ def test_op_runs_inside_a_compiled_graph(exact_route):
     got = compiled(*args)
     torch.testing.assert_close(got[0], expected[0] * 2)
     torch.testing.assert_close(got[1], expected[1])
+
+
+def _traced(args, tail):
+    """The graphs' call at a cached site, traced by make_fx: (graph, its outputs)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda *a: _op_module.cached_attention_or_dense(*a, *tail))(*args)
+    return gm, gm(*args)
+
+
+def _calls_op(gm) -> bool:
+    return any(n.target is torch.ops.dyllm.cached_attention.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("rep", [1, 2])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("queried", [None, [0, 2, 3, 5, 9, 12]])
+def test_graphs_trace_plain_ops_where_exact_mode_recomputes(rep, mask_kind, queried):
+    """Small exact-mode problems: the traced graph holds plain ops (no op call left) with the op's results:
+    context, row max and denominator, GQA, masks and a queried-row subset included."""
+    t = _step((3, 4, 13, 8), rep, mask_kind, "some")
+    index = None if queried is None else torch.tensor(queried)
+    rows = (lambda x: x) if index is None else (lambda x: x.index_select(2, index))  # noqa: E731
+    args = (rows(t["q1"]), t["k1"], t["v1"], t["k0"], t["v0"], rows(t["c0"]), rows(t["m0"]), rows(t["l0"]),
+            t["salient"], t["mask"])
+    tail = (t["d"] ** -0.5, "exact", 0.5, index)
+    gm, got = _traced(args, tail)
+    assert not _calls_op(gm)
+    for g, want in zip(got, cached_attention(*args, *tail)):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,route", [("paper", None), ("exact", "incremental")])
+def test_graphs_call_the_op_elsewhere(mode, route, monkeypatch):
+    """Paper mode, and exact mode where the problem is too large to recompute: the graph calls the op."""
+    _force_route(monkeypatch, route)
+    t = _step((1, 4, 13, 8), 1, None, "some")
+    args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], t["mask"])
+    tail = (t["d"] ** -0.5, mode, 0.5)
+    gm, got = _traced(args, tail)
+    assert _calls_op(gm)
+    for g, want in zip(got, cached_attention(*args, *tail)):
+        torch.testing.assert_close(g, want)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("route", ["recompute", "incremental"])
+def test_inductor_fuses_the_attention_only_where_exact_mode_recomputes(route, monkeypatch):
+    """Through dyllm's lowering, Inductor's generated code calls the op only when exact mode would not recompute
+    every row; either way the results are the op's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from dyllm_compile.lowering import lower
+
+    _force_route(monkeypatch, None if route == "recompute" else "incremental")
+    t = _step((2, 4, 13, 8), 2, "padding", "some")
+    args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], t["mask"])
+
+    def fn(*a):
+        c, m, l = _op_module.cached_attention_or_dense(*a, t["d"] ** -0.5, "exact", 0.5)
+        return c * 2, m, l
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=lambda gm, inputs: lower(gm, inputs, "inductor"), fullgraph=True)
+    got, (code,) = run_and_get_code(compiled, *args)
+    assert ("torch.ops.dyllm.cached_attention.default(" in code) == (route == "incremental")
+    expected = cached_attention(*args, t["d"] ** -0.5, "exact", 0.5)
+    torch.testing.assert_close(got[0], expected[0] * 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)

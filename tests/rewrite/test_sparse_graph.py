@@ -8,7 +8,8 @@ from dyllm_compile.config import DyllmConfig
 from dyllm_compile.models import llada_like
 from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.passes.graph_utils import op_name
-from dyllm_compile.passes.rewrite import CACHED_ATTENTION, build_sparse, plan_rewrite
+from dyllm_compile.ops.cached_attention import cached_attention_or_dense
+from dyllm_compile.passes.rewrite import build_sparse, plan_rewrite
 from dyllm_compile.runtime import rows
 
 
@@ -63,7 +64,7 @@ def test_exact_mode_runs_the_q_chain_on_s_in_only():
     before, after = build_sparse(paper, 4), build_sparse(exact, 4)
     assert len(_calls(after, rows.scatter_rows)) == len(_calls(before, rows.scatter_rows)) + len(exact.sites)
     assert not _calls(after, rows.merge_rows)  # no q computed for every row and merged with the cache
-    ops = _calls(after, CACHED_ATTENTION)
+    ops = _calls(after, cached_attention_or_dense)
     assert len(ops) == len(exact.sites) and all(op.args[0].target is rows.scatter_rows for op in ops)
     # the k/v chains and the q chain of a layer share one selection (S_in)
     assert len(_calls(after, rows.select_rows)) == len(_calls(before, rows.select_rows))

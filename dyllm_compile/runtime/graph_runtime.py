@@ -54,8 +54,9 @@ class RuntimeStats:
     sparse_calls: int = 0
     reruns: int = 0
     sparse_compiles: int = 0
-    # Per call, oldest first: the salient fraction per attention site (batch mean) of a sparse call, None for a
-    # dense one. Kept as device tensors so that reading the counters, not the step, pays the sync.
+    # Per call, oldest first: the salient fraction per attention site and batch element [sites, B] of a sparse
+    # call, None for a dense one. Kept as the variant returned them, so that reading the counters, not the step,
+    # pays the sync and the batch mean.
     history: list = field(default_factory=list)
     # Shadow mode, per sparse call: (largest |sparse - dense| of the first output, argmax flips over its last dim).
     shadow: list = field(default_factory=list)
@@ -65,12 +66,12 @@ class RuntimeStats:
     @property
     def salient_fraction(self) -> list[float]:
         """Per attention site, the mean salient fraction over sparse calls ([] before any)."""
-        sparse = [h for h in self.history if h is not None]
-        return torch.stack(sparse).float().mean(0).tolist() if sparse else []
+        sparse = [h.float().mean(dim=1) for h in self.history if h is not None]
+        return torch.stack(sparse).mean(0).tolist() if sparse else []
 
     def per_call_fractions(self, n_sites: int) -> torch.Tensor:
         """[calls, sites]: the salient fraction per call and site, dense calls counted as 1."""
-        rows = [torch.ones(n_sites) if h is None else h.float().cpu() for h in self.history]
+        rows = [torch.ones(n_sites) if h is None else h.float().mean(dim=1).cpu() for h in self.history]
         return torch.stack(rows) if rows else torch.zeros(0, n_sites)
 
     @property
@@ -135,6 +136,11 @@ class GraphRuntime:
         self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
+        # Input positions by kind, from the first call: weights (Parameters), and the other tensors that are not
+        # token inputs. Fixed per graph: Dynamo guards each input's type, so another kind recompiles.
+        self._weights: Optional[list[int]] = None
+        self._not_weights: list[int] = []
+        self._others_at: list[int] = []
         self.policy = plan.policy
         self._warned_policy = False
         self.serial = next(_serials)  # creation order
@@ -175,9 +181,18 @@ class GraphRuntime:
     # ---- policy ------------------------------------------------------------------------------------------
 
     def _key(self, args: tuple) -> tuple:
-        shapes = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
-        weights = tuple(a.data_ptr() for a in args if isinstance(a, torch.nn.Parameter))
-        return shapes, weights
+        return self._shapes(args), tuple(args[i].data_ptr() for i in self._weights)
+
+    def _shapes(self, args: tuple) -> tuple:
+        """Shapes, dtypes and devices of the inputs that are not weights (and the non-tensor inputs). The weights'
+        are Dynamo's guards: a change recompiles, with a runtime of its own."""
+        if self._weights is None:
+            self._weights = [i for i, a in enumerate(args) if isinstance(a, torch.nn.Parameter)]
+            skip = set(self._weights) | set(self.plan.token_inputs)
+            self._others_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in skip]
+            self._not_weights = [i for i in range(len(args)) if i not in set(self._weights)]
+        return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                     for a in (args[i] for i in self._not_weights))
 
     def _watch(self, args: tuple, key: tuple) -> None:
         """Drop ``key``'s states when its weights die (weakly: the runtime does not keep them alive)."""
@@ -186,9 +201,8 @@ class GraphRuntime:
             weakref.finalize(weight, _forget, weakref.ref(self), key)
 
     def _others(self, args: tuple) -> list[torch.Tensor]:
-        skip = set(self.plan.token_inputs)
-        return [a for i, a in enumerate(args)
-                if isinstance(a, torch.Tensor) and i not in skip and not isinstance(a, torch.nn.Parameter)]
+        """The tensor inputs that are neither weights nor token inputs (masks, tables), compared whole."""
+        return [args[i] for i in self._others_at]
 
     def _upstream(self, tokens: list[torch.Tensor]) -> Optional[row_tags.RowTag]:
         """The valid tag of the first hidden-state input another graph returned, if any."""
@@ -206,15 +220,14 @@ class GraphRuntime:
             return None  # a mask, a table or another non-weight input changed
         changed = None
         for new, old, axis in zip(tokens, state.tokens, self.plan.input_axes):
-            rows = new != old
-            if rows.dim() > 2:
-                rows = rows.movedim(axis, 1).flatten(2).any(dim=2)
+            diff = new != old
+            rows = diff.movedim(axis, 1).flatten(2).any(dim=2) if diff.dim() > 2 else diff
             if not new.is_floating_point() and bool(rows.any()):
-                before, after = old[rows], new[rows]
                 mask_id = self._mask_id(state)
                 if mask_id is None:
-                    mask_id = int(before[0])
-                if not bool((before == mask_id).all()) or bool((after == mask_id).any()):
+                    mask_id = int(old[diff][0])
+                # Every changed element held the mask id and no longer does (elementwise: no gather of the rows).
+                if not bool(((old == mask_id) & (new != mask_id)).logical_or_(~diff).all()):
                     return None
                 state.mask_id = mask_id
             changed = rows if changed is None else changed | rows
@@ -275,7 +288,7 @@ class GraphRuntime:
         gathered regions their counted rows (or the capacity), queried ones the ``queried`` rows (or their
         capacity), regions a policy computes for every row (its values) all ``n``."""
         self.stats.sparse_calls += 1
-        self.stats.history.append(out[self.n_user + self.n_caches + 1].mean(dim=1))
+        self.stats.history.append(out[self.n_user + self.n_caches + 1])
         queried_rows = queried * len(self.plan.queried_regions)
         ungathered = len(self.plan.regions) - len(counts) - len(self.plan.queried_regions)
         self.stats.rows_computed += ((sum(counts) if capacity is None else capacity * len(counts)) + queried_rows
@@ -377,7 +390,7 @@ class GraphRuntime:
 
     def _zero_caches(self, args: tuple) -> list[torch.Tensor]:
         """Zero caches in the layout the dense variant would return for ``args`` (found from a fake run)."""
-        key = self._key(args)[0]
+        key = self._shapes(args)
         if key not in self._cache_layouts:
             layouts = output_layouts(build_dense(self.plan), args)
             self._cache_layouts[key] = layouts[self.n_user : self.n_user + self.n_caches]
@@ -396,8 +409,7 @@ class GraphRuntime:
         """The sparse variant for ``capacity`` rows (None: unbacked counts) and ``query_capacity`` queried rows;
         ``extra``: the forced-salient, row-hint, queried-rows and dense-call inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
-        key = (capacity, query_capacity, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),
-               tuple(scalars.items()))
+        key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()))
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity)
             self.sparse_fns[key] = self.lower(gm, [*args, *caches, changed, *extra],

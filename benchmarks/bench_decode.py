@@ -40,6 +40,7 @@ import dyllm_compile  # noqa: E402
 from dyllm_compile.explain import Report  # noqa: E402
 from dyllm_compile.generate import generate  # noqa: E402
 from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
+from dyllm_compile.models.presets import DREAM_7B, LLADA_8B  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
 # dyllm-<mode>[-qp][-so]: that attention mode; -qp with query pruning (prompt rows queried every
@@ -80,7 +81,12 @@ def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 19
 
 
 def full_size_workload(arch: str, batch: int, device: str, dtype: torch.dtype, checkpoint: Optional[str],
-                       prompt_length: int = 128, gen_length: int = 256, block_length: int = 32, **_) -> Workload:
+                       layers: Optional[int] = None, prompt_length: int = 128, gen_length: int = 256,
+                       block_length: int = 32, **_) -> Workload:
+    """LLaDA-8B or Dream-7B: a local checkpoint, or random weights of its shapes; ``layers`` keeps only the first
+    that many decoder layers (each layer's shapes unchanged), named in the row, to fit a short device lease."""
+    size, full = ("8b", LLADA_8B) if arch == "llada" else ("7b", DREAM_7B)
+    name = f"{arch}-{size}" if layers is None else f"{arch}-{size} shapes, {layers} of {full['n_layers']} layers"
     if checkpoint:
         model, weights = load_checkpoint(checkpoint, dtype), f"checkpoint {checkpoint}"
     else:
@@ -90,14 +96,13 @@ def full_size_workload(arch: str, batch: int, device: str, dtype: torch.dtype, c
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = make("8b" if arch == "llada" else "7b")
+            model = make(size) if layers is None else make(size, n_layers=layers)
         finally:
             torch.set_default_dtype(previous)
         weights = "random"
     cfg = model.cfg
     prompts = torch.randint(1, cfg.mask_token_id, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
-    return Workload(f"{arch}-{'8b' if arch == 'llada' else '7b'}", model, prompts.to(device), gen_length,
-                    block_length, gen_length, weights)
+    return Workload(name, model, prompts.to(device), gen_length, block_length, gen_length, weights)
 
 
 class TimedModel:
@@ -366,7 +371,7 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
         model = llada_like("tiny")
         prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
         return Workload("llada-like tiny", model, prompts, 4, 4, 2, "random")
-    return full_size_workload(name, batch, device, dtype, args.checkpoint)
+    return full_size_workload(name, batch, device, dtype, args.checkpoint, args.layers)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -374,6 +379,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of configurations")
     parser.add_argument("--model", choices=("default", "reference", "llada", "dream", "tiny"), default="default")
     parser.add_argument("--checkpoint", help="local checkpoint directory for --model llada/dream")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="--model llada/dream with random weights: only the first this many decoder layers "
+                             "(each layer's shapes unchanged; named in the results), to fit a short device lease")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
@@ -398,6 +406,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    if args.layers is not None:
+        full_size = args.preset == "gpu" or (args.preset is None and args.model in ("llada", "dream"))
+        if args.layers < 1 or args.checkpoint or not full_size:
+            parser.error("--layers takes a positive count and applies to random weights of the full-size shapes "
+                         "(--model llada/dream or --preset gpu, without --checkpoint)")
     return args
 
 
@@ -414,6 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     print(f"{facts['device']}: measured {machine.bandwidth / 1e9:.1f} GB/s, {machine.peak_flops / 1e12:.2f} "
           f"TFLOP/s ({dtype}); torch {facts['torch']}, triton {facts['triton']}")
     warm_up(args, machine, device, dtype)
+    out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
     rows = []
     for name, batch, confidence in configs:
         args.confidence_threshold = confidence
@@ -426,8 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                   f"{r['tokens_per_s']:>9.1f} tok/s  x{r.get('speedup_vs_inductor', float('nan')):.2f} vs "
                   f"inductor  step {r['step_ms_median']:.2f} ms (bound {r['bound_ms']:.2f})  "
                   f"salient {r.get('salient_fraction_mean', 1.0):.3f}", flush=True)
-    out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
-    write_csv(rows, out)
+        write_csv(rows, out)  # after every configuration: a run stopped by a time limit keeps what it finished
     paths = plot(rows, os.path.splitext(out)[0])
     print("wrote", out, *paths)
     return rows

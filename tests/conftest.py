@@ -1,11 +1,15 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before any @triton.jit runs: kernels then run on CPU."""
+"""Shared fixtures. Without a CUDA device, Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be
+set before any @triton.jit runs (importing torch runs none); with one, they and Inductor's generated kernels run
+natively."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from dyllm_compile.models import dream_like, llada_like  # noqa: E402
 

@@ -60,3 +60,17 @@ def test_roofline_sparse_step_is_cheaper_and_dense_matches_hand_count(bench):
     assert sparse.flops < dense.flops / 5
     machine = roofline.Machine("m", bandwidth=1e9, peak_flops=1e9)
     assert dense.bound_seconds(machine) == max(dense.bytes, dense.flops) / 1e9
+
+
+@pytest.mark.parametrize("argv", [
+    ["--preset", "cpu", "--layers", "2"],  # no full-size workload in it
+    ["--model", "reference", "--layers", "2"],
+    ["--model", "llada", "--layers", "0"],
+    ["--model", "llada", "--checkpoint", "/ckpt", "--layers", "2"],  # a checkpoint has its own layers
+])
+def test_layers_applies_to_random_full_size_weights_only(bench, argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "--layers takes a positive count" in capsys.readouterr().err
+    assert bench.parse_args(["--model", "dream", "--layers", "2"]).layers == 2
+    assert bench.parse_args(["--preset", "gpu", "--layers", "2"]).layers == 2

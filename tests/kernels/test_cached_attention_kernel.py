@@ -1,7 +1,7 @@
 """The paper-mode Triton kernel equals the op's plain-torch reference at odd shapes, GQA ratios, masks, dtypes.
 
-On CPU the kernel runs under TRITON_INTERPRET=1 (set in conftest before the kernels are imported); with a GPU the
-same cases run natively (marked ``gpu``).
+Without a GPU the kernel runs on CPU tensors under TRITON_INTERPRET=1 (set in conftest before the kernels are
+imported); with one, the same cases run natively on CUDA tensors (the interpreter is then off).
 """
 
 import pytest
@@ -12,7 +12,7 @@ from dyllm_compile.ops.cached_attention import cached_attention_reference, defau
 
 # Per dtype: (atol, rtol) of the kernel vs the fp32-computing reference, both rounding to the dtype at the end.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # natively, or under the interpreter
 
 
 def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
@@ -58,40 +58,38 @@ def _compare(b, h, g, n, d, salient, mask, dtype, device):
     assert got[0].dtype == dtype
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("salient", ["none", "one", "some", "all"])
 @pytest.mark.parametrize("n", [1, 37])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1), (7, 1)], ids=["mha", "gqa4", "gqa7"])
-def test_kernel_matches_reference_fp32(device, salient, n, heads):
-    _compare(2, heads[0], heads[1], n, 16, salient, None, torch.float32, device)
+def test_kernel_matches_reference_fp32(salient, n, heads):
+    _compare(2, heads[0], heads[1], n, 16, salient, None, torch.float32, KERNEL_DEVICE)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask", ["padding", "additive"])
 @pytest.mark.parametrize("salient", ["one", "some"])
-def test_kernel_matches_reference_with_masks(device, mask, salient):
-    _compare(2, 4, 2, 45, 32, salient, mask, torch.float32, device)
+def test_kernel_matches_reference_with_masks(mask, salient):
+    _compare(2, 4, 2, 45, 32, salient, mask, torch.float32, KERNEL_DEVICE)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_matches_reference_low_precision(device, dtype):
-    _compare(1, 4, 2, 40, 16, "some", None, dtype, device)
+def test_kernel_matches_reference_low_precision(dtype):
+    _compare(1, 4, 2, 40, 16, "some", None, dtype, KERNEL_DEVICE)
 
 
 def test_kernel_rejects_head_dims_it_cannot_tile():
-    (q, k, v, _, v_old, c_old), sal, _ = _case(1, 2, 2, 8, 16, "some", None, torch.float32, "cpu")
+    (q, k, v, _, v_old, c_old), sal, _ = _case(1, 2, 2, 8, 16, "some", None, torch.float32, KERNEL_DEVICE)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         cached_attention_paper(q[..., :12], k[..., :12], v[..., :12], v_old[..., :12], c_old[..., :12], sal, None, 1.0)
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 def test_cuda_implementation_dispatch_equals_reference(mode):
-    # What the op runs on CUDA (the kernel for paper mode, the reference for exact), here on CPU tensors.
+    # What the op runs on CUDA (the kernel for paper mode, the reference for exact), without a GPU on CPU tensors.
     from dyllm_compile.kernels.cached_attention import cuda_implementation
 
-    (q, k, v, k_old, v_old, c_old), sal, attn_mask = _case(2, 4, 2, 21, 16, "some", "padding", torch.float32, "cpu")
-    stats = (torch.zeros(2, 4, 21), torch.ones(2, 4, 21))
+    (q, k, v, k_old, v_old, c_old), sal, attn_mask = _case(2, 4, 2, 21, 16, "some", "padding", torch.float32,
+                                                           KERNEL_DEVICE)
+    stats = (torch.zeros(2, 4, 21, device=KERNEL_DEVICE), torch.ones(2, 4, 21, device=KERNEL_DEVICE))
     if mode == "exact":  # consistent running statistics: those of the old keys/values
         _, *stats = cached_attention_reference(q, k_old, v_old, k_old, v_old, c_old, *stats,
                                                torch.ones_like(sal), attn_mask, 0.25, "exact", 0.5)

@@ -8,15 +8,16 @@ from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from decode_driver import decode_inputs
 
 
-def _compare(name, batch, lowering, calls=5, tol=1e-5, **options):
+def _compare(name, batch, lowering, calls=5, tol=1e-5, device="cpu", **options):
     torch._dynamo.reset()
     before = last_serial()
     entry = ZOO[name]
-    model = entry.build()
+    model = entry.build().to(device)
     compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, "threshold": 1.0,
                                                                   **options})
     with torch.inference_mode():
         for args in decode_inputs(entry, batch, prompt=6, response=10, calls=calls):
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
             expected = model(*args)
             got = compiled(*args)
             torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
@@ -44,3 +45,12 @@ def test_threshold_one_equals_dense_with_salient_output_projection(name):
 @pytest.mark.parametrize("name", ["llada", "dream"])
 def test_threshold_one_equals_dense_inductor(name):
     _compare(name, 2, "inductor", calls=3, tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("row_counts", ["auto", "unbacked"])  # auto: capacity buckets on CUDA
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_threshold_one_equals_dense_inductor_cuda(name, row_counts):
+    """On the GPU: Inductor's Triton code for both variants, the op's CUDA implementation, both row-count routes."""
+    _compare(name, 2, "inductor", calls=3, tol=1e-4, device="cuda", row_counts=row_counts)

@@ -136,8 +136,7 @@ class GraphRuntime:
         self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
-        # Input positions by kind, from the first call: weights (Parameters), and the other tensors that are not
-        # token inputs. Fixed per graph: Dynamo guards each input's type, so another kind recompiles.
+        # Input positions by kind, from the first call (:meth:`_find_positions`).
         self._weights: Optional[list[int]] = None
         self._not_weights: list[int] = []
         self._others_at: list[int] = []
@@ -158,6 +157,8 @@ class GraphRuntime:
                    for c in st.caches)
 
     def __call__(self, *args: Any) -> Any:
+        if self._weights is None:
+            self._find_positions(args)
         tokens = [args[i] for i in self.plan.token_inputs]
         key = self._key(args)
         if key not in self.states:
@@ -180,17 +181,21 @@ class GraphRuntime:
 
     # ---- policy ------------------------------------------------------------------------------------------
 
+    def _find_positions(self, args: tuple) -> None:
+        """Where the weights (Parameters) are among the inputs, and the other tensors that are not token inputs.
+        Fixed per graph: Dynamo guards each input's type, so an input of another kind recompiles (a new runtime)."""
+        weight = [isinstance(a, torch.nn.Parameter) for a in args]
+        self._weights = [i for i, w in enumerate(weight) if w]
+        self._not_weights = [i for i, w in enumerate(weight) if not w]
+        tokens = set(self.plan.token_inputs)
+        self._others_at = [i for i in self._not_weights if isinstance(args[i], torch.Tensor) and i not in tokens]
+
     def _key(self, args: tuple) -> tuple:
         return self._shapes(args), tuple(args[i].data_ptr() for i in self._weights)
 
     def _shapes(self, args: tuple) -> tuple:
         """Shapes, dtypes and devices of the inputs that are not weights (and the non-tensor inputs). The weights'
         are Dynamo's guards: a change recompiles, with a runtime of its own."""
-        if self._weights is None:
-            self._weights = [i for i, a in enumerate(args) if isinstance(a, torch.nn.Parameter)]
-            skip = set(self._weights) | set(self.plan.token_inputs)
-            self._others_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in skip]
-            self._not_weights = [i for i in range(len(args)) if i not in set(self._weights)]
         return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
                      for a in (args[i] for i in self._not_weights))
 

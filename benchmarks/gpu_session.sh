@@ -33,7 +33,9 @@ triton.__version__, 'device', torch.cuda.get_device_name())"
 # package registry, and its image has the dependencies: no dependencies, no build isolation.
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_facts.txt"
 
-stage 150 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# The device's transformers may be newer than the pin (<5): a test module that fails to import there must not
+# stop the GPU tests from running.
+stage 150 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -m gpu tests -p no:cacheprovider --continue-on-collection-errors
 stage 210 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" --batch 1 \
     --modes eager,inductor,dyllm-exact --repeats 2 --out "$OUT/decode_gpu_b1.csv"
 stage 180 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" --batch 8 \

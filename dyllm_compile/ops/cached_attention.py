@@ -97,6 +97,12 @@ def _attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att
 RECOMPUTE_WORK = 1 << 24
 
 
+def _recomputes(q: torch.Tensor, k: torch.Tensor):
+    """Whether exact mode recomputes every row of ``q`` against the keys ``k`` (``RECOMPUTE_WORK``): a bool, or a
+    SymBool when traced shapes are symbolic."""
+    return q.numel() * k.shape[2] <= RECOMPUTE_WORK
+
+
 def cached_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,7 +137,7 @@ def cached_attention_reference(
         exact = torch.matmul(p.index_select(2, rows), v.float()) / l.index_select(2, rows)[..., None]
         _put_rows(c, rows, exact, _picked(salient_q, rows))
         return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
-    if q.numel() * k.shape[2] <= RECOMPUTE_WORK:
+    if _recomputes(q, k):
         return _attention_with_stats(q, k, v, attn_mask, scale)
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
                   recompute_share)
@@ -240,7 +246,7 @@ def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salien
     instead of calling the op: on CPU the op's dispatch and eager body cost about 0.25 ms a call at the in-repo
     model's shapes. A data-dependent row count (query pruning's queried rows) is bounded by the sequence; where
     the bound cannot be proved (a symbolic sequence length), the op stays and decides at run time."""
-    if mode == "exact" and statically_known_true(q.numel() * k.shape[2] <= RECOMPUTE_WORK):
+    if mode == "exact" and statically_known_true(_recomputes(q, k)):
         heads = q.shape[1]
         attn_mask = attn_mask if queried is None else _mask_slice(attn_mask, -2, queried)
         # Out of place: this code is traced, and the tracer would have to functionalize every in-place op.

@@ -201,9 +201,8 @@ class GraphRuntime:
 
     def _watch(self, args: tuple, key: tuple) -> None:
         """Drop ``key``'s states when its weights die (weakly: the runtime does not keep them alive)."""
-        weight = next((a for a in args if isinstance(a, torch.nn.Parameter)), None)
-        if weight is not None:
-            weakref.finalize(weight, _forget, weakref.ref(self), key)
+        if self._weights:
+            weakref.finalize(args[self._weights[0]], _forget, weakref.ref(self), key)
 
     def _others(self, args: tuple) -> list[torch.Tensor]:
         """The tensor inputs that are neither weights nor token inputs (masks, tables), compared whole."""

@@ -24,6 +24,8 @@ ROW_COUNTS = ("auto", "buckets", "unbacked")
 
 OUTPUT_PROJECTIONS = ("dense", "salient")
 
+LINEAR_ORDERS = ("auto", "input_first", "weight_first")  # what passes/linear_order.py emits
+
 
 def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None, kind: Optional[type] = None,
           low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
@@ -99,6 +101,15 @@ class DyllmConfig:
         "auto: unbacked on CPU, where it measured as fast or faster (benchmarks/bench_rows.py), buckets on "
         "other devices (CUDA graphs need static shapes).",
         choices=ROW_COUNTS,
+    )
+    linear_order: str = _knob(
+        "auto",
+        "Operand order of the linear layers that gated regions run on gathered rows. input_first: x @ W^T, as "
+        "the model wrote it. weight_first: (W @ x^T)^T, the same products with the few rows as the BLAS call's "
+        "narrow operand (MKL's sgemm streams weights several times faster that way for a few rows on some CPUs). "
+        "auto: on the CPU, both orders are timed once per weight shape and the faster kept; elsewhere input_first "
+        "(docs/rewrite.md).",
+        choices=LINEAR_ORDERS,
     )
     mask_token_id: Optional[int] = _knob(
         None, "Id of the mask token. None: inferred as the id that changed rows held (a row that leaves another "

@@ -32,8 +32,9 @@ from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
-from .graph_utils import arg, same_size, tensor_value
+from .graph_utils import arg, hint, same_size, tensor_value
 from .head_repeat import cut_head_repeat
+from .linear_order import as_weight_first, choose as choose_linear_order
 from .op_rules import Kind
 from .region_graph import RegionNotRelocatable, retarget_rows
 from .regions import Region
@@ -73,6 +74,7 @@ class RewritePlan:
     policy: Policy  # resolved once from config.policy: the graph hooks and the runtime share the instance
     row_outputs: list[tuple[int, int]]  # (position, token axis) of returned hidden states (row_tags)
     queried_regions: set[int] = field(default_factory=set)  # ids of regions run on the queried rows (o proj)
+    weight_first: frozenset = frozenset()  # linear nodes emitted weight first on gathered rows (linear_order)
 
     @property
     def prunes_queries(self) -> bool:
@@ -172,9 +174,13 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         region_caches[id(region)] = add_cache(name, region.exit)
         if "at_branch" in hooks:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
+    # Every row of the batch is what a dense call gathers (the unbacked route runs dense calls as sparse ones).
+    every_row = hint(batch) * hint(tensor_value(sources[0]).shape[infos[sources[0]].axis.dim])
+    gathered = regions + [s.queries for s in sites if s.queries is not None]
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
-                       policy, _row_outputs(analysis, batch), queried_regions)
+                       policy, _row_outputs(analysis, batch), queried_regions,
+                       choose_linear_order(gathered, config.linear_order, every_row))
 
 
 def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional[Region]:
@@ -473,6 +479,8 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
         copy = b.graph.node_copy(node, lambda n: local[n])
         if index is not None:
             retarget_rows(node, copy, infos, capacity)
+            if node in b.plan.weight_first:
+                as_weight_first(copy)
         local[node] = copy
     return local[region.exit]
 

@@ -1,0 +1,122 @@
+"""linear_order: the linear layers of gated regions on gathered rows, in the model's operand order or weight first."""
+
+import pytest
+import torch
+from torch import fx
+
+from dyllm_compile.config import DyllmConfig
+from dyllm_compile.passes import linear_order
+from dyllm_compile.passes.analysis import analyze
+from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.passes.linear_order import choose, weight_first_linear
+from dyllm_compile.passes.regions import Region
+from dyllm_compile.passes.rewrite import build_sparse, plan_rewrite
+from dyllm_compile.models import llada_like
+from oracle import Oracle
+from test_oracle import _run
+from test_threshold_one import _compare
+
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("shape", [(5, 7), (2, 5, 7), (3, 1, 2, 7), (1, 3, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_first_linear_equals_linear(dtype, shape, bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.randn(11, 7, generator=gen).to(dtype)
+    b = torch.randn(11, generator=gen).to(dtype) if bias else None
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(weight_first_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
+                               rtol=tol, atol=tol)
+    strided = torch.randn(*shape[:-1], 14, generator=gen).to(dtype)[..., ::2]  # a non-contiguous input
+    torch.testing.assert_close(weight_first_linear(strided, weight, b),
+                               torch.nn.functional.linear(strided, weight, b), rtol=tol, atol=tol)
+
+
+def _plan(**options):
+    torch._dynamo.reset()
+    analyses = []
+
+    def backend(gm, example_inputs):
+        analyses.append(analyze(gm))
+        return gm.forward
+
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.compile(llada_like("tiny"), backend=backend)(ids)
+    (analysis,) = analyses
+    return plan_rewrite(analysis, DyllmConfig(lowering="aot_eager", **options))
+
+
+def _linears(gm):
+    return [n for n in gm.graph.nodes if op_name(n) == "linear"]
+
+
+def _weight_first(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is weight_first_linear]
+
+
+def test_sparse_graph_input_first_vs_weight_first():
+    """Before (input_first): every projection of the sparse variant is a ``linear``. After (weight_first): those on
+    gathered rows (q/k/v chains, FFN, lm_head) are ``weight_first_linear``; the o projection, which runs on every
+    row, is still a ``linear``. Nothing else changes."""
+    before_plan, after_plan = _plan(linear_order="input_first"), _plan(linear_order="weight_first")
+    before, after = build_sparse(before_plan, None), build_sparse(after_plan, None)
+    gated = sum(linear_order.is_linear(n) for r in after_plan.regions for n in r.nodes)
+    layers = len(after_plan.sites)
+    assert not before_plan.weight_first and not _weight_first(before)
+    assert len(_weight_first(after)) == gated == len(after_plan.weight_first) == len(_linears(before)) - layers
+    assert len(_linears(after)) == layers  # each o projection, on every row
+    assert len(after.graph.nodes) == len(before.graph.nodes)  # one call for another
+
+
+def _linear_region(device: str) -> tuple[Region, fx.Node]:
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    node = graph.call_function(torch.nn.functional.linear, (x, w))
+    x.meta["val"] = torch.empty(2, 4, 32, device=device)
+    w.meta["val"] = torch.empty(48, 32, device=device)
+    node.meta["val"] = torch.empty(2, 4, 48, device=device)
+    return Region("ffn", node, [node], [x], [w], 0), node
+
+
+def test_choose_by_order():
+    """input_first emits nothing weight first, weight_first every gathered linear; auto keeps the model's order off
+    the CPU and on the CPU times the shape once per process (a second plan reuses the measurement)."""
+    cpu, node = _linear_region("cpu")
+    meta, _ = _linear_region("meta")
+    assert choose([cpu], "input_first", 8) == frozenset()
+    assert choose([cpu], "weight_first", 8) == {node}
+    assert choose([meta], "auto", 8) == frozenset()
+    linear_order._weight_first_faster.cache_clear()
+    first = choose([cpu], "auto", 8)
+    assert first <= {node} and choose([cpu], "auto", 8) == first
+    info = linear_order._weight_first_faster.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+@pytest.mark.parametrize("name", ["llada", "dream", "neox", "moe"])  # biases on q/k/v (dream), on the MLP (neox)
+def test_threshold_one_equals_dense_weight_first(name):
+    runtime = _compare(name, 2, "aot_eager", linear_order="weight_first")
+    assert runtime.plan.weight_first
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_weight_first_matches_oracle(mode):
+    """Below threshold 1, forced salient sets, batch 3: the compiled model with every gathered linear weight first
+    follows the plain-torch oracle step by step."""
+    options = {"attention_mode": mode, "force_salient": 0.3, "seed": 4, "linear_order": "weight_first"}
+    lock, oracle = _run("dream", 3, options, dict(mode=mode, force_salient=0.3, seed=4))
+    assert lock.steps == 16 and isinstance(oracle, Oracle)
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert runtime.plan.weight_first
+
+
+@pytest.mark.inductor
+def test_weight_first_under_inductor_equals_dense():
+    """Inductor lowers ``mm(W, x^T)`` over an unbacked row count at batch 2 (where a count of one must not be
+    guarded on), with the q/k/v biases of the Dream-like model."""
+    runtime = _compare("dream", 2, "inductor", calls=3, tol=1e-4, linear_order="weight_first")
+    assert runtime.plan.weight_first

@@ -174,13 +174,12 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         region_caches[id(region)] = add_cache(name, region.exit)
         if "at_branch" in hooks:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
-    # Every row of the batch is what a dense call gathers (the unbacked route runs dense calls as sparse ones).
-    every_row = hint(batch) * hint(tensor_value(sources[0]).shape[infos[sources[0]].axis.dim])
     gathered = regions + [s.queries for s in sites if s.queries is not None]
+    tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
-                       choose_linear_order(gathered, config.linear_order, every_row))
+                       choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)))
 
 
 def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional[Region]:

@@ -28,8 +28,9 @@ def test_weight_first_linear_equals_linear(dtype, shape, bias):
     weight = torch.randn(11, 7, generator=gen).to(dtype)
     b = torch.randn(11, generator=gen).to(dtype) if bias else None
     tol = TOLERANCES[dtype]
-    torch.testing.assert_close(weight_first_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
-                               rtol=tol, atol=tol)
+    got = weight_first_linear(x, weight, b)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), rtol=tol, atol=tol)
+    assert got.is_contiguous()  # row-major, as the model's order returns it
     strided = torch.randn(*shape[:-1], 14, generator=gen).to(dtype)[..., ::2]  # a non-contiguous input
     torch.testing.assert_close(weight_first_linear(strided, weight, b),
                                torch.nn.functional.linear(strided, weight, b), rtol=tol, atol=tol)
@@ -72,6 +73,25 @@ def test_sparse_graph_input_first_vs_weight_first():
     assert len(after.graph.nodes) == len(before.graph.nodes)  # one call for another
 
 
+def test_auto_emits_the_measured_order(monkeypatch):
+    """auto: a gathered linear is emitted weight first where its shape measured faster that way (the measurement
+    pinned here: the widening projections, out > in, only), at this graph's batch and token count."""
+    seen = set()
+
+    def measured(out_features, in_features, dtype, few_rows, many_rows, threads):
+        seen.add((few_rows, many_rows))
+        return out_features > in_features
+
+    monkeypatch.setattr(linear_order, "weight_first_faster", measured)
+    plan = _plan()  # linear_order="auto" is the default
+    widening = {n for r in plan.regions for n in r.nodes if linear_order.is_linear(n)
+                and n.args[1].meta["example_value"].shape[0] > n.args[1].meta["example_value"].shape[1]}
+    assert plan.weight_first == widening and widening
+    assert len(_weight_first(build_sparse(plan, None))) == len(widening)
+    batch, tokens = 2, 12  # _plan's input: a dense call gathers every row plus the padding of each element
+    assert seen == {(batch * linear_order.FEW_ROWS, batch * (tokens + 2))}
+
+
 def _linear_region(device: str) -> tuple[Region, fx.Node]:
     graph = fx.Graph()
     x, w = graph.placeholder("x"), graph.placeholder("w")
@@ -87,13 +107,13 @@ def test_choose_by_order():
     the CPU and on the CPU times the shape once per process (a second plan reuses the measurement)."""
     cpu, node = _linear_region("cpu")
     meta, _ = _linear_region("meta")
-    assert choose([cpu], "input_first", 8) == frozenset()
-    assert choose([cpu], "weight_first", 8) == {node}
-    assert choose([meta], "auto", 8) == frozenset()
-    linear_order._weight_first_faster.cache_clear()
-    first = choose([cpu], "auto", 8)
-    assert first <= {node} and choose([cpu], "auto", 8) == first
-    info = linear_order._weight_first_faster.cache_info()
+    assert choose([cpu], "input_first", 1, 8) == frozenset()
+    assert choose([cpu], "weight_first", 1, 8) == {node}
+    assert choose([meta], "auto", 1, 8) == frozenset()
+    linear_order.weight_first_faster.cache_clear()
+    first = choose([cpu], "auto", 1, 8)
+    assert first <= {node} and choose([cpu], "auto", 1, 8) == first
+    info = linear_order.weight_first_faster.cache_info()
     assert (info.misses, info.hits) == (1, 1)
 
 

@@ -197,7 +197,7 @@ def timed_decode(run: ModeRun, work: Workload, args) -> None:
     run.cache_bytes = sum(r.cache_bytes() for r in run.runtimes())
 
 
-def summarize(run: ModeRun, work: Workload, machine: Machine, dtype: torch.dtype) -> dict:
+def summarize(run: ModeRun, work: Workload, dtype: torch.dtype) -> dict:
     """The mode's row: throughput of its median timed decode, latencies over all of them, its counters."""
     mode, timed = run.mode, run.timed
     result = sorted(run.decodes, key=lambda d: d.stats.seconds)[len(run.decodes) // 2]  # the median decode
@@ -228,10 +228,16 @@ def summarize(run: ModeRun, work: Workload, machine: Machine, dtype: torch.dtype
             sparse_variants=sum(len(r.sparse_fns) for r in live),  # compiled over the whole run
         )
     elem = torch.finfo(dtype).bits // 8
-    cost = step_cost(shape, batch, n, fractions if fractions and len(fractions) == cfg.n_layers else None, elem)
-    row["bound_ms"] = 1e3 * cost.bound_seconds(machine)
-    row["bound_share"] = row["bound_ms"] / row["step_ms_median"]
+    row["cost"] = step_cost(shape, batch, n, fractions if fractions and len(fractions) == cfg.n_layers else None,
+                            elem)
     return row
+
+
+def set_bounds(rows: list[dict], machine: Machine) -> None:
+    """Each row's roofline bound and the share of it achieved, on ``machine``'s numbers."""
+    for row in rows:
+        row["bound_ms"] = 1e3 * row["cost"].bound_seconds(machine)
+        row["bound_share"] = row["bound_ms"] / row["step_ms_median"]
 
 
 def machine_facts(device: torch.device) -> dict:
@@ -256,17 +262,17 @@ FIELDS = [
 ]
 
 
-def warm_up(args, machine: Machine, device: torch.device, dtype: torch.dtype) -> None:
+def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     """One untimed run of every mode on the tiny model, each from empty caches: the process's one-time costs
     (imports, the C++ compiler probe, thread pools, Triton's start-up) then fall outside every timed compile,
     instead of all landing on the first configuration's first compiling mode."""
     work = make_workload("tiny", 1, args, args.device, dtype)
     work.model.to(device=device, dtype=dtype)
     work.prompts = work.prompts.to(device)
-    run_config(work, args, machine, device, dtype, {})
+    run_config(work, args, device, dtype, {})
 
 
-def run_config(work: Workload, args, machine: Machine, device: torch.device, dtype: torch.dtype,
+def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
                facts: dict) -> list[dict]:
     """Every mode compiles (each cold, one after the other), then the timed decodes go round-robin over the
     modes: a slow phase of a shared machine slows every mode alike instead of the one that ran in it."""
@@ -282,7 +288,7 @@ def run_config(work: Workload, args, machine: Machine, device: torch.device, dty
     for _ in range(args.repeats):
         for run in runs:
             timed_decode(run, work, args)
-    rows = [summarize(run, work, machine, dtype) for run in runs]
+    rows = [summarize(run, work, dtype) for run in runs]
     by_mode = {r["mode"]: r for r in rows}
     decoding = "low-confidence" if args.confidence_threshold is None else f"threshold {args.confidence_threshold}"
     saliency = "measured" if args.force_fraction is None else f"fixed {args.force_fraction}"
@@ -430,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     machine = measure_machine(device, dtype)
     print(f"{facts['device']}: measured {machine.bandwidth / 1e9:.1f} GB/s, {machine.peak_flops / 1e12:.2f} "
           f"TFLOP/s ({dtype}); torch {facts['torch']}, triton {facts['triton']}")
-    warm_up(args, machine, device, dtype)
+    warm_up(args, device, dtype)
     out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
     rows = []
     for name, batch, confidence in configs:
@@ -438,13 +444,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         work = make_workload(name, batch, args, args.device, dtype)
         work.model.to(device=device, dtype=dtype)
         work.prompts = work.prompts.to(device)
-        for r in run_config(work, args, machine, device, dtype, facts):
-            rows.append(r)
+        config_rows = run_config(work, args, device, dtype, facts)
+        # The machine is measured again after every configuration and its best numbers kept: a shared machine's
+        # slow phase at one measurement would otherwise lower the bound below what the modes then achieve.
+        machine = machine.best(measure_machine(device, dtype))
+        rows += config_rows
+        set_bounds(rows, machine)
+        for r in config_rows:
             print(f"{r['model']:<28} b{r['batch']:<3} {r['decoding']:<16} {r['mode']:<12} "
                   f"{r['tokens_per_s']:>9.1f} tok/s  x{r.get('speedup_vs_inductor', float('nan')):.2f} vs "
                   f"inductor  step {r['step_ms_median']:.2f} ms (bound {r['bound_ms']:.2f})  "
                   f"salient {r.get('salient_fraction_mean', 1.0):.3f}", flush=True)
         write_csv(rows, out)  # after every configuration: a run stopped by a time limit keeps what it finished
+    print(f"bounds from the best measurements of the run: {machine.bandwidth / 1e9:.1f} GB/s, "
+          f"{machine.peak_flops / 1e12:.2f} TFLOP/s")
     paths = plot(rows, os.path.splitext(out)[0])
     print("wrote", out, *paths)
     return rows

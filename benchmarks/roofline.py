@@ -42,6 +42,11 @@ class Machine:
     bandwidth: float  # bytes / s
     peak_flops: float  # FLOP / s at the benchmark's dtype
 
+    def best(self, other: "Machine") -> "Machine":
+        """The higher bandwidth and peak of two measurements of one machine (a shared machine's slow phase lowers
+        a measurement; it never raises one)."""
+        return Machine(self.name, max(self.bandwidth, other.bandwidth), max(self.peak_flops, other.peak_flops))
+
 
 @dataclass(frozen=True)
 class StepCost:

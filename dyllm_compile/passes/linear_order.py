@@ -113,7 +113,7 @@ def weight_first_faster(out_features: int, in_features: int, dtype: torch.dtype,
     return faster
 
 
-def _best_times(ring: torch.Tensor, x: torch.Tensor, rounds: int = 5) -> tuple[float, float]:
+def _best_times(ring: torch.Tensor, x: torch.Tensor, rounds: int = 3) -> tuple[float, float]:
     """Seconds per product of ``x`` with each weight of ``ring``, input first and weight first (as emitted, the
     row-major copy included): the best of ``rounds`` passes over the ring each, the two orders alternating (a slow
     phase of the machine then slows both), after one untimed pass of each."""

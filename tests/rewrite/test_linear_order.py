@@ -4,16 +4,14 @@ import pytest
 import torch
 from torch import fx
 
-from dyllm_compile.config import DyllmConfig
 from dyllm_compile.passes import linear_order
-from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.passes.graph_utils import op_name
 from dyllm_compile.passes.linear_order import choose, weight_first_linear
 from dyllm_compile.passes.regions import Region
-from dyllm_compile.passes.rewrite import build_sparse, plan_rewrite
-from dyllm_compile.models import llada_like
+from dyllm_compile.passes.rewrite import build_sparse
 from oracle import Oracle
 from test_oracle import _run
+from test_sparse_graph import _calls, _plan
 from test_threshold_one import _compare
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -36,34 +34,19 @@ def test_weight_first_linear_equals_linear(dtype, shape, bias):
                                torch.nn.functional.linear(strided, weight, b), rtol=tol, atol=tol)
 
 
-def _plan(**options):
-    torch._dynamo.reset()
-    analyses = []
-
-    def backend(gm, example_inputs):
-        analyses.append(analyze(gm))
-        return gm.forward
-
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        torch.compile(llada_like("tiny"), backend=backend)(ids)
-    (analysis,) = analyses
-    return plan_rewrite(analysis, DyllmConfig(lowering="aot_eager", **options))
-
-
 def _linears(gm):
     return [n for n in gm.graph.nodes if op_name(n) == "linear"]
 
 
 def _weight_first(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is weight_first_linear]
+    return _calls(gm, weight_first_linear)
 
 
 def test_sparse_graph_input_first_vs_weight_first():
     """Before (input_first): every projection of the sparse variant is a ``linear``. After (weight_first): those on
     gathered rows (q/k/v chains, FFN, lm_head) are ``weight_first_linear``; the o projection, which runs on every
     row, is still a ``linear``. Nothing else changes."""
-    before_plan, after_plan = _plan(linear_order="input_first"), _plan(linear_order="weight_first")
+    before_plan, after_plan = _plan(2, linear_order="input_first"), _plan(2, linear_order="weight_first")
     before, after = build_sparse(before_plan, None), build_sparse(after_plan, None)
     gated = sum(linear_order.is_linear(n) for r in after_plan.regions for n in r.nodes)
     layers = len(after_plan.sites)
@@ -83,7 +66,7 @@ def test_auto_emits_the_measured_order(monkeypatch):
         return out_features > in_features
 
     monkeypatch.setattr(linear_order, "weight_first_faster", measured)
-    plan = _plan()  # linear_order="auto" is the default
+    plan = _plan(2)  # linear_order="auto" is the default
     widening = {n for r in plan.regions for n in r.nodes if linear_order.is_linear(n)
                 and n.args[1].meta["example_value"].shape[0] > n.args[1].meta["example_value"].shape[1]}
     assert plan.weight_first == widening and widening

@@ -13,7 +13,8 @@ from dyllm_compile.passes.rewrite import build_sparse, plan_rewrite
 from dyllm_compile.runtime import rows
 
 
-def _plan(**options):
+def _plan(batch: int = 1, **options):
+    """The rewrite plan of the tiny LLaDA-like model at ``batch`` x 12 tokens, lowered by aot_eager."""
     torch._dynamo.reset()
     analyses = []
 
@@ -21,7 +22,7 @@ def _plan(**options):
         analyses.append(analyze(gm))
         return gm.forward
 
-    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 100, (batch, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.compile(llada_like("tiny"), backend=backend)(ids)
     (analysis,) = analyses

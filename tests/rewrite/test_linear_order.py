@@ -46,7 +46,8 @@ def test_sparse_graph_input_first_vs_weight_first():
     """Before (input_first): every projection of the sparse variant is a ``linear``. After (weight_first): those on
     gathered rows (q/k/v chains, FFN, lm_head) are ``weight_first_linear``; the o projection, which runs on every
     row, is still a ``linear``. Nothing else changes."""
-    before_plan, after_plan = _plan(2, linear_order="input_first"), _plan(2, linear_order="weight_first")
+    before_plan = _plan(batch=2, linear_order="input_first")
+    after_plan = _plan(batch=2, linear_order="weight_first")
     before, after = build_sparse(before_plan, None), build_sparse(after_plan, None)
     gated = sum(linear_order.is_linear(n) for r in after_plan.regions for n in r.nodes)
     layers = len(after_plan.sites)
@@ -66,7 +67,7 @@ def test_auto_emits_the_measured_order(monkeypatch):
         return out_features > in_features
 
     monkeypatch.setattr(linear_order, "weight_first_faster", measured)
-    plan = _plan(2)  # linear_order="auto" is the default
+    plan = _plan(batch=2)  # linear_order="auto" is the default
     widening = {n for r in plan.regions for n in r.nodes if linear_order.is_linear(n)
                 and n.args[1].meta["example_value"].shape[0] > n.args[1].meta["example_value"].shape[1]}
     assert plan.weight_first == widening and widening

@@ -43,12 +43,13 @@ from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_d
 from dyllm_compile.models.presets import DREAM_7B, LLADA_8B  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
-# dyllm-<mode>[-qp][-so][-if]: that attention mode; -qp with query pruning (prompt rows queried every
+# dyllm-<mode>[-qp][-so][-if][-wg]: that attention mode; -qp with query pruning (prompt rows queried every
 # --query-pruning-period calls), -so with the output projection on S_out (output_projection="salient"), -if with
 # the gathered rows' linear layers in the model's operand order (linear_order="input_first", the order before
-# linear_order existed; the default measures). exact is the library default (docs/rewrite.md).
+# linear_order existed; the default measures), -wg lowered as one whole graph (piecewise=False, as before
+# piecewise lowering existed). exact is the library default (docs/rewrite.md).
 MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
-         "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if")
+         "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -137,6 +138,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
         options["output_projection"] = "salient"
     if "if" in flags:
         options["linear_order"] = "input_first"
+    if "wg" in flags:
+        options["piecewise"] = False
     return torch.compile(model, backend="dyllm", options=options)
 
 

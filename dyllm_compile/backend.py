@@ -61,5 +61,6 @@ def dyllm_backend(
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     dense_fn = None  # unbacked row counts: dense calls run through the sparse variant, one compile instead of two
     if config.shadow or not unbacked_rows(config, device):
-        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode)
-    return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=mode), graph_id)
+        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode, piecewise=config.piecewise)
+    return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=mode,
+                                                          piecewise=config.piecewise), graph_id)

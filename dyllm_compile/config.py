@@ -111,6 +111,14 @@ class DyllmConfig:
         "(docs/rewrite.md).",
         choices=LINEAR_ORDERS,
     )
+    piecewise: bool = _knob(
+        True,
+        "Lower the rewritten graph one layer at a time, each distinct layer once (layers with the same code and "
+        "shapes share one compiled function; torch.fx split_module at the residual stream between layers): "
+        "compile time near one layer's instead of every layer's. False lowers the whole graph at once (fusion "
+        "across layer boundaries). Not with the eager lowering.",
+        choices=(False, True),
+    )
     mask_token_id: Optional[int] = _knob(
         None, "Id of the mask token. None: inferred as the id that changed rows held (a row that leaves another "
         "id means a new sequence, which runs dense).", kind=int, low=0, optional=True,

@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import fx
 
+from .piecewise import lower_piecewise
+
 
 def lower(
     gm: fx.GraphModule,
@@ -15,8 +17,12 @@ def lower(
     lowering: str,
     mode: Optional[str] = None,
     dynamic_output_shapes: bool = False,
+    piecewise: bool = False,
 ) -> Callable:
     """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode.
+
+    ``piecewise``: where ``gm`` marks layer cuts and a layer repeats, compile it piece by piece, each distinct
+    piece once (:mod:`dyllm_compile.piecewise`); otherwise, and always for the eager lowering, whole.
 
     ``dynamic_output_shapes``: ``gm`` has ops whose output size depends on data (``nonzero``). Tracing them
     from real inputs raises DynamicOutputShapeException, so the lowering gets fake copies of the inputs whose
@@ -24,6 +30,15 @@ def lower(
     becomes an unbacked symbol and one compiled graph serves every count."""
     if dynamic_output_shapes and lowering != "eager":
         example_inputs = fake_inputs(example_inputs)
+    if piecewise and lowering != "eager":
+        split = lower_piecewise(gm, example_inputs, lambda piece, inputs: _lower_whole(piece, inputs, lowering, mode))
+        if split is not None:
+            return split
+    return _lower_whole(gm, example_inputs, lowering, mode)
+
+
+def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode: Optional[str]
+                 ) -> Callable:
     if lowering == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx

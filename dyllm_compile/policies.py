@@ -59,6 +59,9 @@ class Policy:
     #: True when the policy reads the mask positions of :class:`CallState` (they are computed only then); they
     #: need token-id inputs and a known mask id, without which the runtime runs dense and warns.
     needs_mask_positions = False
+    #: False when no hook reads its ``layer`` argument: the hooks of different layers then behave alike, and
+    #: piecewise lowering compiles their layers once (:meth:`PolicyHook.piece_key`). True unless a policy says so.
+    reads_layer = True
 
     def before_attention(self, salient_in: torch.Tensor, values: torch.Tensor, cached: torch.Tensor, axis: int,
                          layer: int, hint: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
@@ -109,6 +112,7 @@ class DyllmPolicy(Policy):
     (the config option)."""
 
     name = "dyllm"
+    reads_layer = False
 
     def after_attention(self, salient_in, context, cached, axis, layer, hint, threshold):
         if threshold >= 1.0:
@@ -127,6 +131,7 @@ class BlockFreeze(Policy):
     """
 
     name = "block_freeze"
+    reads_layer = False
     uses_row_hint = True
     needs_mask_positions = True
 
@@ -184,6 +189,7 @@ class DllmCache(Policy):
     """
 
     name = "dllm_cache"
+    reads_layer = False
     uses_row_hint = True
     needs_mask_positions = True
 
@@ -264,8 +270,13 @@ class PolicyHook(torch.nn.Module):
 
     def __init__(self, policy: Policy, point: str, axis: int, layer: int, threshold: float) -> None:
         super().__init__()
-        self.hook = getattr(policy, point)
+        self.policy, self.hook = policy, getattr(policy, point)
         self.point, self.axis, self.layer, self.threshold = point, axis, layer, threshold
+
+    def piece_key(self) -> tuple:
+        """Equal for hooks that compute the same function (:mod:`dyllm_compile.piecewise`)."""
+        layer = self.layer if self.policy.reads_layer else None
+        return id(self.policy), self.point, self.axis, layer, self.threshold
 
     def forward(self, salient_in: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
                 hint: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -34,6 +34,7 @@ from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
 from .graph_utils import arg, hint, same_size, tensor_value
 from .head_repeat import cut_head_repeat
+from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
 from .op_rules import Kind
 from .region_graph import RegionNotRelocatable, retarget_rows
@@ -75,6 +76,7 @@ class RewritePlan:
     row_outputs: list[tuple[int, int]]  # (position, token axis) of returned hidden states (row_tags)
     queried_regions: set[int] = field(default_factory=set)  # ids of regions run on the queried rows (o proj)
     weight_first: frozenset = frozenset()  # linear nodes emitted weight first on gathered rows (linear_order)
+    cuts: list = field(default_factory=list)  # spine nodes that end a layer's piece (passes/layer_cuts.py)
 
     @property
     def prunes_queries(self) -> bool:
@@ -179,7 +181,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
-                       choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)))
+                       choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
+                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine))
 
 
 def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional[Region]:
@@ -268,13 +271,29 @@ class _Rows:
 
 
 class _Builder:
-    """Copies the analysed graph into a new one, letting the variants replace sites and regions."""
+    """Copies the analysed graph into a new one, letting the variants replace sites and regions.
+
+    :meth:`enter`, called with each node of the analysed graph in order, marks the node emitted last before
+    each of the plan's layer cuts (``node.meta[PIECE_END]``) for piecewise lowering; ``segment`` counts the cuts
+    passed: a variant keeps what it derives from a salient set (its row selection) within one segment, so that
+    no data-dependent size crosses from one layer's piece into the next."""
 
     def __init__(self, plan: RewritePlan) -> None:
         self.plan = plan
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.outputs: Any = None
+        self.segment = 0
+        self._cuts = list(reversed(plan.cuts))
+        self._order = {n: i for i, n in enumerate(plan.analysis.gm.graph.nodes)} if plan.cuts else {}
+
+    def enter(self, node: fx.Node) -> None:
+        while self._cuts and self._order[node] >= self._order[self._cuts[-1]]:
+            self._cuts.pop()
+            last = next(iter(reversed(self.graph.nodes)), None)
+            if last is not None and last.op != "placeholder":
+                last.meta[PIECE_END] = True
+            self.segment += 1
 
     def call(self, fn: Callable, *args: Any) -> fx.Node:
         return self.graph.call_function(fn, args)
@@ -308,6 +327,7 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
     by_node = {s.site.node: s for s in plan.sites}
     stats: dict[int, fx.Node] = {}
     for node in plan.analysis.gm.graph.nodes:
+        b.enter(node)
         if node.op == "output":
             b.outputs = node.args[0]
             continue
@@ -372,7 +392,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     everyone = b.graph.placeholder("dense_call")
     new_cache: dict[int, Any] = {}
     counts, fractions = [], []
-    selections: dict[fx.Node, _Rows] = {}
+    selections: dict[tuple[fx.Node, int], _Rows] = {}  # by salient set and segment
     region_by_exit = {r.exit: r for r in plan.regions}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
     skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
@@ -382,19 +402,20 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     dense_values: dict[fx.Node, fx.Node] = {}
 
     def select(current: fx.Node) -> _Rows:
-        if current not in selections:
+        key = (current, b.segment)
+        if key not in selections:
             # Bucketed queried rows have their own static capacity: the runtime sizes it from this very mask (no
             # overflow). Unbacked, both selections count their rows.
             size = query_capacity if current is queried else capacity
             if size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
                 gather = b.item(picked, 0)
-                selections[current] = _Rows(gather, b.graph.call_method("size", (gather, 0)), valid=current,
-                                            count=b.item(picked, 2), position=b.item(picked, 1))
+                selections[key] = _Rows(gather, b.graph.call_method("size", (gather, 0)), valid=current,
+                                        count=b.item(picked, 2), position=b.item(picked, 1))
             else:
                 picked = b.call(rows.select_rows, current, size)
-                selections[current] = _Rows(b.item(picked, 0), size, b.item(picked, 1), b.item(picked, 2))
-        return selections[current]
+                selections[key] = _Rows(b.item(picked, 0), size, b.item(picked, 1), b.item(picked, 2))
+        return selections[key]
 
     hook_count = itertools.count()
 
@@ -405,6 +426,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
         return b.call(operator.or_, b.graph.call_module(name, (current, fresh, cached, hint)), everyone)
 
     for node in graph_nodes:
+        b.enter(node)
         if node.op == "placeholder" or node in skipped:
             continue
         if node.op == "output":

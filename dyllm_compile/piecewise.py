@@ -1,0 +1,199 @@
+"""Piecewise lowering: a variant compiled one layer at a time, each distinct layer once.
+
+A rewritten variant repeats one layer's code per layer (its weights and caches are inputs), and compiling it whole
+lowers every copy again: on a 2-core CPU, most of a 4-layer sparse variant's compile time. Here the graph is split
+at the layer cuts its builder marked (:mod:`dyllm_compile.passes.layer_cuts`) with ``torch.fx``'s
+``split_module``; fake inputs are propagated through the pieces; pieces that are the same code on inputs of the
+same layouts are compiled once and share the compiled function. What runs is the split module: plain Python calling
+the compiled pieces in order (a few calls per step), as vLLM runs its piecewise graphs.
+
+What the pieces must keep:
+
+- A piece's compiled code is reused only for a piece with the same nodes (same ops, same constants, the same
+  submodules by structure or by a ``piece_key`` that says the behaviour is the same) on inputs of the same sizes,
+  strides, dtypes and devices: anything else compiles a piece of its own.
+- No data-dependent (unbacked) size crosses from one piece into another: a compiled piece reads its input sizes
+  at run time, but an unbacked size has no example to trace with. The builders keep each row selection within
+  its layer; a graph where one still crosses is compiled whole.
+- Inductor keeps each output's strides as in eager (``keep_output_stride``), so the fake layouts propagated
+  between pieces are the layouts the compiled pieces exchange.
+
+The cost: no fusion across a cut (the residual add that ends a layer and the next layer's norm run as two
+kernels), measured in benchmarks/bench_decode.py (``piecewise`` option).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_symbols
+from torch.fx.passes.split_module import split_module
+
+from .passes.layer_cuts import PIECE_END
+
+log = logging.getLogger("dyllm_compile")
+
+CompilePiece = Callable[[fx.GraphModule, list], Callable]
+
+
+class _Compiled(torch.nn.Module):
+    """A compiled piece in the split module's place of the piece's graph."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class _Ref:
+    """A node argument in a structure key: the position of the node it names within its graph."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def split_pieces(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
+    """``gm`` split after each node marked ``PIECE_END`` (None when nothing is marked): a module whose graph
+    calls ``submod_0``, ``submod_1``, ... in order, each returning a tuple."""
+    if not any(n.meta.get(PIECE_END) for n in gm.graph.nodes):
+        return None
+    piece, pieces = 0, {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        pieces[node] = piece
+        piece += bool(node.meta.get(PIECE_END))
+    split = split_module(gm, gm, pieces.__getitem__, keep_original_order=True, tuple_return=True)
+    for call in split.graph.nodes:
+        if call.op == "call_module":
+            _order_outputs(split.get_submodule(call.target), call)
+    split.recompile()
+    return split
+
+
+def _order_outputs(piece: fx.GraphModule, call: fx.Node) -> None:
+    """Returns ``piece``'s values in the order it computes them. split_module orders them by where later pieces
+    first read them, which differs between alike layers when the pieces after them differ (the head reads the
+    last layer's values in another order than a layer does)."""
+    position = {node: i for i, node in enumerate(piece.graph.nodes)}
+    output = piece.graph.output_node()
+    values = output.args[0]
+    order = sorted(range(len(values)), key=lambda i: position[values[i]])
+    output.args = (tuple(values[i] for i in order),)
+    piece.recompile()
+    for user in list(call.users):  # getitem(call, i): the value that moved to order.index(i)
+        user.args = (call, order.index(user.args[1]))
+
+
+def structure_key(gm: fx.GraphModule) -> str:
+    """``gm``'s nodes with names replaced by positions: equal for two graphs that compute the same function of
+    their inputs in the same way. Functions, attributes and modules without a ``piece_key`` count by identity."""
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            target: Any = _module_key(gm.get_submodule(node.target))
+        elif node.op == "get_attr":
+            target = ("attr", id(_attribute(gm, node.target)))
+        elif node.op in ("placeholder", "output"):
+            target = node.op
+        else:
+            target = (getattr(node.target, "__module__", None), getattr(node.target, "__qualname__", None),
+                      node.target if isinstance(node.target, str) else id(node.target))
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
+        lines.append(f"{node.op} {target!r} {args!r}")
+    return "\n".join(lines)
+
+
+def _module_key(module: torch.nn.Module) -> Any:
+    if isinstance(module, fx.GraphModule):
+        return ("graph", structure_key(module))
+    key = getattr(module, "piece_key", None)
+    return ("keyed", type(module).__qualname__, key()) if callable(key) else ("module", id(module))
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def layout_key(args: Sequence[Any]) -> tuple:
+    """What a compiled piece assumes of its inputs: sizes, strides, offsets, dtypes, devices (symbolic sizes as
+    their expressions), and the value of anything else."""
+    return tuple((str(tuple(a.shape)), str(a.stride()), str(a.storage_offset()), a.dtype, a.device)
+                 if isinstance(a, torch.Tensor) else repr(a) for a in args)
+
+
+class NotPiecewise(Exception):
+    """The split cannot be compiled piece by piece (the reason says why): the graph is compiled whole."""
+
+
+class _Propagate(fx.Interpreter):
+    """Runs the split module on fake inputs and records each piece's example inputs: fresh fake tensors of the
+    same layouts, one FakeTensorMode per piece, so that each piece compiles like a graph of its own (the fake run
+    leaves its row selections' unbacked sizes unbound in its ShapeEnv, which a trace from there would trip on)."""
+
+    def __init__(self, split: fx.GraphModule) -> None:
+        super().__init__(split)
+        self.examples: dict[str, list] = {}
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        self.examples[target] = _fresh(target, args)
+        return super().call_module(target, args, kwargs)
+
+
+def _fresh(target: str, args: Sequence[Any]) -> list:
+    mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True))
+    fresh = []
+    for a in args:
+        if isinstance(a, torch.SymInt) or (isinstance(a, torch.Tensor) and free_symbols(a)):
+            # unbacked: a data-dependent size from an earlier piece; backed: a dynamic graph, whose sizes the
+            # whole-graph lowering keeps symbolic
+            raise NotPiecewise(f"{target} reads {a}, of a symbolic size")
+        if isinstance(a, torch.Tensor):
+            with mode:
+                a = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+        fresh.append(a)
+    return fresh
+
+
+def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_piece: CompilePiece
+                    ) -> Optional[Callable]:
+    """``gm`` compiled piece by piece from the layouts of ``example_args`` (real or fake), each distinct piece
+    once with ``compile_piece(piece, example_inputs)``; None where splitting would gain nothing (no cuts, no piece
+    repeated) or cannot work (a symbolic size at a piece's input): then compile ``gm`` whole."""
+    split = split_pieces(gm)
+    if split is None:
+        return None
+    propagate = _Propagate(split)
+    try:
+        inputs = _fresh("the graph", example_args)  # a mode of its own: the caller's ShapeEnv stays as it was
+        with next((a.fake_mode for a in inputs if isinstance(a, torch.Tensor)), contextlib.nullcontext()):
+            propagate.run(*inputs)
+    except NotPiecewise as err:
+        log.info("dyllm: compiled whole, not piecewise: %s", err)
+        return None
+    keys = {target: (structure_key(split.get_submodule(target)), layout_key(args))
+            for target, args in propagate.examples.items()}
+    if len(set(keys.values())) == len(keys):
+        log.info("dyllm: compiled whole, not piecewise: no piece of %d repeats", len(keys))
+        return None
+    compiled: dict[tuple, Callable] = {}
+    for target, args in propagate.examples.items():
+        if keys[target] not in compiled:
+            compiled[keys[target]] = compile_piece(split.get_submodule(target), args)
+        setattr(split, target, _Compiled(compiled[keys[target]]))
+    log.info("dyllm: compiled %d pieces as %d distinct ones", len(keys), len(compiled))
+    return split

@@ -1,0 +1,136 @@
+"""Piecewise lowering: a variant split at its layer cuts, each distinct piece compiled once."""
+
+import logging
+
+import torch
+from torch import fx
+
+from dyllm_compile import lowering
+from dyllm_compile.ops.cached_attention import cached_attention_or_dense
+from dyllm_compile.passes.layer_cuts import PIECE_END
+from dyllm_compile.passes.rewrite import build_dense, build_sparse
+from dyllm_compile.piecewise import lower_piecewise, split_pieces, structure_key
+from dyllm_compile.runtime import rows
+from test_oracle import _run
+from test_policies import EsDllmRules
+from test_sparse_graph import _calls, _plan
+
+
+def _pieces(split: fx.GraphModule) -> list[fx.GraphModule]:
+    return [split.get_submodule(n.target) for n in split.graph.nodes if n.op == "call_module"]
+
+
+def test_sparse_variant_splits_into_alike_layers():
+    """Before: one graph over the tiny LLaDA-like model's two layers; layer 1's k/v chains and layer 0's FFN
+    share one row selection. After: the embedding with the RoPE tables, a piece per layer with its attention op
+    and its own two selections (S_in for q/k/v, S_out for the FFN), and the head with its own; the two layers'
+    pieces are the same code, the first and last differ from them. No piece reads a data-dependent size."""
+    plan = _plan()
+    assert len(plan.cuts) == len(plan.sites) + 1
+    gm = build_sparse(plan, None)
+    pieces = _pieces(split_pieces(gm))
+    assert len(pieces) == len(plan.sites) + 2
+    assert [len(_calls(p, cached_attention_or_dense)) for p in pieces] == [0, 1, 1, 0]
+    selections = [len(_calls(p, rows.select_rows_unbacked)) for p in pieces]
+    assert selections == [0, 2, 2, 1] and sum(selections) == len(_calls(gm, rows.select_rows_unbacked))
+    embedding = [n for n in pieces[0].graph.nodes if n.op == "call_function" and "embedding" in str(n.target)]
+    assert embedding and not _calls(pieces[0], rows.gather_rows)
+    keys = [structure_key(p) for p in pieces]
+    assert keys[1] == keys[2] and len(set(keys)) == 3
+    for piece in pieces:
+        for node in piece.graph.nodes:
+            if node.op == "placeholder":
+                assert not any(u.op == "call_method" and u.target == "size" for u in node.users)
+
+
+def test_dense_variant_marks_the_same_cuts():
+    plan = _plan()
+    pieces = _pieces(split_pieces(build_dense(plan)))
+    assert len(pieces) == len(plan.sites) + 2
+    assert structure_key(pieces[1]) == structure_key(pieces[2])
+
+
+def _two_layers(x, w1, w2):
+    h = x + torch.relu(x @ w1)
+    h = h + torch.relu(h @ w2)
+    return h * 2, h.sum()
+
+
+def _marked(fn, ends):
+    gm = fx.symbolic_trace(fn)
+    for node in gm.graph.nodes:
+        if node.name in ends:
+            node.meta[PIECE_END] = True
+    return gm
+
+
+def _counting(compiled):
+    def compile_piece(piece, inputs):
+        compiled.append(piece)
+        return piece.forward
+    return compile_piece
+
+
+def test_lower_piecewise_compiles_a_repeated_piece_once():
+    """Before: x -> two residual ReLU layers -> two results. After: three pieces, the layers one compiled piece
+    called twice with each layer's weight; the results equal the graph's."""
+    gm = _marked(_two_layers, {"add", "add_1"})
+    gen = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(4, 8, generator=gen), torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
+    compiled = []
+    split = lower_piecewise(gm, [x, w1, w2], _counting(compiled))
+    assert split is not None and len(_pieces(split)) == 3 and len(compiled) == 2
+    for got, expected in zip(split(x, w1, w2), _two_layers(x, w1, w2)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_lower_piecewise_declines(caplog):
+    """Whole-graph lowering (None) where no piece repeats, where nothing is marked, and where a data-dependent
+    size would cross a cut (the gather index of a ``nonzero`` made in one piece and read in the next)."""
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    compiled = []
+    assert lower_piecewise(_marked(_two_layers, {"add"}), [x, w, w], _counting(compiled)) is None
+    assert lower_piecewise(_marked(_two_layers, set()), [x, w, w], _counting(compiled)) is None
+
+    def gathered(mask, x):
+        index = mask.nonzero().squeeze(1)
+        return x.index_select(0, index).sum(0)
+
+    with caplog.at_level(logging.INFO, logger="dyllm_compile"):
+        assert lower_piecewise(_marked(gathered, {"squeeze"}), [torch.tensor([True, False, True, True]), x],
+                               _counting(compiled)) is None
+    assert "data-dependent" in caplog.text or "symbolic size" in caplog.text
+    assert not compiled
+
+
+def _whole_compiles(monkeypatch) -> list:
+    """Every call of the lowering of one graph (whole, or one piece)."""
+    seen = []
+    real = lowering._lower_whole
+
+    def counted(gm, *args, **kwargs):
+        seen.append(gm)
+        return real(gm, *args, **kwargs)
+
+    monkeypatch.setattr(lowering, "_lower_whole", counted)
+    return seen
+
+
+def test_piecewise_matches_oracle_and_compiles_one_layer(monkeypatch):
+    """The default threshold, batch 3: the piecewise-lowered model follows the plain-torch oracle step by step, and
+    its one sparse variant was compiled as three pieces (embedding, one layer for both, head). (Forced salient
+    sets index a per-layer mask by the layer number: layers differ there, and compile whole.)"""
+    seen = _whole_compiles(monkeypatch)
+    lock, oracle = _run("llada", 3, {}, dict(mode="exact"))
+    assert lock.steps == 16 and 0 < torch.tensor(oracle.fractions).mean() < 1
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert runtime.stats.sparse_compiles == 1 and len(seen) == 3
+
+
+def test_layer_reading_policy_compiles_whole(monkeypatch):
+    """ES-dLLM's hooks read the layer index (its early layers differ): no two layers' pieces are alike, so the
+    variant is compiled whole, and it follows the oracle of the policy."""
+    seen = _whole_compiles(monkeypatch)
+    lock, _ = _run("llada", 3, {"policy": "es_dllm", "mask_token_id": 127},
+                   dict(mode="exact", rules=EsDllmRules(1, 0.25)))
+    assert lock.steps == 16 and len(seen) == 1

@@ -28,12 +28,12 @@ def lower(
     from real inputs raises DynamicOutputShapeException, so the lowering gets fake copies of the inputs whose
     ShapeEnv allows such ops (what Dynamo's ``capture_dynamic_output_shape_ops`` does for user code): the size
     becomes an unbacked symbol and one compiled graph serves every count."""
-    if dynamic_output_shapes and lowering != "eager":
-        example_inputs = fake_inputs(example_inputs)
-    if piecewise and lowering != "eager":
+    if piecewise and lowering != "eager":  # each piece gets fake inputs of its own, which allow such ops
         split = lower_piecewise(gm, example_inputs, lambda piece, inputs: _lower_whole(piece, inputs, lowering, mode))
         if split is not None:
             return split
+    if dynamic_output_shapes and lowering != "eager":
+        example_inputs = fake_inputs(example_inputs)
     return _lower_whole(gm, example_inputs, lowering, mode)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -104,7 +105,7 @@ def structure_key(gm: fx.GraphModule) -> str:
         if node.op == "call_module":
             target: Any = _module_key(gm.get_submodule(node.target))
         elif node.op == "get_attr":
-            target = ("attr", id(_attribute(gm, node.target)))
+            target = ("attr", id(operator.attrgetter(node.target)(gm)))
         elif node.op in ("placeholder", "output"):
             target = node.op
         else:
@@ -120,13 +121,6 @@ def _module_key(module: torch.nn.Module) -> Any:
         return ("graph", structure_key(module))
     key = getattr(module, "piece_key", None)
     return ("keyed", type(module).__qualname__, key()) if callable(key) else ("module", id(module))
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
 
 
 def layout_key(args: Sequence[Any]) -> tuple:

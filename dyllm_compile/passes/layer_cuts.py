@@ -3,9 +3,10 @@
 Pattern: the residual stream (the spine) and the attention sites in graph order. Layer k reads the last spine
 value that precedes site k (the embedding for layer 0, the previous layer's last residual add after it) and begins
 at that value's first reader; the head begins at the first reader of the spine's last residual add.
-Invariant: the cuts are nodes in graph order, one per site plus the head's start; nothing in the graph changes. Pieces between consecutive cuts then hold one layer each, laid out alike when the layers are alike,
-so that a lowering can compile one of them and reuse it for the others. A graph with fewer than two sites has no
-repeated piece and gets no cuts.
+Invariant: the cuts are nodes in graph order, one per site plus the head's start; nothing in the graph changes.
+Pieces between consecutive cuts then hold one layer each, laid out alike when the layers are alike, so that a
+lowering can compile one of them and reuse it for the others. A graph with fewer than two sites has no repeated
+piece and gets no cuts.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class RewritePlan:
     row_outputs: list[tuple[int, int]]  # (position, token axis) of returned hidden states (row_tags)
     queried_regions: set[int] = field(default_factory=set)  # ids of regions run on the queried rows (o proj)
     weight_first: frozenset = frozenset()  # linear nodes emitted weight first on gathered rows (linear_order)
-    cuts: list = field(default_factory=list)  # spine nodes that end a layer's piece (passes/layer_cuts.py)
+    cuts: list = field(default_factory=list)  # the node each piece after the first starts with (layer_cuts.py)
 
     @property
     def prunes_queries(self) -> bool:

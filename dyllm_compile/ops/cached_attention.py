@@ -21,7 +21,8 @@ only, ``attn_mask`` still covers all N, and a query row is salient when ``salien
   most of a sum cancels badly. Where recomputing every row is cheaper than the update (``RECOMPUTE_WORK``, small
   problems on CPU) the op does that: the same dense attention, with the exact row max and denominator.
 
-This file is the plain-torch reference: the CPU implementation and the oracle for the Triton kernels.
+This file is the plain-torch reference: the CPU implementation and the oracle for the Triton kernels, which are
+the CUDA implementation (``kernels/``).
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
     return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
 
 
-# The reference is the op's implementation on every device until a kernel is registered (kernels/).
+# The reference is the op's implementation on every device but CUDA, where kernels/ registers the Triton kernels.
 cached_attention = torch.library.custom_op("dyllm::cached_attention", mutates_args=())(cached_attention_reference)
 
 

@@ -1,39 +1,59 @@
-"""The paper-mode Triton kernel equals the op's plain-torch reference at odd shapes, GQA ratios, masks, dtypes.
+"""The Triton kernels (paper and exact mode) equal the op's plain-torch reference at odd shapes, GQA ratios, masks,
+dtypes, query-row subsets, and (exact mode) rows whose removed mass forces a recompute.
 
-Without a GPU the kernel runs on CPU tensors under TRITON_INTERPRET=1 (set in conftest before the kernels are
-imported); with one, the same cases run natively on CUDA tensors (the interpreter is then off).
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest before the kernels are
+imported); with one, the same cases run natively on CUDA tensors (the interpreter is then off). The reference runs
+exact mode's incremental update (its small-problem route would recompute every row, which the kernels do not
+mirror: both give dense attention, with different but consistent row statistics).
 """
+
+import importlib
 
 import pytest
 import torch
 
-from dyllm_compile.kernels.cached_attention import cached_attention_paper
-from dyllm_compile.ops.cached_attention import cached_attention_reference, default_scale
+from dyllm_compile.kernels.cached_attention import cached_attention_paper, cuda_implementation
+from dyllm_compile.kernels.exact_attention import cached_attention_exact
+from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_kv, cached_attention_reference,
+                                                default_scale)
+
+_op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 # Per dtype: (atol, rtol) of the kernel vs the fp32-computing reference, both rounding to the dtype at the end.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+STATS_TOLERANCE = (1e-4, 1e-4)
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # natively, or under the interpreter
+HEADS = [(4, 4), (4, 1), (7, 1)]  # (query heads, kv heads)
+HEAD_IDS = ["mha", "gqa4", "gqa7"]
+
+
+@pytest.fixture(autouse=True)
+def incremental_reference(monkeypatch):
+    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
 
 
 def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
+    """Inputs of one call: this step's and the previous step's keys/values, which differ exactly on the rows
+    salient in some batch element, and the previous context with its softmax statistics (dense attention of the
+    same queries over the old keys: what exact mode's caches hold)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     q = rnd(b, h, n, d)
     k, v = rnd(b, g, n, d), rnd(b, g, n, d)
-    if salient == "none":
-        sal = torch.zeros(b, n, dtype=torch.bool)
-    elif salient == "one":
-        sal = torch.zeros(b, n, dtype=torch.bool)
+    shared = rnd(d)  # "dominant": a direction every query leans to, which the changed columns' old keys held
+    sal = torch.zeros(b, n, dtype=torch.bool)
+    if salient == "one":
         sal[0, n // 2] = True
     elif salient == "all":
-        sal = torch.ones(b, n, dtype=torch.bool)
-    else:
+        sal[:] = True
+    elif salient in ("some", "dominant"):
         sal = torch.rand(b, n, generator=gen) < 0.3
-    # Old keys/values differ from the new ones exactly on the rows salient in some batch element.
     changed = sal.any(0)[None, None, :, None]
     k_old = torch.where(changed, rnd(b, g, n, d), k)
+    if salient == "dominant":  # the changed columns held most of the old softmax mass: their removal cancels
+        q = q + shared
+        k_old = torch.where(changed, shared, k)
     v_old = torch.where(changed, rnd(b, g, n, d), v)
-    c_old = rnd(b, h, n, d)
     attn_mask = None
     if mask == "padding":
         attn_mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
@@ -41,71 +61,120 @@ def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
     elif mask == "additive":
         attn_mask = rnd(1, 1, n, n)
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    tensors = [cast(t) for t in (q, k, v, k_old, v_old, c_old)]
-    return tensors, sal.to(device), None if attn_mask is None else attn_mask.to(device)
+    q, k, v, k_old, v_old = (cast(t) for t in (q, k, v, k_old, v_old))
+    attn_mask = None if attn_mask is None else attn_mask.to(device)
+    c_old, m_old, l_old = _attention_with_stats(q, _expand_kv(k_old, h), _expand_kv(v_old, h), attn_mask,
+                                                default_scale(d))
+    return (q, k, v, k_old, v_old, c_old, m_old, l_old), sal.to(device), attn_mask
 
 
-def _compare(b, h, g, n, d, salient, mask, dtype, device):
-    (q, k, v, k_old, v_old, c_old), sal, attn_mask = _case(b, h, g, n, d, salient, mask, dtype, device)
+def _rows(tensors, queried):
+    """q, c_old, m_old, l_old restricted to the queried rows (query pruning)."""
+    if queried is None:
+        return tensors
+    q, k, v, k_old, v_old, c_old, m_old, l_old = tensors
+    q, c_old, m_old, l_old = (t.index_select(2, queried) for t in (q, c_old, m_old, l_old))
+    return q, k, v, k_old, v_old, c_old, m_old, l_old
+
+
+def _compare(mode, b, h, g, n, d, salient, mask, dtype, device=KERNEL_DEVICE, queried=None):
+    tensors, sal, attn_mask = _case(b, h, g, n, d, salient, mask, dtype, device)
+    queried = None if queried is None else torch.tensor(queried, device=device)
+    q, k, v, k_old, v_old, c_old, m_old, l_old = _rows(tensors, queried)
     scale = default_scale(d)
-    stats = torch.zeros(b, h, n, device=device)
-    want = cached_attention_reference(q, k, v, k_old, v_old, c_old, stats, stats, sal, attn_mask, scale, "paper", 0.5)
-    got = cached_attention_paper(q, k, v, v_old, c_old, sal, attn_mask, scale)
+    want = cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, scale, mode, 0.5,
+                                      queried)
+    if mode == "paper":
+        got = cached_attention_paper(q, k, v, v_old, c_old, sal, attn_mask, scale, queried)
+    else:
+        got = cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, scale, 0.5,
+                                     queried)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got[2], want[2], atol=1e-4, rtol=1e-4)
-    assert got[0].dtype == dtype
+    for got_stat, want_stat in zip(got[1:], want[1:]):
+        torch.testing.assert_close(got_stat, want_stat, atol=STATS_TOLERANCE[0], rtol=STATS_TOLERANCE[1])
+    assert got[0].dtype == dtype and got[0].shape == q.shape
 
 
 @pytest.mark.parametrize("salient", ["none", "one", "some", "all"])
 @pytest.mark.parametrize("n", [1, 37])
-@pytest.mark.parametrize("heads", [(4, 4), (4, 1), (7, 1)], ids=["mha", "gqa4", "gqa7"])
-def test_kernel_matches_reference_fp32(salient, n, heads):
-    _compare(2, heads[0], heads[1], n, 16, salient, None, torch.float32, KERNEL_DEVICE)
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_paper_kernel_matches_reference_fp32(salient, n, heads):
+    _compare("paper", 2, heads[0], heads[1], n, 16, salient, None, torch.float32)
 
 
-@pytest.mark.parametrize("mask", ["padding", "additive"])
-@pytest.mark.parametrize("salient", ["one", "some"])
-def test_kernel_matches_reference_with_masks(mask, salient):
-    _compare(2, 4, 2, 45, 32, salient, mask, torch.float32, KERNEL_DEVICE)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_matches_reference_low_precision(dtype):
-    _compare(1, 4, 2, 40, 16, "some", None, dtype, KERNEL_DEVICE)
-
-
-def test_kernel_rejects_head_dims_it_cannot_tile():
-    (q, k, v, _, v_old, c_old), sal, _ = _case(1, 2, 2, 8, 16, "some", None, torch.float32, KERNEL_DEVICE)
-    with pytest.raises(ValueError, match="power-of-two head dim"):
-        cached_attention_paper(q[..., :12], k[..., :12], v[..., :12], v_old[..., :12], c_old[..., :12], sal, None, 1.0)
+@pytest.mark.parametrize("salient", ["none", "one", "some", "all", "dominant"])
+@pytest.mark.parametrize("n", [1, 37])
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+def test_exact_kernel_matches_reference_fp32(salient, n, heads):
+    _compare("exact", 2, heads[0], heads[1], n, 16, salient, None, torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
-def test_cuda_implementation_dispatch_equals_reference(mode):
-    # What the op runs on CUDA (the kernel for paper mode, the reference for exact), without a GPU on CPU tensors.
-    from dyllm_compile.kernels.cached_attention import cuda_implementation
+@pytest.mark.parametrize("mask", ["padding", "additive"])
+@pytest.mark.parametrize("salient", ["one", "some"])
+def test_kernels_match_reference_with_masks(mode, mask, salient):
+    _compare(mode, 2, 4, 2, 45, 32, salient, mask, torch.float32)
 
-    (q, k, v, k_old, v_old, c_old), sal, attn_mask = _case(2, 4, 2, 21, 16, "some", "padding", torch.float32,
-                                                           KERNEL_DEVICE)
-    stats = (torch.zeros(2, 4, 21, device=KERNEL_DEVICE), torch.ones(2, 4, 21, device=KERNEL_DEVICE))
-    if mode == "exact":  # consistent running statistics: those of the old keys/values
-        _, *stats = cached_attention_reference(q, k_old, v_old, k_old, v_old, c_old, *stats,
-                                               torch.ones_like(sal), attn_mask, 0.25, "exact", 0.5)
-    args = (q, k, v, k_old, v_old, c_old, *stats, sal, attn_mask, 0.25, mode, 0.5)
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_match_reference_low_precision(mode, dtype):
+    _compare(mode, 1, 4, 2, 40, 16, "some", None, dtype)
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("mask", [None, "padding"])
+def test_kernels_take_a_subset_of_query_rows(mode, mask):
+    # Query pruning: 19 of 41 rows, unsorted, with salient and unqueried rows on both sides of the subset.
+    queried = [40, 0, 3, 5, 8, 13, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 33, 2]
+    _compare(mode, 3, 4, 2, 41, 16, "some", mask, torch.float32, queried=queried)
+
+
+def test_dominant_case_recomputes_rows_in_the_kernel():
+    # The case above is only a test of the recompute path if the update flags rows: the old mass of the changed
+    # columns exceeds half the kept mass for some rows, and the kernel's result is still dense attention.
+    (q, k, v, k_old, v_old, c_old, m_old, l_old), sal, _ = _case(1, 4, 4, 37, 16, "dominant", None, torch.float32,
+                                                                  KERNEL_DEVICE)
+    cols = sal[0].nonzero().flatten()
+    old_scores = torch.matmul(q, k_old[:, :, cols].transpose(-1, -2)) * default_scale(16)
+    removed_share = (old_scores - m_old[..., None]).exp().sum(-1) / l_old
+    assert (removed_share > 0.5).any() and not sal.all()
+    got = cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, None, default_scale(16), 0.5)
+    dense = _attention_with_stats(q, k, v, None, default_scale(16))
+    torch.testing.assert_close(got[0], dense[0], atol=2e-5, rtol=2e-5)
+
+
+def test_kernels_reject_head_dims_they_cannot_tile():
+    (q, k, v, k_old, v_old, c_old, m_old, l_old), sal, _ = _case(1, 2, 2, 8, 16, "some", None, torch.float32,
+                                                                  KERNEL_DEVICE)
+    cut = [t[..., :12] for t in (q, k, v, k_old, v_old, c_old)]
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        cached_attention_paper(*cut[:3], cut[4], cut[5], sal, None, 1.0)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        cached_attention_exact(*cut, m_old, l_old, sal, None, 1.0, 0.5)
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("head_dim", [16, 12])
+def test_cuda_implementation_dispatch_equals_reference(mode, head_dim):
+    # What the op runs on CUDA (the kernels where the head dim tiles, else the reference), here on CPU tensors.
+    (q, k, v, k_old, v_old, c_old, m_old, l_old), sal, attn_mask = _case(2, 4, 2, 21, head_dim, "some", "padding",
+                                                                         torch.float32, KERNEL_DEVICE)
+    args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, 0.25, mode, 0.5)
     for got, want in zip(cuda_implementation(*args), cached_attention_reference(*args)):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_op_on_cuda_runs_the_kernel_and_matches_reference():
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_op_on_cuda_runs_the_kernel_and_matches_reference(mode):
     from dyllm_compile.ops.cached_attention import cached_attention
 
-    (q, k, v, k_old, v_old, c_old), sal, _ = _case(1, 8, 2, 300, 64, "some", None, torch.bfloat16, "cuda")
-    stats = torch.zeros(1, 8, 300, device="cuda")
-    args = (q, k, v, k_old, v_old, c_old, stats, stats, sal, None, 0.125, "paper", 0.5)
+    (q, k, v, k_old, v_old, c_old, m_old, l_old), sal, _ = _case(1, 8, 2, 300, 64, "some", None, torch.bfloat16,
+                                                                  "cuda")
+    args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, None, 0.125, mode, 0.5)
     got = cached_attention(*args)
     want = cached_attention_reference(*args)
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=2e-2, rtol=2e-2)

@@ -1,5 +1,7 @@
 """The compiled model (backend="dyllm", aot_eager lowering) matches the plain-torch oracle step by step."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -10,15 +12,16 @@ from oracle import Lockstep, Oracle
 
 MASK = 127
 MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dream_like("tiny", init_std=0.2)}
+_op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 
-def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16):
+def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu"):
     torch._dynamo.reset()
     lock_serial = last_serial()
-    model = MODELS[arch]()
+    model = MODELS[arch]().to(device)
     compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
     oracle = Oracle(model, **oracle_kwargs)
-    prompt = torch.randint(0, 100, (batch, 8), generator=torch.Generator().manual_seed(batch))
+    prompt = torch.randint(0, 100, (batch, 8), generator=torch.Generator().manual_seed(batch)).to(device)
     lock = Lockstep(compiled, oracle)
     generate(lock, prompt, mask_token_id=MASK, gen_length=gen_length, steps=gen_length, block_length=8)
     lock.runtimes = runtimes(lock_serial)
@@ -45,6 +48,28 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
     lock, oracle = _run(arch, batch, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
     stats = [r.stats for r in lock.runtimes if r.stats.sparse_calls]
     assert len(stats) == 1 and stats[0].sparse_calls == 15 and stats[0].dense_calls == 1
+    assert torch.tensor(oracle.fractions).mean() < 1.0
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("query_pruning_period", [0, 4])
+def test_the_ops_incremental_route_matches_oracle(device, mode, query_pruning_period, monkeypatch):
+    """Every site calls dyllm::cached_attention (exact mode's small-problem route, which traces dense attention
+    into the graph instead, is off), so the op's CPU reference and, on CUDA, its Triton kernels run under the
+    lowering (aot_eager on CPU, Inductor on CUDA) against the oracle, with and without query pruning."""
+    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
+    options = {"attention_mode": mode, "query_pruning_period": query_pruning_period, "mask_token_id": MASK}
+    lowering = "inductor" if device == "cuda" else "aot_eager"
+    lock, oracle = _run("dream", 3, options, dict(mode=mode, threshold=0.99,
+                                                   query_pruning_period=query_pruning_period),
+                        lowering=lowering, device=device)
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert lock.steps == 16 and runtime.stats.sparse_calls == 15
     assert torch.tensor(oracle.fractions).mean() < 1.0
 
 

@@ -1,0 +1,136 @@
+"""Triton kernels for ``dyllm::cached_attention`` in exact mode: two launches, no host sync.
+
+Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_reference` (``mode="exact"``):
+
+1. ``_update_kernel``, every query row: the running max ``m``, denominator ``l`` and context are updated for the
+   changed key columns only (the union over the batch of ``salient_in``, compacted on the device; a column is
+   live for a batch element where it changed in that element): each live column's old score's mass leaves the
+   sums and its new one enters, O(R |J| D) per head. A row block whose rows are all salient skips the loop (they
+   are recomputed anyway). The kernel flags rows whose removed mass exceeds ``recompute_share`` of the kept
+   mass, or whose result is not finite (removing most of a sum cancels badly).
+2. The rows to recompute (salient, or flagged in any head: the reference's choice) are compacted per batch
+   element on the device (a stable sort of the flags: fixed sizes, no sync), and ``_recompute_kernel`` runs
+   exact attention for those rows only, in programs over the compacted list; programs past an element's count
+   do nothing. The work is O(|recomputed| N D), not a whole row block per salient row.
+
+Computation is fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import apply_mask, positions, prepare_launch, program_tile, softmax_pass
+
+
+@triton.jit
+def _update_kernel(
+    q_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr, co_ptr, mo_ptr, lo_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr,
+    c_ptr, m_ptr, l_ptr, unstable_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale, share,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_POS: tl.constexpr,
+):
+    b, h, rows, row_ok, pos, q_tile, kv_base, mask_base = program_tile(
+        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, HAS_POS)
+    dims = tl.arange(0, D)
+    stat = (b * H + h) * R + rows
+    m_run = tl.load(mo_ptr + stat, mask=row_ok, other=0.0)
+    kept = tl.load(lo_ptr + stat, mask=row_ok, other=0.0)
+    salient = tl.load(sal_ptr + b * N + pos, mask=row_ok, other=1) != 0
+
+    # Sums relative to the running max m_run, rescaled when it grows: the old mass kept, the removed and added
+    # column masses, and the numerator change sum(e_new v) - sum(e_old v_old).
+    removed = tl.zeros([BLOCK_M], tl.float32)
+    added = tl.zeros([BLOCK_M], tl.float32)
+    delta = tl.zeros([BLOCK_M, D], tl.float32)
+    if tl.min(salient.to(tl.int32), axis=0) == 0:
+        q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        count = tl.load(count_ptr)
+        for start in range(0, count, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            cols = tl.load(cols_ptr + offs, mask=offs < count, other=0)
+            live = (offs < count) & (tl.load(sal_ptr + b * N + cols, mask=offs < count, other=0) != 0)
+            tile = kv_base + cols[:, None] * sk_n + dims[None, :]
+            k_new = tl.load(k_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
+            k_old = tl.load(ko_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
+            zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            bias = apply_mask(zero, mask_ptr, mask_base, pos, cols, row_ok, live, sm_q, sm_k, MASK_KIND)
+            bias = tl.where(live[None, :], bias, float("-inf"))
+            s_new = tl.dot(q, tl.trans(k_new), input_precision="ieee") * scale + bias
+            s_old = tl.dot(q, tl.trans(k_old), input_precision="ieee") * scale + bias
+            m_new = tl.maximum(m_run, tl.max(s_new, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_run - m_safe)
+            e_new = tl.exp(s_new - m_safe[:, None])
+            e_old = tl.exp(s_old - m_safe[:, None])
+            kept *= alpha
+            removed = removed * alpha + tl.sum(e_old, axis=1)
+            added = added * alpha + tl.sum(e_new, axis=1)
+            v_new = tl.load(v_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
+            v_old = tl.load(vo_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
+            delta = delta * alpha[:, None] + tl.dot(e_new, v_new, input_precision="ieee") \
+                - tl.dot(e_old, v_old, input_precision="ieee")
+            m_run = m_new
+
+    l = tl.where(row_ok, kept - removed + added, 1.0)  # rows past R: no 0 / 0
+    c_old = tl.load(co_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    c = c_old * (kept / l)[:, None] + delta / l[:, None]
+    total = tl.sum(c, axis=1)
+    finite = (total == total) & (tl.abs(total) != float("inf"))
+    unstable = (removed > share * kept) | ~finite
+    tl.store(c_ptr + q_tile, c.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(m_ptr + stat, m_run, mask=row_ok)
+    tl.store(l_ptr + stat, l, mask=row_ok)
+    tl.store(unstable_ptr + stat, unstable.to(tl.uint8), mask=row_ok & ~salient)
+
+
+@triton.jit
+def _recompute_kernel(
+    q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_POS: tl.constexpr,
+):
+    # The program's row block indexes the batch element's compacted list of rows to recompute.
+    b, h, slots, _, _, _, kv_base, mask_base = program_tile(
+        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, False)
+    count = tl.load(redo_count_ptr + b)
+    if tl.program_id(1) * BLOCK_M < count:
+        row_ok = slots < count
+        rows = tl.load(order_ptr + b * R + slots, mask=row_ok, other=0)
+        pos = positions(pos_ptr, rows, row_ok, HAS_POS)
+        q_tile = b * sq_b + h * sq_h + rows[:, None] * sq_n + tl.arange(0, D)[None, :]
+        q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q,
+                                     sm_k, scale, True, D, BLOCK_M, BLOCK_N, MASK_KIND)
+        c = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(c_ptr + q_tile, c.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
+        stat = (b * H + h) * R + rows
+        tl.store(m_ptr + stat, m_i, mask=row_ok)
+        tl.store(l_ptr + stat, l_i, mask=row_ok)
+
+
+def cached_attention_exact(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
+    c_old: torch.Tensor, m_old: torch.Tensor, l_old: torch.Tensor, salient_in: torch.Tensor,
+    attn_mask: Optional[torch.Tensor], scale: float, recompute_share: float,
+    queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode cached attention with the Triton kernels; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
+    q, k, v, k_old, v_old, c_old = (t.contiguous() for t in (q, k, v, k_old, v_old, c_old))
+    m_old, l_old = (t.float().contiguous() for t in (m_old, l_old))
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n)
+    unstable = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+    _update_kernel[launch.grid](q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
+                                unstable, *launch.sizes, scale, recompute_share, **launch.meta)
+    salient_q = salient_in if queried is None else salient_in.index_select(1, queried)
+    redo = salient_q | unstable.any(dim=1)  # [B, R]: a row unstable in any head recomputes in all (as the reference)
+    order = torch.sort(redo.to(torch.uint8), dim=1, descending=True, stable=True).indices.to(torch.int32)
+    _recompute_kernel[launch.grid](q, k, v, order.contiguous(), redo.sum(dim=1, dtype=torch.int32), launch.mask,
+                                   launch.pos, *launch.outputs, *launch.sizes, scale, **launch.meta)
+    return launch.outputs

@@ -1,0 +1,149 @@
+"""Pieces shared by the cached-attention kernels: query-row tiles, masks, and one online-softmax pass.
+
+Layout conventions (both kernels): q-like tensors ``[B, H, R, D]`` (R query rows, contiguous), keys and values
+``[B, G, N, D]`` (G kv heads; query head ``h`` reads kv head ``h // (H // G)``), statistics ``[B, H, R]`` fp32,
+row flags ``[B, N]`` uint8. A query row ``r`` sits at sequence position ``pos[r]``: ``r`` itself, or with query
+pruning the entry of the queried-row index, which is where the mask and the salient flags are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def positions(pos_ptr, rows, row_ok, HAS_POS: tl.constexpr):
+    """Sequence positions of the query rows ``rows``."""
+    if HAS_POS:
+        return tl.load(pos_ptr + rows, mask=row_ok, other=0)
+    return rows
+
+
+@triton.jit
+def program_tile(pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, HAS_POS: tl.constexpr):
+    """What a program over (batch x head, row block) works on: batch element, head, its rows and their validity
+    and positions, the offsets of its q-like tile, and the bases of its kv head and of its mask."""
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    pos = positions(pos_ptr, rows, row_ok, HAS_POS)
+    q_tile = b * sq_b + h * sq_h + rows[:, None] * sq_n + tl.arange(0, D)[None, :]
+    return b, h, rows, row_ok, pos, q_tile, b * sk_b + (h // GROUP) * sk_h, b * sm_b + h * sm_h
+
+
+@triton.jit
+def apply_mask(s, mask_ptr, base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND: tl.constexpr):
+    """Scores ``s [rows, cols]`` with the attention mask applied (bool: False -> -inf; additive: added)."""
+    if MASK_KIND == 0:
+        return s
+    ok = row_ok[:, None] & col_ok[None, :]
+    mask = tl.load(mask_ptr + base + pos[:, None] * sm_q + cols[None, :] * sm_k, mask=ok, other=0)
+    if MASK_KIND == 1:
+        return tl.where(mask != 0, s, float("-inf"))
+    return s + mask.to(tl.float32)
+
+
+@triton.jit
+def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k, scale,
+                 with_values, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASK_KIND: tl.constexpr):
+    """Attention of the fp32 query tile ``q [BLOCK_M, D]`` over all N keys, one online-softmax loop: the row max
+    ``m``, denominator ``l`` (relative to ``m``) and, when ``with_values`` (a per-program scalar), the unnormalised
+    numerator ``acc = sum_j exp(s_j - m) v_j``."""
+    dims = tl.arange(0, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        k = tl.load(k_ptr + kv_base + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with every key masked so far
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if with_values:
+            v = tl.load(v_ptr + kv_base + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor, heads: int, n: int):
+    """(tensor, kind, strides b/h/q/k) of a mask broadcast to ``[B, heads, n, n]`` without copying (broadcast
+    dims get stride 0); ``like`` stands in for the pointer when there is no mask."""
+    if attn_mask is None:
+        return like, MASK_NONE, (0, 0, 0, 0)
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(like.shape[0], heads, n, n)
+    kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
+    if kind == MASK_BOOL:
+        mask = mask.view(torch.uint8)
+    return mask, kind, tuple(mask.stride())
+
+
+def tileable(head_dim: int) -> bool:
+    """tl.dot tiles need a power-of-two head dim of at least 16."""
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+@dataclass
+class Launch:
+    """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8),
+    changed columns and their count, mask and query positions (``row_args``, in the kernels' order), ``outputs``
+    (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv head),
+    ``meta`` (the constexprs), ``grid``."""
+
+    salient: torch.Tensor
+    cols: torch.Tensor
+    count: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    sizes: tuple
+    meta: dict
+    grid: tuple[int, int]
+
+    @property
+    def row_args(self) -> tuple:
+        return self.salient, self.cols, self.count, self.mask, self.pos
+
+
+def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                   queried: Optional[torch.Tensor], block_m: int, block_n: int) -> Launch:
+    """Checks the head dim, compacts the key columns changed in any batch element on the device (``nonzero_static``
+    into int32 [N] indices padded with 0, and their count as an int32 [1] tensor the kernels read: no host sync),
+    broadcasts the mask and allocates the results. ``q`` and ``k`` must be contiguous."""
+    b, h, r, d = q.shape
+    n = k.shape[2]
+    if not tileable(d):
+        raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 16, got {d}")
+    changed = salient_in.any(dim=0)
+    cols = torch.nonzero_static(changed, size=n, fill_value=0).flatten().to(torch.int32)
+    count = changed.sum().to(torch.int32).reshape(1)
+    mask, kind, mask_strides = _mask_args(attn_mask, q, h, n)
+    pos = cols if queried is None else queried.to(torch.int32).contiguous()  # cols: any pointer, never read
+    m = torch.empty(b, h, r, dtype=torch.float32, device=q.device)
+    return Launch(
+        salient=salient_in.contiguous().to(torch.uint8), cols=cols, count=count, mask=mask, pos=pos,
+        outputs=(torch.empty_like(q), m, torch.empty_like(m)),
+        sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
+               h, r, n, h // k.shape[1]),
+        meta=dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=kind, HAS_POS=queried is not None),
+        grid=(b * h, triton.cdiv(r, block_m)),
+    )

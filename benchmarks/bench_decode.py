@@ -314,13 +314,15 @@ def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
     return rows
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def write_csv(rows: list[dict], path: str, fields: Sequence[str] = FIELDS, digits: int = 4) -> None:
+    """Rows as CSV (the benchmarks' common format): ``fields`` in order, floats to ``digits`` significant digits."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items() if k in FIELDS})
+            writer.writerow({k: (f"{v:.{digits}g}" if isinstance(v, float) else v) for k, v in r.items()
+                             if k in fields})
 
 
 def plot(rows: list[dict], prefix: str) -> list[str]:

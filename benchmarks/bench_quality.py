@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import RESULTS, machine_facts  # noqa: E402
+from bench_decode import RESULTS, machine_facts, write_csv  # noqa: E402
 
 import dyllm_compile  # noqa: E402
 from dyllm_compile.config import ATTENTION_MODES, DyllmConfig  # noqa: E402
@@ -162,11 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
 
 def write(rows: list[dict], out: str) -> list[dict]:
     """The CSV and, next to it, the Pareto plot."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    write_csv(rows, out, FIELDS, digits=5)
     plot(rows, os.path.splitext(out)[0] + "_pareto.png")
     return rows
 

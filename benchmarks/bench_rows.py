@@ -20,7 +20,6 @@ of compiled graphs each route needed over the whole sweep. CSV: ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import machine_facts  # noqa: E402
+from bench_decode import machine_facts, write_csv  # noqa: E402
 
 from dyllm_compile.runtime import rows  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import bucket_sizes  # noqa: E402
@@ -121,11 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         parser.error(f"--counts must lie in [1, --tokens={args.tokens}]")
     results = run(args)
     out = args.out or os.path.join(RESULTS, f"rows_{torch.device(args.device).type}.csv")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, FIELDS)
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(results, out, FIELDS)
     for r in results:
         print(f"{r['route']:<9} rows {r['salient_rows']:>4} (capacity {r['capacity']:>4}): "
               f"{r['ms_per_call']:.3f} ms  x{r['speedup_vs_dense']:.2f} vs dense ({r['dense_ms']:.3f} ms); "

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The GPU checks in one call of a lent device (a lease is 15 minutes of device time in all, machine start
-# included; one call may run 10): machine facts, the GPU tests, then the decode benchmark at LLaDA-8B's layer
-# shapes in bf16, sized to fit (the first DYLLM_GPU_LAYERS of 32 layers, random weights, named so in the rows).
-# Each stage has a time limit and leaves what it finished under $OUT, so a stage cut short does not cost the
-# others. From the repository root, on the device:
+# The GPU checks, in two parts that each fit one call of a lent device (a call may run 10 minutes; a lease is 15
+# minutes of device time in all, machine start included):
 #
-#     bash benchmarks/gpu_session.sh          # results in $OUT (the device tool's), else benchmarks/results/gpu
+#     bash benchmarks/gpu_session.sh checks   # ~6 min: machine facts, the GPU and kernel tests, the attention benchmark
+#     bash benchmarks/gpu_session.sh decode   # ~7 min: whole decode at LLaDA-8B's layer shapes, batch 1 and 8
+#     bash benchmarks/gpu_session.sh all      # both (only where one call may run longer)
 #
-# Then copy the CSVs into benchmarks/results/ and name the device in the README (the CSV rows carry it).
+# From the repository root, on the device; results in $OUT (the device tool's), else benchmarks/results/gpu. The
+# decode runs the first DYLLM_GPU_LAYERS (default 4) of LLaDA-8B's 32 layers, random weights, bf16 (named so in the
+# rows). Each stage has a time limit and leaves what it finished under $OUT, so a stage cut short does not cost
+# the others. Then copy the CSVs into benchmarks/results/ and name the device in the README (the rows carry it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 LAYERS=${DYLLM_GPU_LAYERS:-4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+case "$PART" in checks|decode|all) ;; *) echo "usage: $0 [checks|decode|all]" >&2; exit 2 ;; esac
 
 stage() {  # stage LIMIT_S LOG COMMAND...: runs COMMAND for at most LIMIT_S seconds, output to the screen and LOG
     local limit=$1 log=$2
@@ -33,11 +37,19 @@ triton.__version__, 'device', torch.cuda.get_device_name())"
 # package registry, and its image has the dependencies: no dependencies, no build isolation.
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/gpu_facts.txt"
 
-# The device's transformers may be newer than the pin (<5): a test module that fails to import there must not
-# stop the GPU tests from running.
-stage 150 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -m gpu tests -p no:cacheprovider --continue-on-collection-errors
-stage 210 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" --batch 1 \
-    --modes eager,inductor,dyllm-exact --repeats 2 --out "$OUT/decode_gpu_b1.csv"
-stage 180 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" --batch 8 \
-    --modes eager,inductor,dyllm-exact-qp --repeats 2 --out "$OUT/decode_gpu_b8.csv"
+if [ "$PART" != decode ]; then
+    # GPU-marked tests (Inductor on CUDA, the compiled model on the kernels against the oracle) and the kernel tests
+    # natively. The device's transformers may be newer than the pin (<5): a test module that fails to import there
+    # must not stop the others.
+    stage 240 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -m "gpu or kernels" tests -p no:cacheprovider \
+        --continue-on-collection-errors
+    stage 120 "$OUT/gpu_attention.log" "$PY" benchmarks/bench_attention.py --batch 1,8 \
+        --out "$OUT/attention_gpu.csv"
+fi
+if [ "$PART" != checks ]; then
+    stage 210 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" --batch 1 \
+        --modes eager,inductor,dyllm-exact --repeats 2 --out "$OUT/decode_gpu_b1.csv"
+    stage 180 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" --batch 8 \
+        --modes eager,inductor,dyllm-exact-qp --repeats 2 --out "$OUT/decode_gpu_b8.csv"
+fi
 ls -la "$OUT"

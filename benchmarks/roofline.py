@@ -85,6 +85,31 @@ def step_cost(shape: Shape, batch: int, n: int, fractions: Optional[Sequence[flo
     return StepCost(flops, moved)
 
 
+def attention_cost(mode: str, batch: int, heads: int, kv_heads: int, n: int, d: int, changed: int, recomputed: int,
+                   elem_bytes: int) -> StepCost:
+    """FLOPs and bytes of one attention site's call at one step: ``dense`` (every row against every key),
+    or ``dyllm::cached_attention`` in ``paper`` / ``exact`` mode with ``changed`` key columns and ``recomputed``
+    query rows (per batch element). Bytes count q, the context read (cached) and written, the fp32 statistics,
+    and the keys and values each mode reads: all of them once where any row attends to all keys (dense, paper's
+    scores, exact's recomputed rows), the changed columns' new and old ones otherwise."""
+    e = elem_bytes
+    rows_bytes = batch * heads * n * d * e  # one q-like tensor
+    kv_bytes = batch * kv_heads * n * d * e  # all keys (or all values)
+    cols_bytes = batch * kv_heads * changed * d * e  # the changed columns of one of k, v, k_old, v_old
+    if mode == "dense":
+        return StepCost(4 * batch * heads * n * n * d, 2 * rows_bytes + 2 * kv_bytes)
+    stats = batch * heads * n * 4 * (2 if mode == "paper" else 4)  # m, l written (exact: read too)
+    moved = 3 * rows_bytes + stats  # q, c_old read, c written
+    if mode == "paper":
+        flops = 2 * batch * heads * n * n * d  # every row's scores
+        flops += 2 * batch * heads * recomputed * n * d + 4 * batch * heads * n * changed * d  # P V, P[:, J] dV
+        moved += kv_bytes + (kv_bytes if recomputed else 0) + 3 * cols_bytes
+        return StepCost(flops, moved)
+    flops = 8 * batch * heads * n * changed * d + 4 * batch * heads * recomputed * n * d
+    moved += 4 * cols_bytes + (2 * kv_bytes if recomputed else 0)
+    return StepCost(flops, moved)
+
+
 def _time(fn, device: torch.device, repeats: int = 5) -> float:
     fn()
     if device.type == "cuda":

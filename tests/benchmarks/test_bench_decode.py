@@ -4,23 +4,15 @@ Only the shape of the output is asserted: speed is measured by the benchmark, ne
 """
 
 import csv
-import importlib
 import math
-import os
-import sys
 
 import pytest
-
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+from bench_modules import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        yield importlib.import_module("bench_decode")
-    finally:
-        sys.path.remove(BENCHMARKS)
+    return load("bench_decode")
 
 
 def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
@@ -43,14 +35,14 @@ def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
         layers = [float(x) for x in r["salient_fraction_per_layer"].split(";")]
         assert len(layers) == int(r["layers"]) and all(0 <= x <= 1 for x in layers)
         assert 0 < float(r["gated_flops_share"]) < 1 and float(r["cache_mb"]) > 0
-    table = importlib.import_module("report").decode_table(str(out))  # the README's table of these rows
+    table = load("report").decode_table(str(out))  # the README's table of these rows
     assert table.count("\n| llada-like tiny, random weights, ") == len(rows)
     assert (tmp_path / "decode_speedup.png").stat().st_size > 0
     assert (tmp_path / "decode_salient_heatmap.png").stat().st_size > 0
 
 
 def test_roofline_sparse_step_is_cheaper_and_dense_matches_hand_count(bench):
-    roofline = importlib.import_module("roofline")
+    roofline = load("roofline")
     shape = roofline.Shape(d_model=64, d_kv=64, d_ffn=128, n_layers=2, vocab_size=100)
     dense = roofline.step_cost(shape, batch=1, n=10, fractions=None, elem_bytes=4)
     layer_weights = 64 * (2 * 64 + 2 * 64) + 3 * 64 * 128

@@ -1,22 +1,15 @@
 """The quality benchmark's result files merge into one table (parts run separately share a dense baseline)."""
 
 import csv
-import importlib
 import os
-import sys
 
 import pytest
-
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+from bench_modules import load
 
 
 @pytest.fixture(scope="module")
 def modules():
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        yield importlib.import_module("bench_quality"), importlib.import_module("report")
-    finally:
-        sys.path.remove(BENCHMARKS)
+    return load("bench_quality"), load("report")
 
 
 def _row(config, decoding="low-confidence", accuracy=0.5, speed=float("nan")):

@@ -2,22 +2,14 @@
 of its output is asserted, and that both routes compute the same rows."""
 
 import csv
-import importlib
 import math
-import os
-import sys
 
 import torch
-
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+from bench_modules import load
 
 
 def test_both_routes_agree_and_rows_are_well_formed(tmp_path):
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        bench = importlib.import_module("bench_rows")
-    finally:
-        sys.path.remove(BENCHMARKS)
+    bench = load("bench_rows")
     gen = torch.Generator().manual_seed(0)
     h, cache = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen)
     w1, w3, w2 = torch.randn(8, 12, generator=gen), torch.randn(8, 12, generator=gen), torch.randn(12, 8, generator=gen)

@@ -18,6 +18,7 @@ from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_k
                                                 default_scale)
 
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
+pytestmark = pytest.mark.kernels
 
 # Per dtype: (atol, rtol) of the kernel vs the fp32-computing reference, both rounding to the dtype at the end.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -48,7 +49,7 @@ def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
         sal[:] = True
     elif salient in ("some", "dominant"):
         sal = torch.rand(b, n, generator=gen) < 0.3
-    changed = sal.any(0)[None, None, :, None]
+    changed = sal[:, None, :, None]  # the op's contract: an element's keys and values change on its salient rows
     k_old = torch.where(changed, rnd(b, g, n, d), k)
     if salient == "dominant":  # the changed columns held most of the old softmax mass: their removal cancels
         q = q + shared
@@ -91,6 +92,11 @@ def _compare(mode, b, h, g, n, d, salient, mask, dtype, device=KERNEL_DEVICE, qu
                                      queried)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=atol, rtol=rtol)
+    if mode == "exact":  # and exact mode's contract itself: dense attention of the (cached) queries
+        full_q = tensors[0]
+        dense = _attention_with_stats(full_q, _expand_kv(k, h), _expand_kv(v, h), attn_mask, scale)[0]
+        dense = dense if queried is None else dense.index_select(2, queried)
+        torch.testing.assert_close(got[0].float(), dense.float(), atol=atol, rtol=rtol)
     for got_stat, want_stat in zip(got[1:], want[1:]):
         torch.testing.assert_close(got_stat, want_stat, atol=STATS_TOLERANCE[0], rtol=STATS_TOLERANCE[1])
     assert got[0].dtype == dtype and got[0].shape == q.shape

@@ -1,0 +1,151 @@
+"""One attention site at one sparse step: ``dyllm::cached_attention`` vs dense SDPA, against the roofline bound.
+
+    python benchmarks/bench_attention.py                  # LLaDA-8B's attention (32 heads, head dim 128), 1150 tokens
+    python benchmarks/bench_attention.py --tokens 256 --heads 8 --kv-heads 8 --head-dim 64 --batch 1
+
+Per batch size, salient fraction and mode (``exact``, ``paper``): the time per call of each implementation
+(``kernel``: the op's CUDA implementation, the Triton kernels; ``reference``: the plain-torch op, which is the
+op's implementation elsewhere), its roofline bound (``benchmarks/roofline.py``: ``attention_cost``, with the
+bandwidth and matmul peak measured here) and the share of it achieved, dense SDPA's time on the same shapes, and
+the largest difference of the kernel's context from the reference's. The salient rows (a random ``--fractions``
+share per batch element) are this step's changed key columns and the rows known to need recomputing; rows the
+exact update flags as unstable come on top and are not counted in the bound. CSV:
+``benchmarks/results/attention_<device>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import machine_facts, write_csv  # noqa: E402
+from bench_rows import timed  # noqa: E402
+from roofline import attention_cost, measure_machine  # noqa: E402
+
+from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_kv,  # noqa: E402
+                                                cached_attention_reference)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FIELDS = ["device", "torch", "triton", "dtype", "batch", "heads", "kv_heads", "tokens", "head_dim",
+          "salient_fraction", "mode", "impl", "ms_per_call", "bound_ms", "bound_share", "dense_ms",
+          "speedup_vs_dense", "max_err_vs_reference"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def step_inputs(batch: int, heads: int, kv_heads: int, n: int, d: int, fraction: float, dtype: torch.dtype,
+                device: torch.device, seed: int = 0) -> tuple:
+    """The op's arguments at a sparse step: keys and values changed on ``fraction`` of the rows per batch
+    element, the previous context with its softmax statistics (dense attention over the old keys and values)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+    q, k_old, v_old = rnd(batch, heads, n, d), rnd(batch, kv_heads, n, d), rnd(batch, kv_heads, n, d)
+    count = max(1, round(fraction * n))
+    salient = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    for row in salient:
+        row[torch.randperm(n, generator=gen, device=device)[:count]] = True
+    changed = salient[:, None, :, None]  # each element's keys and values change on its own salient rows
+    k = torch.where(changed, rnd(batch, kv_heads, n, d), k_old)
+    v = torch.where(changed, rnd(batch, kv_heads, n, d), v_old)
+    scale = d ** -0.5
+    c_old, m_old, l_old = _attention_with_stats(q, _expand_kv(k_old, heads), _expand_kv(v_old, heads), None, scale)
+    return q, k, v, k_old, v_old, c_old, m_old, l_old, salient, None, scale
+
+
+def implementations(names: Sequence[str]) -> dict:
+    impls = {}
+    for name in names:
+        if name == "kernel":
+            from dyllm_compile.kernels.cached_attention import cuda_implementation
+
+            impls[name] = cuda_implementation
+        elif name == "reference":
+            impls[name] = cached_attention_reference
+        else:
+            raise ValueError(f"unknown implementation {name!r}: kernel, reference")
+    return impls
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    machine = measure_machine(device, dtype)
+    facts = machine_facts(device)
+    impls = implementations(args.impls)
+    h, g, n, d = args.heads, args.kv_heads, args.tokens, args.head_dim
+    results = []
+    with torch.inference_mode():
+        for batch in args.batch:
+            for fraction in args.fractions:
+                inputs = step_inputs(batch, h, g, n, d, fraction, dtype, device)
+                q, k, v = inputs[:3]
+                dense_s = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=h != g), args.repeats,
+                                device)
+                changed = int(inputs[8].any(dim=0).sum())
+                recomputed = int(inputs[8].sum(dim=1).float().mean().round())
+                for mode in args.modes:
+                    want = cached_attention_reference(*inputs, mode, 0.5)[0].float()
+                    bound = attention_cost(mode, batch, h, g, n, d, changed, recomputed, dtype.itemsize
+                                           ).bound_seconds(machine)
+                    for name, impl in impls.items():
+                        seconds = timed(lambda: impl(*inputs, mode, 0.5), args.repeats, device)
+                        err = (impl(*inputs, mode, 0.5)[0].float() - want).abs().max().item()
+                        results.append(dict(
+                            facts, dtype=args.dtype, batch=batch, heads=h, kv_heads=g, tokens=n, head_dim=d,
+                            salient_fraction=fraction, mode=mode, impl=name, ms_per_call=1e3 * seconds,
+                            bound_ms=1e3 * bound, bound_share=bound / seconds, dense_ms=1e3 * dense_s,
+                            speedup_vs_dense=dense_s / seconds, max_err_vs_reference=err))
+                        print(_line(results[-1]), flush=True)
+    return results
+
+
+def _line(r: dict) -> str:
+    return (f"b{r['batch']} f={r['salient_fraction']:<5} {r['mode']:<5} {r['impl']:<9} {r['ms_per_call']:8.3f} ms "
+            f"(bound {r['bound_ms']:.3f} ms, {100 * r['bound_share']:.0f}%; dense SDPA {r['dense_ms']:.3f} ms, "
+            f"x{r['speedup_vs_dense']:.2f}; max err {r['max_err_vs_reference']:.1e})")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", default="1,8", help="batch sizes (comma-separated)")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=1150)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--fractions", default="0.01,0.05,0.2", help="salient fractions (comma-separated)")
+    parser.add_argument("--modes", default="exact,paper")
+    parser.add_argument("--impls", default="kernel,reference" if cuda else "reference",
+                        help="kernel (the Triton kernels; on CPU only under TRITON_INTERPRET=1), reference")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if cuda else "float32")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/attention_<device>.csv)")
+    args = parser.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.fractions = [float(f) for f in args.fractions.split(",")]
+    args.modes = args.modes.split(",")
+    args.impls = args.impls.split(",")
+    if any(not 0 < f <= 1 for f in args.fractions):
+        parser.error("--fractions must lie in (0, 1]")
+    if set(args.modes) - {"exact", "paper"}:
+        parser.error(f"--modes takes exact, paper; got {args.modes}")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    try:
+        implementations(args.impls)
+    except ValueError as error:
+        parser.error(str(error))
+    results = run(args)
+    out = args.out or os.path.join(RESULTS, f"attention_{torch.device(args.device).type}.csv")
+    write_csv(results, out, FIELDS)
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,79 @@
+"""The Triton kernels compile for Hopper (sm_90: H100 / H200) with bf16 data, without a GPU.
+
+The interpreter (the other kernel tests on CPU) runs the kernels' Python semantics and accepts code that the
+compiler rejects; here Triton lowers each kernel to PTX and ptxas assembles it for sm_90, for every mask kind,
+with query positions, at LLaDA-8B's head dim. Under TRITON_INTERPRET=1 (set by conftest without a GPU)
+``@triton.jit`` gives interpreted functions, so the compiles run in one subprocess without it: this file, run as a
+script.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# On a GPU the other kernel tests compile natively (and the device's Triton may take other ASTSource arguments).
+pytestmark = [pytest.mark.kernels, pytest.mark.skipif(torch.cuda.is_available(), reason="compiled natively there")]
+KERNELS = {"paper": ("cached_attention", "_paper_kernel"), "update": ("exact_attention", "_update_kernel"),
+           "recompute": ("exact_attention", "_recompute_kernel")}
+MASK_KINDS = {"no-mask": 0, "bool": 1, "additive": 2}  # kernels/tiles.py: MASK_NONE, MASK_BOOL, MASK_ADD
+# Pointer argument -> element type, by the kernels' names: data in bf16, statistics fp32, flags and the mask (a
+# bool mask is passed as bytes) uint8, indices and counts int32.
+POINTERS = {"q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16", "co": "bf16", "c": "bf16",
+            "m": "fp32", "l": "fp32", "mo": "fp32", "lo": "fp32", "sal": "u8", "mask": "u8", "unstable": "u8",
+            "cols": "i32", "count": "i32", "pos": "i32", "order": "i32", "redo_count": "i32"}
+FLOATS = {"scale", "share"}
+
+
+def _compile(kernel_name: str, mask_kind: int) -> str:
+    """The PTX target line of the kernel compiled for sm_90 (raises what Triton or ptxas raise)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name = KERNELS[kernel_name]
+    kernel = getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
+    constexprs = dict(D=128, BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind, HAS_POS=True)
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + POINTERS[arg[: -len("_ptr")]]
+        else:
+            signature[arg] = "fp32" if arg in FLOATS else "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], "ptxas produced no cubin"
+    return next(line for line in compiled.asm["ptx"].splitlines() if line.startswith(".target"))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("mask_kind", list(MASK_KINDS))
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernel_compiles_for_sm90(compiled, kernel, mask_kind):
+    assert compiled[f"{kernel}/{mask_kind}"] == ".target sm_90a"
+
+
+if __name__ == "__main__":
+    results = {}
+    for kernel in KERNELS:
+        for mask, kind in MASK_KINDS.items():
+            try:
+                results[f"{kernel}/{mask}"] = _compile(kernel, kind)
+            except Exception as error:  # reported per configuration by the tests
+                results[f"{kernel}/{mask}"] = f"{type(error).__name__}: {error}"[:2000]
+    print(json.dumps(results))

@@ -6,7 +6,7 @@ Each entry is a tiny :class:`TransformerConfig` plus how its inputs look. None o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 from torch import fx
 
 from .attention_sites import AttentionSite
-from .graph_utils import example_value, hint, op_name, prod, tensor_args, tensor_value
+from .graph_utils import example_value, hint, op_name, prod, tensor_value
 from .op_rules import Info, Kind
 
 GATED_ROLES = ("ffn", "moe", "lm_head")

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from torch import fx
 
 from ..config import DyllmConfig
 from ..lowering import output_layouts

@@ -1,7 +1,6 @@
 """Every zoo architecture, batch 1 and 2, static and dynamic graphs: the sites and regions the analysis finds."""
 
 import pytest
-import torch
 
 from dyllm_compile.models.zoo import ZOO
 from dyllm_compile.passes.op_rules import Kind

@@ -5,9 +5,9 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
 - every query row: the softmax statistics ``m, l`` of ``q k^T`` over all keys (first loop over key blocks);
 - rows salient in their batch element: exact attention ``softmax(q k^T) v``. Its accumulation shares the first
   loop and runs only in row blocks that hold a salient row (a per-program branch, not per element);
-- the other rows: ``c_old + softmax(q k^T)[:, J] (v - v_old)[J]`` over the changed columns ``J`` only (the
-  union over the batch of ``salient_in``), compacted on the device with ``nonzero_static`` (fixed size, no
-  sync) and walked by a second loop that stops at their count.
+- the other rows: ``c_old + softmax(q k^T)[:, J] (v - v_old)[J]`` over the batch element's changed columns
+  ``J`` only (its rows in ``salient_in``), compacted on the device (fixed size, no sync) and walked by a second
+  loop that stops at their count.
 
 The query rows are every position, or query pruning's ``queried`` subset (read through their positions).
 Computation is fp32 whatever the input dtype; masks are bool (True = attend) or additive, broadcastable to
@@ -45,10 +45,10 @@ def _paper_kernel(
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     delta = tl.zeros([BLOCK_M, D], tl.float32)
-    count = tl.load(count_ptr)
+    count = tl.load(count_ptr + b)
     for start in range(0, count, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        cols = tl.load(cols_ptr + offs, mask=offs < count, other=0)
+        cols = tl.load(cols_ptr + b * N + offs, mask=offs < count, other=0)
         col_ok = offs < count
         tile = kv_base + cols[:, None] * sk_n + dims[None, :]
         k = tl.load(k_ptr + tile, mask=col_ok[:, None], other=0.0)

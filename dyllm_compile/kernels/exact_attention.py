@@ -3,11 +3,12 @@
 Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_reference` (``mode="exact"``):
 
 1. ``_update_kernel``, every query row: the running max ``m``, denominator ``l`` and context are updated for the
-   changed key columns only (the union over the batch of ``salient_in``, compacted on the device; a column is
-   live for a batch element where it changed in that element): each live column's old score's mass leaves the
-   sums and its new one enters, O(R |J| D) per head. A row block whose rows are all salient skips the loop (they
-   are recomputed anyway). The kernel flags rows whose removed mass exceeds ``recompute_share`` of the kept
-   mass, or whose result is not finite (removing most of a sum cancels badly).
+   batch element's changed key columns ``J`` only (its rows in ``salient_in``, compacted on the device): each
+   column's old score's mass leaves the sums and its new one enters, O(R |J| D) per head. A row block whose rows
+   are all salient skips the loop (they are recomputed anyway). The kernel flags rows whose removed mass exceeds
+   ``recompute_share`` of the kept mass, or whose result is not finite (removing most of a sum cancels badly),
+   and every row where more than half the columns changed: there recomputing all rows (4 N^2 D multiply-adds)
+   costs less than the update and the salient rows' recompute (8 (N - |J|) |J| D + 4 |J| N D).
 2. The rows to recompute (salient, or flagged in any head: the reference's choice) are compacted per batch
    element on the device (a stable sort of the flags: fixed sizes, no sync), and ``_recompute_kernel`` runs
    exact attention for those rows only, in programs over the compacted list; programs past an element's count
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import apply_mask, positions, prepare_launch, program_tile, softmax_pass
+from .tiles import apply_mask, compact, positions, prepare_launch, program_tile, softmax_pass
 
 
 @triton.jit
@@ -48,13 +49,14 @@ def _update_kernel(
     removed = tl.zeros([BLOCK_M], tl.float32)
     added = tl.zeros([BLOCK_M], tl.float32)
     delta = tl.zeros([BLOCK_M, D], tl.float32)
-    if tl.min(salient.to(tl.int32), axis=0) == 0:
+    count = tl.load(count_ptr + b)
+    recompute_all = count * 2 > N
+    if (tl.min(salient.to(tl.int32), axis=0) == 0) & ~recompute_all:
         q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        count = tl.load(count_ptr)
         for start in range(0, count, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
-            cols = tl.load(cols_ptr + offs, mask=offs < count, other=0)
-            live = (offs < count) & (tl.load(sal_ptr + b * N + cols, mask=offs < count, other=0) != 0)
+            live = offs < count
+            cols = tl.load(cols_ptr + b * N + offs, mask=live, other=0)
             tile = kv_base + cols[:, None] * sk_n + dims[None, :]
             k_new = tl.load(k_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
             k_old = tl.load(ko_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
@@ -82,7 +84,7 @@ def _update_kernel(
     c = c_old * (kept / l)[:, None] + delta / l[:, None]
     total = tl.sum(c, axis=1)
     finite = (total == total) & (tl.abs(total) != float("inf"))
-    unstable = (removed > share * kept) | ~finite
+    unstable = (removed > share * kept) | ~finite | recompute_all
     tl.store(c_ptr + q_tile, c.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(m_ptr + stat, m_run, mask=row_ok)
     tl.store(l_ptr + stat, l, mask=row_ok)
@@ -130,7 +132,6 @@ def cached_attention_exact(
                                 unstable, *launch.sizes, scale, recompute_share, **launch.meta)
     salient_q = salient_in if queried is None else salient_in.index_select(1, queried)
     redo = salient_q | unstable.any(dim=1)  # [B, R]: a row unstable in any head recomputes in all (as the reference)
-    order = torch.sort(redo.to(torch.uint8), dim=1, descending=True, stable=True).indices.to(torch.int32)
-    _recompute_kernel[launch.grid](q, k, v, order.contiguous(), redo.sum(dim=1, dtype=torch.int32), launch.mask,
-                                   launch.pos, *launch.outputs, *launch.sizes, scale, **launch.meta)
+    _recompute_kernel[launch.grid](q, k, v, *compact(redo), launch.mask, launch.pos, *launch.outputs, *launch.sizes,
+                                   scale, **launch.meta)
     return launch.outputs

@@ -105,7 +105,7 @@ def tileable(head_dim: int) -> bool:
 @dataclass
 class Launch:
     """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8),
-    changed columns and their count, mask and query positions (``row_args``, in the kernels' order), ``outputs``
+    each batch element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order), ``outputs``
     (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv head),
     ``meta`` (the constexprs), ``grid``."""
 
@@ -124,18 +124,23 @@ class Launch:
         return self.salient, self.cols, self.count, self.mask, self.pos
 
 
+def compact(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flags [B, N]`` (bool), the positions of its true entries first and in order (a stable sort:
+    fixed shapes, no host sync), int32 [B, N], and how many there are, int32 [B]: the kernels loop to the count."""
+    order = torch.sort(flags.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    return order.to(torch.int32).contiguous(), flags.sum(dim=1, dtype=torch.int32)
+
+
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    queried: Optional[torch.Tensor], block_m: int, block_n: int) -> Launch:
-    """Checks the head dim, compacts the key columns changed in any batch element on the device (``nonzero_static``
-    into int32 [N] indices padded with 0, and their count as an int32 [1] tensor the kernels read: no host sync),
-    broadcasts the mask and allocates the results. ``q`` and ``k`` must be contiguous."""
+    """Checks the head dim, compacts each batch element's changed key columns (its salient rows, whose keys and
+    values are new) on the device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be
+    contiguous."""
     b, h, r, d = q.shape
     n = k.shape[2]
     if not tileable(d):
         raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 16, got {d}")
-    changed = salient_in.any(dim=0)
-    cols = torch.nonzero_static(changed, size=n, fill_value=0).flatten().to(torch.int32)
-    count = changed.sum().to(torch.int32).reshape(1)
+    cols, count = compact(salient_in)
     mask, kind, mask_strides = _mask_args(attn_mask, q, h, n)
     pos = cols if queried is None else queried.to(torch.int32).contiguous()  # cols: any pointer, never read
     m = torch.empty(b, h, r, dtype=torch.float32, device=q.device)

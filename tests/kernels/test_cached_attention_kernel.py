@@ -151,6 +151,25 @@ def test_dominant_case_recomputes_rows_in_the_kernel():
     torch.testing.assert_close(got[0], dense[0], atol=2e-5, rtol=2e-5)
 
 
+def test_exact_kernel_recomputes_every_row_where_most_columns_changed():
+    # Element 0 changed 30 of 40 rows (more than half: recomputing every row is cheaper than the update), element
+    # 1 changed 4: element 0's rows all get dense attention with its exact statistics, element 1's non-salient
+    # rows the update's running ones.
+    (q, k, v, k_old, v_old, c_old, m_old, l_old), _, _ = _case(2, 4, 2, 40, 16, "none", None, torch.float32,
+                                                              KERNEL_DEVICE)
+    sal = torch.zeros(2, 40, dtype=torch.bool, device=KERNEL_DEVICE)
+    sal[0, :30], sal[1, ::10] = True, True
+    changed = sal[:, None, :, None]
+    k, v = torch.where(changed, k.flip(2), k_old), torch.where(changed, v.flip(2), v_old)
+    got = cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, None, 0.25, 0.5)
+    dense = _attention_with_stats(q, _expand_kv(k, 4), _expand_kv(v, 4), None, 0.25)
+    for got_part, dense_part in zip(got, dense):
+        torch.testing.assert_close(got_part[0], dense_part[0], atol=2e-5, rtol=2e-5)  # stats too: recomputed
+    torch.testing.assert_close(got[0][1], dense[0][1], atol=2e-5, rtol=2e-5)
+    unchanged = ~sal[1]
+    assert not torch.equal(got[1][1][:, unchanged], dense[1][1][:, unchanged])  # running maxima: the update ran
+
+
 def test_kernels_reject_head_dims_they_cannot_tile():
     (q, k, v, k_old, v_old, c_old, m_old, l_old), sal, _ = _case(1, 2, 2, 8, 16, "some", None, torch.float32,
                                                                   KERNEL_DEVICE)

@@ -10,7 +10,7 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
   loop that stops at their count.
 
 The query rows are every position, or query pruning's ``queried`` subset (read through their positions).
-Computation is fp32 whatever the input dtype; masks are bool (True = attend) or additive, broadcastable to
+The changed columns' products are fp32 whatever the input dtype, the full-row ones as ``tiles.dot`` says; masks are bool (True = attend) or additive, broadcastable to
 ``[B, H, N, N]``. Exact mode's kernels are in ``exact_attention.py``; shared pieces in ``tiles.py``.
 """
 
@@ -31,17 +31,19 @@ def _paper_kernel(
     q_ptr, k_ptr, v_ptr, vo_ptr, co_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_POS: tl.constexpr,
+    HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
     b, h, rows, row_ok, pos, q_tile, kv_base, mask_base = program_tile(
         pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, HAS_POS)
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_in = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0)
     salient = tl.load(sal_ptr + b * N + pos, mask=row_ok, other=0).to(tl.int1)
     any_salient = tl.max(salient.to(tl.int32), axis=0) > 0
 
-    m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k,
-                                 scale, any_salient, D, BLOCK_M, BLOCK_N, MASK_KIND)
+    m_i, l_i, acc = softmax_pass(q_in, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q,
+                                 sm_k, scale, any_salient, D, BLOCK_M, BLOCK_N, MASK_KIND,
+                                 TENSOR_CORES)
+    q = q_in.to(tl.float32)  # the changed columns' products in fp32: they are few
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     delta = tl.zeros([BLOCK_M, D], tl.float32)
@@ -72,10 +74,11 @@ def cached_attention_paper(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor, c_old: torch.Tensor,
     salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
     queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
+    tensor_cores: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paper-mode cached attention with the Triton kernel; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
     q, k, v, v_old, c_old = (t.contiguous() for t in (q, k, v, v_old, c_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores)
     _paper_kernel[launch.grid](q, k, v, v_old, c_old, *launch.row_args, *launch.outputs, *launch.sizes, scale,
                                **launch.meta)
     return launch.outputs

@@ -14,7 +14,9 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
    exact attention for those rows only, in programs over the compacted list; programs past an element's count
    do nothing. The work is O(|recomputed| N D), not a whole row block per salient row.
 
-Computation is fp32 whatever the input dtype.
+The update computes in fp32 whatever the input dtype (its result is cached and updated again at the next step);
+the recompute multiplies 16-bit inputs on the tensor cores with fp32 accumulation, like dense attention
+(``tiles.dot``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _update_kernel(
     c_ptr, m_ptr, l_ptr, unstable_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale, share,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_POS: tl.constexpr,
+    HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,  # unused: the update stays in fp32
 ):
     b, h, rows, row_ok, pos, q_tile, kv_base, mask_base = program_tile(
         pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, HAS_POS)
@@ -96,7 +98,7 @@ def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_POS: tl.constexpr,
+    HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
     # The program's row block indexes the batch element's compacted list of rows to recompute.
     b, h, slots, _, _, _, kv_base, mask_base = program_tile(
@@ -107,9 +109,9 @@ def _recompute_kernel(
         rows = tl.load(order_ptr + b * R + slots, mask=row_ok, other=0)
         pos = positions(pos_ptr, rows, row_ok, HAS_POS)
         q_tile = b * sq_b + h * sq_h + rows[:, None] * sq_n + tl.arange(0, D)[None, :]
-        q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0)
         m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q,
-                                     sm_k, scale, True, D, BLOCK_M, BLOCK_N, MASK_KIND)
+                                     sm_k, scale, True, D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES)
         c = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(c_ptr + q_tile, c.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
         stat = (b * H + h) * R + rows
@@ -122,11 +124,12 @@ def cached_attention_exact(
     c_old: torch.Tensor, m_old: torch.Tensor, l_old: torch.Tensor, salient_in: torch.Tensor,
     attn_mask: Optional[torch.Tensor], scale: float, recompute_share: float,
     queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
+    tensor_cores: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode cached attention with the Triton kernels; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
     q, k, v, k_old, v_old, c_old = (t.contiguous() for t in (q, k, v, k_old, v_old, c_old))
     m_old, l_old = (t.float().contiguous() for t in (m_old, l_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores)
     unstable = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
     _update_kernel[launch.grid](q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
                                 unstable, *launch.sizes, scale, recompute_share, **launch.meta)

@@ -53,10 +53,22 @@ def apply_mask(s, mask_ptr, base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KI
 
 
 @triton.jit
+def dot(a, b, TENSOR_CORES: tl.constexpr):
+    """``a @ b`` accumulated in fp32. With ``TENSOR_CORES`` and a 16-bit ``b``: on the tensor cores, ``a`` rounded
+    to ``b``'s type. For scores (16-bit q and k) that rounds nothing, and 16-bit products are exact in fp32, so
+    only the order of the sums differs from the reference; for the value product the probabilities are rounded to
+    16 bits, as flash attention does. Otherwise fp32 operands multiplied exactly (``ieee``, not tf32), as the
+    reference does."""
+    if TENSOR_CORES and b.dtype != tl.float32:
+        return tl.dot(a.to(b.dtype), b)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
 def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k, scale,
                  with_values, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASK_KIND: tl.constexpr):
-    """Attention of the fp32 query tile ``q [BLOCK_M, D]`` over all N keys, one online-softmax loop: the row max
+                 MASK_KIND: tl.constexpr, TENSOR_CORES: tl.constexpr):
+    """Attention of the query tile ``q [BLOCK_M, D]`` (in the inputs' dtype) over all N keys, one online-softmax loop: the row max
     ``m``, denominator ``l`` (relative to ``m``) and, when ``with_values`` (a per-program scalar), the unnormalised
     numerator ``acc = sum_j exp(s_j - m) v_j``."""
     dims = tl.arange(0, D)
@@ -67,7 +79,7 @@ def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, ro
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         k = tl.load(k_ptr + kv_base + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        s = dot(q, tl.trans(k), TENSOR_CORES) * scale
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -77,7 +89,7 @@ def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, ro
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if with_values:
             v = tl.load(v_ptr + kv_base + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + dot(p, v, TENSOR_CORES)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -107,7 +119,8 @@ class Launch:
     """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8),
     each batch element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order), ``outputs``
     (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv head),
-    ``meta`` (the constexprs), ``grid``."""
+    ``meta`` (the constexprs), ``grid``. ``TENSOR_CORES``: full-row products of 16-bit inputs on the tensor cores
+    (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
 
     salient: torch.Tensor
     cols: torch.Tensor
@@ -132,7 +145,8 @@ def compact(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                   queried: Optional[torch.Tensor], block_m: int, block_n: int) -> Launch:
+                   queried: Optional[torch.Tensor], block_m: int, block_n: int,
+                   tensor_cores: Optional[bool] = None) -> Launch:
     """Checks the head dim, compacts each batch element's changed key columns (its salient rows, whose keys and
     values are new) on the device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be
     contiguous."""
@@ -149,6 +163,7 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
         outputs=(torch.empty_like(q), m, torch.empty_like(m)),
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
                h, r, n, h // k.shape[1]),
-        meta=dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=kind, HAS_POS=queried is not None),
+        meta=dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=kind, HAS_POS=queried is not None,
+                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores),
         grid=(b * h, triton.cdiv(r, block_m)),
     )

@@ -2,7 +2,7 @@
 
 The interpreter (the other kernel tests on CPU) runs the kernels' Python semantics and accepts code that the
 compiler rejects; here Triton lowers each kernel to PTX and ptxas assembles it for sm_90, for every mask kind,
-with query positions, at LLaDA-8B's head dim. Under TRITON_INTERPRET=1 (set by conftest without a GPU)
+with query positions, at LLaDA-8B's head dim, with bf16 products on the tensor cores as on a GPU. Under TRITON_INTERPRET=1 (set by conftest without a GPU)
 ``@triton.jit`` gives interpreted functions, so the compiles run in one subprocess without it: this file, run as a
 script.
 """
@@ -38,7 +38,7 @@ def _compile(kernel_name: str, mask_kind: int) -> str:
 
     module, name = KERNELS[kernel_name]
     kernel = getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
-    constexprs = dict(D=128, BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind, HAS_POS=True)
+    constexprs = dict(D=128, BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind, HAS_POS=True, TENSOR_CORES=True)
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:

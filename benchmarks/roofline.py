@@ -85,6 +85,18 @@ def step_cost(shape: Shape, batch: int, n: int, fractions: Optional[Sequence[flo
     return StepCost(flops, moved)
 
 
+def cache_bytes(shape: Shape, n_heads: int, n: int, mode: str, elem_bytes: int, batch: int = 1,
+                projection_cache: bool = False) -> int:
+    """Bytes of dyllm's caches for ``batch`` sequences of ``n`` tokens: per layer the keys and values (kv heads
+    only), the attention context and the FFN output, in exact mode also the queries and each row's softmax max and
+    denominator (fp32 per head), with ``projection_cache`` (query pruning, ``output_projection="salient"``) the
+    attention output projection; and the logits, in the model's dtype."""
+    d, kv = shape.d_model, shape.d_kv
+    per_row = (2 * kv + 2 * d + (d if mode == "exact" else 0) + (d if projection_cache else 0)) * elem_bytes
+    per_row += 2 * n_heads * 4 if mode == "exact" else 0
+    return batch * n * (shape.n_layers * per_row + shape.vocab_size * elem_bytes)
+
+
 def attention_cost(mode: str, batch: int, heads: int, kv_heads: int, n: int, d: int, changed: int, recomputed: int,
                    elem_bytes: int) -> StepCost:
     """FLOPs and bytes of one attention site's call at one step: ``dense`` (every row against every key),

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .exact_attention import cached_attention_exact
-from .tiles import apply_mask, prepare_launch, program_tile, softmax_pass, tileable
+from .tiles import apply_mask, dot, prepare_launch, program_tile, softmax_pass, tileable
 
 
 @triton.jit
@@ -36,14 +36,12 @@ def _paper_kernel(
     b, h, rows, row_ok, pos, q_tile, kv_base, mask_base = program_tile(
         pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, HAS_POS)
     dims = tl.arange(0, D)
-    q_in = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0)
     salient = tl.load(sal_ptr + b * N + pos, mask=row_ok, other=0).to(tl.int1)
     any_salient = tl.max(salient.to(tl.int32), axis=0) > 0
 
-    m_i, l_i, acc = softmax_pass(q_in, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q,
-                                 sm_k, scale, any_salient, D, BLOCK_M, BLOCK_N, MASK_KIND,
-                                 TENSOR_CORES)
-    q = q_in.to(tl.float32)  # the changed columns' products in fp32: they are few
+    m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k,
+                                 scale, any_salient, D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     delta = tl.zeros([BLOCK_M, D], tl.float32)
@@ -56,10 +54,10 @@ def _paper_kernel(
         k = tl.load(k_ptr + tile, mask=col_ok[:, None], other=0.0)
         v = tl.load(v_ptr + tile, mask=col_ok[:, None], other=0.0)
         vo = tl.load(vo_ptr + tile, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        s = dot(q, tl.trans(k), False) * scale
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         p = tl.where(col_ok[None, :], tl.exp(s - m_safe[:, None]), 0.0)
-        delta += tl.dot(p, v.to(tl.float32) - vo.to(tl.float32), input_precision="ieee")
+        delta += dot(p, v.to(tl.float32) - vo.to(tl.float32), False)
 
     c_old = tl.load(co_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
     denom = tl.where(l_i > 0, l_i, 1.0)  # rows past R (masked out of the store) have no mass

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import apply_mask, compact, positions, prepare_launch, program_tile, softmax_pass
+from .tiles import apply_mask, compact, dot, positions, prepare_launch, program_tile, softmax_pass
 
 
 @triton.jit
@@ -60,13 +60,13 @@ def _update_kernel(
             live = offs < count
             cols = tl.load(cols_ptr + b * N + offs, mask=live, other=0)
             tile = kv_base + cols[:, None] * sk_n + dims[None, :]
-            k_new = tl.load(k_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
-            k_old = tl.load(ko_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
+            k_new = tl.load(k_ptr + tile, mask=live[:, None], other=0.0)
+            k_old = tl.load(ko_ptr + tile, mask=live[:, None], other=0.0)
             zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             bias = apply_mask(zero, mask_ptr, mask_base, pos, cols, row_ok, live, sm_q, sm_k, MASK_KIND)
             bias = tl.where(live[None, :], bias, float("-inf"))
-            s_new = tl.dot(q, tl.trans(k_new), input_precision="ieee") * scale + bias
-            s_old = tl.dot(q, tl.trans(k_old), input_precision="ieee") * scale + bias
+            s_new = dot(q, tl.trans(k_new), False) * scale + bias
+            s_old = dot(q, tl.trans(k_old), False) * scale + bias
             m_new = tl.maximum(m_run, tl.max(s_new, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_run - m_safe)
@@ -75,10 +75,9 @@ def _update_kernel(
             kept *= alpha
             removed = removed * alpha + tl.sum(e_old, axis=1)
             added = added * alpha + tl.sum(e_new, axis=1)
-            v_new = tl.load(v_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
-            v_old = tl.load(vo_ptr + tile, mask=live[:, None], other=0.0).to(tl.float32)
-            delta = delta * alpha[:, None] + tl.dot(e_new, v_new, input_precision="ieee") \
-                - tl.dot(e_old, v_old, input_precision="ieee")
+            v_new = tl.load(v_ptr + tile, mask=live[:, None], other=0.0)
+            v_old = tl.load(vo_ptr + tile, mask=live[:, None], other=0.0)
+            delta = delta * alpha[:, None] + dot(e_new, v_new, False) - dot(e_old, v_old, False)
             m_run = m_new
 
     l = tl.where(row_ok, kept - removed + added, 1.0)  # rows past R: no 0 / 0

@@ -1,4 +1,5 @@
-"""Pieces shared by the cached-attention kernels: query-row tiles, masks, and one online-softmax pass.
+"""Pieces shared by the cached-attention kernels: query-row tiles, masks, products, one online-softmax pass, and
+the launch setup (per-element compaction of the changed columns, mask strides, results).
 
 Layout conventions (both kernels): q-like tensors ``[B, H, R, D]`` (R query rows, contiguous), keys and values
 ``[B, G, N, D]`` (G kv heads; query head ``h`` reads kv head ``h // (H // G)``), statistics ``[B, H, R]`` fp32,

@@ -43,9 +43,9 @@ triton.__version__, 'device', torch.cuda.get_device_name())"
 
 if [ "$PART" != decode ]; then
     # GPU-marked tests (Inductor on CUDA, the compiled model on the kernels against the oracle) and the kernel tests
-    # natively. The device's transformers may be newer than the pin (<5): a test module that fails to import there
-    # must not stop the others.
-    stage 240 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -m "gpu or kernels" tests -p no:cacheprovider \
+    # natively, in four workers (about ten Inductor compiles among ~100 tests). The device's transformers may be
+    # newer than the pin (<5): a test module that fails to import there must not stop the others.
+    stage 240 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -n 4 -m "gpu or kernels" tests -p no:cacheprovider \
         --continue-on-collection-errors
     stage 120 "$OUT/gpu_attention.log" "$PY" benchmarks/bench_attention.py --batch 1,8 \
         --out "$OUT/attention_gpu.csv"

@@ -9,9 +9,10 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
   ``J`` only (its rows in ``salient_in``), compacted on the device (fixed size, no sync) and walked by a second
   loop that stops at their count.
 
-The query rows are every position, or query pruning's ``queried`` subset (read through their positions).
-The changed columns' products are fp32 whatever the input dtype, the full-row ones as ``tiles.dot`` says; masks are bool (True = attend) or additive, broadcastable to
-``[B, H, N, N]``. Exact mode's kernels are in ``exact_attention.py``; shared pieces in ``tiles.py``.
+The query rows are every position, or query pruning's ``queried`` subset (read through their positions). The changed
+columns' products are fp32 whatever the input dtype, the full-row ones as ``tiles.dot`` says; masks are bool (True =
+attend) or additive, broadcastable to ``[B, H, N, N]``. Exact mode's kernels are in ``exact_attention.py``; shared
+pieces in ``tiles.py``.
 """
 
 from __future__ import annotations
@@ -23,46 +24,45 @@ import triton
 import triton.language as tl
 
 from .exact_attention import cached_attention_exact
-from .tiles import apply_mask, dot, prepare_launch, program_tile, softmax_pass, tileable
+from .tiles import apply_mask, dot, head_tile, prepare_launch, program_tile, softmax_pass
 
 
 @triton.jit
 def _paper_kernel(
     q_ptr, k_ptr, v_ptr, vo_ptr, co_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
-    b, h, rows, row_ok, pos, q_tile, kv_base, mask_base = program_tile(
-        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, HAS_POS)
-    dims = tl.arange(0, D)
-    q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0)
+    b, h, rows, row_ok, pos, q_at, q_ok, kv_base, mask_base = program_tile(
+        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_D, BLOCK_M, HAS_POS)
+    q = tl.load(q_ptr + q_at, mask=q_ok, other=0.0)
     salient = tl.load(sal_ptr + b * N + pos, mask=row_ok, other=0).to(tl.int1)
     any_salient = tl.max(salient.to(tl.int32), axis=0) > 0
 
     m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k,
-                                 scale, any_salient, D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES)
+                                 scale, any_salient, D, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    delta = tl.zeros([BLOCK_M, D], tl.float32)
+    delta = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.load(count_ptr + b)
     for start in range(0, count, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         cols = tl.load(cols_ptr + b * N + offs, mask=offs < count, other=0)
         col_ok = offs < count
-        tile = kv_base + cols[:, None] * sk_n + dims[None, :]
-        k = tl.load(k_ptr + tile, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + tile, mask=col_ok[:, None], other=0.0)
-        vo = tl.load(vo_ptr + tile, mask=col_ok[:, None], other=0.0)
+        kv_at, kv_ok = head_tile(kv_base, cols, col_ok, sk_n, D, BLOCK_D)
+        k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0)
+        vo = tl.load(vo_ptr + kv_at, mask=kv_ok, other=0.0)
         s = dot(q, tl.trans(k), False) * scale
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         p = tl.where(col_ok[None, :], tl.exp(s - m_safe[:, None]), 0.0)
         delta += dot(p, v.to(tl.float32) - vo.to(tl.float32), False)
 
-    c_old = tl.load(co_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    c_old = tl.load(co_ptr + q_at, mask=q_ok, other=0.0).to(tl.float32)
     denom = tl.where(l_i > 0, l_i, 1.0)  # rows past R (masked out of the store) have no mass
     out = tl.where(salient[:, None], acc, c_old * l_i[:, None] + delta) / denom[:, None]
-    tl.store(c_ptr + q_tile, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(c_ptr + q_at, out.to(c_ptr.dtype.element_ty), mask=q_ok)
     stat = (b * H + h) * R + rows
     tl.store(m_ptr + stat, m_i, mask=row_ok)
     tl.store(l_ptr + stat, l_i, mask=row_ok)
@@ -82,18 +82,9 @@ def cached_attention_paper(
     return launch.outputs
 
 
-def supports(q: torch.Tensor, mode: str) -> bool:
-    return mode in ("paper", "exact") and tileable(q.shape[-1])
-
-
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
                         recompute_share, queried=None):
-    """The op's CUDA implementation: the kernels where the head dim tiles, the reference otherwise."""
-    from ..ops.cached_attention import cached_attention_reference
-
-    if not supports(q, mode):
-        return cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask,
-                                          scale, mode, recompute_share, queried)
+    """The op's CUDA implementation: the kernel of the mode."""
     if mode == "paper":
         return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried)
     return cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import apply_mask, compact, dot, positions, prepare_launch, program_tile, softmax_pass
+from .tiles import apply_mask, compact, dot, head_tile, positions, prepare_launch, program_tile, softmax_pass
 
 
 @triton.jit
@@ -35,12 +35,12 @@ def _update_kernel(
     q_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr, co_ptr, mo_ptr, lo_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr,
     c_ptr, m_ptr, l_ptr, unstable_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale, share,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,  # unused: the update stays in fp32
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr,
+    TENSOR_CORES: tl.constexpr,  # unused: the update stays in fp32
 ):
-    b, h, rows, row_ok, pos, q_tile, kv_base, mask_base = program_tile(
-        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, HAS_POS)
-    dims = tl.arange(0, D)
+    b, h, rows, row_ok, pos, q_at, q_ok, kv_base, mask_base = program_tile(
+        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_D, BLOCK_M, HAS_POS)
     stat = (b * H + h) * R + rows
     m_run = tl.load(mo_ptr + stat, mask=row_ok, other=0.0)
     kept = tl.load(lo_ptr + stat, mask=row_ok, other=0.0)
@@ -50,18 +50,18 @@ def _update_kernel(
     # column masses, and the numerator change sum(e_new v) - sum(e_old v_old).
     removed = tl.zeros([BLOCK_M], tl.float32)
     added = tl.zeros([BLOCK_M], tl.float32)
-    delta = tl.zeros([BLOCK_M, D], tl.float32)
+    delta = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     count = tl.load(count_ptr + b)
     recompute_all = count * 2 > N
     if (tl.min(salient.to(tl.int32), axis=0) == 0) & ~recompute_all:
-        q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + q_at, mask=q_ok, other=0.0)
         for start in range(0, count, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             live = offs < count
             cols = tl.load(cols_ptr + b * N + offs, mask=live, other=0)
-            tile = kv_base + cols[:, None] * sk_n + dims[None, :]
-            k_new = tl.load(k_ptr + tile, mask=live[:, None], other=0.0)
-            k_old = tl.load(ko_ptr + tile, mask=live[:, None], other=0.0)
+            kv_at, kv_ok = head_tile(kv_base, cols, live, sk_n, D, BLOCK_D)
+            k_new = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
+            k_old = tl.load(ko_ptr + kv_at, mask=kv_ok, other=0.0)
             zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             bias = apply_mask(zero, mask_ptr, mask_base, pos, cols, row_ok, live, sm_q, sm_k, MASK_KIND)
             bias = tl.where(live[None, :], bias, float("-inf"))
@@ -75,18 +75,18 @@ def _update_kernel(
             kept *= alpha
             removed = removed * alpha + tl.sum(e_old, axis=1)
             added = added * alpha + tl.sum(e_new, axis=1)
-            v_new = tl.load(v_ptr + tile, mask=live[:, None], other=0.0)
-            v_old = tl.load(vo_ptr + tile, mask=live[:, None], other=0.0)
+            v_new = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0)
+            v_old = tl.load(vo_ptr + kv_at, mask=kv_ok, other=0.0)
             delta = delta * alpha[:, None] + dot(e_new, v_new, False) - dot(e_old, v_old, False)
             m_run = m_new
 
     l = tl.where(row_ok, kept - removed + added, 1.0)  # rows past R: no 0 / 0
-    c_old = tl.load(co_ptr + q_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    c_old = tl.load(co_ptr + q_at, mask=q_ok, other=0.0).to(tl.float32)
     c = c_old * (kept / l)[:, None] + delta / l[:, None]
     total = tl.sum(c, axis=1)
     finite = (total == total) & (tl.abs(total) != float("inf"))
     unstable = (removed > share * kept) | ~finite | recompute_all
-    tl.store(c_ptr + q_tile, c.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(c_ptr + q_at, c.to(c_ptr.dtype.element_ty), mask=q_ok)
     tl.store(m_ptr + stat, m_run, mask=row_ok)
     tl.store(l_ptr + stat, l, mask=row_ok)
     tl.store(unstable_ptr + stat, unstable.to(tl.uint8), mask=row_ok & ~salient)
@@ -96,23 +96,24 @@ def _update_kernel(
 def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, H, R, N, GROUP, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
     # The program's row block indexes the batch element's compacted list of rows to recompute.
-    b, h, slots, _, _, _, kv_base, mask_base = program_tile(
-        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_M, False)
+    b, h, slots, _, _, _, _, kv_base, mask_base = program_tile(
+        pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_D, BLOCK_M, False)
     count = tl.load(redo_count_ptr + b)
     if tl.program_id(1) * BLOCK_M < count:
         row_ok = slots < count
         rows = tl.load(order_ptr + b * R + slots, mask=row_ok, other=0)
         pos = positions(pos_ptr, rows, row_ok, HAS_POS)
-        q_tile = b * sq_b + h * sq_h + rows[:, None] * sq_n + tl.arange(0, D)[None, :]
-        q = tl.load(q_ptr + q_tile, mask=row_ok[:, None], other=0.0)
+        q_at, q_ok = head_tile(b * sq_b + h * sq_h, rows, row_ok, sq_n, D, BLOCK_D)
+        q = tl.load(q_ptr + q_at, mask=q_ok, other=0.0)
         m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q,
-                                     sm_k, scale, True, D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES)
+                                     sm_k, scale, True, D, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KIND,
+                                     TENSOR_CORES)
         c = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(c_ptr + q_tile, c.to(c_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(c_ptr + q_at, c.to(c_ptr.dtype.element_ty), mask=q_ok)
         stat = (b * H + h) * R + rows
         tl.store(m_ptr + stat, m_i, mask=row_ok)
         tl.store(l_ptr + stat, l_i, mask=row_ok)

@@ -3,8 +3,10 @@ the launch setup (per-element compaction of the changed columns, mask strides, r
 
 Layout conventions (both kernels): q-like tensors ``[B, H, R, D]`` (R query rows, contiguous), keys and values
 ``[B, G, N, D]`` (G kv heads; query head ``h`` reads kv head ``h // (H // G)``), statistics ``[B, H, R]`` fp32,
-row flags ``[B, N]`` uint8. A query row ``r`` sits at sequence position ``pos[r]``: ``r`` itself, or with query
-pruning the entry of the queried-row index, which is where the mask and the salient flags are read.
+row flags ``[B, N]`` uint8. Tiles pad the head dim to ``BLOCK_D``, a power of two of at least 16 (what ``tl.dot``
+takes), with the padding masked to zero: any head dim works. A query row ``r`` sits at sequence position
+``pos[r]``: ``r`` itself, or with query pruning the entry of the queried-row index, which is where the mask and the
+salient flags are read.
 """
 
 from __future__ import annotations
@@ -28,17 +30,25 @@ def positions(pos_ptr, rows, row_ok, HAS_POS: tl.constexpr):
 
 
 @triton.jit
+def head_tile(base, index, index_ok, stride, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the ``[len(index), BLOCK_D]`` tile of rows ``index`` (row stride ``stride``) of one
+    head's ``[*, D]`` matrix at ``base``."""
+    dims = tl.arange(0, BLOCK_D)
+    return base + index[:, None] * stride + dims[None, :], index_ok[:, None] & (dims < D)[None, :]
+
+
+@triton.jit
 def program_tile(pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, HAS_POS: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_POS: tl.constexpr):
     """What a program over (batch x head, row block) works on: batch element, head, its rows and their validity
-    and positions, the offsets of its q-like tile, and the bases of its kv head and of its mask."""
+    and positions, the offsets and mask of its q-like tile, and the bases of its kv head and of its mask."""
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     pos = positions(pos_ptr, rows, row_ok, HAS_POS)
-    q_tile = b * sq_b + h * sq_h + rows[:, None] * sq_n + tl.arange(0, D)[None, :]
-    return b, h, rows, row_ok, pos, q_tile, b * sk_b + (h // GROUP) * sk_h, b * sm_b + h * sm_h
+    q_at, q_ok = head_tile(b * sq_b + h * sq_h, rows, row_ok, sq_n, D, BLOCK_D)
+    return b, h, rows, row_ok, pos, q_at, q_ok, b * sk_b + (h // GROUP) * sk_h, b * sm_b + h * sm_h
 
 
 @triton.jit
@@ -67,19 +77,19 @@ def dot(a, b, TENSOR_CORES: tl.constexpr):
 
 @triton.jit
 def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k, scale,
-                 with_values, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASK_KIND: tl.constexpr, TENSOR_CORES: tl.constexpr):
-    """Attention of the query tile ``q [BLOCK_M, D]`` (in the inputs' dtype) over all N keys, one online-softmax loop: the row max
-    ``m``, denominator ``l`` (relative to ``m``) and, when ``with_values`` (a per-program scalar), the unnormalised
-    numerator ``acc = sum_j exp(s_j - m) v_j``."""
-    dims = tl.arange(0, D)
+                 with_values, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, TENSOR_CORES: tl.constexpr):
+    """Attention of the query tile ``q [BLOCK_M, BLOCK_D]`` (in the inputs' dtype) over all N keys, one
+    online-softmax loop: the row max ``m``, denominator ``l`` (relative to ``m``) and, when ``with_values`` (a
+    per-program scalar), the unnormalised numerator ``acc = sum_j exp(s_j - m) v_j``."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        k = tl.load(k_ptr + kv_base + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
+        kv_at, kv_ok = head_tile(kv_base, cols, col_ok, sk_n, D, BLOCK_D)
+        k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
         s = dot(q, tl.trans(k), TENSOR_CORES) * scale
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -89,7 +99,7 @@ def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, ro
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if with_values:
-            v = tl.load(v_ptr + kv_base + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0)
             acc = acc * alpha[:, None] + dot(p, v, TENSOR_CORES)
         m_i = m_new
     return m_i, l_i, acc
@@ -110,18 +120,13 @@ def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor, heads: int
     return mask, kind, tuple(mask.stride())
 
 
-def tileable(head_dim: int) -> bool:
-    """tl.dot tiles need a power-of-two head dim of at least 16."""
-    return head_dim >= 16 and not head_dim & (head_dim - 1)
-
-
 @dataclass
 class Launch:
-    """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8),
-    each batch element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order), ``outputs``
-    (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv head),
-    ``meta`` (the constexprs), ``grid``. ``TENSOR_CORES``: full-row products of 16-bit inputs on the tensor cores
-    (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
+    """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8), each batch
+    element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order),
+    ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv
+    head), ``meta`` (the constexprs), ``grid``. ``TENSOR_CORES``: full-row products of 16-bit inputs on the tensor
+    cores (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
 
     salient: torch.Tensor
     cols: torch.Tensor
@@ -153,8 +158,6 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
     contiguous."""
     b, h, r, d = q.shape
     n = k.shape[2]
-    if not tileable(d):
-        raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 16, got {d}")
     cols, count = compact(salient_in)
     mask, kind, mask_strides = _mask_args(attn_mask, q, h, n)
     pos = cols if queried is None else queried.to(torch.int32).contiguous()  # cols: any pointer, never read
@@ -164,7 +167,8 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
         outputs=(torch.empty_like(q), m, torch.empty_like(m)),
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
                h, r, n, h // k.shape[1]),
-        meta=dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=kind, HAS_POS=queried is not None,
+        meta=dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+                  MASK_KIND=kind, HAS_POS=queried is not None,
                   TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores),
         grid=(b * h, triton.cdiv(r, block_m)),
     )

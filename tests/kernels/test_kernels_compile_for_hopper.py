@@ -2,7 +2,8 @@
 
 The interpreter (the other kernel tests on CPU) runs the kernels' Python semantics and accepts code that the
 compiler rejects; here Triton lowers each kernel to PTX and ptxas assembles it for sm_90, for every mask kind,
-with query positions, at LLaDA-8B's head dim, with bf16 products on the tensor cores as on a GPU. Under TRITON_INTERPRET=1 (set by conftest without a GPU)
+with query positions, at LLaDA-8B's head dim (128) and a padded one (80: Phi-2's), with bf16 products on the
+tensor cores as on a GPU. Under TRITON_INTERPRET=1 (set by conftest without a GPU)
 ``@triton.jit`` gives interpreted functions, so the compiles run in one subprocess without it: this file, run as a
 script.
 """
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.kernels, pytest.mark.skipif(torch.cuda.is_available(),
 KERNELS = {"paper": ("cached_attention", "_paper_kernel"), "update": ("exact_attention", "_update_kernel"),
            "recompute": ("exact_attention", "_recompute_kernel")}
 MASK_KINDS = {"no-mask": 0, "bool": 1, "additive": 2}  # kernels/tiles.py: MASK_NONE, MASK_BOOL, MASK_ADD
+HEAD_DIMS = {128: 128, 80: 128}  # head dim -> its tiles' padded size (kernels/tiles.py: BLOCK_D)
 # Pointer argument -> element type, by the kernels' names: data in bf16, statistics fp32, flags and the mask (a
 # bool mask is passed as bytes) uint8, indices and counts int32.
 POINTERS = {"q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16", "co": "bf16", "c": "bf16",
@@ -28,7 +30,7 @@ POINTERS = {"q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16", "
 FLOATS = {"scale", "share"}
 
 
-def _compile(kernel_name: str, mask_kind: int) -> str:
+def _compile(kernel_name: str, mask_kind: int, head_dim: int) -> str:
     """The PTX target line of the kernel compiled for sm_90 (raises what Triton or ptxas raise)."""
     import importlib
 
@@ -38,7 +40,8 @@ def _compile(kernel_name: str, mask_kind: int) -> str:
 
     module, name = KERNELS[kernel_name]
     kernel = getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
-    constexprs = dict(D=128, BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind, HAS_POS=True, TENSOR_CORES=True)
+    constexprs = dict(D=head_dim, BLOCK_D=HEAD_DIMS[head_dim], BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind,
+                      HAS_POS=True, TENSOR_CORES=True)
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
@@ -62,18 +65,21 @@ def compiled():
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize("head_dim", list(HEAD_DIMS))
 @pytest.mark.parametrize("mask_kind", list(MASK_KINDS))
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_kernel_compiles_for_sm90(compiled, kernel, mask_kind):
-    assert compiled[f"{kernel}/{mask_kind}"] == ".target sm_90a"
+def test_kernel_compiles_for_sm90(compiled, kernel, mask_kind, head_dim):
+    assert compiled[f"{kernel}/{mask_kind}/{head_dim}"] == ".target sm_90a"
 
 
 if __name__ == "__main__":
     results = {}
     for kernel in KERNELS:
         for mask, kind in MASK_KINDS.items():
-            try:
-                results[f"{kernel}/{mask}"] = _compile(kernel, kind)
-            except Exception as error:  # reported per configuration by the tests
-                results[f"{kernel}/{mask}"] = f"{type(error).__name__}: {error}"[:2000]
+            for head_dim in HEAD_DIMS:
+                key = f"{kernel}/{mask}/{head_dim}"
+                try:
+                    results[key] = _compile(kernel, kind, head_dim)
+                except Exception as error:  # reported per configuration by the tests
+                    results[key] = f"{type(error).__name__}: {error}"[:2000]
     print(json.dumps(results))

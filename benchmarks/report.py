@@ -1,4 +1,4 @@
-"""Markdown tables of the committed benchmark CSVs, for the README.
+"""Markdown tables of the committed benchmark CSVs, for docs/benchmarks.md.
 
     python benchmarks/report.py [benchmarks/results/decode_cpu.csv] [benchmarks/results/quality_cpu.csv]
 """

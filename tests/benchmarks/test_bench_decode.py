@@ -35,7 +35,7 @@ def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
         layers = [float(x) for x in r["salient_fraction_per_layer"].split(";")]
         assert len(layers) == int(r["layers"]) and all(0 <= x <= 1 for x in layers)
         assert 0 < float(r["gated_flops_share"]) < 1 and float(r["cache_mb"]) > 0
-    table = load("report").decode_table(str(out))  # the README's table of these rows
+    table = load("report").decode_table(str(out))  # docs/benchmarks.md's table of these rows
     assert table.count("\n| llada-like tiny, random weights, ") == len(rows)
     assert (tmp_path / "decode_speedup.png").stat().st_size > 0
     assert (tmp_path / "decode_salient_heatmap.png").stat().st_size > 0

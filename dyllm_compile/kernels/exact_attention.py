@@ -80,12 +80,16 @@ def _update_kernel(
             delta = delta * alpha[:, None] + dot(e_new, v_new, False) - dot(e_old, v_old, False)
             m_run = m_new
 
-    l = tl.where(row_ok, kept - removed + added, 1.0)  # rows past R: no 0 / 0
+    l = kept - removed + added
+    # No mass left (a row whose statistics were never filled: zero caches at a sequence's first call, all rows
+    # salient; or everything removed) is unstable, like a result that is not finite; rows past R have l = 0 too.
+    has_mass = l > 0
+    l_div = tl.where(has_mass, l, 1.0)
     c_old = tl.load(co_ptr + q_at, mask=q_ok, other=0.0).to(tl.float32)
-    c = c_old * (kept / l)[:, None] + delta / l[:, None]
+    c = c_old * (kept / l_div)[:, None] + delta / l_div[:, None]
     total = tl.sum(c, axis=1)
     finite = (total == total) & (tl.abs(total) != float("inf"))
-    unstable = (removed > share * kept) | ~finite | recompute_all
+    unstable = (removed > share * kept) | ~finite | ~has_mass | recompute_all
     tl.store(c_ptr + q_at, c.to(c_ptr.dtype.element_ty), mask=q_ok)
     tl.store(m_ptr + stat, m_run, mask=row_ok)
     tl.store(l_ptr + stat, l, mask=row_ok)

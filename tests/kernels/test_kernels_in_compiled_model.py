@@ -38,18 +38,20 @@ def kernels_on_cpu(monkeypatch):
     _op_module.cached_attention.register_kernel("cpu")(_op_module.cached_attention_reference)
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
-def test_kernels_follow_the_oracle_in_a_compiled_decode(mode, kernels_on_cpu):
+# Capacity buckets are the row-count route on CUDA (padded row selections, queried rows included).
+@pytest.mark.parametrize("mode,row_counts", [("paper", "unbacked"), ("exact", "unbacked"), ("exact", "buckets")])
+def test_kernels_follow_the_oracle_in_a_compiled_decode(mode, row_counts, kernels_on_cpu):
     torch._dynamo.reset()
     serial = last_serial()
     model = dream_like("tiny", init_std=0.2)  # GQA: kv heads repeated inside the kernels
-    options = {"lowering": "aot_eager", "attention_mode": mode, "query_pruning_period": 4, "mask_token_id": MASK}
+    options = {"lowering": "aot_eager", "attention_mode": mode, "query_pruning_period": 4, "mask_token_id": MASK,
+               "row_counts": row_counts}
     compiled = torch.compile(model, backend="dyllm", options=options)
     oracle = Oracle(model, mode=mode, threshold=0.99, query_pruning_period=4)
     prompt = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(2))
     lock = Lockstep(compiled, oracle)
     generate(lock, prompt, mask_token_id=MASK, gen_length=16, steps=16, block_length=8)
     (runtime,) = [r for r in runtimes(serial) if r.stats.sparse_calls]
-    assert lock.steps == 16 and runtime.stats.sparse_calls == 15
+    assert lock.steps == 16 and (runtime.stats.dense_calls, runtime.stats.sparse_calls) == (1, 15)
     assert kernels_on_cpu and set(kernels_on_cpu) == {mode}  # the sites ran on the kernels
     assert torch.tensor(oracle.fractions).mean() < 1.0

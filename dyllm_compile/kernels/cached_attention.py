@@ -83,9 +83,10 @@ def cached_attention_paper(
 
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
-                        recompute_share, queried=None):
-    """The op's CUDA implementation: the kernel of the mode."""
+                        recompute_share, queried=None, **tiling):
+    """The op's CUDA implementation: the kernel of the mode. ``tiling`` (``block_m``, ``block_n``) is for
+    benchmarks that try other tile sizes; the op uses the launchers' defaults."""
     if mode == "paper":
-        return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried)
+        return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried, **tiling)
     return cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,
-                                  recompute_share, queried)
+                                  recompute_share, queried, **tiling)

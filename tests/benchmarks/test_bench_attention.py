@@ -4,6 +4,7 @@ the shape of its output is asserted, and that every implementation computed what
 import csv
 import math
 
+import pytest
 import torch
 from bench_modules import load
 
@@ -13,19 +14,27 @@ def test_rows_are_well_formed_and_implementations_agree(tmp_path):
     out = tmp_path / "attention.csv"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bench.main(["--batch", "1,2", "--heads", "4", "--kv-heads", "2", "--tokens", "24", "--head-dim", "16",
-                "--fractions", "0.1,0.5", "--impls", "kernel,reference", "--dtype", "float32", "--repeats", "1",
-                "--device", device, "--out", str(out)])
+                "--fractions", "0.1,0.5", "--impls", "kernel,reference", "--blocks", "16x32,32x16", "--dtype",
+                "float32", "--repeats", "1", "--device", device, "--out", str(out)])
     with open(out) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == bench.FIELDS
         rows = list(reader)
-    assert [(r["batch"], r["salient_fraction"], r["mode"], r["impl"]) for r in rows] == [
-        (b, f, mode, impl) for b in ("1", "2") for f in ("0.1", "0.5") for mode in ("exact", "paper")
-        for impl in ("kernel", "reference")]
+    impls = [("kernel", "16", "32"), ("kernel", "32", "16"), ("reference", "", "")]
+    assert [(r["batch"], r["salient_fraction"], r["mode"], r["impl"], r["block_m"], r["block_n"]) for r in rows] == [
+        (b, f, mode, *impl) for b in ("1", "2") for f in ("0.1", "0.5") for mode in ("exact", "paper")
+        for impl in impls]
     for r in rows:
         for key in ("ms_per_call", "bound_ms", "dense_ms"):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0
         assert float(r["max_err_vs_reference"]) < 1e-5
+
+
+@pytest.mark.parametrize("blocks", ["16", "16x24", "8x32", "16x32,x"])
+def test_bad_tile_sizes_are_refused(blocks, capsys):
+    with pytest.raises(SystemExit):
+        load("bench_attention").main(["--blocks", blocks, "--impls", "kernel"])
+    assert "--blocks" in capsys.readouterr().err
 
 
 def test_step_inputs_follow_the_ops_contract():

@@ -153,7 +153,7 @@ def compact(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    queried: Optional[torch.Tensor], block_m: int, block_n: int,
                    tensor_cores: Optional[bool] = None) -> Launch:
-    """Checks the head dim, compacts each batch element's changed key columns (its salient rows, whose keys and
+    """Compacts each batch element's changed key columns (its salient rows, whose keys and
     values are new) on the device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be
     contiguous."""
     b, h, r, d = q.shape

@@ -16,11 +16,13 @@ import sys
 import pytest
 import torch
 
+from dyllm_compile.kernels.tiles import MASK_ADD, MASK_BOOL, MASK_NONE
+
 # On a GPU the other kernel tests compile natively (and the device's Triton may take other ASTSource arguments).
 pytestmark = [pytest.mark.kernels, pytest.mark.skipif(torch.cuda.is_available(), reason="compiled natively there")]
 KERNELS = {"paper": ("cached_attention", "_paper_kernel"), "update": ("exact_attention", "_update_kernel"),
            "recompute": ("exact_attention", "_recompute_kernel")}
-MASK_KINDS = {"no-mask": 0, "bool": 1, "additive": 2}  # kernels/tiles.py: MASK_NONE, MASK_BOOL, MASK_ADD
+MASK_KINDS = {"no-mask": MASK_NONE, "bool": MASK_BOOL, "additive": MASK_ADD}
 HEAD_DIMS = {128: 128, 80: 128}  # head dim -> its tiles' padded size (kernels/tiles.py: BLOCK_D)
 # Pointer argument -> element type, by the kernels' names: data in bf16, statistics fp32, flags and the mask (a
 # bool mask is passed as bytes) uint8, indices and counts int32.

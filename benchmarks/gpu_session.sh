@@ -25,6 +25,11 @@ PY=${PYTHON:-python3}
 LAYERS=${DYLLM_GPU_LAYERS:-4}
 FRACTION=${DYLLM_GPU_FORCE_FRACTION:-0.05}
 DECODE_BATCHES=${DYLLM_GPU_DECODE_BATCHES:-1 8}
+# stage limits in seconds and test workers, trimmed to what a lease has left
+TEST_LIMIT=${DYLLM_GPU_TEST_LIMIT:-240}
+ATTENTION_LIMIT=${DYLLM_GPU_ATTENTION_LIMIT:-150}
+DECODE_LIMIT=${DYLLM_GPU_DECODE_LIMIT:-210}
+WORKERS=${DYLLM_GPU_TEST_WORKERS:-4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 case "$PART" in checks|decode|all) ;; *) echo "usage: $0 [checks|decode|all]" >&2; exit 2 ;; esac
@@ -50,16 +55,16 @@ if [ "$PART" != decode ]; then
     # GPU-marked tests (Inductor on CUDA, the compiled model on the kernels against the oracle) and the kernel tests
     # natively, in four workers (about ten Inductor compiles among ~100 tests). The device's transformers may be
     # newer than the pin (<5): a test module that fails to import there must not stop the others.
-    stage 240 "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -n 4 -m "gpu or kernels" tests -p no:cacheprovider \
+    stage "$TEST_LIMIT" "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -n "$WORKERS" -m "gpu or kernels" tests -p no:cacheprovider \
         --continue-on-collection-errors
-    stage 150 "$OUT/gpu_attention.log" "$PY" benchmarks/bench_attention.py --batch 1,8 \
+    stage "$ATTENTION_LIMIT" "$OUT/gpu_attention.log" "$PY" benchmarks/bench_attention.py --batch 1,8 \
         --out "$OUT/attention_gpu.csv"
 fi
 if [ "$PART" != checks ]; then
     for batch in $DECODE_BATCHES; do
         # batch 8 is the query-pruning target (>= 7x dense Inductor, >= 10x eager)
         modes=$([ "$batch" = 1 ] && echo eager,inductor,dyllm-exact || echo eager,inductor,dyllm-exact-qp)
-        stage 210 "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" \
+        stage "$DECODE_LIMIT" "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada --layers "$LAYERS" \
             --batch "$batch" --modes "$modes" --force-fraction "$FRACTION" --repeats 2 \
             --out "$OUT/decode_gpu_b$batch.csv"
     done

@@ -269,7 +269,11 @@ def _register_cuda_kernels() -> None:
         import triton  # noqa: F401
     except ImportError:
         return
-    from .. import kernels  # noqa: F401  (registers on import)
+    # Registered here, not by the kernels package on its import: this runs while the ops package is still
+    # initializing, where `ops.cached_attention` is still this module, not the op.
+    from ..kernels import cuda_implementation
+
+    cached_attention.register_kernel("cuda")(cuda_implementation)
 
 
 _register_cuda_kernels()

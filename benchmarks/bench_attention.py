@@ -110,7 +110,43 @@ def run(args: argparse.Namespace) -> list[dict]:
                             bound_ms=1e3 * bound, bound_share=bound / seconds, dense_ms=1e3 * dense_s,
                             speedup_vs_dense=dense_s / seconds, max_err_vs_reference=err))
                         print(_line(results[-1]), flush=True)
+                        if args.profile:
+                            profile(lambda: impl(*inputs, mode, 0.5), f"{mode} {name} {block_m}x{block_n}")
+    if args.profile:
+        print_compiled_kernels()
     return results
+
+
+def profile(fn, label: str, calls: int = 10) -> None:
+    """Where one call's time goes: torch.profiler's table of host and device time per operator and kernel."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profiler(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"-- profile of {calls} calls: {label}")
+    print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=48))
+
+
+def print_compiled_kernels() -> None:
+    """Registers, spills and warps of each compiled Triton kernel of the op (Triton's JIT cache)."""
+    from dyllm_compile.kernels import cached_attention as paper_module
+    from dyllm_compile.kernels import exact_attention as exact_module
+
+    for fn in (paper_module._paper_kernel, exact_module._update_kernel, exact_module._recompute_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for kernel in cache[0].values():
+                try:
+                    meta = kernel.metadata
+                    print(f"{fn.__name__}: regs {kernel.n_regs} spills {kernel.n_spills} warps {meta.num_warps} "
+                          f"stages {meta.num_stages} shared {meta.shared} B")
+                except AttributeError as error:  # Triton's cache layout is not an API
+                    print(f"{fn.__name__}: {error}")
 
 
 def _line(r: dict) -> str:
@@ -139,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/attention_<device>.csv)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's table after each timing, and the compiled kernels' registers")
     args = parser.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]

@@ -25,6 +25,7 @@ kernels), measured in benchmarks/bench_decode.py (``piecewise`` option).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 from typing import Any, Callable, Optional, Sequence
@@ -74,11 +75,35 @@ def split_pieces(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
             continue
         pieces[node] = piece
         piece += bool(node.meta.get(PIECE_END))
-    split = split_module(gm, gm, pieces.__getitem__, keep_original_order=True, tuple_return=True)
+    split = _split_module(gm, pieces.__getitem__)
     for call in split.graph.nodes:
         if call.op == "call_module":
             _order_outputs(split.get_submodule(call.target), call)
     split.recompile()
+    return split
+
+
+# split_module's tuple_return (every piece returns a tuple, even of one value) arrived after torch 2.11
+_HAS_TUPLE_RETURN = "tuple_return" in inspect.signature(split_module).parameters
+
+
+def _split_module(gm: fx.GraphModule, piece_of: Callable[[fx.Node], int]) -> fx.GraphModule:
+    """split_module with every piece returning a tuple, on every supported torch."""
+    if _HAS_TUPLE_RETURN:
+        return split_module(gm, gm, piece_of, keep_original_order=True, tuple_return=True)
+    split = split_module(gm, gm, piece_of, keep_original_order=True)
+    for call in list(split.graph.nodes):
+        if call.op != "call_module":
+            continue
+        piece = split.get_submodule(call.target)
+        output = piece.graph.output_node()
+        if isinstance(output.args[0], (tuple, list)):
+            continue
+        output.args = ((output.args[0],),)  # a piece of one value returns it bare there
+        piece.recompile()
+        with split.graph.inserting_after(call):
+            item = split.graph.call_function(operator.getitem, (call, 0))
+        call.replace_all_uses_with(item, delete_user_cb=lambda user: user is not item)
     return split
 
 

@@ -2,10 +2,11 @@
 
 import logging
 
+import pytest
 import torch
 from torch import fx
 
-from dyllm_compile import lowering
+from dyllm_compile import lowering, piecewise
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
 from dyllm_compile.passes.layer_cuts import PIECE_END
 from dyllm_compile.passes.rewrite import build_dense, build_sparse
@@ -20,7 +21,16 @@ def _pieces(split: fx.GraphModule) -> list[fx.GraphModule]:
     return [split.get_submodule(n.target) for n in split.graph.nodes if n.op == "call_module"]
 
 
-def test_sparse_variant_splits_into_alike_layers():
+@pytest.fixture(params=["tuple_return", "bare_single_values"])
+def split_api(request, monkeypatch):
+    """Both of split_module's ways: every piece returning a tuple, or (torch 2.11, no tuple_return) a piece of one
+    value returning it bare, which split_pieces wraps."""
+    if request.param == "tuple_return" and not piecewise._HAS_TUPLE_RETURN:
+        pytest.skip("this torch's split_module has no tuple_return")
+    monkeypatch.setattr(piecewise, "_HAS_TUPLE_RETURN", request.param == "tuple_return")
+
+
+def test_sparse_variant_splits_into_alike_layers(split_api):
     """Before: one graph over the tiny LLaDA-like model's two layers; layer 1's k/v chains and layer 0's FFN
     share one row selection. After: the embedding with the RoPE tables, a piece per layer with its attention op
     and its own two selections (S_in for q/k/v, S_out for the FFN), and the head with its own; the two layers'
@@ -71,7 +81,7 @@ def _counting(compiled):
     return compile_piece
 
 
-def test_lower_piecewise_compiles_a_repeated_piece_once():
+def test_lower_piecewise_compiles_a_repeated_piece_once(split_api):
     """Before: x -> two residual ReLU layers -> two results. After: three pieces, the layers one compiled piece
     called twice with each layer's weight; the results equal the graph's."""
     gm = _marked(_two_layers, {"add", "add_1"})
@@ -80,6 +90,7 @@ def test_lower_piecewise_compiles_a_repeated_piece_once():
     compiled = []
     split = lower_piecewise(gm, [x, w1, w2], _counting(compiled))
     assert split is not None and len(_pieces(split)) == 3 and len(compiled) == 2
+    assert all(isinstance(p.graph.output_node().args[0], tuple) for p in compiled)
     for got, expected in zip(split(x, w1, w2), _two_layers(x, w1, w2)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -116,7 +127,7 @@ def _whole_compiles(monkeypatch) -> list:
     return seen
 
 
-def test_piecewise_matches_oracle_and_compiles_one_layer(monkeypatch):
+def test_piecewise_matches_oracle_and_compiles_one_layer(monkeypatch, split_api):
     """The default threshold, batch 3: the piecewise-lowered model follows the plain-torch oracle step by step, and
     its one sparse variant was compiled as three pieces (embedding, one layer for both, head). (Forced salient
     sets index a per-layer mask by the layer number: layers differ there, and compile whole.)"""

@@ -9,9 +9,9 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
   ``J`` only (its rows in ``salient_in``), compacted on the device (fixed size, no sync) and walked by a second
   loop that stops at their count.
 
-The query rows are every position, or query pruning's ``queried`` subset (read through their positions). The changed
-columns' products are fp32 whatever the input dtype, the full-row ones as ``tiles.dot`` says; masks are bool (True =
-attend) or additive, broadcastable to ``[B, H, N, N]``. Exact mode's kernels are in ``exact_attention.py``; shared
+The query rows are every position, or query pruning's ``queried`` subset (read through their positions). All
+products are as ``tiles.dot`` says (16-bit inputs on the tensor cores on CUDA); masks are bool (True = attend) or
+additive, broadcastable to ``[B, H, N, N]``. Exact mode's kernels are in ``exact_attention.py``; shared
 pieces in ``tiles.py``.
 """
 
@@ -54,10 +54,10 @@ def _paper_kernel(
         k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
         v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0)
         vo = tl.load(vo_ptr + kv_at, mask=kv_ok, other=0.0)
-        s = dot(q, tl.trans(k), False) * scale
+        s = dot(q, tl.trans(k), TENSOR_CORES) * scale
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         p = tl.where(col_ok[None, :], tl.exp(s - m_safe[:, None]), 0.0)
-        delta += dot(p, v.to(tl.float32) - vo.to(tl.float32), False)
+        delta += dot(p, v, TENSOR_CORES) - dot(p, vo, TENSOR_CORES)
 
     c_old = tl.load(co_ptr + q_at, mask=q_ok, other=0.0).to(tl.float32)
     denom = tl.where(l_i > 0, l_i, 1.0)  # rows past R (masked out of the store) have no mass

@@ -125,8 +125,8 @@ class Launch:
     """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8), each batch
     element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order),
     ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv
-    head), ``meta`` (the constexprs), ``grid``. ``TENSOR_CORES``: full-row products of 16-bit inputs on the tensor
-    cores (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
+    head), ``meta`` (the constexprs), ``grid``. ``TENSOR_CORES``: products of 16-bit inputs on the tensor cores
+    (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
 
     salient: torch.Tensor
     cols: torch.Tensor

@@ -7,7 +7,10 @@ import csv
 import math
 
 import pytest
+import torch
 from bench_modules import load
+
+from dyllm_compile.models import llada_like
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +71,24 @@ def test_layers_applies_to_random_full_size_weights_only(bench, argv, capsys):
     assert "--layers takes a positive count" in capsys.readouterr().err
     assert bench.parse_args(["--model", "dream", "--layers", "2"]).layers == 2
     assert bench.parse_args(["--preset", "gpu", "--layers", "2"]).layers == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "reference", "--prompt-length", "64"],  # the full-size workloads' option
+    ["--model", "llada", "--prompt-length", "0"],
+])
+def test_prompt_length_applies_to_full_size_workloads_only(bench, argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "--prompt-length takes a positive count" in capsys.readouterr().err
+
+
+def test_full_size_workload_is_the_papers_length_unless_told(bench, monkeypatch):
+    """1150 tokens in all by default (the length the targets are stated at), else the prompt asked for; the
+    model's shapes do not matter here, so a tiny one stands in for LLaDA-8B's."""
+    monkeypatch.setattr(bench, "llada_like", lambda size, **kw: llada_like("tiny"))
+    args = bench.parse_args(["--model", "llada", "--layers", "1"])
+    work = bench.make_workload("llada", 2, args, "cpu", torch.float32)
+    assert work.prompts.shape == (2, bench.FULL_SIZE_TOKENS - work.gen_length) and work.gen_length == 256
+    args = bench.parse_args(["--model", "llada", "--layers", "1", "--prompt-length", "64"])
+    assert bench.make_workload("llada", 1, args, "cpu", torch.float32).prompts.shape == (1, 64)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import machine_facts, write_csv  # noqa: E402
+from bench_decode import machine_facts, profiled, write_csv  # noqa: E402
 from bench_rows import timed  # noqa: E402
 from roofline import attention_cost, measure_machine  # noqa: E402
 
@@ -119,18 +119,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def profile(fn, label: str, calls: int = 10) -> None:
     """Where one call's time goes: torch.profiler's table of host and device time per operator and kernel."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as profiler
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profiler(activities=activities) as prof:
+    with profiled(f"{calls} calls: {label}"):
         for _ in range(calls):
             fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(f"-- profile of {calls} calls: {label}")
-    print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=48))
 
 
 def print_compiled_kernels() -> None:

@@ -285,9 +285,10 @@ def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
-               facts: dict) -> list[dict]:
+               facts: dict) -> tuple[list[dict], list[ModeRun]]:
     """Every mode compiles (each cold, one after the other), then the timed decodes go round-robin over the
-    modes: a slow phase of a shared machine slows every mode alike instead of the one that ran in it."""
+    modes: a slow phase of a shared machine slows every mode alike instead of the one that ran in it. The rows,
+    and the modes' runs."""
     cfg = work.model.cfg
     torch._dynamo.reset()
     counters.clear()
@@ -320,7 +321,46 @@ def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
             r["compile_vs_inductor"] = r["compile_s"] / by_mode["inductor"]["compile_s"]
         if "eager" in by_mode:
             r["same_tokens_as_eager"] = bool(torch.equal(r["tokens"], by_mode["eager"]["tokens"]))
-    return rows
+    return rows, runs
+
+
+@contextlib.contextmanager
+def profiled(label: str, **kwargs):
+    """torch.profiler over the block (host, and device on CUDA; ``kwargs`` to it, e.g. a schedule); then prints
+    its table per operator and kernel, the largest device (else host) time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), **kwargs) as prof:
+        yield prof
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"-- profile: {label}")
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=14, max_name_column_width=48), flush=True)
+
+
+class _Stepped:
+    """A model whose every call advances the profiler's schedule."""
+
+    def __init__(self, fn: Callable, prof) -> None:
+        self.fn, self.prof = fn, prof
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        self.prof.step()
+        return out
+
+
+def profile_decode(run: ModeRun, work: Workload, args, steps: int = 8) -> None:
+    """Where a mode's step time goes: one more decode, profiled over ``steps`` calls after the first two (a
+    block's first call runs the dense variant)."""
+    from torch.profiler import schedule
+
+    dyllm_compile.reset()
+    with profiled(f"{run.mode}, {steps} steps", schedule=schedule(skip_first=2, wait=0, warmup=1, active=steps,
+                                                                   repeat=1)) as prof:
+        decode(_Stepped(run.timed.fn, prof), work, args.confidence_threshold)
 
 
 def write_csv(rows: list[dict], path: str, fields: Sequence[str] = FIELDS, digits: int = 4) -> None:
@@ -426,6 +466,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/decode_<device>.csv)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed decodes per mode: tokens/s is the median decode's, step latencies pool them all")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each configuration's rows are written, profile 8 steps of one more decode per "
+                             "mode (torch.profiler's table per operator and kernel)")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="keep Inductor's on-disk and in-memory caches (default: each mode starts from empty "
                              "ones, so compile times are cold compiles, comparable between modes)")
@@ -463,7 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         work = make_workload(name, batch, args, args.device, dtype)
         work.model.to(device=device, dtype=dtype)
         work.prompts = work.prompts.to(device)
-        config_rows = run_config(work, args, device, dtype, facts)
+        config_rows, runs = run_config(work, args, device, dtype, facts)
         # The machine is measured again after every configuration and its best numbers kept: a shared machine's
         # slow phase at one measurement would otherwise lower the bound below what the modes then achieve.
         machine = machine.best(measure_machine(device, dtype))
@@ -475,6 +518,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                   f"inductor  step {r['step_ms_median']:.2f} ms (bound {r['bound_ms']:.2f})  "
                   f"salient {r.get('salient_fraction_mean', 1.0):.3f}", flush=True)
         write_csv(rows, out)  # after every configuration: a run stopped by a time limit keeps what it finished
+        if args.profile:
+            for run in runs:
+                profile_decode(run, work, args)
     print(f"bounds from the best measurements of the run: {machine.bandwidth / 1e9:.1f} GB/s, "
           f"{machine.peak_flops / 1e12:.2f} TFLOP/s")
     paths = plot(rows, os.path.splitext(out)[0])

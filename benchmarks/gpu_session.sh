@@ -70,10 +70,11 @@ fi
 if [ "$PART" != checks ]; then
     set -- $DECODE_BATCHES
     for batch in "$@"; do
-        # batch 8 is the query-pruning target (>= 7x dense Inductor, >= 10x eager)
+        # batch 8 is the query-pruning target (>= 7x dense Inductor, >= 10x eager). --profile after the rows are
+        # written: 8 steps of each mode under torch.profiler (is a sparse step bound by launches or by the GPU?)
         modes=$([ "$batch" = 1 ] && echo eager,inductor,dyllm-exact || echo eager,inductor,dyllm-exact-qp)
         stage "$(limit "$DECODE_LIMIT" $#)" "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py --model llada \
-            --layers "$LAYERS" --batch "$batch" --modes "$modes" --force-fraction "$FRACTION" --repeats 2 \
+            --layers "$LAYERS" --batch "$batch" --modes "$modes" --force-fraction "$FRACTION" --repeats 2 --profile \
             --out "$OUT/decode_gpu_b$batch.csv"
         shift
     done

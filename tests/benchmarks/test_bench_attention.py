@@ -30,6 +30,16 @@ def test_rows_are_well_formed_and_implementations_agree(tmp_path):
         assert float(r["max_err_vs_reference"]) < 1e-5
 
 
+def test_profile_prints_each_timed_implementations_operators(tmp_path, capsys):
+    bench = load("bench_attention")
+    bench.main(["--batch", "1", "--heads", "2", "--kv-heads", "2", "--tokens", "24", "--head-dim", "16",
+                "--fractions", "0.5", "--modes", "exact", "--impls", "reference", "--dtype", "float32",
+                "--repeats", "1", "--device", "cpu", "--profile", "--out", str(tmp_path / "a.csv")])
+    out = capsys.readouterr().out
+    assert "-- profile: 10 calls: exact reference" in out
+    assert "aten::" in out.split("-- profile: 10 calls: exact reference", 1)[1]
+
+
 @pytest.mark.parametrize("blocks", ["16", "16x24", "8x32", "16x32,x"])
 def test_bad_tile_sizes_are_refused(blocks, capsys):
     with pytest.raises(SystemExit):

@@ -92,3 +92,16 @@ def test_full_size_workload_is_the_papers_length_unless_told(bench, monkeypatch)
     assert work.prompts.shape == (2, bench.FULL_SIZE_TOKENS - work.gen_length) and work.gen_length == 256
     args = bench.parse_args(["--model", "llada", "--layers", "1", "--prompt-length", "64"])
     assert bench.make_workload("llada", 1, args, "cpu", torch.float32).prompts.shape == (1, 64)
+
+
+def test_profile_decode_prints_the_profiled_steps_operators(bench, capsys):
+    """--profile: one more decode of a mode, its operators' table over the steps after the first two."""
+    model = llada_like("tiny")
+    prompts = torch.randint(1, 127, (1, 4), generator=torch.Generator().manual_seed(0))
+    work = bench.Workload("tiny", model, prompts, 8, 8, 8, "random")  # 8 calls: 2 skipped, 1 warm-up, 2 profiled
+    run = bench.ModeRun("eager", bench.TimedModel(model, torch.device("cpu")), 0, 0, 0.0, 0, "", [])
+    bench.profile_decode(run, work, bench.parse_args([]), steps=2)
+    out = capsys.readouterr().out
+    assert "-- profile: eager, 2 steps" in out
+    table = out.split("-- profile: eager, 2 steps", 1)[1]
+    assert "aten::mm" in table or "aten::addmm" in table or "aten::linear" in table  # the model's matmuls

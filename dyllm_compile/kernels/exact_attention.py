@@ -10,7 +10,7 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
    and every row where more than half the columns changed: there recomputing all rows (4 N^2 D multiply-adds)
    costs less than the update and the salient rows' recompute (8 (N - |J|) |J| D + 4 |J| N D).
 2. The rows to recompute (salient, or flagged in any head: the reference's choice) are compacted per batch
-   element on the device (a stable sort of the flags: fixed sizes, no sync), and ``_recompute_kernel`` runs
+   element on the device (``tiles.compact``: one launch, fixed sizes, no sync), and ``_recompute_kernel`` runs
    exact attention for those rows only, in programs over the compacted list; programs past an element's count
    do nothing. The work is O(|recomputed| N D), not a whole row block per salient row.
 
@@ -95,7 +95,7 @@ def _update_kernel(
     tl.store(c_ptr + q_at, c.to(c_ptr.dtype.element_ty), mask=q_ok)
     tl.store(m_ptr + stat, m_run, mask=row_ok)
     tl.store(l_ptr + stat, l, mask=row_ok)
-    tl.store(unstable_ptr + stat, unstable.to(tl.uint8), mask=row_ok & ~salient)
+    tl.store(unstable_ptr + stat, unstable.to(tl.uint8), mask=row_ok)  # salient rows are redone anyway
 
 
 @triton.jit
@@ -136,11 +136,11 @@ def cached_attention_exact(
     q, k, v, k_old, v_old, c_old = (t.contiguous() for t in (q, k, v, k_old, v_old, c_old))
     m_old, l_old = (t.float().contiguous() for t in (m_old, l_old))
     launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores)
-    unstable = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+    unstable = torch.empty(q.shape[:-1], dtype=torch.uint8, device=q.device)  # the kernel writes every row
     _update_kernel[launch.grid](q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
                                 unstable, *launch.sizes, scale, recompute_share, **launch.meta)
-    salient_q = salient_in if queried is None else salient_in.index_select(1, queried)
-    redo = salient_q | unstable.any(dim=1)  # [B, R]: a row unstable in any head recomputes in all (as the reference)
-    _recompute_kernel[launch.grid](q, k, v, *compact(redo), launch.mask, launch.pos, *launch.outputs, *launch.sizes,
+    salient_q = launch.salient if queried is None else launch.salient.index_select(1, queried)
+    # Rows to redo: salient, or unstable in any head (then recomputed in all, as the reference does)
+    _recompute_kernel[launch.grid](q, k, v, *compact(salient_q, unstable), launch.mask, launch.pos, *launch.outputs, *launch.sizes,
                                    scale, **launch.meta)
     return launch.outputs

@@ -143,11 +143,44 @@ class Launch:
         return self.salient, self.cols, self.count, self.mask, self.pos
 
 
-def compact(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``flags [B, N]`` (bool), the positions of its true entries first and in order (a stable sort:
-    fixed shapes, no host sync), int32 [B, N], and how many there are, int32 [B]: the kernels loop to the count."""
-    order = torch.sort(flags.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    return order.to(torch.int32).contiguous(), flags.sum(dim=1, dtype=torch.int32)
+@triton.jit
+def _compact_kernel(flags_ptr, any_ptr, order_ptr, count_ptr, N, H, BLOCK_N: tl.constexpr, HAS_ANY: tl.constexpr):
+    """Program ``b``: the positions ``i`` where ``flags[b, i]`` (or, with ``HAS_ANY``, ``any[b, h, i]`` for some
+    ``h``) is set, in order, to ``order[b, :count]``, and ``count[b]``: a running prefix sum over blocks of N."""
+    b = tl.program_id(0)
+    total = tl.full([], 0, tl.int32)
+    for start in range(0, N, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        ok = offs < N
+        hit = tl.load(flags_ptr + b * N + offs, mask=ok, other=0) != 0
+        if HAS_ANY:
+            for h in range(0, H):
+                hit = hit | (tl.load(any_ptr + (b * H + h) * N + offs, mask=ok, other=0) != 0)
+        ones = hit.to(tl.int32)
+        tl.store(order_ptr + b * N + total + tl.cumsum(ones, axis=0) - ones, offs, mask=hit)
+        total += tl.sum(ones, axis=0)
+    tl.store(count_ptr + b, total)
+
+
+def as_bytes(flags: torch.Tensor) -> torch.Tensor:
+    """Flags as contiguous uint8 (a bool tensor is reinterpreted, not copied)."""
+    flags = flags.contiguous()
+    return flags.view(torch.uint8) if flags.dtype == torch.bool else flags.to(torch.uint8)
+
+
+def compact(flags: torch.Tensor, any_of: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flags [B, N]``, or of ``flags | any_of.any(dim=1)`` (``any_of [B, H, N]``), the positions of
+    its true entries in order, int32 [B, N], and how many there are, int32 [B]. Entries past the count are left
+    unwritten: the kernels loop to the count. One launch, fixed shapes, no host sync (it replaced a stable sort
+    and its conversions: five launches, the host's cost of a call at small batches)."""
+    b, n = flags.shape
+    flags = as_bytes(flags)
+    order = torch.empty(b, n, dtype=torch.int32, device=flags.device)
+    count = torch.empty(b, dtype=torch.int32, device=flags.device)
+    heads = 1 if any_of is None else any_of.shape[1]
+    _compact_kernel[(b,)](flags, flags if any_of is None else as_bytes(any_of), order, count, n, heads,
+                          BLOCK_N=min(1024, max(16, triton.next_power_of_2(n))), HAS_ANY=any_of is not None)
+    return order, count
 
 
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -163,7 +196,7 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
     pos = cols if queried is None else queried.to(torch.int32).contiguous()  # cols: any pointer, never read
     m = torch.empty(b, h, r, dtype=torch.float32, device=q.device)
     return Launch(
-        salient=salient_in.contiguous().to(torch.uint8), cols=cols, count=count, mask=mask, pos=pos,
+        salient=as_bytes(salient_in), cols=cols, count=count, mask=mask, pos=pos,
         outputs=(torch.empty_like(q), m, torch.empty_like(m)),
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
                h, r, n, h // k.shape[1]),

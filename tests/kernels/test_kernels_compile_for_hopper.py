@@ -3,7 +3,8 @@
 The interpreter (the other kernel tests on CPU) runs the kernels' Python semantics and accepts code that the
 compiler rejects; here Triton lowers each kernel to PTX and ptxas assembles it for sm_90, for every mask kind,
 with query positions, at LLaDA-8B's head dim (128) and a padded one (80: Phi-2's), with bf16 products on the
-tensor cores as on a GPU. Under TRITON_INTERPRET=1 (set by conftest without a GPU)
+tensor cores as on a GPU, and the compaction kernel the launches share (once per configuration, though it reads
+neither mask nor head dim). Under TRITON_INTERPRET=1 (set by conftest without a GPU)
 ``@triton.jit`` gives interpreted functions, so the compiles run in one subprocess without it: this file, run as a
 script.
 """
@@ -21,12 +22,12 @@ from dyllm_compile.kernels.tiles import MASK_ADD, MASK_BOOL, MASK_NONE
 # On a GPU the other kernel tests compile natively (and the device's Triton may take other ASTSource arguments).
 pytestmark = [pytest.mark.kernels, pytest.mark.skipif(torch.cuda.is_available(), reason="compiled natively there")]
 KERNELS = {"paper": ("cached_attention", "_paper_kernel"), "update": ("exact_attention", "_update_kernel"),
-           "recompute": ("exact_attention", "_recompute_kernel")}
+           "recompute": ("exact_attention", "_recompute_kernel"), "compact": ("tiles", "_compact_kernel")}
 MASK_KINDS = {"no-mask": MASK_NONE, "bool": MASK_BOOL, "additive": MASK_ADD}
 HEAD_DIMS = {128: 128, 80: 128}  # head dim -> its tiles' padded size (kernels/tiles.py: BLOCK_D)
 # Pointer argument -> element type, by the kernels' names: data in bf16, statistics fp32, flags and the mask (a
 # bool mask is passed as bytes) uint8, indices and counts int32.
-POINTERS = {"q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16", "co": "bf16", "c": "bf16",
+POINTERS = {"flags": "u8", "any": "u8", "q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16", "co": "bf16", "c": "bf16",
             "m": "fp32", "l": "fp32", "mo": "fp32", "lo": "fp32", "sal": "u8", "mask": "u8", "unstable": "u8",
             "cols": "i32", "count": "i32", "pos": "i32", "order": "i32", "redo_count": "i32"}
 FLOATS = {"scale", "share"}
@@ -43,7 +44,8 @@ def _compile(kernel_name: str, mask_kind: int, head_dim: int) -> str:
     module, name = KERNELS[kernel_name]
     kernel = getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
     constexprs = dict(D=head_dim, BLOCK_D=HEAD_DIMS[head_dim], BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind,
-                      HAS_POS=True, TENSOR_CORES=True)
+                      HAS_POS=True, TENSOR_CORES=True, HAS_ANY=True)
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # the compaction takes two
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:

@@ -4,13 +4,13 @@
     python benchmarks/bench_attention.py --tokens 256 --heads 8 --kv-heads 8 --head-dim 64 --batch 1
 
 Per batch size, salient fraction and mode (``exact``, ``paper``): the time per call of each implementation
-(``kernel``: the op's CUDA implementation, the Triton kernels, at each ``--blocks`` tile size; ``reference``: the
-plain-torch op, which is the op's implementation elsewhere), its roofline bound (``benchmarks/roofline.py``: ``attention_cost``, with the
-bandwidth and matmul peak measured here) and the share of it achieved, dense SDPA's time on the same shapes, and
-the largest difference of the kernel's context from the reference's. The salient rows (a random ``--fractions``
-share per batch element) are this step's changed key columns and the rows known to need recomputing; rows the
-exact update flags as unstable come on top and are not counted in the bound. CSV:
-``benchmarks/results/attention_<device>.csv``.
+(``kernel``: the op's CUDA implementation, the Triton kernels, at each ``--blocks`` tile size and warps;
+``reference``: the plain-torch op, which is the op's implementation elsewhere), its roofline bound
+(``benchmarks/roofline.py``: ``attention_cost``, with the bandwidth and matmul peak measured here) and the share of
+it achieved, dense SDPA's time on the same shapes, and the largest difference of the kernel's context from the
+reference's. The salient rows (a random ``--fractions`` share per batch element) are this step's changed key columns
+and the rows known to need recomputing; rows the exact update flags as unstable come on top and are not counted in
+the bound. CSV: ``benchmarks/results/attention_<device>.csv``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_k
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["device", "torch", "triton", "dtype", "batch", "heads", "kv_heads", "tokens", "head_dim",
-          "salient_fraction", "mode", "impl", "block_m", "block_n", "ms_per_call", "bound_ms", "bound_share", "dense_ms",
+          "salient_fraction", "mode", "impl", "block_m", "block_n", "num_warps", "ms_per_call", "bound_ms", "bound_share", "dense_ms",
           "speedup_vs_dense", "max_err_vs_reference"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -59,18 +59,18 @@ def step_inputs(batch: int, heads: int, kv_heads: int, n: int, d: int, fraction:
     return q, k, v, k_old, v_old, c_old, m_old, l_old, salient, None, scale
 
 
-def implementations(names: Sequence[str], blocks: Sequence[tuple[int, int]]) -> dict:
-    """(name, block_m, block_n) -> the function to time: the kernels once per tile size."""
+def implementations(names: Sequence[str], blocks: Sequence[tuple[int, int, int]]) -> dict:
+    """(name, block_m, block_n, num_warps) -> the function to time: the kernels once per tile size and warps."""
     impls = {}
     for name in names:
         if name == "kernel":
             from dyllm_compile.kernels.cached_attention import cuda_implementation
 
-            for block_m, block_n in blocks:
-                impls[name, block_m, block_n] = functools.partial(cuda_implementation, block_m=block_m,
-                                                                  block_n=block_n)
+            for block_m, block_n, warps in blocks:
+                impls[name, block_m, block_n, warps] = functools.partial(
+                    cuda_implementation, block_m=block_m, block_n=block_n, num_warps=warps)
         elif name == "reference":
-            impls[name, "", ""] = cached_attention_reference
+            impls[name, "", "", ""] = cached_attention_reference
         else:
             raise ValueError(f"unknown implementation {name!r}: kernel, reference")
     return impls
@@ -96,22 +96,24 @@ def run(args: argparse.Namespace) -> list[dict]:
                     want = cached_attention_reference(*inputs, mode, 0.5)[0].float()
                     bound = attention_cost(mode, batch, h, g, n, d, changed, recomputed, dtype.itemsize
                                            ).bound_seconds(machine)
-                    for (name, block_m, block_n), impl in impls.items():
+                    for (name, block_m, block_n, warps), impl in impls.items():
+                        tiles = f"{block_m}x{block_n}x{warps}" if block_m else ""
                         try:
                             seconds = timed(lambda: impl(*inputs, mode, 0.5), args.repeats, device)
                         except OutOfResources as error:  # a tile size the device cannot hold
-                            print(f"b{batch} f={fraction} {mode} {name} {block_m}x{block_n}: {error}", flush=True)
+                            print(f"b{batch} f={fraction} {mode} {name} {tiles}: {error}", flush=True)
                             continue
                         err = (impl(*inputs, mode, 0.5)[0].float() - want).abs().max().item()
                         results.append(dict(
                             facts, dtype=args.dtype, batch=batch, heads=h, kv_heads=g, tokens=n, head_dim=d,
                             salient_fraction=fraction, mode=mode, impl=name, block_m=block_m, block_n=block_n,
+                            num_warps=warps,
                             ms_per_call=1e3 * seconds,
                             bound_ms=1e3 * bound, bound_share=bound / seconds, dense_ms=1e3 * dense_s,
                             speedup_vs_dense=dense_s / seconds, max_err_vs_reference=err))
                         print(_line(results[-1]), flush=True)
                         if args.profile:
-                            profile(lambda: impl(*inputs, mode, 0.5), f"{mode} {name} {block_m}x{block_n}")
+                            profile(lambda: impl(*inputs, mode, 0.5), f"{mode} {name} {tiles}")
     if args.profile:
         print_compiled_kernels()
     return results
@@ -141,8 +143,8 @@ def print_compiled_kernels() -> None:
 
 
 def _line(r: dict) -> str:
-    tiles = f"{r['block_m']}x{r['block_n']}" if r["block_m"] else ""
-    return (f"b{r['batch']} f={r['salient_fraction']:<5} {r['mode']:<5} {r['impl']:<9} {tiles:<5} "
+    tiles = f"{r['block_m']}x{r['block_n']}x{r['num_warps']}" if r["block_m"] else ""
+    return (f"b{r['batch']} f={r['salient_fraction']:<5} {r['mode']:<5} {r['impl']:<9} {tiles:<8} "
             f"{r['ms_per_call']:8.3f} ms "
             f"(bound {r['bound_ms']:.3f} ms, {100 * r['bound_share']:.0f}%; dense SDPA {r['dense_ms']:.3f} ms, "
             f"x{r['speedup_vs_dense']:.2f}; max err {r['max_err_vs_reference']:.1e})")
@@ -160,8 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--modes", default="exact,paper")
     parser.add_argument("--impls", default="kernel,reference" if cuda else "reference",
                         help="kernel (the Triton kernels; on CPU only under TRITON_INTERPRET=1), reference")
-    parser.add_argument("--blocks", default="16x32,64x64" if cuda else "16x32",
-                        help="the kernels' tile sizes to time, rows x keys (comma-separated; the op uses 16x32)")
+    parser.add_argument("--blocks", default="16x32,32x32,64x32,64x64x8" if cuda else "16x32",
+                        help="the kernels' tiles to time, rows x keys [x warps, default 4] (comma-separated; the op "
+                             "uses 16x32x4)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if cuda else "float32")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -176,9 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     try:
         args.blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
     except ValueError:
-        parser.error(f"--blocks takes rows x keys pairs such as 16x32,64x64; got {args.blocks!r}")
-    if any(len(b) != 2 or min(b) < 16 or any(x & (x - 1) for x in b) for b in args.blocks):
-        parser.error(f"--blocks: each size a power of two >= 16 (tl.dot's tiles); got {args.blocks}")
+        parser.error(f"--blocks takes rows x keys [x warps] such as 16x32,64x64x8; got {args.blocks!r}")
+    if any(len(b) not in (2, 3) or any(x < 1 or x & (x - 1) for x in b) or min(b[:2]) < 16 for b in args.blocks):
+        parser.error(f"--blocks: tile sizes powers of two >= 16 (tl.dot's tiles), warps a power of two; got "
+                     f"{args.blocks}")
+    args.blocks = [b if len(b) == 3 else (*b, 4) for b in args.blocks]
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error("--fractions must lie in (0, 1]")
     if set(args.modes) - {"exact", "paper"}:

@@ -72,11 +72,12 @@ def cached_attention_paper(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor, c_old: torch.Tensor,
     salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
     queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
-    tensor_cores: Optional[bool] = None,
+    tensor_cores: Optional[bool] = None, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paper-mode cached attention with the Triton kernel; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
     q, k, v, v_old, c_old = (t.contiguous() for t in (q, k, v, v_old, c_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores,
+                            num_warps)
     _paper_kernel[launch.grid](q, k, v, v_old, c_old, *launch.row_args, *launch.outputs, *launch.sizes, scale,
                                **launch.meta)
     return launch.outputs
@@ -84,8 +85,8 @@ def cached_attention_paper(
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
                         recompute_share, queried=None, **tiling):
-    """The op's CUDA implementation: the kernel of the mode. ``tiling`` (``block_m``, ``block_n``) is for
-    benchmarks that try other tile sizes; the op uses the launchers' defaults."""
+    """The op's CUDA implementation: the kernel of the mode. ``tiling`` (``block_m``, ``block_n``, ``num_warps``)
+    is for benchmarks that try other tile sizes; the op uses the launchers' defaults."""
     if mode == "paper":
         return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried, **tiling)
     return cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,

@@ -130,12 +130,13 @@ def cached_attention_exact(
     c_old: torch.Tensor, m_old: torch.Tensor, l_old: torch.Tensor, salient_in: torch.Tensor,
     attn_mask: Optional[torch.Tensor], scale: float, recompute_share: float,
     queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
-    tensor_cores: Optional[bool] = None,
+    tensor_cores: Optional[bool] = None, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode cached attention with the Triton kernels; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
     q, k, v, k_old, v_old, c_old = (t.contiguous() for t in (q, k, v, k_old, v_old, c_old))
     m_old, l_old = (t.float().contiguous() for t in (m_old, l_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores,
+                            num_warps)
     unstable = torch.empty(q.shape[:-1], dtype=torch.uint8, device=q.device)  # the kernel writes every row
     _update_kernel[launch.grid](q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
                                 unstable, *launch.sizes, scale, recompute_share, **launch.meta)

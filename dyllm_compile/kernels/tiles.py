@@ -125,7 +125,7 @@ class Launch:
     """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8), each batch
     element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order),
     ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv
-    head), ``meta`` (the constexprs), ``grid``. ``TENSOR_CORES``: products of 16-bit inputs on the tensor cores
+    head), ``meta`` (the constexprs and the warps per program), ``grid``. ``TENSOR_CORES``: products of 16-bit inputs on the tensor cores
     (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
 
     salient: torch.Tensor
@@ -185,7 +185,7 @@ def compact(flags: torch.Tensor, any_of: Optional[torch.Tensor] = None) -> tuple
 
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    queried: Optional[torch.Tensor], block_m: int, block_n: int,
-                   tensor_cores: Optional[bool] = None) -> Launch:
+                   tensor_cores: Optional[bool] = None, num_warps: int = 4) -> Launch:
     """Compacts each batch element's changed key columns (its salient rows, whose keys and
     values are new) on the device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be
     contiguous."""
@@ -202,6 +202,6 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
                h, r, n, h // k.shape[1]),
         meta=dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
                   MASK_KIND=kind, HAS_POS=queried is not None,
-                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores),
+                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores, num_warps=num_warps),
         grid=(b * h, triton.cdiv(r, block_m)),
     )

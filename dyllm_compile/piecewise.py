@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_symbols
 from torch.fx.passes.split_module import split_module
@@ -199,7 +200,10 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
     propagate = _Propagate(split)
     try:
         inputs = _fresh("the graph", example_args)  # a mode of its own: the caller's ShapeEnv stays as it was
-        with next((a.fake_mode for a in inputs if isinstance(a, torch.Tensor)), contextlib.nullcontext()):
+        # The Python dispatcher, as in tracing: its decompositions take symbolic sizes where some C++ composites
+        # do not (torch 2.11's linear on rows of a data-dependent count calls numel())
+        with next((a.fake_mode for a in inputs if isinstance(a, torch.Tensor)), contextlib.nullcontext()), \
+                enable_python_dispatcher():
             propagate.run(*inputs)
     except NotPiecewise as err:
         log.info("dyllm: compiled whole, not piecewise: %s", err)

@@ -9,6 +9,7 @@ import torch
 from bench_modules import load
 
 
+@pytest.mark.kernels  # the Triton kernels, under the interpreter without a GPU
 def test_rows_are_well_formed_and_implementations_agree(tmp_path):
     bench = load("bench_attention")
     out = tmp_path / "attention.csv"

@@ -20,7 +20,8 @@ import torch
 from dyllm_compile.kernels.tiles import MASK_ADD, MASK_BOOL, MASK_NONE
 
 # On a GPU the other kernel tests compile natively (and the device's Triton may take other ASTSource arguments).
-pytestmark = [pytest.mark.kernels, pytest.mark.skipif(torch.cuda.is_available(), reason="compiled natively there")]
+pytestmark = [pytest.mark.kernels(interpreted=False),  # compiled by Triton in a subprocess, not interpreted
+              pytest.mark.skipif(torch.cuda.is_available(), reason="compiled natively there")]
 KERNELS = {"paper": ("cached_attention", "_paper_kernel"), "update": ("exact_attention", "_update_kernel"),
            "recompute": ("exact_attention", "_recompute_kernel"), "compact": ("tiles", "_compact_kernel")}
 MASK_KINDS = {"no-mask": MASK_NONE, "bool": MASK_BOOL, "additive": MASK_ADD}

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import triton
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,14 +60,19 @@ def step_inputs(batch: int, heads: int, kv_heads: int, n: int, d: int, fraction:
     return q, k, v, k_old, v_old, c_old, m_old, l_old, salient, None, scale
 
 
-def implementations(names: Sequence[str], blocks: Sequence[tuple[int, int, int]]) -> dict:
-    """(name, block_m, block_n, num_warps) -> the function to time: the kernels once per tile size and warps."""
+def implementations(names: Sequence[str], blocks: Sequence[tuple]) -> dict:
+    """(name, block_m, block_n, num_warps) -> the function to time: the kernels once per tile size and warps, and
+    at the autotuners' choice for the block ``("auto",)``."""
     impls = {}
     for name in names:
         if name == "kernel":
             from dyllm_compile.kernels.cached_attention import cuda_implementation
 
-            for block_m, block_n, warps in blocks:
+            for block in blocks:
+                if block == ("auto",):
+                    impls[name, "auto", "", ""] = cuda_implementation
+                    continue
+                block_m, block_n, warps = block
                 impls[name, block_m, block_n, warps] = functools.partial(
                     cuda_implementation, block_m=block_m, block_n=block_n, num_warps=warps)
         elif name == "reference":
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     bound = attention_cost(mode, batch, h, g, n, d, changed, recomputed, dtype.itemsize
                                            ).bound_seconds(machine)
                     for (name, block_m, block_n, warps), impl in impls.items():
-                        tiles = f"{block_m}x{block_n}x{warps}" if block_m else ""
+                        tiles = f"{block_m}x{block_n}x{warps}" if block_n else str(block_m)
                         try:
                             seconds = timed(lambda: impl(*inputs, mode, 0.5), args.repeats, device)
                         except OutOfResources as error:  # a tile size the device cannot hold
@@ -131,7 +137,10 @@ def print_compiled_kernels() -> None:
     from dyllm_compile.kernels import cached_attention as paper_module
     from dyllm_compile.kernels import exact_attention as exact_module
 
-    for fn in (paper_module._paper_kernel, exact_module._update_kernel, exact_module._recompute_kernel):
+    for tuned in (paper_module._paper_kernel, exact_module._update_kernel, exact_module._recompute_kernel):
+        fn = tuned.fn if isinstance(tuned, triton.runtime.Autotuner) else tuned
+        for key, config in getattr(tuned, "cache", {}).items():
+            print(f"{fn.__name__}: the autotuner chose {config} for (H, R, N, ...) = {key}")
         for cache in getattr(fn, "device_caches", {}).values():
             for kernel in cache[0].values():
                 try:
@@ -143,7 +152,7 @@ def print_compiled_kernels() -> None:
 
 
 def _line(r: dict) -> str:
-    tiles = f"{r['block_m']}x{r['block_n']}x{r['num_warps']}" if r["block_m"] else ""
+    tiles = f"{r['block_m']}x{r['block_n']}x{r['num_warps']}" if r["block_n"] else str(r["block_m"])
     return (f"b{r['batch']} f={r['salient_fraction']:<5} {r['mode']:<5} {r['impl']:<9} {tiles:<8} "
             f"{r['ms_per_call']:8.3f} ms "
             f"(bound {r['bound_ms']:.3f} ms, {100 * r['bound_share']:.0f}%; dense SDPA {r['dense_ms']:.3f} ms, "
@@ -162,9 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--modes", default="exact,paper")
     parser.add_argument("--impls", default="kernel,reference" if cuda else "reference",
                         help="kernel (the Triton kernels; on CPU only under TRITON_INTERPRET=1), reference")
-    parser.add_argument("--blocks", default="16x32,32x32,64x32,64x64x8" if cuda else "16x32",
-                        help="the kernels' tiles to time, rows x keys [x warps, default 4] (comma-separated; the op "
-                             "uses 16x32x4)")
+    parser.add_argument("--blocks", default="auto,16x32,64x32,128x32x8,64x64x8" if cuda else "auto,16x32",
+                        help="the kernels' tiles to time, rows x keys [x warps, default 4], or auto (the autotuners' "
+                             "choice, what the op uses), comma-separated")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if cuda else "float32")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -177,13 +186,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args.modes = args.modes.split(",")
     args.impls = args.impls.split(",")
     try:
-        args.blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
+        args.blocks = [("auto",) if b == "auto" else tuple(int(x) for x in b.split("x"))
+                       for b in args.blocks.split(",")]
     except ValueError:
-        parser.error(f"--blocks takes rows x keys [x warps] such as 16x32,64x64x8; got {args.blocks!r}")
-    if any(len(b) not in (2, 3) or any(x < 1 or x & (x - 1) for x in b) or min(b[:2]) < 16 for b in args.blocks):
+        parser.error(f"--blocks takes auto or rows x keys [x warps] such as 16x32,64x64x8; got {args.blocks!r}")
+    fixed = [b for b in args.blocks if b != ("auto",)]
+    if any(len(b) not in (2, 3) or any(x < 1 or x & (x - 1) for x in b) or min(b[:2]) < 16 for b in fixed):
         parser.error(f"--blocks: tile sizes powers of two >= 16 (tl.dot's tiles), warps a power of two; got "
                      f"{args.blocks}")
-    args.blocks = [b if len(b) == 3 else (*b, 4) for b in args.blocks]
+    args.blocks = [b if len(b) != 2 else (*b, 4) for b in args.blocks]
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error("--fractions must lie in (0, 1]")
     if set(args.modes) - {"exact", "paper"}:

@@ -24,9 +24,11 @@ import triton
 import triton.language as tl
 
 from .exact_attention import cached_attention_exact
-from .tiles import apply_mask, dot, head_tile, prepare_launch, program_tile, softmax_pass
+from .tiles import TUNED_ON, apply_mask, dot, head_tile, prepare_launch, program_tile, softmax_pass, tiles
 
 
+# Every row's full pass over the keys, as in flash attention: larger tiles than the exact kernels' candidates
+@triton.autotune(configs=tiles((16, 32, 4), (64, 64, 8), (128, 64, 8)), key=TUNED_ON)
 @triton.jit
 def _paper_kernel(
     q_ptr, k_ptr, v_ptr, vo_ptr, co_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
@@ -71,22 +73,21 @@ def _paper_kernel(
 def cached_attention_paper(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor, c_old: torch.Tensor,
     salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
-    queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
-    tensor_cores: Optional[bool] = None, num_warps: int = 4,
+    queried: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
+    num_warps: int = 4, tensor_cores: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paper-mode cached attention with the Triton kernel; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
+    """Paper-mode cached attention with the Triton kernel; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32). The tiles
+    are the autotuner's unless ``block_m``, ``block_n`` (and ``num_warps``) fix them."""
     q, k, v, v_old, c_old = (t.contiguous() for t in (q, k, v, v_old, c_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores,
-                            num_warps)
-    _paper_kernel[launch.grid](q, k, v, v_old, c_old, *launch.row_args, *launch.outputs, *launch.sizes, scale,
-                               **launch.meta)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, num_warps, tensor_cores)
+    launch.run(_paper_kernel, q, k, v, v_old, c_old, *launch.row_args, *launch.outputs, *launch.sizes, scale)
     return launch.outputs
 
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
                         recompute_share, queried=None, **tiling):
     """The op's CUDA implementation: the kernel of the mode. ``tiling`` (``block_m``, ``block_n``, ``num_warps``)
-    is for benchmarks that try other tile sizes; the op uses the launchers' defaults."""
+    is for benchmarks that time fixed tiles; the op leaves them to the kernels' autotuners."""
     if mode == "paper":
         return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried, **tiling)
     return cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,

@@ -29,9 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import apply_mask, compact, dot, head_tile, positions, prepare_launch, program_tile, softmax_pass
+from .tiles import (TUNED_ON, apply_mask, compact, dot, head_tile, positions, prepare_launch, program_tile,
+                    softmax_pass, tiles)
 
 
+# Many rows per program: the update's work per row is small (the changed columns only)
+@triton.autotune(configs=tiles((16, 32, 4), (64, 32, 4), (128, 32, 8)), key=TUNED_ON)
 @triton.jit
 def _update_kernel(
     q_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr, co_ptr, mo_ptr, lo_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr,
@@ -98,6 +101,8 @@ def _update_kernel(
     tl.store(unstable_ptr + stat, unstable.to(tl.uint8), mask=row_ok)  # salient rows are redone anyway
 
 
+# Few rows per program (the compacted rows run out early) over many keys
+@triton.autotune(configs=tiles((16, 32, 4), (16, 64, 4), (64, 64, 8)), key=TUNED_ON)
 @triton.jit
 def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
@@ -129,19 +134,19 @@ def cached_attention_exact(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
     c_old: torch.Tensor, m_old: torch.Tensor, l_old: torch.Tensor, salient_in: torch.Tensor,
     attn_mask: Optional[torch.Tensor], scale: float, recompute_share: float,
-    queried: Optional[torch.Tensor] = None, block_m: int = 16, block_n: int = 32,
-    tensor_cores: Optional[bool] = None, num_warps: int = 4,
+    queried: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
+    num_warps: int = 4, tensor_cores: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact-mode cached attention with the Triton kernels; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32)."""
+    """Exact-mode cached attention with the Triton kernels; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32). The
+    tiles are the autotuners' unless ``block_m``, ``block_n`` (and ``num_warps``) fix them for both kernels."""
     q, k, v, k_old, v_old, c_old = (t.contiguous() for t in (q, k, v, k_old, v_old, c_old))
     m_old, l_old = (t.float().contiguous() for t in (m_old, l_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, tensor_cores,
-                            num_warps)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, num_warps, tensor_cores)
     unstable = torch.empty(q.shape[:-1], dtype=torch.uint8, device=q.device)  # the kernel writes every row
-    _update_kernel[launch.grid](q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
-                                unstable, *launch.sizes, scale, recompute_share, **launch.meta)
+    launch.run(_update_kernel, q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
+               unstable, *launch.sizes, scale, recompute_share)
     salient_q = launch.salient if queried is None else launch.salient.index_select(1, queried)
     # Rows to redo: salient, or unstable in any head (then recomputed in all, as the reference does)
-    _recompute_kernel[launch.grid](q, k, v, *compact(salient_q, unstable), launch.mask, launch.pos, *launch.outputs, *launch.sizes,
-                                   scale, **launch.meta)
+    launch.run(_recompute_kernel, q, k, v, *compact(salient_q, unstable), launch.mask, launch.pos, *launch.outputs,
+               *launch.sizes, scale)
     return launch.outputs

@@ -11,8 +11,9 @@ salient flags are read.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -120,13 +121,29 @@ def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor, heads: int
     return mask, kind, tuple(mask.stride())
 
 
+def tiles(*candidates: tuple[int, int, int]) -> list[triton.Config]:
+    """A kernel's autotuning candidates, (rows, keys) per program and warps. Which is best is the device's call:
+    on an H200 the first kernels' 16 x 32 tiles were too little work per program (docs/rewrite.md). Under the
+    interpreter, which has no device to time them on, only the first."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        candidates = candidates[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in candidates]
+
+
+# The autotuners' key: heads, query rows and keys (the batch size is not a kernel argument; a process sees one model,
+# and the first batch size it runs picks the tiles)
+TUNED_ON = ["H", "R", "N"]
+
+
 @dataclass
 class Launch:
-    """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8), each batch
-    element's changed columns and their count, mask and query positions (``row_args``, in the kernels' order),
-    ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads per kv
-    head), ``meta`` (the constexprs and the warps per program), ``grid``. ``TENSOR_CORES``: products of 16-bit inputs on the tensor cores
-    (``dot``); the Triton interpreter's 16-bit dots are wrong for bf16, so by default only on CUDA."""
+    """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8), each
+    batch element's changed columns and their count, mask and query positions (``row_args``, in the kernels'
+    order), ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads
+    per kv head), ``meta`` (the constexprs other than the tiles), ``programs`` (batch x heads, query rows) and
+    ``tiles`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps`` the caller fixed; None: the autotuner's). ``TENSOR_CORES``:
+    products of 16-bit inputs on the tensor cores (``dot``); the Triton interpreter's 16-bit dots are wrong for
+    bf16, so by default only on CUDA."""
 
     salient: torch.Tensor
     cols: torch.Tensor
@@ -136,11 +153,21 @@ class Launch:
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     sizes: tuple
     meta: dict
-    grid: tuple[int, int]
+    programs: tuple[int, int]
+    tiles: Optional[dict]
 
     @property
     def row_args(self) -> tuple:
         return self.salient, self.cols, self.count, self.mask, self.pos
+
+    def run(self, kernel: triton.runtime.Autotuner, *args: Any) -> None:
+        """Launches the autotuned ``kernel`` on ``args`` and the constexprs, one program per (batch x head, block
+        of rows): at the tiles the caller fixed, else at the autotuner's choice for these sizes."""
+        heads, rows = self.programs
+        if self.tiles is None:
+            kernel[lambda tile: (heads, triton.cdiv(rows, tile["BLOCK_M"]))](*args, **self.meta)
+        else:
+            kernel.fn[(heads, triton.cdiv(rows, self.tiles["BLOCK_M"]))](*args, **self.meta, **self.tiles)
 
 
 @triton.jit
@@ -184,11 +211,14 @@ def compact(flags: torch.Tensor, any_of: Optional[torch.Tensor] = None) -> tuple
 
 
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                   queried: Optional[torch.Tensor], block_m: int, block_n: int,
-                   tensor_cores: Optional[bool] = None, num_warps: int = 4) -> Launch:
-    """Compacts each batch element's changed key columns (its salient rows, whose keys and
-    values are new) on the device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be
-    contiguous."""
+                   queried: Optional[torch.Tensor], block_m: Optional[int] = None, block_n: Optional[int] = None,
+                   num_warps: int = 4, tensor_cores: Optional[bool] = None) -> Launch:
+    """Compacts each batch element's changed key columns (its salient rows, whose keys and values are new) on the
+    device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be contiguous. ``block_m`` and
+    ``block_n`` (with ``num_warps``) fix the tiles, for benchmarks; by default the kernels' autotuners pick them."""
+    if (block_m is None) != (block_n is None):
+        raise ValueError(f"block_m and block_n go together (got {block_m}, {block_n}): both fix the tiles, neither "
+                         "leaves them to the autotuner")
     b, h, r, d = q.shape
     n = k.shape[2]
     cols, count = compact(salient_in)
@@ -200,8 +230,8 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
         outputs=(torch.empty_like(q), m, torch.empty_like(m)),
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
                h, r, n, h // k.shape[1]),
-        meta=dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-                  MASK_KIND=kind, HAS_POS=queried is not None,
-                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores, num_warps=num_warps),
-        grid=(b * h, triton.cdiv(r, block_m)),
+        meta=dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), MASK_KIND=kind, HAS_POS=queried is not None,
+                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores),
+        programs=(b * h, r),
+        tiles=None if block_m is None else dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps),
     )

@@ -16,8 +16,10 @@ from torch import fx
 from torch.fx.experimental import symbolic_shapes
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-# A size's example value without guarding: optimization_hint on torch >= 2.13, hint_int before.
-_size_hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "hint_int")
+# A size's example value without guarding: optimization_hint on torch 2.13, size_hint on 2.11 (whose hint_int, the
+# older name, warns that it is deprecated).
+_size_hint = next(getattr(symbolic_shapes, name) for name in ("optimization_hint", "size_hint", "hint_int")
+                  if hasattr(symbolic_shapes, name))
 
 _TORCH_NAMESPACES = (torch, F, torch.Tensor, torch._C._nn, torch._C._VariableFunctions, torch.special)
 _ALIASES = {

@@ -15,13 +15,13 @@ def test_rows_are_well_formed_and_implementations_agree(tmp_path):
     out = tmp_path / "attention.csv"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bench.main(["--batch", "1,2", "--heads", "4", "--kv-heads", "2", "--tokens", "24", "--head-dim", "16",
-                "--fractions", "0.1,0.5", "--impls", "kernel,reference", "--blocks", "16x32,32x16x2", "--dtype",
+                "--fractions", "0.1,0.5", "--impls", "kernel,reference", "--blocks", "auto,32x16x2", "--dtype",
                 "float32", "--repeats", "1", "--device", device, "--out", str(out)])
     with open(out) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == bench.FIELDS
         rows = list(reader)
-    impls = [("kernel", "16", "32", "4"), ("kernel", "32", "16", "2"), ("reference", "", "", "")]
+    impls = [("kernel", "auto", "", ""), ("kernel", "32", "16", "2"), ("reference", "", "", "")]
     assert [(r["batch"], r["salient_fraction"], r["mode"], r["impl"], r["block_m"], r["block_n"], r["num_warps"])
             for r in rows] == [
         (b, f, mode, *impl) for b in ("1", "2") for f in ("0.1", "0.5") for mode in ("exact", "paper")
@@ -42,7 +42,7 @@ def test_profile_prints_each_timed_implementations_operators(tmp_path, capsys):
     assert "aten::" in out.split("-- profile: 10 calls: exact reference", 1)[1]
 
 
-@pytest.mark.parametrize("blocks", ["16", "16x24", "8x32", "16x32,x", "16x32x3", "16x32x4x1"])
+@pytest.mark.parametrize("blocks", ["16", "16x24", "8x32", "16x32,x", "16x32x3", "16x32x4x1", "automatic"])
 def test_bad_tile_sizes_are_refused(blocks, capsys):
     with pytest.raises(SystemExit):
         load("bench_attention").main(["--blocks", blocks, "--impls", "kernel"])

@@ -145,6 +145,22 @@ def test_kernels_take_a_subset_of_query_rows(mode, mask):
     _compare(mode, 3, 4, 2, 41, 16, "some", mask, torch.float32, queried=queried)
 
 
+@pytest.mark.parametrize("mode", ["exact", "paper"])
+def test_fixed_tiles_compute_what_the_autotuned_ones_do(mode):
+    """Benchmarks fix the tiles (rows x keys per program, warps); the op leaves them to the autotuners. Both compute
+    the reference's result; block_m without block_n is refused."""
+    tensors, sal, attn_mask = _case(2, 4, 2, 40, 16, "some", "padding", torch.float32, KERNEL_DEVICE)
+    q, k, v, k_old, v_old, c_old, m_old, l_old = _rows(tensors, None)
+    args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, default_scale(16), mode, 0.5)
+    want = cached_attention_reference(*args)
+    for tiling in ({}, dict(block_m=32, block_n=16, num_warps=2)):
+        got = cuda_implementation(*args, **tiling)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="block_m and block_n go together"):
+        cuda_implementation(*args, block_m=32)
+
+
 def test_dominant_case_recomputes_rows_in_the_kernel():
     # The case above is only a test of the recompute path if the update flags rows: the old mass of the changed
     # columns exceeds half the kept mass for some rows, and the kernel's result is still dense attention.
@@ -204,7 +220,7 @@ def test_op_on_cuda_runs_the_kernel_without_host_sync_and_matches_reference(mode
     (q, k, v, k_old, v_old, c_old, m_old, l_old), sal, _ = _case(1, 8, 2, 300, 64, "some", None, torch.bfloat16,
                                                                   "cuda")
     args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, None, 0.125, mode, 0.5)
-    cached_attention(*args)  # compiles the kernels first: Triton's launcher may sync once then
+    cached_attention(*args)  # compiles and autotunes the kernels first (timing the candidates syncs)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync inside the op now raises
     try:

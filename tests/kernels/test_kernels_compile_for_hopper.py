@@ -44,6 +44,8 @@ def _compile(kernel_name: str, mask_kind: int, head_dim: int) -> str:
 
     module, name = KERNELS[kernel_name]
     kernel = getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
+    if isinstance(kernel, triton.runtime.Autotuner):  # compiled at the first candidate's tiles (constexprs below)
+        kernel = kernel.fn
     constexprs = dict(D=head_dim, BLOCK_D=HEAD_DIMS[head_dim], BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind,
                       HAS_POS=True, TENSOR_CORES=True, HAS_ANY=True)
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # the compaction takes two

@@ -24,11 +24,12 @@ import triton
 import triton.language as tl
 
 from .exact_attention import cached_attention_exact
-from .tiles import TUNED_ON, apply_mask, dot, head_tile, prepare_launch, program_tile, softmax_pass, tiles
+from .tiles import (TUNED_ON, apply_mask, dot, head_tile, prepare_launch, program_tile, softmax_pass,
+                    tile_candidates)
 
 
 # Every row's full pass over the keys, as in flash attention: larger tiles than the exact kernels' candidates
-@triton.autotune(configs=tiles((16, 32, 4), (64, 64, 8), (128, 64, 8)), key=TUNED_ON)
+@triton.autotune(configs=tile_candidates((16, 32, 4), (64, 64, 8), (128, 64, 8)), key=TUNED_ON)
 @triton.jit
 def _paper_kernel(
     q_ptr, k_ptr, v_ptr, vo_ptr, co_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,

@@ -30,11 +30,11 @@ import triton
 import triton.language as tl
 
 from .tiles import (TUNED_ON, apply_mask, compact, dot, head_tile, positions, prepare_launch, program_tile,
-                    softmax_pass, tiles)
+                    softmax_pass, tile_candidates)
 
 
 # Many rows per program: the update's work per row is small (the changed columns only)
-@triton.autotune(configs=tiles((16, 32, 4), (64, 32, 4), (128, 32, 8)), key=TUNED_ON)
+@triton.autotune(configs=tile_candidates((16, 32, 4), (64, 32, 4), (128, 32, 8)), key=TUNED_ON)
 @triton.jit
 def _update_kernel(
     q_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr, co_ptr, mo_ptr, lo_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr,
@@ -102,7 +102,7 @@ def _update_kernel(
 
 
 # Few rows per program (the compacted rows run out early) over many keys
-@triton.autotune(configs=tiles((16, 32, 4), (16, 64, 4), (64, 64, 8)), key=TUNED_ON)
+@triton.autotune(configs=tile_candidates((16, 32, 4), (16, 64, 4), (64, 64, 8)), key=TUNED_ON)
 @triton.jit
 def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,

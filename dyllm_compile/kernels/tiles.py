@@ -1,5 +1,5 @@
-"""Pieces shared by the cached-attention kernels: query-row tiles, masks, products, one online-softmax pass, and
-the launch setup (per-element compaction of the changed columns, mask strides, results).
+"""Pieces shared by the cached-attention kernels: query-row tiles, masks, products, one online-softmax pass, the
+autotuning candidates, and the launch setup (per-element compaction of flagged rows, mask strides, results).
 
 Layout conventions (both kernels): q-like tensors ``[B, H, R, D]`` (R query rows, contiguous), keys and values
 ``[B, G, N, D]`` (G kv heads; query head ``h`` reads kv head ``h // (H // G)``), statistics ``[B, H, R]`` fp32,
@@ -121,7 +121,7 @@ def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor, heads: int
     return mask, kind, tuple(mask.stride())
 
 
-def tiles(*candidates: tuple[int, int, int]) -> list[triton.Config]:
+def tile_candidates(*candidates: tuple[int, int, int]) -> list[triton.Config]:
     """A kernel's autotuning candidates, (rows, keys) per program and warps. Which is best is the device's call:
     on an H200 the first kernels' 16 x 32 tiles were too little work per program (docs/rewrite.md). Under the
     interpreter, which has no device to time them on, only the first."""

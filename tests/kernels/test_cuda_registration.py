@@ -15,10 +15,7 @@ _PROBE = """
 import torch
 torch.cuda.is_available = lambda: True
 import dyllm_compile
-from dyllm_compile.kernels import cuda_implementation
-from dyllm_compile.ops import cached_attention
-registered = cached_attention._backend_fns.get("cuda")
-assert registered is not None, "no CUDA kernel registered"
+assert torch._C._dispatch_has_kernel_for_dispatch_key("dyllm::cached_attention", "CUDA"), "no CUDA kernel"
 print("ok")
 """
 

@@ -34,20 +34,30 @@ POINTERS = {"flags": "u8", "any": "u8", "q": "bf16", "k": "bf16", "v": "bf16", "
 FLOATS = {"scale", "share"}
 
 
-def _compile(kernel_name: str, mask_kind: int, head_dim: int) -> str:
-    """The PTX target line of the kernel compiled for sm_90 (raises what Triton or ptxas raise)."""
+# Shared memory one program may take on sm_90 (227 KB): a candidate above it could never launch
+SHARED_LIMIT = 227 * 1024
+
+
+def _kernel(kernel_name: str):
     import importlib
 
+    module, name = KERNELS[kernel_name]
+    return getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
+
+
+def _compile(kernel_name: str, mask_kind: int, head_dim: int, candidate: int = 0) -> str:
+    """The PTX target line of the kernel compiled for sm_90 at its autotuning candidate ``candidate`` (tiles and
+    warps), and the shared memory it takes (raises what Triton or ptxas raise)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name = KERNELS[kernel_name]
-    kernel = getattr(importlib.import_module(f"dyllm_compile.kernels.{module}"), name)
-    if isinstance(kernel, triton.runtime.Autotuner):  # compiled at the first candidate's tiles (constexprs below)
-        kernel = kernel.fn
-    constexprs = dict(D=head_dim, BLOCK_D=HEAD_DIMS[head_dim], BLOCK_M=16, BLOCK_N=32, MASK_KIND=mask_kind,
-                      HAS_POS=True, TENSOR_CORES=True, HAS_ANY=True)
+    kernel, tiles, warps = _kernel(kernel_name), dict(BLOCK_M=16, BLOCK_N=32), 4
+    if isinstance(kernel, triton.runtime.Autotuner):
+        config = kernel.configs[candidate]
+        kernel, tiles, warps = kernel.fn, config.kwargs, config.num_warps
+    constexprs = dict(D=head_dim, BLOCK_D=HEAD_DIMS[head_dim], MASK_KIND=mask_kind, HAS_POS=True, TENSOR_CORES=True,
+                      HAS_ANY=True, **tiles)
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # the compaction takes two
     signature = {}
     for arg in kernel.arg_names:
@@ -59,9 +69,10 @@ def _compile(kernel_name: str, mask_kind: int, head_dim: int) -> str:
             signature[arg] = "fp32" if arg in FLOATS else "i32"
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"], "ptxas produced no cubin"
-    return next(line for line in compiled.asm["ptx"].splitlines() if line.startswith(".target"))
+    target = next(line for line in compiled.asm["ptx"].splitlines() if line.startswith(".target"))
+    return f"{target}, shared {compiled.metadata.shared}"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +87,18 @@ def compiled():
 @pytest.mark.parametrize("mask_kind", list(MASK_KINDS))
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_kernel_compiles_for_sm90(compiled, kernel, mask_kind, head_dim):
-    assert compiled[f"{kernel}/{mask_kind}/{head_dim}"] == ".target sm_90a"
+    assert compiled[f"{kernel}/{mask_kind}/{head_dim}"].startswith(".target sm_90a, shared ")
+
+
+def test_every_autotuning_candidate_compiles_for_sm90_within_shared_memory(compiled):
+    """The autotuners time their candidates only on a GPU: each must compile for sm_90 (LLaDA-8B's head dim, no
+    mask) and fit a program's shared memory, or the GPU would first find out."""
+    candidates = {key: value for key, value in compiled.items() if key.startswith("candidate/")}
+    assert {key.split("/")[1] for key in candidates} == {"paper", "update", "recompute"}
+    assert len(candidates) >= 6  # at least two per kernel
+    for key, value in candidates.items():
+        assert value.startswith(".target sm_90a, shared "), (key, value)
+        assert int(value.rsplit(" ", 1)[1]) <= SHARED_LIMIT, (key, value)
 
 
 if __name__ == "__main__":
@@ -89,4 +111,13 @@ if __name__ == "__main__":
                     results[key] = _compile(kernel, kind, head_dim)
                 except Exception as error:  # reported per configuration by the tests
                     results[key] = f"{type(error).__name__}: {error}"[:2000]
+        import triton
+
+        tuned = _kernel(kernel)
+        for candidate in range(1, len(tuned.configs) if isinstance(tuned, triton.runtime.Autotuner) else 1):
+            key = f"candidate/{kernel}/{candidate}"
+            try:
+                results[key] = _compile(kernel, MASK_NONE, 128, candidate)
+            except Exception as error:
+                results[key] = f"{type(error).__name__}: {error}"[:2000]
     print(json.dumps(results))

@@ -4,7 +4,7 @@
 #
 #     bash benchmarks/gpu_session.sh          # all, within DYLLM_GPU_BUDGET seconds (default 560)
 #     bash benchmarks/gpu_session.sh checks   # facts, the GPU and kernel tests, the attention benchmark
-#     bash benchmarks/gpu_session.sh decode   # whole decode at LLaDA-8B's layer shapes, batch 1 and 8
+#     bash benchmarks/gpu_session.sh decode   # whole decode at LLaDA-8B's layer shapes, batch 8 and 1
 #
 # `all` runs the tests, then the decodes (the targets), then the attention benchmark (diagnostics) in what is left,
 # at least DYLLM_GPU_ATTENTION_RESERVE seconds. Measured on an H200 (2026-12-04), before the kernels were
@@ -26,14 +26,14 @@ OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 LAYERS=${DYLLM_GPU_LAYERS:-4}
 FRACTION=${DYLLM_GPU_FORCE_FRACTION:-0.05}
-DECODE_BATCHES=${DYLLM_GPU_DECODE_BATCHES:-1 8}
+DECODE_BATCHES=${DYLLM_GPU_DECODE_BATCHES:-8 1}  # batch 8 first: two targets (7x Inductor, 10x eager) to b1's one
 BUDGET=${DYLLM_GPU_BUDGET:-560}
 # each stage's own limit in seconds, and the test workers
 TEST_LIMIT=${DYLLM_GPU_TEST_LIMIT:-150}
 ATTENTION_LIMIT=${DYLLM_GPU_ATTENTION_LIMIT:-120}
 ATTENTION_RESERVE=${DYLLM_GPU_ATTENTION_RESERVE:-60}
 DECODE_LIMIT=${DYLLM_GPU_DECODE_LIMIT:-400}
-WORKERS=${DYLLM_GPU_TEST_WORKERS:-8}
+WORKERS=${DYLLM_GPU_TEST_WORKERS:-12}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 case "$PART" in checks|decode|all) ;; *) echo "usage: $0 [checks|decode|all]" >&2; exit 2 ;; esac

@@ -36,8 +36,8 @@ from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_k
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["device", "torch", "triton", "dtype", "batch", "heads", "kv_heads", "tokens", "head_dim",
-          "salient_fraction", "mode", "impl", "block_m", "block_n", "num_warps", "ms_per_call", "bound_ms", "bound_share", "dense_ms",
-          "speedup_vs_dense", "max_err_vs_reference"]
+          "salient_fraction", "mode", "impl", "block_m", "block_n", "num_warps", "ms_per_call", "bound_ms",
+          "bound_share", "dense_ms", "speedup_vs_dense", "max_err_vs_reference"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     bound = attention_cost(mode, batch, h, g, n, d, changed, recomputed, dtype.itemsize
                                            ).bound_seconds(machine)
                     for (name, block_m, block_n, warps), impl in impls.items():
-                        tiles = f"{block_m}x{block_n}x{warps}" if block_n else str(block_m)
+                        tiles = _tiles(block_m, block_n, warps)
                         try:
                             seconds = timed(lambda: impl(*inputs, mode, 0.5), args.repeats, device)
                         except OutOfResources as error:  # a tile size the device cannot hold
@@ -133,7 +133,8 @@ def profile(fn, label: str, calls: int = 10) -> None:
 
 
 def print_compiled_kernels() -> None:
-    """Registers, spills and warps of each compiled Triton kernel of the op (Triton's JIT cache)."""
+    """The tiles each autotuner chose, and the registers, spills and warps of each compiled Triton kernel of the op
+    (Triton's caches)."""
     from dyllm_compile.kernels import cached_attention as paper_module
     from dyllm_compile.kernels import exact_attention as exact_module
 
@@ -151,8 +152,13 @@ def print_compiled_kernels() -> None:
                     print(f"{fn.__name__}: {error}")
 
 
+def _tiles(block_m, block_n, warps) -> str:
+    """A timed implementation's tiles: rows x keys x warps, "auto" (the autotuners'), or "" (the reference)."""
+    return f"{block_m}x{block_n}x{warps}" if block_n else str(block_m)
+
+
 def _line(r: dict) -> str:
-    tiles = f"{r['block_m']}x{r['block_n']}x{r['num_warps']}" if r["block_n"] else str(r["block_m"])
+    tiles = _tiles(r["block_m"], r["block_n"], r["num_warps"])
     return (f"b{r['batch']} f={r['salient_fraction']:<5} {r['mode']:<5} {r['impl']:<9} {tiles:<8} "
             f"{r['ms_per_call']:8.3f} ms "
             f"(bound {r['bound_ms']:.3f} ms, {100 * r['bound_share']:.0f}%; dense SDPA {r['dense_ms']:.3f} ms, "

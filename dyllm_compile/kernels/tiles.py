@@ -221,12 +221,13 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
                          "leaves them to the autotuner")
     b, h, r, d = q.shape
     n = k.shape[2]
-    cols, count = compact(salient_in)
+    salient = as_bytes(salient_in)
+    cols, count = compact(salient)
     mask, kind, mask_strides = _mask_args(attn_mask, q, h, n)
     pos = cols if queried is None else queried.to(torch.int32).contiguous()  # cols: any pointer, never read
     m = torch.empty(b, h, r, dtype=torch.float32, device=q.device)
     return Launch(
-        salient=as_bytes(salient_in), cols=cols, count=count, mask=mask, pos=pos,
+        salient=salient, cols=cols, count=count, mask=mask, pos=pos,
         outputs=(torch.empty_like(q), m, torch.empty_like(m)),
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
                h, r, n, h // k.shape[1]),

@@ -141,7 +141,7 @@ def print_compiled_kernels() -> None:
     for tuned in (paper_module._paper_kernel, exact_module._update_kernel, exact_module._recompute_kernel):
         fn = tuned.fn if isinstance(tuned, triton.runtime.Autotuner) else tuned
         for key, config in getattr(tuned, "cache", {}).items():
-            print(f"{fn.__name__}: the autotuner chose {config} for (H, R, N, ...) = {key}")
+            print(f"{fn.__name__}: the autotuner chose {config} for (B, H, R, N, ...) = {key}")
         for cache in getattr(fn, "device_caches", {}).values():
             for kernel in cache[0].values():
                 try:

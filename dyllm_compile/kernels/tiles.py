@@ -130,16 +130,16 @@ def tile_candidates(*candidates: tuple[int, int, int]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in candidates]
 
 
-# The autotuners' key: heads, query rows and keys (the batch size is not a kernel argument; a process sees one model,
-# and the first batch size it runs picks the tiles)
-TUNED_ON = ["H", "R", "N"]
+# The autotuners' key: batch size, heads, query rows and keys. The kernels take the batch size only for this (their
+# grid's first dimension is batch x heads): the best tiles depend on how many programs fill the device.
+TUNED_ON = ["B", "H", "R", "N"]
 
 
 @dataclass
 class Launch:
     """What a cached-attention kernel launch takes besides its mode's own tensors: the salient flags (uint8), each
     batch element's changed columns and their count, mask and query positions (``row_args``, in the kernels'
-    order), ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; H, R, N, query heads
+    order), ``outputs`` (c, m, l), ``sizes`` (strides of q-like tensors, keys and the mask; B, H, R, N, query heads
     per kv head), ``meta`` (the constexprs other than the tiles), ``programs`` (batch x heads, query rows) and
     ``tiles`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps`` the caller fixed; None: the autotuner's). ``TENSOR_CORES``:
     products of 16-bit inputs on the tensor cores (``dot``); the Triton interpreter's 16-bit dots are wrong for
@@ -230,7 +230,7 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
         salient=salient, cols=cols, count=count, mask=mask, pos=pos,
         outputs=(torch.empty_like(q), m, torch.empty_like(m)),
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
-               h, r, n, h // k.shape[1]),
+               b, h, r, n, h // k.shape[1]),
         meta=dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), MASK_KIND=kind, HAS_POS=queried is not None,
                   TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores),
         programs=(b * h, r),

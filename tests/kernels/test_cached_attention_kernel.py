@@ -229,3 +229,16 @@ def test_op_on_cuda_runs_the_kernel_without_host_sync_and_matches_reference(mode
         torch.cuda.set_sync_debug_mode("default")
     want = cached_attention_reference(*args)
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_autotuners_choose_tiles_per_batch_size():
+    """The best tiles depend on how many programs fill the device (batch x heads x row blocks): a new batch size is
+    timed again (the autotuners' key holds it), not served the first batch size's choice."""
+    from dyllm_compile.kernels.exact_attention import _update_kernel
+
+    for batch in (1, 3):
+        tensors, sal, _ = _case(batch, 4, 4, 200, 64, "some", None, torch.bfloat16, "cuda")
+        cached_attention_exact(*tensors, sal, None, 0.125, 0.5)
+    assert {1, 3} <= {key[0] for key in _update_kernel.cache}, _update_kernel.cache

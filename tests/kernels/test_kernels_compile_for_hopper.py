@@ -51,7 +51,7 @@ def _int_values(head_dim: int) -> dict[str, int]:
     """The integer arguments' values at LLaDA-8B's attention shapes (contiguous q-like tensors [B, H, R, D], keys
     [B, H, N, D], no mask: its strides are 0): Triton's launcher marks those divisible by 16."""
     return dict(sq_b=HEADS * ROWS * head_dim, sq_h=ROWS * head_dim, sq_n=head_dim, sk_b=HEADS * KEYS * head_dim,
-                sk_h=KEYS * head_dim, sk_n=head_dim, sm_b=0, sm_h=0, sm_q=0, sm_k=0, H=HEADS, R=ROWS, N=KEYS,
+                sk_h=KEYS * head_dim, sk_n=head_dim, sm_b=0, sm_h=0, sm_q=0, sm_k=0, B=1, H=HEADS, R=ROWS, N=KEYS,
                 GROUP=1)
 
 

@@ -16,7 +16,8 @@ break, a graph whose input is the hidden state another graph returned follows th
 runs dense when its producer did, and otherwise takes the producer's last salient rows as its S_in; a hidden
 state without a valid tag falls back to the rows that changed at all (exact compare). States are
 keyed by input shapes, dtypes, devices and the identity of the weights (one graph can serve several layers
-after a graph break), kept in a small LRU so alternating sequences (classifier-free guidance) do not thrash.
+after a graph break), up to ``MAX_SEQUENCES`` per key, least recently used evicted first, so alternating
+sequences (classifier-free guidance) do not thrash.
 The states of a set of weights are dropped when those weights are collected (the model deleted): Dynamo keeps
 the compiled graph, not the caches, alive, and new weights at the same addresses never see old caches.
 """
@@ -78,7 +79,7 @@ class RuntimeStats:
         return self.rows_computed / self.rows_dense if self.rows_dense else 1.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: states are found and moved by identity, never compared by value
 class SequenceState:
     tokens: list[torch.Tensor]
     others: list[torch.Tensor]
@@ -167,14 +168,18 @@ class GraphRuntime:
         others = self._others(args)
         upstream = self._upstream(tokens)
         if upstream is not None:
-            state = next((s for s in states if s.upstream and s.upstream[0] == upstream.source), None)
+            state = next((s for s in reversed(states) if s.upstream and s.upstream[0] == upstream.source), None)
+            _touch(states, state)
             if (state is None or upstream.rows is None or upstream.step != state.upstream[1] + 1
                     or any(not torch.equal(a, b) for a, b in zip(others, state.others))):
                 return self._dense(states, state, args, tokens, others, upstream)
             return self._step(states, state, args, tokens, others, upstream.rows, upstream)
-        for state in states:
+        # Most recently used first: a decode continues the state of its last call, and each test of another
+        # state costs a comparison of every input (finished decodes stay until evicted).
+        for state in reversed(states):
             changed = self._continuation(state, tokens, others)
             if changed is not None:
+                _touch(states, state)
                 return self._step(states, state, args, tokens, others, changed)
         return self._dense(states, None, args, tokens, others)
 
@@ -421,6 +426,13 @@ class GraphRuntime:
             log.info("dyllm: graph %s: compiled the sparse variant for %s rows", self.graph_id,
                      "unbacked" if capacity is None else capacity)
         return self.sparse_fns[key]
+
+
+def _touch(states: list[SequenceState], state: Optional[SequenceState]) -> None:
+    """Moves ``state`` to the end of ``states``, which evicts from the front: least recently used first."""
+    if state is not None and states[-1] is not state:
+        states.remove(state)
+        states.append(state)
 
 
 def _forget(runtime: "weakref.ref[GraphRuntime]", key: tuple) -> None:

@@ -65,6 +65,30 @@ def test_reset_frees_caches_and_next_call_runs_dense():
     assert runtime.stats.dense_calls == 2 and runtime.stats.sparse_calls == 0
 
 
+def test_a_sequence_in_use_outlives_newer_ones():
+    """Sequence states are evicted least recently used first: a decode that goes on while MAX_SEQUENCES other
+    prompts start in between keeps its caches (each of its calls runs sparse), and its logits stay the oracle's."""
+    import dyllm_compile
+    from dyllm_compile.runtime.graph_runtime import MAX_SEQUENCES, last_serial
+
+    model = llada_like("tiny", init_std=0.2)
+    before = last_serial()
+    compiled = _compiled(model, threshold=1.0)
+    with torch.inference_mode():  # every input an inference tensor, as in generate (else Dynamo recompiles)
+        x = _prompt(3, length=12)
+        x[:, 6:] = MASK
+        compiled(x)  # sequence A starts (dense)
+        (runtime,) = dyllm_compile.runtimes(before)
+        for i in range(MAX_SEQUENCES + 1):
+            x = x.clone()
+            x[0, 6 + i] = 5  # A goes on: one row unmasked
+            logits = compiled(x)
+            compiled(_prompt(10 + i, length=12))  # another sequence starts (dense)
+        torch.testing.assert_close(logits, model(x))
+    assert runtime.stats.sparse_calls == MAX_SEQUENCES + 1
+    assert runtime.stats.dense_calls == MAX_SEQUENCES + 2
+
+
 def test_caches_are_freed_with_the_model_and_never_reach_a_new_one():
     import gc
 

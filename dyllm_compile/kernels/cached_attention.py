@@ -24,15 +24,15 @@ import triton
 import triton.language as tl
 
 from .exact_attention import cached_attention_exact
-from .tiles import (TUNED_ON, apply_mask, dot, head_tile, prepare_launch, program_tile, softmax_pass,
-                    tile_candidates)
+from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, dot, head_tile, prepare_launch, program_tile,
+                    softmax_pass, tile_candidates)
 
 
 # Every row's full pass over the keys, as in flash attention, but with two [rows, D] fp32 accumulators (the exact
 # context and the change over the changed columns): at 128 x 64 tiles on 8 warps they spill registers on sm_90
 # (tests/kernels/test_kernels_compile_for_hopper.py), so at most 64 rows
 @triton.autotune(configs=tile_candidates((16, 32, 4), (64, 32, 8), (64, 64, 8)), key=TUNED_ON)
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _paper_kernel(
     q_ptr, k_ptr, v_ptr, vo_ptr, co_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale,

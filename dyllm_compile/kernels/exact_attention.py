@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (TUNED_ON, apply_mask, compact, dot, head_tile, positions, prepare_launch, program_tile,
-                    softmax_pass, tile_candidates)
+from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, compact, dot, head_tile, positions, prepare_launch,
+                    program_tile, softmax_pass, tile_candidates)
 
 
 # Many rows per program: the update's work per row is small (the changed columns only)
 @triton.autotune(configs=tile_candidates((16, 32, 4), (64, 32, 4), (128, 32, 8)), key=TUNED_ON)
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _update_kernel(
     q_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr, co_ptr, mo_ptr, lo_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr,
     c_ptr, m_ptr, l_ptr, unstable_ptr,
@@ -103,7 +103,7 @@ def _update_kernel(
 
 # Few rows per program (the compacted rows run out early) over many keys
 @triton.autotune(configs=tile_candidates((16, 32, 4), (16, 64, 4), (64, 64, 8)), key=TUNED_ON)
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale,

@@ -133,6 +133,8 @@ def tile_candidates(*candidates: tuple[int, int, int]) -> list[triton.Config]:
 # The autotuners' key: batch size, heads, query rows and keys. The kernels take the batch size only for this (their
 # grid's first dimension is batch x heads): the best tiles depend on how many programs fill the device.
 TUNED_ON = ["B", "H", "R", "N"]
+# Arguments the kernels never read: no compiled variant per value (Triton specializes integers by divisibility)
+UNSPECIALIZED = ["B"]
 
 
 @dataclass

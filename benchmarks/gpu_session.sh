@@ -13,7 +13,8 @@
 # batches), and leaves what it finished under $OUT, so a stage cut short does not cost the others.
 #
 # From the repository root, on the device; results in $OUT (the device tool's), else benchmarks/results/gpu. The
-# decode runs the first DYLLM_GPU_LAYERS (default 4) of LLaDA-8B's 32 layers, random weights, bf16, 1150 tokens
+# decode runs the first DYLLM_GPU_LAYERS (default 4) of LLaDA-8B's 32 layers (DYLLM_GPU_MODEL=dream: Dream-7B's
+# 28, GQA), random weights, bf16, 1150 tokens
 # (bench_decode's full-size default: the paper's length) (named so in the rows). Random weights barely move the
 # contexts, so the salient rows are a fixed fraction per layer instead of the cosine test
 # (DYLLM_GPU_FORCE_FRACTION, default 0.05, which each layer adds to the rows coming in; labelled "fixed" in the
@@ -25,6 +26,7 @@ PART=${1:-all}
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 LAYERS=${DYLLM_GPU_LAYERS:-4}
+MODEL=${DYLLM_GPU_MODEL:-llada}  # llada (LLaDA-8B's shapes) or dream (Dream-7B's)
 FRACTION=${DYLLM_GPU_FORCE_FRACTION:-0.05}
 DECODE_BATCHES=${DYLLM_GPU_DECODE_BATCHES:-8 1}  # batch 8 first: two targets (7x Inductor, 10x eager) to b1's one
 BUDGET=${DYLLM_GPU_BUDGET:-560}
@@ -37,6 +39,7 @@ WORKERS=${DYLLM_GPU_TEST_WORKERS:-12}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 case "$PART" in checks|decode|all) ;; *) echo "usage: $0 [checks|decode|all]" >&2; exit 2 ;; esac
+case "$MODEL" in llada|dream) ;; *) echo "DYLLM_GPU_MODEL: llada or dream, not '$MODEL'" >&2; exit 2 ;; esac
 
 limit() {  # limit WANTED [SHARES [RESERVE]]: WANTED seconds, or the budget left less RESERVE, split into SHARES
     local left=$(( (BUDGET - SECONDS - 10 - ${3:-0}) / ${2:-1} ))
@@ -76,8 +79,8 @@ if [ "$PART" != checks ]; then
         # written: 8 steps of each mode under torch.profiler (is a sparse step bound by launches or by the GPU?)
         modes=$([ "$batch" = 1 ] && echo eager,inductor,dyllm-exact || echo eager,inductor,dyllm-exact-qp)
         stage "$(limit "$DECODE_LIMIT" $# "$reserve")" "$OUT/gpu_bench.log" "$PY" benchmarks/bench_decode.py \
-            --model llada --layers "$LAYERS" --batch "$batch" --modes "$modes" --force-fraction "$FRACTION" \
-            --repeats 2 --profile --out "$OUT/decode_gpu_b$batch.csv"
+            --model "$MODEL" --layers "$LAYERS" --batch "$batch" --modes "$modes" --force-fraction "$FRACTION" \
+            --repeats 2 --profile --out "$OUT/decode_gpu_${MODEL}_b$batch.csv"
         shift
     done
 fi

@@ -77,6 +77,8 @@ class RewritePlan:
     queried_regions: set[int] = field(default_factory=set)  # ids of regions run on the queried rows (o proj)
     weight_first: frozenset = frozenset()  # linear nodes emitted weight first on gathered rows (linear_order)
     cuts: list = field(default_factory=list)  # the node each piece after the first starts with (layer_cuts.py)
+    # ids of gathered regions whose rows capacity buckets pick per batch element (_per_element)
+    element_regions: frozenset = frozenset()
 
     @property
     def prunes_queries(self) -> bool:
@@ -178,11 +180,24 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
     gathered = regions + [s.queries for s in sites if s.queries is not None]
     tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
+    element_regions = frozenset(id(r) for r in regions
+                                if id(r) not in queried_regions and _per_element(r, infos, batch))
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
                        choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
-                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine))
+                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions)
+
+
+def _per_element(region: Region, infos, batch: Any) -> bool:
+    """Whether capacity buckets can gather each batch element's own rows for ``region``: a batch of more than one,
+    and every token input batch first at that batch. A per-position table (RoPE's cos and sin, [N, D] or [1, N,
+    D]) has no batch dim to pick along (and no way to tell how it broadcasts): such a region, typically a k or q
+    chain, gathers the union of the batch's rows."""
+    if not isinstance(batch, int) or batch < 2:
+        return False
+    return all(infos[t].axis.dim != 0 and tensor_value(t) is not None and tensor_value(t).shape[0] == batch
+               for t in region.token_inputs)
 
 
 def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional[Region]:
@@ -254,6 +269,10 @@ def _region_problem(region: Region, infos, batch) -> str:
 
 # ---- graph building ------------------------------------------------------------------------------------------
 
+#: Key of a sparse variant's ``gm.meta``: per entry of its row counts output, whether it counts one batch element's
+#: rows (a per-element selection, against the element capacity) or the batch's union (against the capacity).
+COUNTS_PER_ELEMENT = "dyllm_counts_per_element"
+
 
 @dataclass(frozen=True)
 class _Rows:
@@ -268,6 +287,7 @@ class _Rows:
     valid: fx.Node
     count: fx.Node
     position: Optional[fx.Node] = None  # unbacked only
+    per_element: bool = False  # gather [B, K]: each batch element's own rows (capacity buckets only)
 
 
 class _Builder:
@@ -355,8 +375,9 @@ def scalar_inputs(plan: RewritePlan) -> list[int]:
 
 
 def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[dict[int, Any]] = None,
-                 query_capacity: Optional[int] = None) -> fx.GraphModule:
-    """The sparse variant for row capacity K = ``capacity`` (query pruning: ``query_capacity`` queried rows).
+                 query_capacity: Optional[int] = None, element_capacity: Optional[int] = None) -> fx.GraphModule:
+    """The sparse variant for row capacity K = ``capacity`` (query pruning: ``query_capacity`` queried rows; the
+    regions of ``plan.element_regions``, when ``element_capacity`` is given: that many rows of each batch element).
 
     ``capacity=None``: unbacked row counts; each gated region runs on exactly its salient rows (``nonzero``, a
     data-dependent size: lower it from fake inputs whose ShapeEnv allows dynamic output shapes).
@@ -373,7 +394,8 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     however the policy's hooks narrow the set. Each site's S_out comes from the policy's in-graph hook (a
     submodule the lowering traces). Outputs: the original outputs, the new caches, the number of union rows each
     gathered region needed (for overflow detection and the row counters), the salient fraction per site
-    [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break).
+    [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break). Which counts are
+    per element (the most rows of one element, against ``element_capacity``) is ``gm.meta[COUNTS_PER_ELEMENT]``.
     A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config
@@ -391,7 +413,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     everyone = b.graph.placeholder("dense_call")
     new_cache: dict[int, Any] = {}
-    counts, fractions = [], []
+    counts, fractions, per_element_counts = [], [], []
     selections: dict[tuple[fx.Node, int], _Rows] = {}  # by salient set and segment
     region_by_exit = {r.exit: r for r in plan.regions}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
@@ -401,13 +423,17 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     value_sites = {s.kv[w].exit: s for s in plan.sites if s.values is not None for w in ("k", "v")}
     dense_values: dict[fx.Node, fx.Node] = {}
 
-    def select(current: fx.Node) -> _Rows:
-        key = (current, b.segment)
+    def select(current: fx.Node, per_element: bool = False) -> _Rows:
+        key = (current, b.segment, per_element)
         if key not in selections:
             # Bucketed queried rows have their own static capacity: the runtime sizes it from this very mask (no
             # overflow). Unbacked, both selections count their rows.
             size = query_capacity if current is queried else capacity
-            if size is None:
+            if per_element:
+                picked = b.call(rows.select_rows_per_element, current, element_capacity)
+                selections[key] = _Rows(b.item(picked, 0), element_capacity, b.item(picked, 1), b.item(picked, 2),
+                                        per_element=True)
+            elif size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
                 gather = b.item(picked, 0)
                 selections[key] = _Rows(gather, b.graph.call_method("size", (gather, 0)), valid=current,
@@ -455,8 +481,9 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
                 continue
             if id(region) in plan.input_caches:
                 salient = _emit_branch_hook(b, region, salient, cache_in, new_cache, hook)
-            picked = select(salient)
+            picked = select(salient, element_capacity is not None and id(region) in plan.element_regions)
             counts.append(picked.count)
+            per_element_counts.append(picked.per_element)
             b.env[node] = _emit_gathered(b, region, picked, cache_in[cache])
             new_cache[cache] = b.env[node]
             continue
@@ -485,17 +512,22 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     extra.append(b.call(rows.stack_counts, *counts))
     extra.append(b.call(torch.stack, fractions) if fractions else b.call(rows.no_fractions, salient))
     extra.append(salient)
-    return b.finish(extra)
+    gm = b.finish(extra)
+    gm.meta[COUNTS_PER_ELEMENT] = per_element_counts
+    return gm
 
 
-def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, capacity: Any = None) -> fx.Node:
+def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, capacity: Any = None,
+               per_element: bool = False) -> fx.Node:
     """The region's nodes on the ``capacity`` rows ``index`` of its token inputs (None: on every row, its
-    inputs already in the new graph; a node: an unbacked count); returns its exit's value."""
+    inputs already in the new graph; a node: an unbacked count; ``per_element``: index [B, K], each batch
+    element's own rows); returns its exit's value."""
     infos = b.plan.analysis.infos
     local: dict[fx.Node, Any] = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
+    gather = rows.gather_rows_per_element if per_element else rows.gather_rows
     if index is not None:
         for node in region.token_inputs:
-            local[node] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
+            local[node] = b.call(gather, b.env[node], index, infos[node].axis.dim)
     for node in region.nodes:
         copy = b.graph.node_copy(node, lambda n: local[n])
         if index is not None:
@@ -509,14 +541,15 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
 def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache: fx.Node) -> fx.Node:
     """The region on the gathered rows, scattered into (an out-of-place copy of) its cache."""
     axis = b.plan.analysis.infos[region.exit].axis.dim
-    return _scatter(b, cache, _emit_rows(b, region, picked.gather, picked.size), picked, axis)
+    return _scatter(b, cache, _emit_rows(b, region, picked.gather, picked.size, picked.per_element), picked, axis)
 
 
 def _scatter(b: _Builder, cache: fx.Node, fresh: fx.Node, picked: _Rows, axis: int) -> fx.Node:
     """``fresh``, computed on the rows ``picked.gather``, written into (an out-of-place copy of) ``cache``."""
     if picked.position is not None:
         return b.call(rows.place_rows, cache, fresh, picked.position, picked.valid, axis)
-    return b.call(rows.scatter_rows, cache, fresh, picked.gather, picked.valid, axis)
+    scatter = rows.scatter_rows_per_element if picked.per_element else rows.scatter_rows
+    return b.call(scatter, cache, fresh, picked.gather, picked.valid, axis)
 
 
 def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: list[fx.Node],

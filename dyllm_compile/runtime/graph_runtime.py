@@ -8,7 +8,9 @@ sequence: one compiled variant serves both kinds of call. With capacity buckets 
 compares against it) the dense variant is compiled as well. Row counts (``row_counts``):
 unbacked, one variant gathers exactly the salient rows; buckets, the row capacity K is the smallest bucket that
 held last call's salient rows, and if a layer needed more, the call is rerun with a bigger bucket (caches are
-functional, so a rerun is safe), so a salient row is never left stale.
+functional, so a rerun is safe), so a salient row is never left stale. In a batch, the regions gathered per
+element (``plan.element_regions``) have a capacity of their own, bucketed and rerun the same way from the most
+rows one element needed; the others gather the union of the batch's rows.
 
 A sequence continues when every changed row held the mask id and no longer does (diffusion decoding only
 unmasks). Any other change (a new prompt, even one token) starts a new sequence with a dense call. After a graph
@@ -36,7 +38,7 @@ import torch
 
 from ..config import DyllmConfig
 from ..lowering import output_layouts
-from ..passes.rewrite import RewritePlan, build_dense, build_sparse, scalar_inputs
+from ..passes.rewrite import COUNTS_PER_ELEMENT, RewritePlan, build_dense, build_sparse, scalar_inputs
 from ..policies import CallState
 from . import row_tags
 
@@ -89,6 +91,7 @@ class SequenceState:
     start_tokens: list[torch.Tensor]  # token inputs at the sequence's first call (its response rows)
     calls: int = 1
     needed: int = 0  # union salient rows the last sparse call needed
+    needed_per_element: int = 0  # the most salient rows of one element its per-element selections needed
     upstream: Optional[tuple[int, int]] = None  # (producer state serial, its step) of the tagged input last read
     queried: Optional[torch.Tensor] = None  # query pruning: the rows the last call queried (None: every row)
     serial: int = field(default_factory=lambda: next(_serials))
@@ -133,6 +136,7 @@ class GraphRuntime:
         self.n_sites = len(plan.sites)
         self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
         self.sparse_fns: dict[tuple, Callable] = {}
+        self._counted: dict[tuple, list[bool]] = {}  # per variant: which row counts are per element
         self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
@@ -268,39 +272,47 @@ class GraphRuntime:
         extra = self._extra_inputs(changed, forced, hint, queried, dense=False)
         unbacked = unbacked_rows(cfg, changed.device)
         capacity = None if unbacked else self._bucket(max(state.needed, rows), n)
+        # Regions gathered per batch element have a capacity of their own (``rows``, the union, bounds each
+        # element's changed rows)
+        per_element = None
+        if not unbacked and self.plan.element_regions:
+            per_element = self._bucket(max(state.needed_per_element, rows), n)
         query_capacity = None if queried is None or unbacked else _query_capacity(queried)
         while True:
-            fn = self._sparse(capacity, args, state.caches, changed, extra, query_capacity)
+            fn, counted = self._sparse(capacity, args, state.caches, changed, extra, query_capacity, per_element)
             out = fn(*args, *state.caches, changed, *extra)
             counts = out[self.n_user + self.n_caches].tolist()  # one sync: rows per gathered region
-            needed = max(counts, default=0)
-            if needed > cap:  # more salient rows than the policy allows: this call runs dense
+            needed = max((c for c, own in zip(counts, counted) if not own), default=0)
+            needed_per_element = max((c for c, own in zip(counts, counted) if own), default=0)
+            if max(needed, needed_per_element) > cap:  # more salient rows than the policy allows: run dense
                 return self._dense(states, state, args, tokens, others, upstream)
-            if capacity is None or needed <= capacity:
+            if capacity is None or (needed <= capacity and needed_per_element <= (per_element or 0)):
                 break
             self.stats.reruns += 1
-            capacity = self._bucket(needed, n)
+            capacity = max(capacity, self._bucket(needed, n))
+            if per_element is not None:
+                per_element = max(per_element, self._bucket(needed_per_element, n))
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
-        state.needed = needed
+        state.needed, state.needed_per_element = needed, needed_per_element
         state.queried = None if queried is None or bool(queried.all()) else queried
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
         queried_rows = query_capacity or (0 if queried is None else int(queried.any(0).sum()))
-        self._count_sparse(out, counts, n, capacity, queried_rows)
+        gathered = sum(counts) if capacity is None else sum(per_element if own else capacity for own in counted)
+        self._count_sparse(out, len(counts), gathered, n, queried_rows)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
-    def _count_sparse(self, out: Any, counts: list[int], n: int, capacity: Optional[int], queried: int) -> None:
+    def _count_sparse(self, out: Any, regions: int, gathered: int, n: int, queried: int) -> None:
         """A sparse call's counters: its salient fractions per site, and the rows its gated regions computed:
-        gathered regions their counted rows (or the capacity), queried ones the ``queried`` rows (or their
-        capacity), regions a policy computes for every row (its values) all ``n``."""
+        the ``regions`` gathered ones ``gathered`` in all (their counted rows, or their capacities), queried ones
+        the ``queried`` rows (or their capacity), regions a policy computes for every row (its values) all ``n``."""
         self.stats.sparse_calls += 1
         self.stats.history.append(out[self.n_user + self.n_caches + 1])
         queried_rows = queried * len(self.plan.queried_regions)
-        ungathered = len(self.plan.regions) - len(counts) - len(self.plan.queried_regions)
-        self.stats.rows_computed += ((sum(counts) if capacity is None else capacity * len(counts)) + queried_rows
-                                     + n * ungathered)
+        ungathered = len(self.plan.regions) - regions - len(self.plan.queried_regions)
+        self.stats.rows_computed += gathered + queried_rows + n * ungathered
         self.stats.rows_dense += n * len(self.plan.regions)
 
     def _returned(self, state: SequenceState, out: Any, rows: Optional[torch.Tensor],
@@ -368,7 +380,8 @@ class GraphRuntime:
         state = old
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
-            state.calls, state.needed, state.dense_tokens, state.queried = state.calls + 1, 0, state.tokens, None
+            state.calls, state.dense_tokens, state.queried = state.calls + 1, state.tokens, None
+            state.needed = state.needed_per_element = 0
         else:
             copies = [t.clone() for t in tokens]
             state = SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id, copies,
@@ -394,7 +407,7 @@ class GraphRuntime:
         queried = everyone if self.plan.prunes_queries else None
         extra = self._extra_inputs(everyone, forced, everyone if self.policy.uses_row_hint else None, queried,
                                    dense=True)
-        return self._sparse(None, args, caches, everyone, extra)(*args, *caches, everyone, *extra)
+        return self._sparse(None, args, caches, everyone, extra)[0](*args, *caches, everyone, *extra)
 
     def _zero_caches(self, args: tuple) -> list[torch.Tensor]:
         """Zero caches in the layout the dense variant would return for ``args`` (found from a fake run)."""
@@ -413,19 +426,24 @@ class GraphRuntime:
         return [x for x in (forced, hint, queried) if x is not None] + [flag]
 
     def _sparse(self, capacity: Optional[int], args: tuple, caches: list[torch.Tensor], changed: torch.Tensor,
-                extra: list, query_capacity: Optional[int] = None) -> Callable:
-        """The sparse variant for ``capacity`` rows (None: unbacked counts) and ``query_capacity`` queried rows;
-        ``extra``: the forced-salient, row-hint, queried-rows and dense-call inputs."""
+                extra: list, query_capacity: Optional[int] = None, per_element: Optional[int] = None
+                ) -> tuple[Callable, list[bool]]:
+        """The sparse variant for ``capacity`` rows (None: unbacked counts), ``query_capacity`` queried rows and
+        ``per_element`` rows of each batch element (the plan's element regions; None: they gather the union too),
+        and which of its row counts are per element; ``extra``: the forced-salient, row-hint, queried-rows and
+        dense-call inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
-        key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()))
+        key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()), per_element)
         if key not in self.sparse_fns:
-            gm = build_sparse(self.plan, capacity, scalars, query_capacity)
+            gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
+            self._counted[key] = gm.meta[COUNTS_PER_ELEMENT]
             self.sparse_fns[key] = self.lower(gm, [*args, *caches, changed, *extra],
                                               dynamic_output_shapes=capacity is None)
             self.stats.sparse_compiles += 1
-            log.info("dyllm: graph %s: compiled the sparse variant for %s rows", self.graph_id,
-                     "unbacked" if capacity is None else capacity)
-        return self.sparse_fns[key]
+            log.info("dyllm: graph %s: compiled the sparse variant for %s rows%s", self.graph_id,
+                     "unbacked" if capacity is None else capacity,
+                     "" if per_element is None else f" ({per_element} of each batch element per-element)")
+        return self.sparse_fns[key], self._counted[key]
 
 
 def _touch(states: list[SequenceState], state: Optional[SequenceState]) -> None:

@@ -93,3 +93,20 @@ def test_routes_under_inductor_match_oracle(route):
     (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
     assert runtime.stats.sparse_calls == 7
     assert (runtime.stats.sparse_compiles == 1) == (route == "unbacked")
+
+
+def test_buckets_gather_each_elements_rows_in_a_batch():
+    """Capacity buckets at batch 4: the batch-first regions (v chain, FFN, lm_head) run on each element's own
+    salient rows, a smaller capacity than the union that the k and q chains gather, and the decode still follows
+    the oracle step by step."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model = llada_like("tiny", init_std=0.2)
+    options = {"lowering": "aot_eager", "force_salient": 0.2, "seed": 4, "row_counts": "buckets"}
+    lock = Lockstep(torch.compile(model, backend="dyllm", options=options), Oracle(model, force_salient=0.2, seed=4))
+    prompt = torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(4))
+    generate(lock, prompt, mask_token_id=127, gen_length=8, steps=8, block_length=8)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert lock.steps == 8 and runtime.stats.sparse_calls == 7
+    keys = list(runtime.sparse_fns)  # (union capacity, queried capacity, shapes, scalars, element capacity)
+    assert all(isinstance(key[-1], int) for key in keys) and any(key[-1] < key[0] for key in keys)

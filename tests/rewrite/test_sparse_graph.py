@@ -9,7 +9,7 @@ from dyllm_compile.models import llada_like
 from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.passes.graph_utils import op_name
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
-from dyllm_compile.passes.rewrite import build_sparse, plan_rewrite
+from dyllm_compile.passes.rewrite import COUNTS_PER_ELEMENT, build_sparse, plan_rewrite
 from dyllm_compile.runtime import rows
 
 
@@ -69,3 +69,37 @@ def test_exact_mode_runs_the_q_chain_on_s_in_only():
     assert len(ops) == len(exact.sites) and all(op.args[0].target is rows.scatter_rows for op in ops)
     # the k/v chains and the q chain of a layer share one selection (S_in)
     assert len(_calls(after, rows.select_rows)) == len(_calls(before, rows.select_rows))
+
+
+def test_batch_first_regions_gather_each_elements_rows():
+    """Before (union): at batch 3 every gathered region runs on the union of the batch's salient rows. After
+    (``element_capacity``): the regions whose every input is batch first (v chain, FFN, lm_head) gather each
+    element's own rows, [B, K]; the k and q chains, which read RoPE's per-position tables [N, D], keep the union.
+    At batch 1 nothing is per element (the union is the element's set)."""
+    assert not _plan().element_regions
+    plan = _plan(batch=3)
+    per_element = {r.role for r in plan.regions if id(r) in plan.element_regions}
+    union = {r.role for r in plan.regions if id(r) not in plan.element_regions}
+    assert per_element == {"v", "ffn", "lm_head"} and union == {"k", "q"}
+    before, after = build_sparse(plan, 8), build_sparse(plan, 8, element_capacity=4)
+    assert not _calls(before, rows.select_rows_per_element) and not any(before.meta[COUNTS_PER_ELEMENT])
+    element_regions = [r for r in plan.regions if id(r) in plan.element_regions]
+    scatters = _calls(after, rows.scatter_rows_per_element)
+    assert len(scatters) == len(element_regions)
+    assert len(_calls(after, rows.scatter_rows)) == len(_calls(before, rows.scatter_rows)) - len(scatters)
+    for select in _calls(after, rows.select_rows_per_element):
+        assert select.args[1] == 4  # the element capacity, not the union's 8
+    assert sum(after.meta[COUNTS_PER_ELEMENT]) == len(element_regions)
+
+
+def test_per_element_rows_are_each_elements_salient_rows():
+    salient = torch.tensor([[False, True, False, False, True, False],
+                            [True, False, False, False, False, False]])
+    index, valid, count = rows.select_rows_per_element(salient, 2)
+    assert index.tolist() == [[1, 4], [0, 1]] and int(count) == 2  # element 1: its row 0, then the first other
+    assert valid.tolist() == [[True, True], [True, False]]
+    x = torch.arange(24.0).view(2, 6, 2)
+    fresh = 100 + rows.gather_rows_per_element(x, index, 1)  # the region on each element's gathered rows
+    cache = -torch.ones(2, 6, 2)
+    placed = rows.scatter_rows_per_element(cache, fresh, index, valid, 1)
+    assert torch.equal(placed, torch.where(salient[..., None], 100 + x, cache))

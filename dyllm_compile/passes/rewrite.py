@@ -32,7 +32,7 @@ from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
-from .graph_utils import arg, hint, same_size, tensor_value
+from .graph_utils import arg, hint, op_name, same_size, tensor_value
 from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
@@ -77,8 +77,9 @@ class RewritePlan:
     queried_regions: set[int] = field(default_factory=set)  # ids of regions run on the queried rows (o proj)
     weight_first: frozenset = frozenset()  # linear nodes emitted weight first on gathered rows (linear_order)
     cuts: list = field(default_factory=list)  # the node each piece after the first starts with (layer_cuts.py)
-    # ids of gathered regions whose rows capacity buckets pick per batch element (_per_element)
-    element_regions: frozenset = frozenset()
+    # id of each gathered region whose rows capacity buckets pick per batch element -> how each of its token
+    # inputs is gathered (_element_gathers)
+    element_regions: dict = field(default_factory=dict)
 
     @property
     def prunes_queries(self) -> bool:
@@ -180,8 +181,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
     gathered = regions + [s.queries for s in sites if s.queries is not None]
     tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
-    element_regions = frozenset(id(r) for r in regions
-                                if id(r) not in queried_regions and _per_element(r, infos, batch))
+    element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions
+                       and (gathers := _element_gathers(r, infos, batch)) is not None}
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
@@ -189,15 +190,43 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                        layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions)
 
 
-def _per_element(region: Region, infos, batch: Any) -> bool:
-    """Whether capacity buckets can gather each batch element's own rows for ``region``: a batch of more than one,
-    and every token input batch first at that batch. A per-position table (RoPE's cos and sin, [N, D] or [1, N,
-    D]) has no batch dim to pick along (and no way to tell how it broadcasts): such a region, typically a k or q
-    chain, gathers the union of the batch's rows."""
+#: Elementwise ops through which a per-position table meets the batch (RoPE's ``q * cos``)
+_BROADCASTING = {"mul", "add", "sub", "div", "truediv"}
+
+
+def _element_gathers(region: Region, infos, batch: Any) -> Optional[dict[fx.Node, Optional[int]]]:
+    """How capacity buckets can gather each batch element's own rows for ``region`` (None: they cannot, and it
+    gathers the union of the batch's rows), per token input: None for one batch first (its batch, or a batch of
+    one that is broadcast), or for a per-position table without a batch dim (RoPE's cos and sin [N, D], token axis
+    first) the rank R of what it meets: every use of it in the region is an elementwise op with a batch-first
+    result of rank R whose token axis is where right-aligned broadcasting puts the table's, so the element's rows
+    of it can stand as [B, 1, ..., K, D] of rank R. Needs a batch of more than one."""
     if not isinstance(batch, int) or batch < 2:
-        return False
-    return all(infos[t].axis.dim != 0 and tensor_value(t) is not None and tensor_value(t).shape[0] == batch
-               for t in region.token_inputs)
+        return None
+    gathers: dict[fx.Node, Optional[int]] = {}
+    for t in region.token_inputs:
+        value, axis = tensor_value(t), infos[t].axis
+        if value is None:
+            return None
+        if axis.dim != 0:
+            if value.shape[0] not in (batch, 1):
+                return None
+            gathers[t] = None
+            continue
+        ranks = set()
+        for user in t.users:
+            if user not in region.nodes:
+                continue
+            out = tensor_value(user)
+            if (op_name(user) not in _BROADCASTING or out is None or out.shape[0] != batch
+                    or infos[user].axis is None or infos[user].axis.dim != out.dim() - value.dim()
+                    or out.dim() - value.dim() < 1):
+                return None
+            ranks.add(out.dim())
+        if len(ranks) != 1:
+            return None
+        gathers[t] = ranks.pop()
+    return gathers
 
 
 def _output_projection(analysis: GraphAnalysis, site: AttentionSite) -> Optional[Region]:
@@ -524,10 +553,13 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
     element's own rows); returns its exit's value."""
     infos = b.plan.analysis.infos
     local: dict[fx.Node, Any] = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
-    gather = rows.gather_rows_per_element if per_element else rows.gather_rows
     if index is not None:
         for node in region.token_inputs:
-            local[node] = b.call(gather, b.env[node], index, infos[node].axis.dim)
+            if per_element:  # a table's rows as [B, 1, ..., K, D] of the rank it meets (_element_gathers)
+                local[node] = b.call(rows.gather_rows_per_element, b.env[node], index, infos[node].axis.dim,
+                                     b.plan.element_regions[id(region)][node])
+            else:
+                local[node] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
     for node in region.nodes:
         copy = b.graph.node_copy(node, lambda n: local[n])
         if index is not None:

@@ -6,12 +6,14 @@ count: one variant for every count, no padding up to a bucket). Gathering one in
 inputs without a batch dim (RoPE tables) be gathered the same way. Rows computed for one batch element but salient
 only in another keep their cached value, so the result equals the per-element algorithm exactly.
 
-With capacity buckets, a region whose every token input is batch first can instead gather each batch element's own
-rows (``*_per_element``: top-K per element, index [B, K]): the union of independent salient sets grows quickly
-with the batch (eight elements with 10% of rows each: about 57% of the rows), each element's set does not.
+With capacity buckets, a region can instead gather each batch element's own rows (``*_per_element``: top-K per
+element, index [B, K]; per-position tables as [B, 1, ..., K, ...]): the union of independent salient sets grows
+quickly with the batch (eight elements with 10% of rows each: about 57% of the rows), each element's set does not.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -45,8 +47,16 @@ def _along(index: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return index.view(shape).expand(size)
 
 
-def gather_rows_per_element(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
-    """Rows ``index [B, K]`` of each batch element of ``x`` (batch first) along ``axis``."""
+def gather_rows_per_element(x: torch.Tensor, index: torch.Tensor, axis: int, rank: Optional[int] = None
+                            ) -> torch.Tensor:
+    """Rows ``index [B, K]`` of each batch element of ``x`` along ``axis``: ``x`` batch first (a batch of one is
+    broadcast), or with ``rank`` a per-position table (token axis first, no batch dim), whose rows come back as
+    [B, 1, ..., K, ...] of that rank, to broadcast as the table did against rank-``rank`` tensors."""
+    if rank is not None:
+        picked = x.index_select(0, index.flatten())
+        return picked.view(index.shape[0], *[1] * (rank - x.dim() - 1), index.shape[1], *x.shape[1:])
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
     return x.gather(axis, _along(index, x, axis))
 
 

@@ -71,25 +71,26 @@ def test_exact_mode_runs_the_q_chain_on_s_in_only():
     assert len(_calls(after, rows.select_rows)) == len(_calls(before, rows.select_rows))
 
 
-def test_batch_first_regions_gather_each_elements_rows():
+def test_regions_gather_each_elements_rows_in_a_batch():
     """Before (union): at batch 3 every gathered region runs on the union of the batch's salient rows. After
-    (``element_capacity``): the regions whose every input is batch first (v chain, FFN, lm_head) gather each
-    element's own rows, [B, K]; the k and q chains, which read RoPE's per-position tables [N, D], keep the union.
-    At batch 1 nothing is per element (the union is the element's set)."""
+    (``element_capacity``): each region gathers each element's own rows, [B, K], the batch-first inputs by
+    ``gather`` along their token axis, RoPE's per-position tables [N, D] (in the k and q chains) as [B, 1, K, D],
+    to broadcast against the rank-4 heads as the tables did. At batch 1 nothing is per element (the union is the
+    element's set)."""
     assert not _plan().element_regions
     plan = _plan(batch=3)
-    per_element = {r.role for r in plan.regions if id(r) in plan.element_regions}
-    union = {r.role for r in plan.regions if id(r) not in plan.element_regions}
-    assert per_element == {"v", "ffn", "lm_head"} and union == {"k", "q"}
+    assert {r.role for r in plan.regions if id(r) in plan.element_regions} == {"k", "v", "q", "ffn", "lm_head"}
+    assert all(id(r) in plan.element_regions for r in plan.regions)
     before, after = build_sparse(plan, 8), build_sparse(plan, 8, element_capacity=4)
     assert not _calls(before, rows.select_rows_per_element) and not any(before.meta[COUNTS_PER_ELEMENT])
-    element_regions = [r for r in plan.regions if id(r) in plan.element_regions]
-    scatters = _calls(after, rows.scatter_rows_per_element)
-    assert len(scatters) == len(element_regions)
-    assert len(_calls(after, rows.scatter_rows)) == len(_calls(before, rows.scatter_rows)) - len(scatters)
-    for select in _calls(after, rows.select_rows_per_element):
-        assert select.args[1] == 4  # the element capacity, not the union's 8
-    assert sum(after.meta[COUNTS_PER_ELEMENT]) == len(element_regions)
+    assert len(_calls(after, rows.scatter_rows_per_element)) == len(_calls(before, rows.scatter_rows))
+    assert not _calls(after, rows.scatter_rows) and not _calls(after, rows.select_rows)
+    assert all(select.args[1] == 4 for select in _calls(after, rows.select_rows_per_element))
+    assert all(after.meta[COUNTS_PER_ELEMENT])
+    gathers = _calls(after, rows.gather_rows_per_element)
+    tables = [g for g in gathers if g.args[3] is not None]
+    assert {g.args[3] for g in tables} == {4}  # cos and sin of each k and q chain, as [B, 1, K, D]
+    assert len(tables) == 2 * sum(r.role in ("k", "q") for r in plan.regions)
 
 
 def test_per_element_rows_are_each_elements_salient_rows():
@@ -103,3 +104,8 @@ def test_per_element_rows_are_each_elements_salient_rows():
     cache = -torch.ones(2, 6, 2)
     placed = rows.scatter_rows_per_element(cache, fresh, index, valid, 1)
     assert torch.equal(placed, torch.where(salient[..., None], 100 + x, cache))
+    # a batch of one is broadcast; a per-position table [N, D] comes back as [B, 1, K, D] for rank-4 heads
+    assert torch.equal(rows.gather_rows_per_element(x[:1], index, 1), torch.stack([x[0, [1, 4]], x[0, [0, 1]]]))
+    table = torch.arange(12.0).view(6, 2)
+    picked = rows.gather_rows_per_element(table, index, 0, rank=4)
+    assert picked.shape == (2, 1, 2, 2) and torch.equal(picked[1, 0], table[[0, 1]])

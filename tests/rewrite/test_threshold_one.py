@@ -54,3 +54,12 @@ def test_threshold_one_equals_dense_inductor(name):
 def test_threshold_one_equals_dense_inductor_cuda(name, row_counts):
     """On the GPU: Inductor's Triton code for both variants, the op's CUDA implementation, both row-count routes."""
     _compare(name, 2, "inductor", calls=3, tol=1e-4, device="cuda", row_counts=row_counts)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_threshold_one_equals_dense_with_capacity_buckets(name):
+    """The GPU's row-count route on CPU at batch 2: capacity buckets, each batch element's rows gathered on their
+    own wherever the plan can (per-position tables broadcast as the model broadcasts them), every row salient."""
+    runtime = _compare(name, 2, "aot_eager", row_counts="buckets")
+    assert runtime.plan.regions and all(id(r) in runtime.plan.element_regions for r in runtime.plan.regions)
+    assert all(isinstance(key[-1], int) for key in runtime.sparse_fns)  # variants with a per-element capacity

@@ -443,7 +443,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     everyone = b.graph.placeholder("dense_call")
     new_cache: dict[int, Any] = {}
     counts, fractions, per_element_counts = [], [], []
-    selections: dict[tuple[fx.Node, int], _Rows] = {}  # by salient set and segment
+    selections: dict[tuple[fx.Node, int, bool], _Rows] = {}  # by salient set, segment and per element or not
     region_by_exit = {r.exit: r for r in plan.regions}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
     skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}

@@ -135,8 +135,8 @@ class GraphRuntime:
         self.n_user = len(plan.analysis.gm.graph.output_node().args[0])
         self.n_sites = len(plan.sites)
         self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
-        self.sparse_fns: dict[tuple, Callable] = {}
-        self._counted: dict[tuple, list[bool]] = {}  # per variant: which row counts are per element
+        # per variant: the compiled function, and which of its row counts are per element
+        self.sparse_fns: dict[tuple, tuple[Callable, list[bool]]] = {}
         self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
@@ -436,14 +436,13 @@ class GraphRuntime:
         key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()), per_element)
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
-            self._counted[key] = gm.meta[COUNTS_PER_ELEMENT]
-            self.sparse_fns[key] = self.lower(gm, [*args, *caches, changed, *extra],
-                                              dynamic_output_shapes=capacity is None)
+            fn = self.lower(gm, [*args, *caches, changed, *extra], dynamic_output_shapes=capacity is None)
+            self.sparse_fns[key] = fn, gm.meta[COUNTS_PER_ELEMENT]
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %s rows%s", self.graph_id,
                      "unbacked" if capacity is None else capacity,
                      "" if per_element is None else f" ({per_element} of each batch element per-element)")
-        return self.sparse_fns[key], self._counted[key]
+        return self.sparse_fns[key]
 
 
 def _touch(states: list[SequenceState], state: Optional[SequenceState]) -> None:

@@ -18,33 +18,41 @@ from typing import Optional
 import torch
 
 
+def _first_rows(flags: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The ``capacity`` positions along the last dim of ``flags`` [..., N], sorted: the flagged ones first (score
+    > N), then the others, earlier rows before later ones: a fixed order."""
+    n = flags.shape[-1]
+    position = torch.arange(n, device=flags.device)
+    score = flags.to(torch.int64) * (2 * n) - position
+    return torch.topk(score, capacity, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
 def select_rows(salient: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``salient [B, N]`` -> (indices [K] sorted, valid [B, K], number of union rows as a 0-d tensor)."""
     union = salient.any(dim=0)
-    n = union.shape[0]
-    # Salient rows first (score > N), then the others, earlier rows before later ones: a fixed order.
-    position = torch.arange(n, device=union.device)
-    score = union.to(torch.int64) * (2 * n) - position
-    index = torch.topk(score, capacity, sorted=False).indices.sort().values
+    index = _first_rows(union, capacity)
     return index, salient.index_select(1, index), union.sum()
 
 
 def select_rows_per_element(salient: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``salient [B, N]`` -> (indices [B, K], each element's sorted, valid [B, K], the most salient rows of any
     element as a 0-d tensor): each element's own salient rows first, then its other rows, in a fixed order."""
-    n = salient.shape[1]
-    position = torch.arange(n, device=salient.device)
-    score = salient.to(torch.int64) * (2 * n) - position
-    index = torch.topk(score, capacity, dim=1, sorted=False).indices.sort(dim=1).values
+    index = _first_rows(salient, capacity)
     return index, salient.gather(1, index), salient.sum(dim=1).max()
+
+
+def _per_row(flags: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """``flags [B, R]`` viewed to broadcast over a rank-``ndim`` tensor whose batch is dim 0 and rows ``axis``."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = flags.shape
+    return flags.view(shape)
 
 
 def _along(index: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     """``index [B, K]`` broadcast to ``x``'s shape with ``axis`` of size K, as ``gather`` and ``scatter`` take it."""
-    shape, size = [1] * x.dim(), list(x.shape)
-    shape[0], shape[axis] = index.shape
+    size = list(x.shape)
     size[axis] = index.shape[1]
-    return index.view(shape).expand(size)
+    return _per_row(index, x.dim(), axis).expand(size)
 
 
 def gather_rows_per_element(x: torch.Tensor, index: torch.Tensor, axis: int, rank: Optional[int] = None
@@ -65,9 +73,7 @@ def scatter_rows_per_element(cache: torch.Tensor, fresh: torch.Tensor, index: to
     """Out-of-place ``cache`` with each element's rows ``index [B, K]`` (along ``axis``) replaced by ``fresh``
     where ``valid [B, K]``."""
     at = _along(index, cache, axis)
-    shape = [1] * cache.dim()
-    shape[0], shape[axis] = valid.shape
-    chosen = torch.where(valid.view(shape), fresh.to(cache.dtype), cache.gather(axis, at))
+    chosen = torch.where(_per_row(valid, cache.dim(), axis), fresh.to(cache.dtype), cache.gather(axis, at))
     return cache.scatter(axis, at, chosen)
 
 
@@ -110,17 +116,13 @@ def scatter_rows(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor, 
     """Out-of-place ``cache`` with its rows ``index`` (along ``axis``) replaced by ``fresh`` where valid.
 
     ``valid [B, K]`` applies per batch element (dim 0 of ``cache``)."""
-    shape = [1] * cache.dim()
-    shape[0], shape[axis] = valid.shape[0], valid.shape[1]
-    chosen = torch.where(valid.view(shape), fresh.to(cache.dtype), cache.index_select(axis, index))
+    chosen = torch.where(_per_row(valid, cache.dim(), axis), fresh.to(cache.dtype), cache.index_select(axis, index))
     return cache.index_copy(axis, index, chosen)
 
 
 def merge_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
     """Per-row choice between a fresh and a cached value: ``salient [B, N]`` along ``axis``."""
-    shape = [1] * fresh.dim()
-    shape[0], shape[axis] = salient.shape
-    return torch.where(salient.view(shape), fresh, cached.to(fresh.dtype))
+    return torch.where(_per_row(salient, fresh.dim(), axis), fresh, cached.to(fresh.dtype))
 
 
 def all_rows(x: torch.Tensor, axis: int) -> torch.Tensor:

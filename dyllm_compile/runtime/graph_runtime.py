@@ -268,7 +268,9 @@ class GraphRuntime:
             changed = torch.ones_like(changed)
         forced = None
         if cfg.force_salient is not None:
-            forced = forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n, cfg.force_salient)
+            # drawn on the CPU (the same rows on every device, as the oracle draws them), used where the rows are
+            forced = forced_masks(cfg.seed, state.calls, self.n_sites, changed.shape[0], n,
+                                  cfg.force_salient).to(changed.device)
         extra = self._extra_inputs(changed, forced, hint, queried, dense=False)
         unbacked = unbacked_rows(cfg, changed.device)
         capacity = None if unbacked else self._bucket(max(state.needed, rows), n)

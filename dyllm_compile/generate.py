@@ -96,6 +96,7 @@ def generate(
         batch = x.shape[0]
         num_blocks = gen_length // block_length
         steps_per_block = steps // num_blocks
+        mask_id = torch.tensor([mask_token_id], device=x.device)
         forward = _Forward(model, mask_token_id, real_prompt, attention_mask, cfg_scale, shift_logits)
         bar = _progress_bar(progress, batch * gen_length)
         total_steps = 0
@@ -105,23 +106,26 @@ def generate(
             initial = (x[:, lo:hi] == mask_token_id).sum(dim=1)
             step = 0
             while bool((x[:, lo:hi] == mask_token_id).any()):
-                masked = x == mask_token_id
-                logits = forward(x)
-                logits[..., mask_token_id] = float("-inf")  # committing the mask token would loop forever
+                masked = x[:, lo:hi] == mask_token_id
+                # Only the current block can commit (earlier blocks are complete, later ones wait), so tokens
+                # are proposed for its positions alone: the same commits as proposing for the whole sequence,
+                # without a softmax over [B, N, vocab] logits every step (at 1150 tokens and LLaDA's 126k vocab,
+                # gigabytes of traffic per step, as much as a sparse step's).
+                logits = forward(x)[:, lo:hi].float()
+                # Never proposing the mask token (decoding would loop); out of place, as the output may be the
+                # model's own buffer.
+                logits = logits.index_fill(-1, mask_id, float("-inf"))
                 x0, confidence = _propose(logits, temperature, remasking, generator)
                 confidence = confidence.masked_fill(~masked, float("-inf"))
-                confidence[:, hi:] = float("-inf")
                 if confidence_threshold is not None:
                     commit = _above_threshold(confidence, confidence_threshold)
                 else:
-                    remaining = masked[:, lo:hi].sum(dim=1)
-                    count = _transfer_count(schedule, step, steps_per_block, remaining, initial)
+                    count = _transfer_count(schedule, step, steps_per_block, masked.sum(dim=1), initial)
                     commit = _top_k_per_row(confidence, count)
-                pending = masked[:, lo:hi].any(dim=1)
-                if bool((pending & ~torch.isfinite(confidence[:, lo:hi]).any(dim=1)).any()):
+                if bool((masked.any(dim=1) & ~torch.isfinite(confidence).any(dim=1)).any()):
                     raise RuntimeError("decoding made no progress on a sequence: the model returned non-finite "
                                        "logits for all of its masked positions")
-                x = torch.where(commit, x0, x)
+                x[:, lo:hi] = torch.where(commit, x0, x[:, lo:hi])
                 step += 1
                 if bar is not None:
                     bar.update(int(commit.sum()))
@@ -184,7 +188,6 @@ def _propose(
     logits: torch.Tensor, temperature: float, remasking: str, generator: Optional[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the proposed token per position and its confidence (higher commits first)."""
-    logits = logits.float()
     if temperature > 0:
         # LLaDA's Gumbel-max sampling, in fp64 as its reference code does.
         noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)

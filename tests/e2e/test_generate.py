@@ -3,6 +3,7 @@ import torch
 
 from dyllm_compile.generate import dream_generate, generate
 from dyllm_compile.models import llada_like
+from dyllm_compile.models.default import load_default_model
 
 MASK = 127
 
@@ -145,3 +146,52 @@ def test_mask_token_is_never_committed():
     out = generate(TargetModel(target_fn=lambda pos: torch.full_like(pos, MASK)), _prompt(), mask_token_id=MASK,
                    gen_length=8, steps=8)
     assert not (out.tokens == MASK).any()
+
+
+def _reference_generate(model, prompt, mask, gen_length, steps, block_length, confidence_threshold=None):
+    """LLaDA's reference loop (greedy, low-confidence remasking, uniform schedule): proposals and confidences for
+    the whole sequence every step, positions outside the current block excluded by -inf."""
+    batch, plen = prompt.shape
+    x = torch.cat([prompt, torch.full((batch, gen_length), mask)], dim=1)
+    per_block = steps // (gen_length // block_length)
+    for block in range(gen_length // block_length):
+        lo, hi = plen + block * block_length, plen + (block + 1) * block_length
+        initial = (x[:, lo:hi] == mask).sum(dim=1)
+        step = 0
+        while bool((x[:, lo:hi] == mask).any()):
+            logits = model(x).float()
+            logits[..., mask] = float("-inf")
+            probs = logits.softmax(-1)
+            x0 = probs.argmax(-1)
+            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+            confidence[:, :lo] = confidence[:, hi:] = float("-inf")
+            confidence[x != mask] = float("-inf")
+            commit = torch.zeros_like(x, dtype=torch.bool)
+            for b in range(batch):
+                if confidence_threshold is not None:
+                    chosen = (confidence[b] > confidence_threshold).nonzero().flatten().tolist()
+                    chosen.append(int(confidence[b].argmax()))
+                else:
+                    remaining = int((x[b, lo:hi] == mask).sum())
+                    base, extra = divmod(int(initial[b]), per_block)
+                    count = remaining if step >= per_block - 1 else base + int(step < extra)
+                    chosen = confidence[b].topk(count).indices.tolist()
+                commit[b, [i for i in chosen if confidence[b, i] > float("-inf")]] = True
+            x = torch.where(commit, x0, x)
+            step += 1
+    return x
+
+
+@pytest.mark.parametrize("threshold", [None, 0.6])
+def test_block_proposals_commit_what_whole_sequence_proposals_commit(threshold):
+    # generate proposes tokens for the current block only; LLaDA's loop proposes for every position and excludes
+    # the others by confidence. Same tokens, greedy, over several blocks and a batch, on the trained in-repo model
+    # (a random one proposes one token everywhere, where any commit order gives the same tokens).
+    model = load_default_model()
+    mask = model.cfg.mask_token_id
+    prompt = torch.randint(0, mask, (3, 6), generator=torch.Generator().manual_seed(4))
+    ours = generate(model, prompt, mask_token_id=mask, gen_length=24, steps=12, block_length=8,
+                    confidence_threshold=threshold)
+    reference = _reference_generate(model, prompt, mask, 24, 12, 8, threshold)
+    assert len(set(reference[:, 6:].flatten().tolist())) > 3
+    assert torch.equal(ours.tokens, reference)

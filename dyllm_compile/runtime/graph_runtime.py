@@ -7,7 +7,8 @@ call is the sparse variant with every row salient (its ``dense_call`` input), fr
 sequence: one compiled variant serves both kinds of call. With capacity buckets (and in shadow mode, which
 compares against it) the dense variant is compiled as well. Row counts (``row_counts``):
 unbacked, one variant gathers exactly the salient rows; buckets, the row capacity K is the smallest bucket that
-held last call's salient rows, and if a layer needed more, the call is rerun with a bigger bucket (caches are
+holds the call's changed rows plus the share of the others that the layers made salient at the last call (a
+refresh that changes most rows does not inflate the next call), and if a layer needed more, the call is rerun with a bigger bucket (caches are
 functional, so a rerun is safe), so a salient row is never left stale. In a batch, the regions gathered per
 element (``plan.element_regions``) have a capacity of their own, bucketed and rerun the same way from the most
 rows one element needed; the others gather the union of the batch's rows.
@@ -90,8 +91,11 @@ class SequenceState:
     dense_tokens: list[torch.Tensor]  # token inputs at the last dense call (the policies' block boundaries)
     start_tokens: list[torch.Tensor]  # token inputs at the sequence's first call (its response rows)
     calls: int = 1
-    needed: int = 0  # union salient rows the last sparse call needed
-    needed_per_element: int = 0  # the most salient rows of one element its per-element selections needed
+    # The share of the unchanged rows that the layers made salient at the last sparse call: in the union, and in
+    # the element whose per-element selections needed the most rows. The next call's capacities are its own
+    # changed rows plus that share of the others.
+    growth: float = 0.0
+    growth_per_element: float = 0.0
     upstream: Optional[tuple[int, int]] = None  # (producer state serial, its step) of the tagged input last read
     queried: Optional[torch.Tensor] = None  # query pruning: the rows the last call queried (None: every row)
     serial: int = field(default_factory=lambda: next(_serials))
@@ -100,6 +104,11 @@ class SequenceState:
 def bucket_sizes(n: int) -> list[int]:
     """The row capacities a sparse variant is compiled for, for a sequence of ``n`` rows."""
     return sorted({max(1, math.ceil(f * n)) for f in BUCKET_FRACTIONS})
+
+
+def _grown(rows: int, growth: float, n: int) -> int:
+    """``rows`` changed rows plus the share ``growth`` of the other ``n - rows`` that the layers make salient."""
+    return rows + math.ceil(growth * (n - rows))
 
 
 def _query_capacity(queried: torch.Tensor) -> int:
@@ -260,12 +269,13 @@ class GraphRuntime:
             # A row queried again after calls that skipped it has an old context (its incremental update would
             # miss the keys that changed meanwhile): it is recomputed, salient.
             changed = changed | (queried & ~state.queried)
-        rows = int(changed.any(0).sum())
+        rows, rows_per_element = torch.stack([changed.any(0).sum(), changed.sum(1).max()]).tolist()  # one sync
         if (state.calls < cfg.dense_steps or refresh or rows > cap or call is None
                 or self.policy.dense_call(call)):
             return self._dense(states, state, args, tokens, others, upstream)
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
             changed = torch.ones_like(changed)
+            rows = rows_per_element = n
         forced = None
         if cfg.force_salient is not None:
             # drawn on the CPU (the same rows on every device, as the oracle draws them), used where the rows are
@@ -273,12 +283,13 @@ class GraphRuntime:
                                   cfg.force_salient).to(changed.device)
         extra = self._extra_inputs(changed, forced, hint, queried, dense=False)
         unbacked = unbacked_rows(cfg, changed.device)
-        capacity = None if unbacked else self._bucket(max(state.needed, rows), n)
-        # Regions gathered per batch element have a capacity of their own (``rows``, the union, bounds each
-        # element's changed rows)
+        # Capacities from this call's changed rows and the last call's growth, not from the last call's total: a
+        # call that changed most rows (a query-pruning refresh) would otherwise size the next, small one like itself
+        capacity = None if unbacked else self._bucket(_grown(rows, state.growth, n), n)
+        # Regions gathered per batch element have a capacity of their own
         per_element = None
         if not unbacked and self.plan.element_regions:
-            per_element = self._bucket(max(state.needed_per_element, rows), n)
+            per_element = self._bucket(_grown(rows_per_element, state.growth_per_element, n), n)
         query_capacity = None if queried is None or unbacked else _query_capacity(queried)
         while True:
             fn, counted = self._sparse(capacity, args, state.caches, changed, extra, query_capacity, per_element)
@@ -297,7 +308,10 @@ class GraphRuntime:
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
-        state.needed, state.needed_per_element = needed, needed_per_element
+        if rows < n:
+            state.growth = max(0, needed - rows) / (n - rows)
+        if rows_per_element < n:
+            state.growth_per_element = max(0, needed_per_element - rows_per_element) / (n - rows_per_element)
         state.queried = None if queried is None or bool(queried.all()) else queried
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
@@ -383,7 +397,7 @@ class GraphRuntime:
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
             state.calls, state.dense_tokens, state.queried = state.calls + 1, state.tokens, None
-            state.needed = state.needed_per_element = 0
+            state.growth = state.growth_per_element = 0.0
         else:
             copies = [t.clone() for t in tokens]
             state = SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id, copies,

@@ -111,3 +111,34 @@ def test_buckets_gather_each_elements_rows_in_a_batch():
     union = [int(forced_masks(4, call, 2, 8, 32, 0.1).any(dim=1).sum(dim=1).max()) for call in range(1, 8)]
     per_element = [key[-1] for key in runtime.sparse_fns]  # (capacity, queried, shapes, scalars, per element)
     assert all(isinstance(k, int) for k in per_element) and max(per_element) < min(union)
+
+
+def test_a_refresh_does_not_size_the_next_call(monkeypatch):
+    """Query pruning's refresh (every queried row again, most of them recomputed) needs the full bucket. The next
+    call changes a token or two: its capacities come from its own changed rows and the share of the others the
+    layers made salient last time, so it takes the small bucket again (sized from the refresh's count, it took
+    the full one and compiled a variant for it)."""
+    from dyllm_compile.runtime.graph_runtime import GraphRuntime
+
+    calls = []
+    sparse = GraphRuntime._sparse
+
+    def spy(self, capacity, args, caches, changed, extra, query_capacity=None, per_element=None):
+        calls.append((capacity, per_element, int(changed.any(0).sum())))
+        return sparse(self, capacity, args, caches, changed, extra, query_capacity, per_element)
+
+    monkeypatch.setattr(GraphRuntime, "_sparse", spy)
+    torch._dynamo.reset()
+    model = llada_like("tiny", init_std=0.2)
+    options = {"lowering": "aot_eager", "force_salient": 0.1, "seed": 4, "row_counts": "buckets",
+               "query_pruning_period": 4, "mask_token_id": 127}
+    prompt = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(4))
+    generate(torch.compile(model, backend="dyllm", options=options), prompt, mask_token_id=127, gen_length=16,
+             steps=16, block_length=16)
+    n = 56
+    refreshes = [i for i, (_, _, changed) in enumerate(calls) if changed > n // 2]
+    assert refreshes and refreshes[-1] < len(calls) - 1
+    for i in refreshes:
+        assert calls[i][0] == n  # the refresh: the full bucket
+        capacity, per_element, changed = calls[i + 1]
+        assert changed < 4 and capacity < n and per_element < n

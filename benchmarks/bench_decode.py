@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import logging
 import os
 import platform
 import statistics
@@ -157,6 +158,22 @@ def decode(model: Callable, work: Workload, confidence_threshold: Optional[float
                     steps=work.steps, block_length=work.block_length, confidence_threshold=confidence_threshold)
 
 
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line on stdout with the seconds since the benchmark started: a run stopped by a time limit (a device
+    lease) still shows how far it got and what took the time."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
+
+
+class ElapsedFormatter(logging.Formatter):
+    """Log records on the progress lines' clock."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{time.perf_counter() - _START:7.1f} s] {record.getMessage()}"
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -190,9 +207,11 @@ def prepare_mode(mode: str, work: Workload, args, device: torch.device) -> ModeR
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    decode(compiled, work, args.confidence_threshold)
+    first = decode(compiled, work, args.confidence_threshold)
     warmup = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else ""
+    progress(f"{work.name}, batch {len(work.prompts)}, {mode}: compiled and decoded once in {warmup:.1f} s "
+             f"({first.stats.forward_calls} calls)")
     return ModeRun(mode, TimedModel(compiled, device), since, last_serial(), warmup,
                    counters["stats"]["unique_graphs"] - graphs, peak, [])
 
@@ -205,6 +224,7 @@ def timed_decode(run: ModeRun, work: Workload, args) -> None:
     dyllm_compile.reset()
     graphs = counters["stats"]["unique_graphs"]
     run.decodes.append(decode(run.timed, work, args.confidence_threshold))
+    progress(f"{run.mode}: timed decode {len(run.decodes)} in {run.decodes[-1].stats.seconds:.2f} s")
     run.recompiles += counters["stats"]["unique_graphs"] - graphs
     run.cache_bytes = sum(r.cache_bytes() for r in run.runtimes())
 
@@ -268,7 +288,8 @@ FIELDS = [
     "device", "torch", "triton", "model", "weights", "params_m", "layers", "d_model", "seq_len", "gen_length",
     "block_length", "batch", "dtype", "decoding", "mode", "threshold", "saliency", "tokens_per_s",
     "speedup_vs_inductor", "speedup_vs_eager", "step_ms_median", "step_ms_p90", "forward_calls", "compile_s",
-    "compile_vs_inductor", "dynamo_graphs", "recompiles_timed", "sparse_variants", "peak_mem_mb", "cache_mb",
+    "compile_vs_inductor", "compile_cache", "timed_decodes", "dynamo_graphs", "recompiles_timed", "sparse_variants",
+    "peak_mem_mb", "cache_mb",
     "salient_fraction_mean", "salient_fraction_per_layer", "rows_computed_fraction", "gated_flops_share",
     "bound_ms", "bound_share", "same_tokens_as_eager",
 ]
@@ -284,12 +305,12 @@ def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     run_config(work, args, device, dtype, {})
 
 
-def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
-               facts: dict) -> tuple[list[dict], list[ModeRun]]:
+def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype, facts: dict,
+               publish: Callable[[list[dict]], None] = lambda rows: None) -> tuple[list[dict], list[ModeRun]]:
     """Every mode compiles (each cold, one after the other), then the timed decodes go round-robin over the
-    modes: a slow phase of a shared machine slows every mode alike instead of the one that ran in it. The rows,
-    and the modes' runs."""
-    cfg = work.model.cfg
+    modes: a slow phase of a shared machine slows every mode alike instead of the one that ran in it. After each
+    round the rows so far (each mode's median over the rounds done) go to ``publish``, so a run stopped by a time
+    limit keeps them. The rows, and the modes' runs."""
     torch._dynamo.reset()
     counters.clear()
     runs = []
@@ -298,9 +319,18 @@ def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
         # mode reuses kernels another one compiled (dyllm's dense variant shares most of Inductor's kernels).
         with contextlib.nullcontext() if args.warm_compile_cache else fresh_cache():
             runs.append(prepare_mode(mode, work, args, device))
+    rows = []
     for _ in range(args.repeats):
         for run in runs:
             timed_decode(run, work, args)
+        rows = config_rows(runs, work, args, dtype, facts)
+        publish(rows)
+    return rows, runs
+
+
+def config_rows(runs: list[ModeRun], work: Workload, args, dtype: torch.dtype, facts: dict) -> list[dict]:
+    """The configuration's rows from its modes' timed decodes so far, with the ratios between the modes."""
+    cfg = work.model.cfg
     rows = [summarize(run, work, dtype) for run in runs]
     by_mode = {r["mode"]: r for r in rows}
     decoding = "low-confidence" if args.confidence_threshold is None else f"threshold {args.confidence_threshold}"
@@ -312,7 +342,8 @@ def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
             layers=cfg.n_layers, d_model=cfg.d_model, seq_len=r["tokens"].shape[1], gen_length=work.gen_length,
             block_length=work.block_length, batch=r["tokens"].shape[0], dtype=str(dtype).replace("torch.", ""),
             decoding=decoding, threshold=args.threshold if r["mode"].startswith("dyllm") else "",
-            saliency=saliency if r["mode"].startswith("dyllm") else "",
+            saliency=saliency if r["mode"].startswith("dyllm") else "", timed_decodes=len(runs[0].decodes),
+            compile_cache="warm" if args.warm_compile_cache else "cold",
         )
         for ref in ("inductor", "eager"):
             if ref in by_mode:
@@ -321,7 +352,7 @@ def run_config(work: Workload, args, device: torch.device, dtype: torch.dtype,
             r["compile_vs_inductor"] = r["compile_s"] / by_mode["inductor"]["compile_s"]
         if "eager" in by_mode:
             r["same_tokens_as_eager"] = bool(torch.equal(r["tokens"], by_mode["eager"]["tokens"]))
-    return rows, runs
+    return rows
 
 
 @contextlib.contextmanager
@@ -469,6 +500,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after each configuration's rows are written, profile 8 steps of one more decode per "
                              "mode (torch.profiler's table per operator and kernel)")
+    parser.add_argument("--log-compiles", action="store_true",
+                        help="log each variant dyllm compiles (the dyllm_compile logger at INFO) between the "
+                             "progress lines, on their clock")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="keep Inductor's on-disk and in-memory caches (default: each mode starts from empty "
                              "ones, so compile times are cold compiles, comparable between modes)")
@@ -488,6 +522,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
+    if args.log_compiles:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(ElapsedFormatter())
+        logging.getLogger("dyllm_compile").addHandler(handler)
+        logging.getLogger("dyllm_compile").setLevel(logging.INFO)
     if not args.warm_compile_cache:  # a cache hit would make one mode's compile look free
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
@@ -498,29 +537,36 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     machine = measure_machine(device, dtype)
     print(f"{facts['device']}: measured {machine.bandwidth / 1e9:.1f} GB/s, {machine.peak_flops / 1e12:.2f} "
           f"TFLOP/s ({dtype}); torch {facts['torch']}, triton {facts['triton']}")
+    progress("warming up every mode on the tiny model")
     warm_up(args, device, dtype)
     out = args.out or os.path.join(RESULTS, f"decode_{device.type}.csv")
-    rows = []
+    done = []  # the finished configurations' rows
+
+    def publish(rows: list[dict]) -> None:  # after every round of timed decodes
+        set_bounds(done + rows, machine)
+        write_csv(done + rows, out)
+
     for name, batch, confidence in configs:
         args.confidence_threshold = confidence
+        progress(f"building {name}, batch {batch}")
         work = make_workload(name, batch, args, args.device, dtype)
         work.model.to(device=device, dtype=dtype)
         work.prompts = work.prompts.to(device)
-        config_rows, runs = run_config(work, args, device, dtype, facts)
+        config_rows, runs = run_config(work, args, device, dtype, facts, publish)
         # The machine is measured again after every configuration and its best numbers kept: a shared machine's
         # slow phase at one measurement would otherwise lower the bound below what the modes then achieve.
         machine = machine.best(measure_machine(device, dtype))
-        rows += config_rows
-        set_bounds(rows, machine)
+        done += config_rows
+        publish([])
         for r in config_rows:
             print(f"{r['model']:<28} b{r['batch']:<3} {r['decoding']:<16} {r['mode']:<12} "
                   f"{r['tokens_per_s']:>9.1f} tok/s  x{r.get('speedup_vs_inductor', float('nan')):.2f} vs "
                   f"inductor  step {r['step_ms_median']:.2f} ms (bound {r['bound_ms']:.2f})  "
                   f"salient {r.get('salient_fraction_mean', 1.0):.3f}", flush=True)
-        write_csv(rows, out)  # after every configuration: a run stopped by a time limit keeps what it finished
         if args.profile:
             for run in runs:
                 profile_decode(run, work, args)
+    rows = done
     print(f"bounds from the best measurements of the run: {machine.bandwidth / 1e9:.1f} GB/s, "
           f"{machine.peak_flops / 1e12:.2f} TFLOP/s")
     paths = plot(rows, os.path.splitext(out)[0])

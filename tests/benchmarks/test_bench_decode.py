@@ -44,6 +44,28 @@ def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
     assert (tmp_path / "decode_salient_heatmap.png").stat().st_size > 0
 
 
+def test_rows_are_written_after_the_first_round(bench, tmp_path, monkeypatch, capsys):
+    """A run stopped by a time limit (a device lease) keeps the rows of the rounds it finished: here it stops
+    right after the first write, before the second round of timed decodes."""
+    out = tmp_path / "decode.csv"
+    write = bench.write_csv
+
+    def write_then_stop(rows, path, *args, **kwargs):
+        write(rows, path, *args, **kwargs)
+        raise TimeoutError("the lease ended")
+
+    monkeypatch.setattr(bench, "write_csv", write_then_stop)
+    with pytest.raises(TimeoutError):
+        bench.main(["--preset", "smoke", "--modes", "eager,dyllm-exact", "--lowering", "aot_eager", "--repeats", "2",
+                    "--out", str(out)])
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["mode"] for r in rows] == ["eager", "dyllm-exact"]
+    assert all(r["timed_decodes"] == "1" and float(r["speedup_vs_eager"]) > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "dyllm-exact: compiled and decoded once in" in printed and "dyllm-exact: timed decode 1 in" in printed
+
+
 def test_roofline_sparse_step_is_cheaper_and_dense_matches_hand_count(bench):
     roofline = load("roofline")
     shape = roofline.Shape(d_model=64, d_kv=64, d_ffn=128, n_layers=2, vocab_size=100)

@@ -101,8 +101,10 @@ def _update_kernel(
     tl.store(unstable_ptr + stat, unstable.to(tl.uint8), mask=row_ok)  # salient rows are redone anyway
 
 
-# Few rows per program (the compacted rows run out early) over many keys
-@triton.autotune(configs=tile_candidates((16, 32, 4), (16, 64, 4), (64, 64, 8)), key=TUNED_ON)
+# Few rows per program (the compacted rows run out early) over many keys; and 64 x 32 in 4 warps, not a candidate
+# when an H200 ran the whole exact op 1.2-1.4x faster with it than with the autotuner's pick (16 x 64) at batch 8,
+# 5% and 20% changed (docs/benchmarks.md, "GPU")
+@triton.autotune(configs=tile_candidates((16, 32, 4), (16, 64, 4), (64, 32, 4), (64, 64, 8)), key=TUNED_ON)
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import fx
@@ -301,6 +301,17 @@ def _region_problem(region: Region, infos, batch) -> str:
 #: Key of a sparse variant's ``gm.meta``: per entry of its row counts output, whether it counts one batch element's
 #: rows (a per-element selection, against the element capacity) or the batch's union (against the capacity).
 COUNTS_PER_ELEMENT = "dyllm_counts_per_element"
+#: Key of a sparse variant's ``gm.meta``: per entry of its row counts output, the index of the row selection it
+#: counts among the selections of its kind (union or per element), the index into a per-selection capacity.
+COUNT_SELECTIONS = "dyllm_count_selections"
+
+#: A row capacity: one for every selection of a kind, or one per selection in the order the graph makes them
+#: (layer by layer: a deeper layer's salient set is larger, and so is its capacity).
+Capacity = Union[int, Sequence[int]]
+
+
+def _nth(capacity: Capacity, index: int) -> int:
+    return capacity if isinstance(capacity, int) else capacity[index]
 
 
 @dataclass(frozen=True)
@@ -403,10 +414,13 @@ def scalar_inputs(plan: RewritePlan) -> list[int]:
             and any(u.op == "call_method" and u.target == "item" for u in p.users)]
 
 
-def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[dict[int, Any]] = None,
-                 query_capacity: Optional[int] = None, element_capacity: Optional[int] = None) -> fx.GraphModule:
+def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optional[dict[int, Any]] = None,
+                 query_capacity: Optional[int] = None, element_capacity: Optional[Capacity] = None
+                 ) -> fx.GraphModule:
     """The sparse variant for row capacity K = ``capacity`` (query pruning: ``query_capacity`` queried rows; the
     regions of ``plan.element_regions``, when ``element_capacity`` is given: that many rows of each batch element).
+    A capacity is one for every row selection of its kind, or one per selection (``gm.meta[COUNT_SELECTIONS]``
+    says which selection each count belongs to).
 
     ``capacity=None``: unbacked row counts; each gated region runs on exactly its salient rows (``nonzero``, a
     data-dependent size: lower it from fake inputs whose ShapeEnv allows dynamic output shapes).
@@ -424,7 +438,8 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     submodule the lowering traces). Outputs: the original outputs, the new caches, the number of union rows each
     gathered region needed (for overflow detection and the row counters), the salient fraction per site
     [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break). Which counts are
-    per element (the most rows of one element, against ``element_capacity``) is ``gm.meta[COUNTS_PER_ELEMENT]``.
+    per element (the most rows of one element, against ``element_capacity``) is ``gm.meta[COUNTS_PER_ELEMENT]``,
+    and which selection of its kind each counts, ``gm.meta[COUNT_SELECTIONS]``.
     A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config
@@ -442,8 +457,10 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     everyone = b.graph.placeholder("dense_call")
     new_cache: dict[int, Any] = {}
-    counts, fractions, per_element_counts = [], [], []
+    counts, fractions, per_element_counts, count_selections = [], [], [], []
     selections: dict[tuple[fx.Node, int, bool], _Rows] = {}  # by salient set, segment and per element or not
+    made = {False: 0, True: 0}  # gated-region selections made so far, union and per element
+    selection_index: dict[tuple[fx.Node, int, bool], int] = {}
     region_by_exit = {r.exit: r for r in plan.regions}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
     skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
@@ -457,10 +474,16 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
         if key not in selections:
             # Bucketed queried rows have their own static capacity: the runtime sizes it from this very mask (no
             # overflow). Unbacked, both selections count their rows.
-            size = query_capacity if current is queried else capacity
+            if current is queried:
+                size = query_capacity
+            else:  # a gated region's selection: the next capacity of its kind
+                selection_index[key] = made[per_element]
+                made[per_element] += 1
+                size = element_capacity if per_element else capacity
+                size = None if size is None else _nth(size, selection_index[key])
             if per_element:
-                picked = b.call(rows.select_rows_per_element, current, element_capacity)
-                selections[key] = _Rows(b.item(picked, 0), element_capacity, b.item(picked, 1), b.item(picked, 2),
+                picked = b.call(rows.select_rows_per_element, current, size)
+                selections[key] = _Rows(b.item(picked, 0), size, b.item(picked, 1), b.item(picked, 2),
                                         per_element=True)
             elif size is None:
                 picked = b.call(rows.select_rows_unbacked, current)
@@ -510,9 +533,11 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
                 continue
             if id(region) in plan.input_caches:
                 salient = _emit_branch_hook(b, region, salient, cache_in, new_cache, hook)
-            picked = select(salient, element_capacity is not None and id(region) in plan.element_regions)
+            own = element_capacity is not None and id(region) in plan.element_regions
+            picked = select(salient, own)
             counts.append(picked.count)
             per_element_counts.append(picked.per_element)
+            count_selections.append(selection_index[(salient, b.segment, own)])
             b.env[node] = _emit_gathered(b, region, picked, cache_in[cache])
             new_cache[cache] = b.env[node]
             continue
@@ -543,6 +568,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[int], scalars: Optional[d
     extra.append(salient)
     gm = b.finish(extra)
     gm.meta[COUNTS_PER_ELEMENT] = per_element_counts
+    gm.meta[COUNT_SELECTIONS] = count_selections
     return gm
 
 

@@ -6,11 +6,12 @@ any call that does not continue a known sequence, and calls with too many salien
 call is the sparse variant with every row salient (its ``dense_call`` input), from zero caches for a new
 sequence: one compiled variant serves both kinds of call. With capacity buckets (and in shadow mode, which
 compares against it) the dense variant is compiled as well. Row counts (``row_counts``):
-unbacked, one variant gathers exactly the salient rows; buckets, the row capacity K is the smallest bucket that
-holds the call's changed rows plus the share of the others that the layers made salient at the last call (a
-refresh that changes most rows does not inflate the next call), and if a layer needed more, the call is rerun with a bigger bucket (caches are
-functional, so a rerun is safe), so a salient row is never left stale. In a batch, the regions gathered per
-element (``plan.element_regions``) have a capacity of their own, bucketed and rerun the same way from the most
+unbacked, one variant gathers exactly the salient rows; buckets, each row selection (a layer's salient set in a
+piece) has a capacity K, the smallest bucket that holds the call's changed rows plus the largest share of the
+others that the layers made salient at that selection over the last few calls (a refresh that changes most rows
+does not inflate the next call), and if a selection needed more, the call is rerun with bigger buckets (caches
+are functional, so a rerun is safe), so a salient row is never left stale. In a batch, the regions gathered per
+element (``plan.element_regions``) have capacities of their own, bucketed and rerun the same way from the most
 rows one element needed; the others gather the union of the batch's rows.
 
 A sequence continues when every changed row held the mask id and no longer does (diffusion decoding only
@@ -39,7 +40,7 @@ import torch
 
 from ..config import DyllmConfig
 from ..lowering import output_layouts
-from ..passes.rewrite import COUNTS_PER_ELEMENT, RewritePlan, build_dense, build_sparse, scalar_inputs
+from ..passes.rewrite import COUNT_SELECTIONS, COUNTS_PER_ELEMENT, RewritePlan, build_dense, build_sparse, scalar_inputs
 from ..policies import CallState
 from . import row_tags
 
@@ -91,11 +92,12 @@ class SequenceState:
     dense_tokens: list[torch.Tensor]  # token inputs at the last dense call (the policies' block boundaries)
     start_tokens: list[torch.Tensor]  # token inputs at the sequence's first call (its response rows)
     calls: int = 1
-    # The share of the unchanged rows that the layers made salient at the last sparse call: in the union, and in
-    # the element whose per-element selections needed the most rows. The next call's capacities are its own
-    # changed rows plus that share of the others.
-    growth: float = 0.0
-    growth_per_element: float = 0.0
+    # Per recent sparse call (the last GROWTH_WINDOW, oldest first) and row selection (the union's, and each
+    # batch element's): the share of the unchanged rows that the layers made salient (for a per-element
+    # selection, in the element that needed the most rows). The next call's capacities are its own changed rows
+    # plus the largest recent share of the others.
+    growth: list[list[float]] = field(default_factory=list)
+    growth_per_element: list[list[float]] = field(default_factory=list)
     upstream: Optional[tuple[int, int]] = None  # (producer state serial, its step) of the tagged input last read
     queried: Optional[torch.Tensor] = None  # query pruning: the rows the last call queried (None: every row)
     serial: int = field(default_factory=lambda: next(_serials))
@@ -104,6 +106,32 @@ class SequenceState:
 def bucket_sizes(n: int) -> list[int]:
     """The row capacities a sparse variant is compiled for, for a sequence of ``n`` rows."""
     return sorted({max(1, math.ceil(f * n)) for f in BUCKET_FRACTIONS})
+
+
+#: Sparse calls whose growth sizes the next call's capacities: the largest share over a few calls, so that a
+#: selection whose count sits just under a bucket does not overflow it with each call's noise and rerun the call
+#: (measured on CPU in the GPU benchmark's configuration, 255 sparse calls: with the last call's share alone, 41
+#: reruns at batch 8 with query pruning and 19 at batch 1; with the largest of the last 8, 9 and 8).
+GROWTH_WINDOW = 8
+
+
+def _expected_growth(history: list[list[float]], selections: int) -> list[float]:
+    """The largest recent growth per selection (0 where the state has none for this many selections)."""
+    return [max(shares) for shares in zip(*(h for h in history if len(h) == selections))] or [0.0] * selections
+
+
+def _per_selection(counts: list[int], kinds: list[bool], selection: list[int]) -> tuple[list[int], list[int]]:
+    """The most rows each selection needed (its regions' counts), union selections and per-element ones."""
+    found: dict[bool, list[int]] = {False: [], True: []}
+    for count, own, i in zip(counts, kinds, selection):
+        needed = found[own]
+        needed.extend([0] * (i + 1 - len(needed)))
+        needed[i] = max(needed[i], count)
+    return found[False], found[True]
+
+
+def _fits(needed: list[int], capacity: tuple[int, ...]) -> bool:
+    return all(k <= c for k, c in zip(needed, capacity))
 
 
 def _grown(rows: int, growth: float, n: int) -> int:
@@ -145,7 +173,8 @@ class GraphRuntime:
         self.n_sites = len(plan.sites)
         self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
         # per variant: the compiled function, and which of its row counts are per element
-        self.sparse_fns: dict[tuple, tuple[Callable, list[bool]]] = {}
+        self.sparse_fns: dict[tuple, tuple[Callable, list[bool], list[int]]] = {}
+        self._selection_counts: dict[tuple, tuple[int, int]] = {}
         self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
@@ -283,40 +312,46 @@ class GraphRuntime:
                                   cfg.force_salient).to(changed.device)
         extra = self._extra_inputs(changed, forced, hint, queried, dense=False)
         unbacked = unbacked_rows(cfg, changed.device)
-        # Capacities from this call's changed rows and the last call's growth, not from the last call's total: a
-        # call that changed most rows (a query-pruning refresh) would otherwise size the next, small one like itself
-        capacity = None if unbacked else self._bucket(_grown(rows, state.growth, n), n)
-        # Regions gathered per batch element have a capacity of their own
-        per_element = None
-        if not unbacked and self.plan.element_regions:
-            per_element = self._bucket(_grown(rows_per_element, state.growth_per_element, n), n)
         query_capacity = None if queried is None or unbacked else _query_capacity(queried)
+        capacity = per_element = None
+        if not unbacked:
+            # A capacity per row selection (a deeper layer's salient set is larger than a shallower one's, and one
+            # capacity for all gathered the deepest's rows everywhere), from this call's changed rows and the last
+            # call's growth, not from the last call's counts: a call that changed most rows (a query-pruning
+            # refresh) would otherwise size the next, small one like itself. Regions gathered per batch element
+            # have capacities of their own.
+            n_union, n_element = self._selections(args, query_capacity)
+            capacity = tuple(self._bucket(_grown(rows, g, n), n) for g in _expected_growth(state.growth, n_union))
+            per_element = tuple(self._bucket(_grown(rows_per_element, g, n), n)
+                                for g in _expected_growth(state.growth_per_element, n_element)) or None
         while True:
-            fn, counted = self._sparse(capacity, args, state.caches, changed, extra, query_capacity, per_element)
+            fn, kinds, selection = self._sparse(capacity, args, state.caches, changed, extra, query_capacity,
+                                                per_element)
             out = fn(*args, *state.caches, changed, *extra)
             counts = out[self.n_user + self.n_caches].tolist()  # one sync: rows per gathered region
-            needed = max((c for c, own in zip(counts, counted) if not own), default=0)
-            needed_per_element = max((c for c, own in zip(counts, counted) if own), default=0)
-            if max(needed, needed_per_element) > cap:  # more salient rows than the policy allows: run dense
+            if max(counts, default=0) > cap:  # more salient rows than the policy allows: run dense
                 return self._dense(states, state, args, tokens, others, upstream)
-            if capacity is None or (needed <= capacity and needed_per_element <= (per_element or 0)):
+            needed, needed_per_element = _per_selection(counts, kinds, selection)
+            if capacity is None or (_fits(needed, capacity) and _fits(needed_per_element, per_element or ())):
                 break
             self.stats.reruns += 1
-            capacity = max(capacity, self._bucket(needed, n))
+            capacity = tuple(max(c, self._bucket(k, n)) for c, k in zip(capacity, needed))
             if per_element is not None:
-                per_element = max(per_element, self._bucket(needed_per_element, n))
+                per_element = tuple(max(c, self._bucket(k, n)) for c, k in zip(per_element, needed_per_element))
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
         if rows < n:
-            state.growth = max(0, needed - rows) / (n - rows)
+            state.growth = [*state.growth, [max(0, k - rows) / (n - rows) for k in needed]][-GROWTH_WINDOW:]
         if rows_per_element < n:
-            state.growth_per_element = max(0, needed_per_element - rows_per_element) / (n - rows_per_element)
+            shares = [max(0, k - rows_per_element) / (n - rows_per_element) for k in needed_per_element]
+            state.growth_per_element = [*state.growth_per_element, shares][-GROWTH_WINDOW:]
         state.queried = None if queried is None or bool(queried.all()) else queried
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
         queried_rows = query_capacity or (0 if queried is None else int(queried.any(0).sum()))
-        gathered = sum(counts) if capacity is None else sum(per_element if own else capacity for own in counted)
+        gathered = sum(counts) if capacity is None else sum((per_element if own else capacity)[i]
+                                                            for own, i in zip(kinds, selection))
         self._count_sparse(out, len(counts), gathered, n, queried_rows)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
@@ -397,7 +432,7 @@ class GraphRuntime:
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
             state.calls, state.dense_tokens, state.queried = state.calls + 1, state.tokens, None
-            state.growth = state.growth_per_element = 0.0
+            state.growth, state.growth_per_element = [], []
         else:
             copies = [t.clone() for t in tokens]
             state = SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id, copies,
@@ -441,19 +476,32 @@ class GraphRuntime:
         flag = torch.full((salient_in.shape[0], 1), dense, dtype=torch.bool, device=salient_in.device)
         return [x for x in (forced, hint, queried) if x is not None] + [flag]
 
-    def _sparse(self, capacity: Optional[int], args: tuple, caches: list[torch.Tensor], changed: torch.Tensor,
-                extra: list, query_capacity: Optional[int] = None, per_element: Optional[int] = None
-                ) -> tuple[Callable, list[bool]]:
-        """The sparse variant for ``capacity`` rows (None: unbacked counts), ``query_capacity`` queried rows and
-        ``per_element`` rows of each batch element (the plan's element regions; None: they gather the union too),
-        and which of its row counts are per element; ``extra``: the forced-salient, row-hint, queried-rows and
-        dense-call inputs."""
+    def _selections(self, args: tuple, query_capacity: Optional[int]) -> tuple[int, int]:
+        """How many row selections a sparse variant with capacity buckets makes for its gated regions: of the
+        batch's union, and per batch element (read from a variant's graph, built once, not lowered)."""
+        key = (self._shapes(args), query_capacity is None)
+        if key not in self._selection_counts:
+            scalars = {i: args[i].item() for i in self.scalar_inputs}
+            meta = build_sparse(self.plan, 1, scalars, query_capacity, 1 if self.plan.element_regions else None).meta
+            kinds, selection = meta[COUNTS_PER_ELEMENT], meta[COUNT_SELECTIONS]
+            self._selection_counts[key] = tuple(1 + max((i for own, i in zip(kinds, selection) if own == kind),
+                                                        default=-1) for kind in (False, True))
+        return self._selection_counts[key]
+
+    def _sparse(self, capacity: Optional[tuple[int, ...]], args: tuple, caches: list[torch.Tensor],
+                changed: torch.Tensor, extra: list, query_capacity: Optional[int] = None,
+                per_element: Optional[tuple[int, ...]] = None) -> tuple[Callable, list[bool], list[int]]:
+        """The sparse variant for ``capacity`` rows per union selection (None: unbacked counts),
+        ``query_capacity`` queried rows and ``per_element`` rows of each batch element per per-element
+        selection (the plan's element regions; None: they gather the union too); with it, per row count it
+        returns, whether it is per element and the index of its selection. ``extra``: the forced-salient,
+        row-hint, queried-rows and dense-call inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
         key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()), per_element)
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
             fn = self.lower(gm, [*args, *caches, changed, *extra], dynamic_output_shapes=capacity is None)
-            self.sparse_fns[key] = fn, gm.meta[COUNTS_PER_ELEMENT]
+            self.sparse_fns[key] = fn, gm.meta[COUNTS_PER_ELEMENT], gm.meta[COUNT_SELECTIONS]
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %s rows%s", self.graph_id,
                      "unbacked" if capacity is None else capacity,

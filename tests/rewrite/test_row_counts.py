@@ -55,7 +55,7 @@ def test_unbacked_compiles_one_variant_and_never_reruns(routes):
     assert {key[0] for key in unbacked.sparse_fns} == {None}
     assert unbacked.stats.sparse_compiles == 1 and unbacked.stats.reruns == 0
     buckets = routes["buckets"]  # the same salient sets overflow buckets: reruns, a variant per bucket
-    assert all(isinstance(key[0], int) for key in buckets.sparse_fns)
+    assert all(isinstance(key[0], tuple) for key in buckets.sparse_fns)  # a capacity per row selection
     assert buckets.stats.reruns > 0 and buckets.stats.sparse_compiles > 1
 
 
@@ -109,8 +109,8 @@ def test_buckets_gather_each_elements_rows_in_a_batch():
     (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
     assert lock.steps == 8 and runtime.stats.sparse_calls == 7
     union = [int(forced_masks(4, call, 2, 8, 32, 0.1).any(dim=1).sum(dim=1).max()) for call in range(1, 8)]
-    per_element = [key[-1] for key in runtime.sparse_fns]  # (capacity, queried, shapes, scalars, per element)
-    assert all(isinstance(k, int) for k in per_element) and max(per_element) < min(union)
+    per_element = [key[-1] for key in runtime.sparse_fns]  # (capacities, queried, shapes, scalars, per element)
+    assert all(isinstance(k, tuple) for k in per_element) and max(map(max, per_element)) < min(union)
 
 
 def test_a_refresh_does_not_size_the_next_call(monkeypatch):
@@ -124,7 +124,7 @@ def test_a_refresh_does_not_size_the_next_call(monkeypatch):
     sparse = GraphRuntime._sparse
 
     def spy(self, capacity, args, caches, changed, extra, query_capacity=None, per_element=None):
-        calls.append((capacity, per_element, int(changed.any(0).sum())))
+        calls.append(((*capacity, *(per_element or ())), int(changed.any(0).sum())))  # every capacity
         return sparse(self, capacity, args, caches, changed, extra, query_capacity, per_element)
 
     monkeypatch.setattr(GraphRuntime, "_sparse", spy)
@@ -136,9 +136,27 @@ def test_a_refresh_does_not_size_the_next_call(monkeypatch):
     generate(torch.compile(model, backend="dyllm", options=options), prompt, mask_token_id=127, gen_length=16,
              steps=16, block_length=16)
     n = 56
-    refreshes = [i for i, (_, _, changed) in enumerate(calls) if changed > n // 2]
+    refreshes = [i for i, (_, changed) in enumerate(calls) if changed > n // 2]
     assert refreshes and refreshes[-1] < len(calls) - 1
     for i in refreshes:
-        assert calls[i][0] == n  # the refresh: the full bucket
-        capacity, per_element, changed = calls[i + 1]
-        assert changed < 4 and capacity < n and per_element < n
+        assert max(calls[i][0]) == n  # the refresh: the full bucket
+        capacities, changed = calls[i + 1]
+        assert changed < 4 and capacities and max(capacities) < n
+
+
+def test_each_row_selection_has_its_own_capacity():
+    """Each layer adds forced rows to the salient set, so a deeper layer's selection needs more rows: capacity
+    buckets size each selection on its own (one capacity for all gathered the deepest layer's count everywhere),
+    and the decode still follows the oracle step by step."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model = llada_like("tiny", init_std=0.2)
+    options = {"lowering": "aot_eager", "force_salient": 0.2, "seed": 6, "row_counts": "buckets"}
+    lock = Lockstep(torch.compile(model, backend="dyllm", options=options), Oracle(model, force_salient=0.2, seed=6))
+    prompt = torch.randint(0, 100, (1, 120), generator=torch.Generator().manual_seed(6))
+    generate(lock, prompt, mask_token_id=127, gen_length=8, steps=8, block_length=8)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert lock.steps == 8 and runtime.stats.sparse_calls == 7
+    capacities = [key[0] for key in runtime.sparse_fns]
+    assert all(len(c) == len(capacities[0]) > 1 for c in capacities)
+    assert any(c[0] < c[-1] for c in capacities)  # the first layer's selection smaller than the last's

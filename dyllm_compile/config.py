@@ -22,6 +22,8 @@ ATTENTION_MODES = ("paper", "exact")
 
 ROW_COUNTS = ("auto", "buckets", "unbacked")
 
+ROW_CAPACITIES = ("shared", "per_selection")
+
 OUTPUT_PROJECTIONS = ("dense", "salient")
 
 LINEAR_ORDERS = ("auto", "input_first", "weight_first")  # what passes/linear_order.py emits
@@ -101,6 +103,16 @@ class DyllmConfig:
         "auto: unbacked on CPU, where it measured as fast or faster (benchmarks/bench_rows.py), buckets on "
         "other devices (CUDA graphs need static shapes).",
         choices=ROW_COUNTS,
+    )
+    row_capacity: str = _knob(
+        "shared",
+        "With capacity buckets, how many capacities a sparse call has. shared: one bucket for every layer's row "
+        "selection, the deepest layer's (fewest compiled variants and reruns). per_selection: a bucket per "
+        "layer's selection (a deeper layer's salient set is larger): fewer padded rows computed (GPU benchmark "
+        "configuration on CPU: 25% -> 15% of the rows at batch 1, 27% -> 21% at batch 8 with query pruning) for "
+        "more variants and reruns (measured there: twice the compile time, and slower steps on a model whose "
+        "step is overhead, not arithmetic); not yet measured on a GPU.",
+        choices=ROW_CAPACITIES,
     )
     linear_order: str = _knob(
         "auto",

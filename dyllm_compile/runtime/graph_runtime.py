@@ -34,7 +34,7 @@ import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -315,15 +315,15 @@ class GraphRuntime:
         query_capacity = None if queried is None or unbacked else _query_capacity(queried)
         capacity = per_element = None
         if not unbacked:
-            # A capacity per row selection (a deeper layer's salient set is larger than a shallower one's, and one
-            # capacity for all gathered the deepest's rows everywhere), from this call's changed rows and the last
-            # call's growth, not from the last call's counts: a call that changed most rows (a query-pruning
-            # refresh) would otherwise size the next, small one like itself. Regions gathered per batch element
-            # have capacities of their own.
+            # Each row selection's need (a deeper layer's salient set is larger than a shallower one's), from this
+            # call's changed rows and the recent growth, not from the last call's counts: a call that changed most
+            # rows (a query-pruning refresh) would otherwise size the next, small one like itself. A bucket per
+            # selection, or the largest for all (``row_capacity``). Regions gathered per batch element have
+            # capacities of their own.
             n_union, n_element = self._selections(args, query_capacity)
-            capacity = tuple(self._bucket(_grown(rows, g, n), n) for g in _expected_growth(state.growth, n_union))
-            per_element = tuple(self._bucket(_grown(rows_per_element, g, n), n)
-                                for g in _expected_growth(state.growth_per_element, n_element)) or None
+            capacity = self._capacities((_grown(rows, g, n) for g in _expected_growth(state.growth, n_union)), n)
+            per_element = self._capacities((_grown(rows_per_element, g, n)
+                                            for g in _expected_growth(state.growth_per_element, n_element)), n) or None
         while True:
             fn, kinds, selection = self._sparse(capacity, args, state.caches, changed, extra, query_capacity,
                                                 per_element)
@@ -335,9 +335,9 @@ class GraphRuntime:
             if capacity is None or (_fits(needed, capacity) and _fits(needed_per_element, per_element or ())):
                 break
             self.stats.reruns += 1
-            capacity = tuple(max(c, self._bucket(k, n)) for c, k in zip(capacity, needed))
+            capacity = self._capacities((max(c, k) for c, k in zip(capacity, needed)), n)
             if per_element is not None:
-                per_element = tuple(max(c, self._bucket(k, n)) for c, k in zip(per_element, needed_per_element))
+                per_element = self._capacities((max(c, k) for c, k in zip(per_element, needed_per_element)), n)
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
@@ -418,6 +418,14 @@ class GraphRuntime:
         drift = float((sparse.float() - dense.float()).abs().max()) if dense.numel() else 0.0
         flips = int((sparse.argmax(-1) != dense.argmax(-1)).sum()) if dense.dim() >= 2 else 0
         self.stats.shadow.append((drift, flips))
+
+    def _capacities(self, needed: Iterable[int], n: int) -> tuple[int, ...]:
+        """The buckets of selections that need ``needed`` rows: each its own, or with ``row_capacity="shared"``
+        all the largest one."""
+        buckets = [self._bucket(k, n) for k in needed]
+        if self.config.row_capacity == "shared" and buckets:
+            return (max(buckets),) * len(buckets)
+        return tuple(buckets)
 
     def _bucket(self, needed: int, n: int) -> int:
         floor = math.ceil(self.config.min_salient_fraction * n)

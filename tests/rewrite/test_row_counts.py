@@ -144,14 +144,16 @@ def test_a_refresh_does_not_size_the_next_call(monkeypatch):
         assert changed < 4 and capacities and max(capacities) < n
 
 
-def test_each_row_selection_has_its_own_capacity():
-    """Each layer adds forced rows to the salient set, so a deeper layer's selection needs more rows: capacity
-    buckets size each selection on its own (one capacity for all gathered the deepest layer's count everywhere),
-    and the decode still follows the oracle step by step."""
+@pytest.mark.parametrize("scope", ["shared", "per_selection"])
+def test_row_capacity_per_selection_or_shared(scope):
+    """Each layer adds forced rows to the salient set, so a deeper layer's selection needs more rows:
+    ``per_selection`` sizes each selection's bucket on its own, ``shared`` gives every selection the largest.
+    Either way the decode follows the oracle step by step."""
     torch._dynamo.reset()
     before = last_serial()
     model = llada_like("tiny", init_std=0.2)
-    options = {"lowering": "aot_eager", "force_salient": 0.2, "seed": 6, "row_counts": "buckets"}
+    options = {"lowering": "aot_eager", "force_salient": 0.2, "seed": 6, "row_counts": "buckets",
+               "row_capacity": scope}
     lock = Lockstep(torch.compile(model, backend="dyllm", options=options), Oracle(model, force_salient=0.2, seed=6))
     prompt = torch.randint(0, 100, (1, 120), generator=torch.Generator().manual_seed(6))
     generate(lock, prompt, mask_token_id=127, gen_length=8, steps=8, block_length=8)
@@ -159,4 +161,7 @@ def test_each_row_selection_has_its_own_capacity():
     assert lock.steps == 8 and runtime.stats.sparse_calls == 7
     capacities = [key[0] for key in runtime.sparse_fns]
     assert all(len(c) == len(capacities[0]) > 1 for c in capacities)
-    assert any(c[0] < c[-1] for c in capacities)  # the first layer's selection smaller than the last's
+    if scope == "shared":
+        assert all(len(set(c)) == 1 for c in capacities)
+    else:
+        assert any(c[0] < c[-1] for c in capacities)  # the first layer's selection smaller than the last's

@@ -44,13 +44,15 @@ from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_d
 from dyllm_compile.models.presets import DREAM_7B, LLADA_8B  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
-# dyllm-<mode>[-qp][-so][-if][-wg]: that attention mode; -qp with query pruning (prompt rows queried every
+# dyllm-<mode>[-qp][-so][-if][-wg][-ps]: that attention mode; -qp with query pruning (prompt rows queried every
 # --query-pruning-period calls), -so with the output projection on S_out (output_projection="salient"), -if with
 # the gathered rows' linear layers in the model's operand order (linear_order="input_first", the order before
 # linear_order existed; the default measures), -wg lowered as one whole graph (piecewise=False, as before
-# piecewise lowering existed). exact is the library default (docs/rewrite.md).
+# piecewise lowering existed), -ps a capacity bucket per row selection (row_capacity="per_selection"; capacity
+# buckets only, the GPU's route). exact is the library default (docs/rewrite.md).
 MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
-         "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg")
+         "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg",
+         "dyllm-exact-ps", "dyllm-exact-qp-ps")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -150,6 +152,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
         options["linear_order"] = "input_first"
     if "wg" in flags:
         options["piecewise"] = False
+    if "ps" in flags:
+        options["row_capacity"] = "per_selection"
     return torch.compile(model, backend="dyllm", options=options)
 
 

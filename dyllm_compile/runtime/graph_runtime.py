@@ -175,6 +175,9 @@ class GraphRuntime:
         # per variant: the compiled function, and which of its row counts are per element
         self.sparse_fns: dict[tuple, tuple[Callable, list[bool], list[int]]] = {}
         self._selection_counts: dict[tuple, tuple[int, int]] = {}
+        # per input shapes, the growth history of the last sparse call's sequence: a new sequence's first capacity
+        # guess (only a guess: an overflow reruns). Not sequence data, so reset() keeps it.
+        self._growth: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}
         self._cache_layouts: dict[tuple, list] = {}
         self.stats = RuntimeStats()
         self.scalar_inputs = scalar_inputs(plan)
@@ -346,6 +349,7 @@ class GraphRuntime:
         if rows_per_element < n:
             shares = [max(0, k - rows_per_element) / (n - rows_per_element) for k in needed_per_element]
             state.growth_per_element = [*state.growth_per_element, shares][-GROWTH_WINDOW:]
+        self._growth[self._shapes(args)] = state.growth, state.growth_per_element
         state.queried = None if queried is None or bool(queried.all()) else queried
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
@@ -440,11 +444,13 @@ class GraphRuntime:
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
             state.calls, state.dense_tokens, state.queried = state.calls + 1, state.tokens, None
-            state.growth, state.growth_per_element = [], []
+            # the growth history stays: how many rows the layers add is the model's, not the last call's (reset,
+            # every sparse call after a policy's periodic dense call started at the smallest buckets and reran)
         else:
             copies = [t.clone() for t in tokens]
             state = SequenceState(copies, [o.clone() for o in others], caches, self.config.mask_token_id, copies,
                                   copies)
+            state.growth, state.growth_per_element = self._growth.get(self._shapes(args), ([], []))
             states.append(state)
             del states[:-MAX_SEQUENCES]
         self.stats.dense_calls += 1

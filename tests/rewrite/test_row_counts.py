@@ -165,3 +165,25 @@ def test_row_capacity_per_selection_or_shared(scope):
         assert all(len(set(c)) == 1 for c in capacities)
     else:
         assert any(c[0] < c[-1] for c in capacities)  # the first layer's selection smaller than the last's
+
+
+def test_capacity_guess_survives_dense_calls_and_new_sequences():
+    """How many rows the layers add is the model's, not one call's: after a policy's periodic dense call (a block
+    boundary of block_freeze) and for a new sequence of the same shapes, the first sparse call's capacities come
+    from the last calls' growth. Reset, each of those calls started at the smallest buckets and reran."""
+    import dyllm_compile
+    from dyllm_compile.policies import BlockFreeze
+
+    torch._dynamo.reset()
+    before = last_serial()
+    model = llada_like("tiny", init_std=0.2)
+    options = {"lowering": "aot_eager", "force_salient": 0.3, "seed": 2, "row_counts": "buckets",
+               "policy": BlockFreeze(block_length=8), "mask_token_id": 127}
+    compiled = torch.compile(model, backend="dyllm", options=options)
+    prompt = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # a second decode: a new sequence
+        dyllm_compile.reset()
+        generate(compiled, prompt, mask_token_id=127, gen_length=24, steps=24, block_length=8)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.dense_calls >= 4  # each decode's first call and its block boundaries
+    assert runtime.stats.reruns == 1  # the very first sparse call only

@@ -165,17 +165,21 @@ def decode(model: Callable, work: Workload, confidence_threshold: Optional[float
 _START = time.perf_counter()
 
 
+def _stamped(message: str) -> str:
+    return f"[{time.perf_counter() - _START:7.1f} s] {message}"
+
+
 def progress(message: str) -> None:
     """A line on stdout with the seconds since the benchmark started: a run stopped by a time limit (a device
     lease) still shows how far it got and what took the time."""
-    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
+    print(_stamped(message), flush=True)
 
 
 class ElapsedFormatter(logging.Formatter):
     """Log records on the progress lines' clock."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"[{time.perf_counter() - _START:7.1f} s] {record.getMessage()}"
+        return _stamped(record.getMessage())
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -298,11 +298,10 @@ def _region_problem(region: Region, infos, batch) -> str:
 
 # ---- graph building ------------------------------------------------------------------------------------------
 
-#: Key of a sparse variant's ``gm.meta``: per entry of its row counts output, whether it counts one batch element's
-#: rows (a per-element selection, against the element capacity) or the batch's union (against the capacity).
-COUNTS_PER_ELEMENT = "dyllm_counts_per_element"
-#: Key of a sparse variant's ``gm.meta``: per entry of its row counts output, the index of the row selection it
-#: counts among the selections of its kind (union or per element), the index into a per-selection capacity.
+#: Key of a sparse variant's ``gm.meta``: per entry of its row counts output, the row selection it counts, as
+#: (per element, index): whether it counts one batch element's rows (a per-element selection, against the element
+#: capacity) or the batch's union (against the capacity), and its index among the selections of that kind (into a
+#: per-selection capacity).
 COUNT_SELECTIONS = "dyllm_count_selections"
 
 #: A row capacity: one for every selection of a kind, or one per selection in the order the graph makes them
@@ -437,9 +436,9 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     however the policy's hooks narrow the set. Each site's S_out comes from the policy's in-graph hook (a
     submodule the lowering traces). Outputs: the original outputs, the new caches, the number of union rows each
     gathered region needed (for overflow detection and the row counters), the salient fraction per site
-    [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break). Which counts are
-    per element (the most rows of one element, against ``element_capacity``) is ``gm.meta[COUNTS_PER_ELEMENT]``,
-    and which selection of its kind each counts, ``gm.meta[COUNT_SELECTIONS]``.
+    [layers, B] and the last salient set [B, N] (the next graph's S_in after a graph break). Which selection each
+    count counts, per element (the most rows of one element, against ``element_capacity``) or of the union, is
+    ``gm.meta[COUNT_SELECTIONS]``.
     A graph without attention gates its regions on ``salient_in``.
     """
     config = plan.config
@@ -457,7 +456,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     everyone = b.graph.placeholder("dense_call")
     new_cache: dict[int, Any] = {}
-    counts, fractions, per_element_counts, count_selections = [], [], [], []
+    counts, fractions, count_selections = [], [], []
     selections: dict[tuple[fx.Node, int, bool], _Rows] = {}  # by salient set, segment and per element or not
     made = {False: 0, True: 0}  # gated-region selections made so far, union and per element
     selection_index: dict[tuple[fx.Node, int, bool], int] = {}
@@ -536,8 +535,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             own = element_capacity is not None and id(region) in plan.element_regions
             picked = select(salient, own)
             counts.append(picked.count)
-            per_element_counts.append(picked.per_element)
-            count_selections.append(selection_index[(salient, b.segment, own)])
+            count_selections.append((own, selection_index[(salient, b.segment, own)]))
             b.env[node] = _emit_gathered(b, region, picked, cache_in[cache])
             new_cache[cache] = b.env[node]
             continue
@@ -567,7 +565,6 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     extra.append(b.call(torch.stack, fractions) if fractions else b.call(rows.no_fractions, salient))
     extra.append(salient)
     gm = b.finish(extra)
-    gm.meta[COUNTS_PER_ELEMENT] = per_element_counts
     gm.meta[COUNT_SELECTIONS] = count_selections
     return gm
 

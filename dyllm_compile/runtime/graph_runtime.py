@@ -40,7 +40,7 @@ import torch
 
 from ..config import DyllmConfig
 from ..lowering import output_layouts
-from ..passes.rewrite import COUNT_SELECTIONS, COUNTS_PER_ELEMENT, RewritePlan, build_dense, build_sparse, scalar_inputs
+from ..passes.rewrite import COUNT_SELECTIONS, RewritePlan, build_dense, build_sparse, scalar_inputs
 from ..policies import CallState
 from . import row_tags
 
@@ -120,10 +120,10 @@ def _expected_growth(history: list[list[float]], selections: int) -> list[float]
     return [max(shares) for shares in zip(*(h for h in history if len(h) == selections))] or [0.0] * selections
 
 
-def _per_selection(counts: list[int], kinds: list[bool], selection: list[int]) -> tuple[list[int], list[int]]:
+def _per_selection(counts: list[int], selections: list[tuple[bool, int]]) -> tuple[list[int], list[int]]:
     """The most rows each selection needed (its regions' counts), union selections and per-element ones."""
     found: dict[bool, list[int]] = {False: [], True: []}
-    for count, own, i in zip(counts, kinds, selection):
+    for count, (own, i) in zip(counts, selections):
         needed = found[own]
         needed.extend([0] * (i + 1 - len(needed)))
         needed[i] = max(needed[i], count)
@@ -172,8 +172,8 @@ class GraphRuntime:
         self.n_user = len(plan.analysis.gm.graph.output_node().args[0])
         self.n_sites = len(plan.sites)
         self.states: "OrderedDict[Any, list[SequenceState]]" = OrderedDict()
-        # per variant: the compiled function, and which of its row counts are per element
-        self.sparse_fns: dict[tuple, tuple[Callable, list[bool], list[int]]] = {}
+        # per variant: the compiled function, and the row selection each of its row counts counts
+        self.sparse_fns: dict[tuple, tuple[Callable, list[tuple[bool, int]]]] = {}
         self._selection_counts: dict[tuple, tuple[int, int]] = {}
         # per input shapes, the growth history of the last sparse call's sequence: a new sequence's first capacity
         # guess (only a guess: an overflow reruns). Not sequence data, so reset() keeps it.
@@ -328,13 +328,13 @@ class GraphRuntime:
             per_element = self._capacities((_grown(rows_per_element, g, n)
                                             for g in _expected_growth(state.growth_per_element, n_element)), n) or None
         while True:
-            fn, kinds, selection = self._sparse(capacity, args, state.caches, changed, extra, query_capacity,
-                                                per_element)
+            fn, selections = self._sparse(capacity, args, state.caches, changed, extra, query_capacity,
+                                          per_element)
             out = fn(*args, *state.caches, changed, *extra)
             counts = out[self.n_user + self.n_caches].tolist()  # one sync: rows per gathered region
             if max(counts, default=0) > cap:  # more salient rows than the policy allows: run dense
                 return self._dense(states, state, args, tokens, others, upstream)
-            needed, needed_per_element = _per_selection(counts, kinds, selection)
+            needed, needed_per_element = _per_selection(counts, selections)
             if capacity is None or (_fits(needed, capacity) and _fits(needed_per_element, per_element or ())):
                 break
             self.stats.reruns += 1
@@ -344,18 +344,19 @@ class GraphRuntime:
         state.caches = list(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
-        if rows < n:
-            state.growth = [*state.growth, [max(0, k - rows) / (n - rows) for k in needed]][-GROWTH_WINDOW:]
-        if rows_per_element < n:
-            shares = [max(0, k - rows_per_element) / (n - rows_per_element) for k in needed_per_element]
-            state.growth_per_element = [*state.growth_per_element, shares][-GROWTH_WINDOW:]
-        self._growth[self._shapes(args)] = state.growth, state.growth_per_element
+        if not unbacked:  # the growth sizes capacity buckets; unbacked counts need no guess
+            if rows < n:
+                state.growth = [*state.growth, [max(0, k - rows) / (n - rows) for k in needed]][-GROWTH_WINDOW:]
+            if rows_per_element < n:
+                shares = [max(0, k - rows_per_element) / (n - rows_per_element) for k in needed_per_element]
+                state.growth_per_element = [*state.growth_per_element, shares][-GROWTH_WINDOW:]
+            self._growth[self._shapes(args)] = state.growth, state.growth_per_element
         state.queried = None if queried is None or bool(queried.all()) else queried
         if cfg.shadow and isinstance(out[0], torch.Tensor) and out[0].is_floating_point():
             self._shadow(args, out[0])
         queried_rows = query_capacity or (0 if queried is None else int(queried.any(0).sum()))
         gathered = sum(counts) if capacity is None else sum((per_element if own else capacity)[i]
-                                                            for own, i in zip(kinds, selection))
+                                                            for own, i in selections)
         self._count_sparse(out, len(counts), gathered, n, queried_rows)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
@@ -497,25 +498,24 @@ class GraphRuntime:
         if key not in self._selection_counts:
             scalars = {i: args[i].item() for i in self.scalar_inputs}
             meta = build_sparse(self.plan, 1, scalars, query_capacity, 1 if self.plan.element_regions else None).meta
-            kinds, selection = meta[COUNTS_PER_ELEMENT], meta[COUNT_SELECTIONS]
-            self._selection_counts[key] = tuple(1 + max((i for own, i in zip(kinds, selection) if own == kind),
+            self._selection_counts[key] = tuple(1 + max((i for own, i in meta[COUNT_SELECTIONS] if own == kind),
                                                         default=-1) for kind in (False, True))
         return self._selection_counts[key]
 
     def _sparse(self, capacity: Optional[tuple[int, ...]], args: tuple, caches: list[torch.Tensor],
                 changed: torch.Tensor, extra: list, query_capacity: Optional[int] = None,
-                per_element: Optional[tuple[int, ...]] = None) -> tuple[Callable, list[bool], list[int]]:
+                per_element: Optional[tuple[int, ...]] = None) -> tuple[Callable, list[tuple[bool, int]]]:
         """The sparse variant for ``capacity`` rows per union selection (None: unbacked counts),
         ``query_capacity`` queried rows and ``per_element`` rows of each batch element per per-element
         selection (the plan's element regions; None: they gather the union too); with it, per row count it
-        returns, whether it is per element and the index of its selection. ``extra``: the forced-salient,
-        row-hint, queried-rows and dense-call inputs."""
+        returns, the selection it counts (``COUNT_SELECTIONS``). ``extra``: the forced-salient, row-hint,
+        queried-rows and dense-call inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
         key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()), per_element)
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
             fn = self.lower(gm, [*args, *caches, changed, *extra], dynamic_output_shapes=capacity is None)
-            self.sparse_fns[key] = fn, gm.meta[COUNTS_PER_ELEMENT], gm.meta[COUNT_SELECTIONS]
+            self.sparse_fns[key] = fn, gm.meta[COUNT_SELECTIONS]
             self.stats.sparse_compiles += 1
             log.info("dyllm: graph %s: compiled the sparse variant for %s rows%s", self.graph_id,
                      "unbacked" if capacity is None else capacity,

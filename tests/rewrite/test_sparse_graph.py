@@ -9,7 +9,7 @@ from dyllm_compile.models import llada_like
 from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.passes.graph_utils import op_name
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
-from dyllm_compile.passes.rewrite import COUNTS_PER_ELEMENT, build_sparse, plan_rewrite
+from dyllm_compile.passes.rewrite import COUNT_SELECTIONS, build_sparse, plan_rewrite
 from dyllm_compile.runtime import rows
 
 
@@ -82,11 +82,12 @@ def test_regions_gather_each_elements_rows_in_a_batch():
     assert {r.role for r in plan.regions if id(r) in plan.element_regions} == {"k", "v", "q", "ffn", "lm_head"}
     assert all(id(r) in plan.element_regions for r in plan.regions)
     before, after = build_sparse(plan, 8), build_sparse(plan, 8, element_capacity=4)
-    assert not _calls(before, rows.select_rows_per_element) and not any(before.meta[COUNTS_PER_ELEMENT])
+    assert not _calls(before, rows.select_rows_per_element)
+    assert not any(own for own, _ in before.meta[COUNT_SELECTIONS])
     assert len(_calls(after, rows.scatter_rows_per_element)) == len(_calls(before, rows.scatter_rows))
     assert not _calls(after, rows.scatter_rows) and not _calls(after, rows.select_rows)
     assert all(select.args[1] == 4 for select in _calls(after, rows.select_rows_per_element))
-    assert all(after.meta[COUNTS_PER_ELEMENT])
+    assert all(own for own, _ in after.meta[COUNT_SELECTIONS])
     gathers = _calls(after, rows.gather_rows_per_element)
     tables = [g for g in gathers if g.args[3] is not None]
     assert {g.args[3] for g in tables} == {4}  # cos and sin of each k and q chain, as [B, 1, K, D]

@@ -90,6 +90,13 @@ class DyllmConfig:
         1.0, "A call whose salient rows (in any layer) exceed this fraction of the sequence runs dense.",
         kind=float, low=0.0, high=1.0, low_open=True,
     )
+    max_changed_fraction: float = _knob(
+        0.5, "A call whose new rows (over the batch: the rows whose token inputs changed and, with query pruning, "
+        "the rows queried again, as at each refresh) exceed this fraction of the sequence runs dense, known "
+        "before it runs: recomputing them is most of a dense call's work, and with capacity buckets a sparse "
+        "variant at full capacity gathers every row and is a compile of its own. A policy's own rows do not count.",
+        kind=float, low=0.0, high=1.0, low_open=True,
+    )
     min_salient_fraction: float = _knob(
         0.0, "Smallest row capacity of a sparse call, as a fraction of the sequence (row_counts buckets only).",
         kind=float, low=0.0, high=1.0,

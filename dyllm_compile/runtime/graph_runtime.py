@@ -1,7 +1,8 @@
 """Per compiled graph: sequence states (caches), the step policy, and the dense / sparse variants.
 
 Each call picks a variant. Dense: the first ``dense_steps`` calls of a sequence, every ``refresh_period`` calls,
-any call that does not continue a known sequence, and calls with too many salient rows. Sparse otherwise: layer
+any call that does not continue a known sequence, calls with too many changed rows (``max_changed_fraction``, known
+before the call) or salient rows (``max_salient_fraction``, in any layer: known after it). Sparse otherwise: layer
 0's salient rows are the rows whose token inputs changed since the last call. With unbacked row counts a dense
 call is the sparse variant with every row salient (its ``dense_call`` input), from zero caches for a new
 sequence: one compiled variant serves both kinds of call. With capacity buckets (and in shadow mode, which
@@ -294,15 +295,23 @@ class GraphRuntime:
         refresh = cfg.refresh_period and state.calls % cfg.refresh_period == 0
         call = self._call_state(state, tokens, changed)
         hint = self.policy.row_hint(call) if call is not None and self.policy.uses_row_hint else None
+        new_rows = changed  # what changed since the last call: the inputs, then rows queried again
         if call is not None:
             changed = self.policy.first_rows(call)
         queried = self._queried(state, changed) if self.plan.prunes_queries else None
         if queried is not None and state.queried is not None:
             # A row queried again after calls that skipped it has an old context (its incremental update would
             # miss the keys that changed meanwhile): it is recomputed, salient.
-            changed = changed | (queried & ~state.queried)
-        rows, rows_per_element = torch.stack([changed.any(0).sum(), changed.sum(1).max()]).tolist()  # one sync
+            again = queried & ~state.queried
+            changed, new_rows = changed | again, new_rows | again
+        rows, rows_per_element, new = torch.stack([changed.any(0).sum(), changed.sum(1).max(),
+                                                   new_rows.any(0).sum()]).tolist()  # one sync
+        # Most rows changed (a query-pruning refresh over a long prompt): a dense call, not a sparse variant at full
+        # capacity, which gathers every row and compiles a variant of its own (``max_changed_fraction``). The
+        # policy's own rows are its choice, and a graph after a break follows its producer's (its S_in is the rows
+        # the layers before it made salient): neither counts.
         if (state.calls < cfg.dense_steps or refresh or rows > cap or call is None
+                or (upstream is None and new > math.ceil(cfg.max_changed_fraction * n))
                 or self.policy.dense_call(call)):
             return self._dense(states, state, args, tokens, others, upstream)
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely

@@ -8,6 +8,7 @@ for rows outside S_in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,6 +48,7 @@ class Oracle:
     query_pruning_period: int = 0
     # "salient": the attention output projection of rows outside S_out keeps its cached value, like the FFN's.
     output_projection: str = "dense"
+    max_changed_fraction: float = DyllmConfig().max_changed_fraction
     last_queried: Optional[torch.Tensor] = None
     response: Optional[torch.Tensor] = None
     caches: Optional[dict] = None
@@ -62,34 +64,38 @@ class Oracle:
         if self.rules is not None and self.caches is not None and self.rules.dense(self.calls):
             self.caches = None
         dense = self.caches is None
-        if dense and (self.rules is not None or self.query_pruning_period) and self.response is None:
-            self.response = ids == self.mask_id
-        if dense:
-            self.caches = {}  # calls keep counting across refreshes, as the runtime counts them
-            salient = torch.ones_like(ids, dtype=torch.bool)
-            if self.block_freeze is not None:
-                self.block = torch.zeros_like(salient)
-                for row, masked in enumerate(ids == self.mask_id):
-                    where = masked.nonzero().flatten()
-                    if where.numel():
-                        self.block[row, where[0] : where[0] + self.block_freeze] = True
-        else:
+        queried = None
+        if not dense:
             salient = ids != self.ids
             if self.block_freeze is not None:
                 salient = salient | self.block
             self.changed = salient
             if self.rules is not None:
                 salient = self.rules.first(salient, self.calls, self.response)
-            if self.threshold >= 1.0:
-                salient = torch.ones_like(salient)
+            new_rows = ids != self.ids  # changed since the last call: tokens, then rows queried again
+            if self.query_pruning_period:
+                queried = self.response if self.calls % self.query_pruning_period else torch.ones_like(salient)
+                if self.last_queried is not None:  # queried again after skipped calls: an old context, recomputed
+                    again = queried & ~self.last_queried
+                    salient, new_rows = salient | again, new_rows | again
+            # more new rows (over the batch) than max_changed_fraction allows: a dense call
+            dense = int(new_rows.any(0).sum()) > math.ceil(self.max_changed_fraction * ids.shape[1])
+        if dense:
+            if (self.rules is not None or self.query_pruning_period) and self.response is None:
+                self.response = ids == self.mask_id
+            self.caches = {}  # calls keep counting across refreshes, as the runtime counts them
+            salient, queried = torch.ones_like(ids, dtype=torch.bool), None
+            if self.block_freeze is not None:
+                self.block = torch.zeros_like(salient)
+                for row, masked in enumerate(ids == self.mask_id):
+                    where = masked.nonzero().flatten()
+                    if where.numel():
+                        self.block[row, where[0] : where[0] + self.block_freeze] = True
+        elif self.threshold >= 1.0:
+            salient = torch.ones_like(salient)
         forced = None
         if self.force_salient is not None and not dense:
             forced = forced_masks(self.seed, self.calls, len(self.model.layers), *ids.shape, self.force_salient)
-        queried = None
-        if not dense and self.query_pruning_period:
-            queried = self.response if self.calls % self.query_pruning_period else torch.ones_like(salient)
-            if self.last_queried is not None:  # queried again after skipped calls: an old context, recomputed
-                salient = salient | (queried & ~self.last_queried)
         logits = self._forward(ids, salient, dense, forced, queried)
         self.last_queried = None if queried is None or bool(queried.all()) else queried
         self.ids, self.calls = ids.clone(), self.calls + 1

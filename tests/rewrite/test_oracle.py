@@ -15,13 +15,13 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 
-def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu"):
+def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu", prompt_length=8):
     torch._dynamo.reset()
     lock_serial = last_serial()
     model = MODELS[arch]().to(device)
     compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
     oracle = Oracle(model, **oracle_kwargs)
-    prompt = torch.randint(0, 100, (batch, 8), generator=torch.Generator().manual_seed(batch)).to(device)
+    prompt = torch.randint(0, 100, (batch, prompt_length), generator=torch.Generator().manual_seed(batch)).to(device)
     lock = Lockstep(compiled, oracle)
     generate(lock, prompt, mask_token_id=MASK, gen_length=gen_length, steps=gen_length, block_length=8)
     lock.runtimes = runtimes(lock_serial)
@@ -99,6 +99,18 @@ def test_query_pruning_buckets_match_oracle():
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     n = 8 + 16
     assert {key[1] for key in runtime.sparse_fns} == {n, 16}  # all rows every 4th call, else the 16 response rows
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
+def test_refresh_over_a_long_prompt_runs_dense_and_matches_oracle(mode, row_counts):
+    """A refresh queries the 24 prompt rows of 40 again: more than max_changed_fraction (0.5) of the rows are new,
+    so the call runs dense, as in the oracle, on both row-count routes; the calls between refreshes stay sparse."""
+    options = {"attention_mode": mode, "query_pruning_period": 4, "mask_token_id": MASK, "row_counts": row_counts}
+    lock, _ = _run("llada", 2, options, dict(mode=mode, query_pruning_period=4), prompt_length=24)
+    (runtime,) = lock.runtimes
+    assert lock.steps == 16 and runtime.stats.dense_calls == 4 and runtime.stats.sparse_calls == 12  # 0, 4, 8, 12
+    assert all(key[1] != 40 for key in runtime.sparse_fns)  # no variant queries every row
 
 
 def test_query_pruning_with_forced_salient_rows_matches_oracle():

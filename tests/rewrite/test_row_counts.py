@@ -113,35 +113,44 @@ def test_buckets_gather_each_elements_rows_in_a_batch():
     assert all(isinstance(k, tuple) for k in per_element) and max(map(max, per_element)) < min(union)
 
 
-def test_a_refresh_does_not_size_the_next_call(monkeypatch):
-    """Query pruning's refresh (every queried row again, most of them recomputed) needs the full bucket. The next
-    call changes a token or two: its capacities come from its own changed rows and the share of the others the
-    layers made salient last time, so it takes the small bucket again (sized from the refresh's count, it took
-    the full one and compiled a variant for it)."""
+@pytest.mark.parametrize("max_changed_fraction", [0.5, 1.0])
+def test_a_refresh_does_not_size_the_next_call(monkeypatch, max_changed_fraction):
+    """Query pruning's refresh queries every row again: here the 40 prompt rows of 56, all recomputed. By default
+    (``max_changed_fraction`` 0.5) that many new rows make it a dense call, so no variant at full capacity is
+    compiled. Allowed to run sparse (1.0), it needs the full bucket; either way the next call changes a token or
+    two and takes a small bucket again: its capacities come from its own changed rows and the share of the others
+    the layers made salient lately (sized from the refresh's count, it took the full one and compiled a variant)."""
     from dyllm_compile.runtime.graph_runtime import GraphRuntime
 
     calls = []
     sparse = GraphRuntime._sparse
 
     def spy(self, capacity, args, caches, changed, extra, query_capacity=None, per_element=None):
-        calls.append(((*capacity, *(per_element or ())), int(changed.any(0).sum())))  # every capacity
+        calls.append((self.stats.dense_calls + self.stats.sparse_calls, (*capacity, *(per_element or ())),
+                      int(changed.any(0).sum())))
         return sparse(self, capacity, args, caches, changed, extra, query_capacity, per_element)
 
     monkeypatch.setattr(GraphRuntime, "_sparse", spy)
     torch._dynamo.reset()
+    before = last_serial()
     model = llada_like("tiny", init_std=0.2)
     options = {"lowering": "aot_eager", "force_salient": 0.1, "seed": 4, "row_counts": "buckets",
-               "query_pruning_period": 4, "mask_token_id": 127}
+               "query_pruning_period": 4, "mask_token_id": 127, "max_changed_fraction": max_changed_fraction}
     prompt = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(4))
     generate(torch.compile(model, backend="dyllm", options=options), prompt, mask_token_id=127, gen_length=16,
              steps=16, block_length=16)
-    n = 56
-    refreshes = [i for i, (_, changed) in enumerate(calls) if changed > n // 2]
-    assert refreshes and refreshes[-1] < len(calls) - 1
-    for i in refreshes:
-        assert max(calls[i][0]) == n  # the refresh: the full bucket
-        capacities, changed = calls[i + 1]
-        assert changed < 4 and capacities and max(capacities) < n
+    (runtime,) = runtimes(before)
+    n, refreshes = 56, [4, 8, 12]  # the sequence's calls whose count is a multiple of the period
+    if max_changed_fraction == 0.5:
+        assert runtime.stats.dense_calls == 1 + len(refreshes) and runtime.stats.sparse_calls == 12
+        assert all(max(capacities) < n for _, capacities, _ in calls)
+        return
+    assert runtime.stats.dense_calls == 1
+    at = {call: (capacities, changed) for call, capacities, changed in calls}  # the last try of each call
+    for call in refreshes:
+        assert at[call][1] >= 40 and max(at[call][0]) == n  # the refresh: the full bucket
+        capacities, changed = at[call + 1]
+        assert changed < 4 and max(capacities) < n
 
 
 @pytest.mark.parametrize("scope", ["shared", "per_selection"])

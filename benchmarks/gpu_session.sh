@@ -11,7 +11,7 @@
 # stages keep (DYLLM_GPU_LATER_DECODE seconds for each later decode, DYLLM_GPU_TEST_RESERVE for the tests), and
 # leaves what it finished under $OUT: the decode writes its rows after every round of timed decodes and prints
 # each stage's progress with the seconds since it started, so a stage cut short shows where its time went and
-# does not cost the others. Measured on an H200 (2026-12-04, second lease): the tests did not finish in 120 s in
+# does not cost the others (cut by SIGINT: pytest's summary and Python's traceback still print). Measured on an H200 (2026-12-04, second lease): the tests did not finish in 120 s in
 # 12 workers (the kernels autotune); the batch-8 decode, cold compiles, did not finish its first round in 255 s
 # (no progress lines then): the decode now shares compiled kernels between its modes (--warm-compile-cache;
 # compile times in its rows are warm, and say so).
@@ -46,16 +46,20 @@ export PYTHONUNBUFFERED=1
 case "$PART" in checks|decode|all) ;; *) echo "usage: $0 [checks|decode|all]" >&2; exit 2 ;; esac
 case "$MODEL" in llada|dream) ;; *) echo "DYLLM_GPU_MODEL: llada or dream, not '$MODEL'" >&2; exit 2 ;; esac
 
-limit() {  # limit WANTED [RESERVE]: WANTED seconds, or the budget left less RESERVE
-    local left=$(( BUDGET - SECONDS - 10 - ${2:-0} ))
+limit() {  # limit WANTED [RESERVE]: WANTED seconds, or the budget left less RESERVE (and a stage's grace)
+    local left=$(( BUDGET - SECONDS - GRACE - 5 - ${2:-0} ))
     echo $(( $1 < left ? $1 : (left > 1 ? left : 1) ))
 }
+
+# A stage past its limit gets SIGINT, then GRACE seconds before SIGKILL: pytest then still prints its summary (what
+# passed, the slowest tests) and Python the traceback of where the benchmark was, which a SIGTERM lost.
+GRACE=15
 
 stage() {  # stage LIMIT_S LOG COMMAND...: runs COMMAND for at most LIMIT_S seconds, output to the screen and LOG
     local limit=$1 log=$2
     shift 2
     echo "== $(date +%T) $* (limit ${limit}s)" | tee -a "$log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    timeout -s INT -k "$GRACE" "$limit" "$@" 2>&1 | tee -a "$log"
     echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 

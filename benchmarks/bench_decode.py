@@ -49,10 +49,12 @@ from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runti
 # the gathered rows' linear layers in the model's operand order (linear_order="input_first", the order before
 # linear_order existed; the default measures), -wg lowered as one whole graph (piecewise=False, as before
 # piecewise lowering existed), -ps a capacity bucket per row selection (row_capacity="per_selection"; capacity
-# buckets only, the GPU's route). exact is the library default (docs/rewrite.md).
+# buckets only, the GPU's route), -st a variant compiled per capacity bucket (symbolic_capacities=False, as
+# before symbolic capacities; buckets only). exact is the library default (docs/rewrite.md).
 MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
          "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg",
-         "dyllm-exact-ps", "dyllm-exact-qp-ps")
+         "dyllm-exact-ps", "dyllm-exact-qp-ps", "dyllm-exact-st", "dyllm-exact-qp-st", "dyllm-exact-ps-st",
+         "dyllm-exact-qp-ps-st")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -154,6 +156,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
         options["piecewise"] = False
     if "ps" in flags:
         options["row_capacity"] = "per_selection"
+    if "st" in flags:
+        options["symbolic_capacities"] = False
     return torch.compile(model, backend="dyllm", options=options)
 
 
@@ -265,7 +269,7 @@ def summarize(run: ModeRun, work: Workload, dtype: torch.dtype) -> dict:
             rows_computed_fraction=sum(s.rows_computed for s in stats) / max(1, sum(s.rows_dense for s in stats)),
             gated_flops_share=gated / max(1, total),  # what the mode's rewrite plan gates (explain's share)
             cache_mb=run.cache_bytes / 2 ** 20,
-            sparse_variants=sum(len(r.sparse_fns) for r in live),  # compiled over the whole run
+            sparse_variants=sum(r.stats.sparse_compiles for r in live),  # compiled over the whole run
         )
     elem = torch.finfo(dtype).bits // 8
     row["cost"] = step_cost(shape, batch, n, fractions if fractions and len(fractions) == cfg.n_layers else None,

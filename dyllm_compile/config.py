@@ -104,9 +104,10 @@ class DyllmConfig:
     row_counts: str = _knob(
         "auto",
         "How a sparse call sizes the rows it gathers for a gated region. buckets: top-K with a static capacity "
-        "K in N/16, N/8, N/4, N/2, N (rows padded up to K, one compiled variant per bucket, no host sync in the "
-        "graph, a rerun when a layer needs a bigger bucket). unbacked: exactly the salient rows (nonzero, a "
-        "data-dependent size: one variant, no padding, no rerun; a device-to-host sync per row set on GPU). "
+        "K in N/16, N/8, N/4, N/2, N (rows padded up to K, one compiled variant for every bucket or one per "
+        "bucket: symbolic_capacities; no host sync in the graph, a rerun when a layer needs a bigger bucket). "
+        "unbacked: exactly the salient rows (nonzero, a data-dependent size: one variant, no padding, no rerun; "
+        "a device-to-host sync per row set on GPU). "
         "auto: unbacked on CPU, where it measured as fast or faster (benchmarks/bench_rows.py), buckets on "
         "other devices (CUDA graphs need static shapes).",
         choices=ROW_COUNTS,
@@ -118,8 +119,17 @@ class DyllmConfig:
         "layer's selection (a deeper layer's salient set is larger): fewer padded rows computed (GPU benchmark "
         "configuration on CPU: 25% -> 15% of the rows at batch 1, 27% -> 21% at batch 8 with query pruning) for "
         "more variants and reruns (measured there: twice the compile time, and slower steps on a model whose "
-        "step is overhead, not arithmetic); not yet measured on a GPU.",
+        "step is overhead, not arithmetic; with symbolic_capacities no more compiles); not yet measured on a GPU.",
         choices=ROW_CAPACITIES,
+    )
+    symbolic_capacities: bool = _knob(
+        True,
+        "With capacity buckets: each sparse variant is compiled once with its capacities symbolic (read from "
+        "the sizes of extra inputs), and serves every bucket that the guards its compilers recorded admit, "
+        "instead of one compile per bucket (the compiled pieces of layers with different capacities are shared "
+        "too). Fewer compiles and no recompile when a call needs another bucket, for generated code on symbolic "
+        "sizes. False: a compile per bucket (also where the symbolic compile fails, with a warning).",
+        choices=(False, True),
     )
     linear_order: str = _knob(
         "auto",

@@ -9,6 +9,22 @@ import torch
 from torch import fx
 
 from .piecewise import lower_piecewise
+from .size_guards import SizeGuards
+
+
+class Guarded:
+    """A compiled graph some of whose input sizes are symbolic, with what its compilers assumed of them:
+    :meth:`admits` says whether inputs of other sizes may run it."""
+
+    def __init__(self, fn: Callable, guards: SizeGuards) -> None:
+        self.fn, self.guards = fn, guards
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def admits(self, sizes: dict[int, int]) -> bool:
+        """``sizes``: the symbolic inputs' positions and their dim 0."""
+        return self.guards.admits(sizes)
 
 
 def lower(
@@ -18,6 +34,7 @@ def lower(
     mode: Optional[str] = None,
     dynamic_output_shapes: bool = False,
     piecewise: bool = False,
+    symbolic_inputs: Sequence[int] = (),
 ) -> Callable:
     """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode.
 
@@ -27,14 +44,22 @@ def lower(
     ``dynamic_output_shapes``: ``gm`` has ops whose output size depends on data (``nonzero``). Tracing them
     from real inputs raises DynamicOutputShapeException, so the lowering gets fake copies of the inputs whose
     ShapeEnv allows such ops (what Dynamo's ``capture_dynamic_output_shape_ops`` does for user code): the size
-    becomes an unbacked symbol and one compiled graph serves every count."""
+    becomes an unbacked symbol and one compiled graph serves every count.
+
+    ``symbolic_inputs``: positions of 1-d inputs whose size is lowered as a symbol (a capacity read from an input
+    size): the result is :class:`Guarded`, one compiled graph for every size its guards admit."""
+    guards = SizeGuards() if symbolic_inputs else None
+    if guards is not None and lowering != "eager":  # eager code reads its sizes: no guards to record
+        example_inputs = guards.inputs_of(example_inputs, symbolic_inputs)
     if piecewise and lowering != "eager":  # each piece gets fake inputs of its own, which allow such ops
-        split = lower_piecewise(gm, example_inputs, lambda piece, inputs: _lower_whole(piece, inputs, lowering, mode))
+        split = lower_piecewise(gm, example_inputs, lambda piece, inputs: _lower_whole(piece, inputs, lowering, mode),
+                                guards)
         if split is not None:
-            return split
-    if dynamic_output_shapes and lowering != "eager":
+            return split if guards is None else Guarded(split, guards)
+    if dynamic_output_shapes and guards is None and lowering != "eager":
         example_inputs = fake_inputs(example_inputs)
-    return _lower_whole(gm, example_inputs, lowering, mode)
+    fn = _lower_whole(gm, example_inputs, lowering, mode)
+    return fn if guards is None else Guarded(fn, guards)
 
 
 def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode: Optional[str]

@@ -33,11 +33,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_symbols
 from torch.fx.passes.split_module import split_module
 
 from .passes.layer_cuts import PIECE_END
+from .size_guards import SizeGuards
 
 log = logging.getLogger("dyllm_compile")
 
@@ -165,41 +164,48 @@ class _Propagate(fx.Interpreter):
     same layouts, one FakeTensorMode per piece, so that each piece compiles like a graph of its own (the fake run
     leaves its row selections' unbacked sizes unbound in its ShapeEnv, which a trace from there would trip on)."""
 
-    def __init__(self, split: fx.GraphModule) -> None:
+    def __init__(self, split: fx.GraphModule, guards: SizeGuards) -> None:
         super().__init__(split)
         self.examples: dict[str, list] = {}
+        self.guards = guards
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        self.examples[target] = _fresh(target, args)
+        self.examples[target] = _fresh(target, args, self.guards)
         return super().call_module(target, args, kwargs)
 
 
-def _fresh(target: str, args: Sequence[Any]) -> list:
-    mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True))
+def _fresh(target: str, args: Sequence[Any], guards: SizeGuards) -> list:
+    """``args`` as fake inputs of a mode of their own, whose ShapeEnv ``guards`` keeps; a symbolic size of the
+    lowering's inputs (a capacity) becomes a fresh symbol of that mode."""
+    mode = guards.mode()
     fresh = []
     for a in args:
-        if isinstance(a, torch.SymInt) or (isinstance(a, torch.Tensor) and free_symbols(a)):
-            # unbacked: a data-dependent size from an earlier piece; backed: a dynamic graph, whose sizes the
-            # whole-graph lowering keeps symbolic
-            raise NotPiecewise(f"{target} reads {a}, of a symbolic size")
+        if isinstance(a, torch.SymInt):
+            raise NotPiecewise(f"{target} reads the size {a}")
         if isinstance(a, torch.Tensor):
-            with mode:
-                a = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            try:
+                a = guards.fresh(mode, a)
+            except ValueError as err:
+                # unbacked: a data-dependent size from an earlier piece; a size of Dynamo's: a dynamic graph,
+                # whose sizes the whole-graph lowering keeps symbolic in Dynamo's ShapeEnv
+                raise NotPiecewise(f"{target} reads {err}") from None
         fresh.append(a)
     return fresh
 
 
-def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_piece: CompilePiece
-                    ) -> Optional[Callable]:
+def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_piece: CompilePiece,
+                    guards: Optional[SizeGuards] = None) -> Optional[Callable]:
     """``gm`` compiled piece by piece from the layouts of ``example_args`` (real or fake), each distinct piece
     once with ``compile_piece(piece, example_inputs)``; None where splitting would gain nothing (no cuts, no piece
-    repeated) or cannot work (a symbolic size at a piece's input): then compile ``gm`` whole."""
+    repeated) or cannot work (a data-dependent size at a piece's input): then compile ``gm`` whole. Symbolic
+    sizes of ``example_args`` must be ``guards``' inputs: the pieces' ShapeEnvs join it."""
     split = split_pieces(gm)
     if split is None:
         return None
-    propagate = _Propagate(split)
+    guards = SizeGuards() if guards is None else guards
+    propagate = _Propagate(split, guards)
     try:
-        inputs = _fresh("the graph", example_args)  # a mode of its own: the caller's ShapeEnv stays as it was
+        inputs = _fresh("the graph", example_args, guards)  # a mode of its own: the caller's ShapeEnv stays
         # The Python dispatcher, as in tracing: its decompositions take symbolic sizes where some C++ composites
         # do not (torch 2.11's linear on rows of a data-dependent count calls numel())
         with next((a.fake_mode for a in inputs if isinstance(a, torch.Tensor)), contextlib.nullcontext()), \
@@ -213,10 +219,12 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
     if len(set(keys.values())) == len(keys):
         log.info("dyllm: compiled whole, not piecewise: no piece of %d repeats", len(keys))
         return None
-    compiled: dict[tuple, Callable] = {}
+    compiled: dict[tuple, tuple[Callable, list]] = {}
     for target, args in propagate.examples.items():
         if keys[target] not in compiled:
-            compiled[keys[target]] = compile_piece(split.get_submodule(target), args)
-        setattr(split, target, _Compiled(compiled[keys[target]]))
+            compiled[keys[target]] = compile_piece(split.get_submodule(target), args), args
+        else:  # the guards of the first piece's compile hold for this piece's sizes too
+            guards.alias(compiled[keys[target]][1], args)
+        setattr(split, target, _Compiled(compiled[keys[target]][0]))
     log.info("dyllm: compiled %d pieces as %d distinct ones", len(keys), len(compiled))
     return split

@@ -309,8 +309,15 @@ COUNT_SELECTIONS = "dyllm_count_selections"
 Capacity = Union[int, Sequence[int]]
 
 
-def _nth(capacity: Capacity, index: int) -> int:
-    return capacity if isinstance(capacity, int) else capacity[index]
+def _slots(capacity: Optional[Capacity]) -> list[int]:
+    return [] if capacity is None else [capacity] if isinstance(capacity, int) else list(capacity)
+
+
+def capacity_sizes(capacity: Optional[Capacity], element_capacity: Optional[Capacity] = None,
+                   query_capacity: Optional[int] = None) -> list[int]:
+    """The sizes of a variant's capacity inputs (``build_sparse(..., symbolic=True)``), in their input order: each
+    union capacity, each per-element capacity, the queried rows' capacity."""
+    return [*_slots(capacity), *_slots(element_capacity), *_slots(query_capacity)]
 
 
 @dataclass(frozen=True)
@@ -414,8 +421,8 @@ def scalar_inputs(plan: RewritePlan) -> list[int]:
 
 
 def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optional[dict[int, Any]] = None,
-                 query_capacity: Optional[int] = None, element_capacity: Optional[Capacity] = None
-                 ) -> fx.GraphModule:
+                 query_capacity: Optional[int] = None, element_capacity: Optional[Capacity] = None,
+                 symbolic: bool = False) -> fx.GraphModule:
     """The sparse variant for row capacity K = ``capacity`` (query pruning: ``query_capacity`` queried rows; the
     regions of ``plan.element_regions``, when ``element_capacity`` is given: that many rows of each batch element).
     A capacity is one for every row selection of its kind, or one per selection (``gm.meta[COUNT_SELECTIONS]``
@@ -440,6 +447,11 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     count counts, per element (the most rows of one element, against ``element_capacity``) or of the union, is
     ``gm.meta[COUNT_SELECTIONS]``.
     A graph without attention gates its regions on ``salient_in``.
+
+    ``symbolic``: the capacities are not baked in but read from the sizes of inputs after ``dense_call``, one 1-d
+    tensor per capacity (:func:`capacity_sizes` lists them): lowered with those sizes symbolic, one compiled
+    variant serves every bucket its guards admit. The ints given only say how many capacities of each kind there
+    are.
     """
     config = plan.config
     b = _Builder(plan)
@@ -455,6 +467,15 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     everyone = b.graph.placeholder("dense_call")
+    sizes: dict[tuple[str, int], Any] = {}  # (kind, index) -> a capacity: an int, or the size of an input
+    for kind, slots in (("union", _slots(capacity)), ("element", _slots(element_capacity)),
+                        ("query", _slots(query_capacity))):
+        for index, size in enumerate(slots):
+            sizes[kind, index] = b.graph.placeholder(f"capacity_{kind}_{index}") if symbolic else size
+
+    def size_of(kind: str, index: int) -> Any:
+        size = sizes[kind, index]
+        return b.graph.call_method("size", (size, 0)) if isinstance(size, fx.Node) else size
     new_cache: dict[int, Any] = {}
     counts, fractions, count_selections = [], [], []
     selections: dict[tuple[fx.Node, int, bool], _Rows] = {}  # by salient set, segment and per element or not
@@ -474,12 +495,13 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             # Bucketed queried rows have their own static capacity: the runtime sizes it from this very mask (no
             # overflow). Unbacked, both selections count their rows.
             if current is queried:
-                size = query_capacity
+                size = None if query_capacity is None else size_of("query", 0)
             else:  # a gated region's selection: the next capacity of its kind
                 selection_index[key] = made[per_element]
                 made[per_element] += 1
-                size = element_capacity if per_element else capacity
-                size = None if size is None else _nth(size, selection_index[key])
+                kind, given = ("element", element_capacity) if per_element else ("union", capacity)
+                slot = 0 if isinstance(given, int) else selection_index[key]
+                size = None if given is None else size_of(kind, slot)
             if per_element:
                 picked = b.call(rows.select_rows_per_element, current, size)
                 selections[key] = _Rows(b.item(picked, 0), size, b.item(picked, 1), b.item(picked, 2),

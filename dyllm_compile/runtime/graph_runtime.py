@@ -11,7 +11,9 @@ unbacked, one variant gathers exactly the salient rows; buckets, each row select
 piece) has a capacity K, the smallest bucket that holds the call's changed rows plus the largest share of the
 others that the layers made salient at that selection over the last few calls (a refresh that changes most rows
 does not inflate the next call), and if a selection needed more, the call is rerun with bigger buckets (caches
-are functional, so a rerun is safe), so a salient row is never left stale. In a batch, the regions gathered per
+are functional, so a rerun is safe), so a salient row is never left stale. With ``symbolic_capacities`` the
+capacities are input sizes: one compiled variant serves every bucket its guards admit (checked once per set of
+capacities), where otherwise each capacity tuple is a compile of its own. In a batch, the regions gathered per
 element (``plan.element_regions``) have capacities of their own, bucketed and rerun the same way from the most
 rows one element needed; the others gather the union of the batch's rows.
 
@@ -41,7 +43,8 @@ import torch
 
 from ..config import DyllmConfig
 from ..lowering import output_layouts
-from ..passes.rewrite import COUNT_SELECTIONS, RewritePlan, build_dense, build_sparse, scalar_inputs
+from ..passes.rewrite import (COUNT_SELECTIONS, RewritePlan, build_dense, build_sparse, capacity_sizes,
+                              scalar_inputs)
 from ..policies import CallState
 from . import row_tags
 
@@ -176,6 +179,11 @@ class GraphRuntime:
         # per variant: the compiled function, and the row selection each of its row counts counts
         self.sparse_fns: dict[tuple, tuple[Callable, list[tuple[bool, int]]]] = {}
         self._selection_counts: dict[tuple, tuple[int, int]] = {}
+        # symbolic_capacities: per variant structure, the variants compiled with symbolic capacities so far
+        self._symbolic_fns: dict[tuple, list[tuple[Callable, list[tuple[bool, int]]]]] = {}
+        self._symbolic_at: dict[tuple, tuple[Callable, list[tuple[bool, int]]]] = {}  # (structure, *sizes) -> one
+        self._carrier_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._static_capacities = False  # set where a symbolic compile failed
         # per input shapes, the growth history of the last sparse call's sequence: a new sequence's first capacity
         # guess (only a guess: an overflow reruns). Not sequence data, so reset() keeps it.
         self._growth: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}
@@ -520,16 +528,58 @@ class GraphRuntime:
         returns, the selection it counts (``COUNT_SELECTIONS``). ``extra``: the forced-salient, row-hint,
         queried-rows and dense-call inputs."""
         scalars = {i: args[i].item() for i in self.scalar_inputs}
+        if capacity is not None and self.config.symbolic_capacities and not self._static_capacities:
+            try:
+                return self._symbolic(capacity, args, caches, changed, extra, query_capacity, per_element, scalars)
+            except Exception as err:  # a compiler that cannot take symbolic sizes: a compile per bucket still works
+                log.warning("dyllm: graph %s: compiling the sparse variant with symbolic capacities failed (%s: %s);"
+                            " compiling a variant per bucket instead", self.graph_id, type(err).__name__, err)
+                self._static_capacities = True
         key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()), per_element)
         if key not in self.sparse_fns:
             gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
             fn = self.lower(gm, [*args, *caches, changed, *extra], dynamic_output_shapes=capacity is None)
             self.sparse_fns[key] = fn, gm.meta[COUNT_SELECTIONS]
-            self.stats.sparse_compiles += 1
-            log.info("dyllm: graph %s: compiled the sparse variant for %s rows%s", self.graph_id,
-                     "unbacked" if capacity is None else capacity,
-                     "" if per_element is None else f" ({per_element} of each batch element per-element)")
+            self._count_compile(capacity, per_element, "")
         return self.sparse_fns[key]
+
+    def _count_compile(self, capacity: Optional[tuple[int, ...]], per_element: Optional[tuple[int, ...]],
+                  symbolic: str) -> None:
+        self.stats.sparse_compiles += 1
+        log.info("dyllm: graph %s: compiled the sparse variant for %s rows%s%s", self.graph_id,
+                 "unbacked" if capacity is None else capacity,
+                 "" if per_element is None else f" ({per_element} of each batch element per-element)", symbolic)
+
+    def _symbolic(self, capacity: tuple[int, ...], args: tuple, caches: list[torch.Tensor], changed: torch.Tensor,
+                  extra: list, query_capacity: Optional[int], per_element: Optional[tuple[int, ...]],
+                  scalars: dict[int, Any]) -> tuple[Callable, list[tuple[bool, int]]]:
+        """``_sparse`` with ``symbolic_capacities``: the capacities are the sizes of extra inputs, and a variant
+        compiled for one set of them runs any other its guards admit (the first such of the variants compiled
+        for this structure), else one more is compiled, for these sizes."""
+        sizes = capacity_sizes(capacity, per_element, query_capacity)
+        inputs = [*args, *caches, changed, *extra]
+        at = {len(inputs) + i: size for i, size in enumerate(sizes)}
+        structure = (len(capacity), query_capacity is None, self._shapes(args), tuple(scalars.items()),
+                     None if per_element is None else len(per_element))
+        variants = self._symbolic_fns.setdefault(structure, [])
+        if (structure, *sizes) not in self._symbolic_at:  # the guards are checked once per set of sizes
+            found = next((v for v in variants if v[0].admits(at)), None)
+            if found is None:
+                gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element, symbolic=True)
+                fn = self.lower(gm, [*inputs, *self._carriers(sizes, changed.device)], symbolic_inputs=list(at))
+                found = fn, gm.meta[COUNT_SELECTIONS]
+                variants.append(found)
+                self._count_compile(capacity, per_element, ", symbolic: for every capacity its guards admit")
+            self._symbolic_at[(structure, *sizes)] = found
+        (fn, selections), carriers = self._symbolic_at[(structure, *sizes)], self._carriers(sizes, changed.device)
+        return (lambda *a: fn(*a, *carriers)), selections
+
+    def _carriers(self, sizes: list[int], device: torch.device) -> list[torch.Tensor]:
+        """1-d inputs of the ``sizes`` (their values are never read), kept per size and device."""
+        for size in sizes:
+            if (size, device) not in self._carrier_cache:
+                self._carrier_cache[size, device] = torch.empty(size, dtype=torch.uint8, device=device)
+        return [self._carrier_cache[size, device] for size in sizes]
 
 
 def _touch(states: list[SequenceState], state: Optional[SequenceState]) -> None:

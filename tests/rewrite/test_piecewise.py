@@ -110,7 +110,7 @@ def test_lower_piecewise_declines(caplog):
     with caplog.at_level(logging.INFO, logger="dyllm_compile"):
         assert lower_piecewise(_marked(gathered, {"squeeze"}), [torch.tensor([True, False, True, True]), x],
                                _counting(compiled)) is None
-    assert "of a symbolic size" in caplog.text
+    assert "of a data-dependent size" in caplog.text
     assert not compiled
 
 

@@ -47,7 +47,9 @@ def _decode(options, calls=8, lowering="aot_eager"):
 @pytest.fixture(scope="module")
 def routes():
     forced = {"force_salient": 0.3, "seed": 3}
-    return {route: _decode({"row_counts": route, **forced}) for route in ("auto", "buckets", "unbacked")}
+    # buckets compiled per bucket (static capacities): the route as the GPU ran it before symbolic capacities
+    return {route: _decode({"row_counts": route, "symbolic_capacities": False, **forced})
+            for route in ("auto", "buckets", "unbacked")}
 
 
 def test_unbacked_compiles_one_variant_and_never_reruns(routes):
@@ -85,7 +87,7 @@ def test_routes_under_inductor_match_oracle(route):
     torch._dynamo.reset()
     before = last_serial()
     model = llada_like("tiny", init_std=0.2)
-    options = {"force_salient": 0.3, "seed": 5, "row_counts": route}
+    options = {"force_salient": 0.3, "seed": 5, "row_counts": route, "symbolic_capacities": False}
     compiled = torch.compile(model, backend="dyllm", options=options)
     lock = Lockstep(compiled, Oracle(model, force_salient=0.3, seed=5))
     prompt = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -102,7 +104,8 @@ def test_buckets_gather_each_elements_rows_in_a_batch():
     torch._dynamo.reset()
     before = last_serial()
     model = llada_like("tiny", init_std=0.2)
-    options = {"lowering": "aot_eager", "force_salient": 0.1, "seed": 4, "row_counts": "buckets"}
+    options = {"lowering": "aot_eager", "force_salient": 0.1, "seed": 4, "row_counts": "buckets",
+               "symbolic_capacities": False}  # a variant per capacity tuple, which the keys show
     lock = Lockstep(torch.compile(model, backend="dyllm", options=options), Oracle(model, force_salient=0.1, seed=4))
     prompt = torch.randint(0, 100, (8, 24), generator=torch.Generator().manual_seed(4))
     generate(lock, prompt, mask_token_id=127, gen_length=8, steps=8, block_length=8)
@@ -162,7 +165,7 @@ def test_row_capacity_per_selection_or_shared(scope):
     before = last_serial()
     model = llada_like("tiny", init_std=0.2)
     options = {"lowering": "aot_eager", "force_salient": 0.2, "seed": 6, "row_counts": "buckets",
-               "row_capacity": scope}
+               "row_capacity": scope, "symbolic_capacities": False}  # a variant per capacity tuple
     lock = Lockstep(torch.compile(model, backend="dyllm", options=options), Oracle(model, force_salient=0.2, seed=6))
     prompt = torch.randint(0, 100, (1, 120), generator=torch.Generator().manual_seed(6))
     generate(lock, prompt, mask_token_id=127, gen_length=8, steps=8, block_length=8)

@@ -110,3 +110,21 @@ def test_per_element_rows_are_each_elements_salient_rows():
     table = torch.arange(12.0).view(6, 2)
     picked = rows.gather_rows_per_element(table, index, 0, rank=4)
     assert picked.shape == (2, 1, 2, 2) and torch.equal(picked[1, 0], table[[0, 1]])
+
+
+def test_symbolic_capacities_are_input_sizes():
+    """Before: each selection's capacity is a constant of the graph (top-K at 4, then 8). After (``symbolic``):
+    one input per capacity (per selection here), after ``dense_call``, and each selection reads its capacity as
+    that input's size, within its layer's piece; the values given only count the capacities."""
+    plan = _plan()
+    n_selections = len(_calls(build_sparse(plan, 4), rows.select_rows))
+    capacity = tuple(range(4, 4 + n_selections))
+    before, after = build_sparse(plan, capacity), build_sparse(plan, capacity, symbolic=True)
+    assert [s.args[1] for s in _calls(before, rows.select_rows)] == list(capacity)
+    inputs = [n for n in after.graph.nodes if n.op == "placeholder"]
+    assert [n.name for n in inputs[-n_selections - 1:]] == ["dense_call"] + [f"capacity_union_{i}"
+                                                                           for i in range(n_selections)]
+    for i, select in enumerate(_calls(after, rows.select_rows)):
+        size = select.args[1]
+        assert size.op == "call_method" and size.target == "size" and size.args == (inputs[-n_selections + i], 0)
+    assert len(inputs) == len([n for n in before.graph.nodes if n.op == "placeholder"]) + n_selections

@@ -56,10 +56,15 @@ def test_threshold_one_equals_dense_inductor_cuda(name, row_counts):
     _compare(name, 2, "inductor", calls=3, tol=1e-4, device="cuda", row_counts=row_counts)
 
 
+@pytest.mark.parametrize("symbolic", [True, False])
 @pytest.mark.parametrize("name", list(ZOO))
-def test_threshold_one_equals_dense_with_capacity_buckets(name):
+def test_threshold_one_equals_dense_with_capacity_buckets(name, symbolic):
     """The GPU's row-count route on CPU at batch 2: capacity buckets, each batch element's rows gathered on their
-    own wherever the plan can (per-position tables broadcast as the model broadcasts them), every row salient."""
-    runtime = _compare(name, 2, "aot_eager", row_counts="buckets")
+    own wherever the plan can (per-position tables broadcast as the model broadcasts them), every row salient;
+    the capacities symbolic (one variant for every bucket) or a variant per bucket."""
+    runtime = _compare(name, 2, "aot_eager", row_counts="buckets", symbolic_capacities=symbolic)
     assert runtime.plan.regions and all(id(r) in runtime.plan.element_regions for r in runtime.plan.regions)
-    assert all(isinstance(key[-1], tuple) for key in runtime.sparse_fns)  # variants with per-element capacities
+    # variants with per-element capacities (a symbolic variant's structure ends with their number)
+    per_element = [key[-1] for key in runtime._symbolic_fns] if symbolic else [key[-1] for key in runtime.sparse_fns]
+    assert per_element and all(k is not None for k in per_element)
+    assert bool(runtime._symbolic_fns) == symbolic and bool(runtime.sparse_fns) != symbolic

@@ -30,6 +30,7 @@ import logging
 import operator
 from typing import Any, Callable, Optional, Sequence
 
+import sympy
 import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
@@ -149,10 +150,22 @@ def _module_key(module: torch.nn.Module) -> Any:
 
 
 def layout_key(args: Sequence[Any]) -> tuple:
-    """What a compiled piece assumes of its inputs: sizes, strides, offsets, dtypes, devices (symbolic sizes as
-    their expressions), and the value of anything else."""
-    return tuple((str(tuple(a.shape)), str(a.stride()), str(a.storage_offset()), a.dtype, a.device)
-                 if isinstance(a, torch.Tensor) else repr(a) for a in args)
+    """What a compiled piece assumes of its inputs: sizes, strides, offsets, dtypes, devices, and the value of
+    anything else. A symbolic size is its expression with the symbols numbered in order of appearance: two pieces
+    with sizes of their own (a capacity per layer, each a symbol of the piece's ShapeEnv) but of the same form
+    share one compiled function, whose guards are then checked against each piece's sizes."""
+    symbols: dict[sympy.Symbol, sympy.Symbol] = {}
+
+    def form(value: Any) -> str:
+        if not isinstance(value, torch.SymInt):
+            return str(value)
+        expr = value.node.expr
+        for symbol in sorted(expr.free_symbols, key=str):
+            symbols.setdefault(symbol, sympy.Symbol(f"size{len(symbols)}"))
+        return str(expr.xreplace(symbols))
+
+    return tuple((tuple(map(form, a.shape)), tuple(map(form, a.stride())), form(a.storage_offset()), a.dtype,
+                  a.device) if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
 
 class NotPiecewise(Exception):

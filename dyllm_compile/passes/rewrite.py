@@ -467,6 +467,10 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
     queried = b.graph.placeholder("queried") if plan.prunes_queries else None
     everyone = b.graph.placeholder("dense_call")
+    # Each layer's forced rows, taken at the start: a layer's piece then reads them as an input, and the layers'
+    # pieces are the same code (indexed in each layer, they differed by the index, and nothing was shared)
+    layers = sorted({s.site.layer for s in plan.sites}) if forced is not None else []
+    forced_rows = {layer: b.call(operator.getitem, forced, layer) for layer in layers}
     sizes: dict[tuple[str, int], Any] = {}  # (kind, index) -> a capacity: an int, or the size of an input
     for kind, slots in (("union", _slots(capacity)), ("element", _slots(element_capacity)),
                         ("query", _slots(query_capacity))):
@@ -576,8 +580,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             context = b.env[node] = b.copy(node)
         new_cache[site.caches["c"]] = context
         if forced is not None:
-            layer_forced = b.call(operator.getitem, forced, site.site.layer)
-            salient = b.call(operator.or_, salient, layer_forced)
+            salient = b.call(operator.or_, salient, forced_rows[site.site.layer])
         elif "after_attention" in policy.hooks():
             salient = hook("after_attention", site.site.layer, 2, salient, context, c_old)
         b.env[node] = context

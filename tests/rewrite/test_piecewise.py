@@ -127,15 +127,20 @@ def _whole_compiles(monkeypatch) -> list:
     return seen
 
 
-def test_piecewise_matches_oracle_and_compiles_one_layer(monkeypatch, split_api):
-    """The default threshold, batch 3: the piecewise-lowered model follows the plain-torch oracle step by step, and
-    its one sparse variant was compiled as three pieces (embedding, one layer for both, head). (Forced salient
-    sets index a per-layer mask by the layer number: layers differ there, and compile whole.)"""
+@pytest.mark.parametrize("rows", ["threshold", "forced", "forced, capacity per selection"])
+def test_piecewise_matches_oracle_and_compiles_one_layer(monkeypatch, split_api, rows):
+    """Batch 3: the piecewise-lowered model follows the plain-torch oracle step by step, and its one sparse
+    variant was compiled as three pieces (embedding, one layer for both, head): at the default threshold; with
+    forced salient sets (each layer's taken at the start: indexed in the layer, the layers differed by the index
+    and compiled whole); and with symbolic capacity buckets, one per layer's selection (the layers' capacities
+    differ, their code does not; the dense variant is three pieces more)."""
     seen = _whole_compiles(monkeypatch)
-    lock, oracle = _run("llada", 3, {}, dict(mode="exact"))
+    forced = {} if rows == "threshold" else {"force_salient": 0.3, "seed": 5}
+    buckets = {"row_counts": "buckets", "row_capacity": "per_selection"} if "selection" in rows else {}
+    lock, oracle = _run("llada", 3, {**forced, **buckets}, dict(mode="exact", **forced))
     assert lock.steps == 16 and 0 < torch.tensor(oracle.fractions).mean() < 1
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
-    assert runtime.stats.sparse_compiles == 1 and len(seen) == 3
+    assert runtime.stats.sparse_compiles == 1 and len(seen) == (6 if buckets else 3)
 
 
 def test_layer_reading_policy_compiles_whole(monkeypatch):

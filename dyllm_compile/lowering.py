@@ -79,12 +79,8 @@ def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: st
 
 def fake_inputs(inputs: Sequence[Any]) -> list[Any]:
     """Fake copies of ``inputs`` (same shapes, no data) in one FakeTensorMode whose ShapeEnv allows
-    data-dependent sizes and scalars."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    mode = FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True))
-    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
+    data-dependent sizes and scalars (:meth:`SizeGuards.inputs_of` with no symbolic size)."""
+    return SizeGuards().inputs_of(inputs, ())
 
 
 def output_layouts(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Optional[tuple[torch.Size, torch.dtype,

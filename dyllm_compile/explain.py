@@ -13,8 +13,9 @@ import torch
 
 from .config import DyllmConfig
 from .passes.analysis import GraphAnalysis, analyze
-from .passes.graph_utils import op_name, tensor_value
-from .passes.regions import Region, node_flops
+from .passes.graph_utils import tensor_value
+from .passes.head_repeat import cut_head_repeat
+from .passes.regions import Region, distinct_flops, node_flops
 from .passes.rewrite import NotRewritable, plan_rewrite
 
 # Every graph break makes one more graph; tracing many shapes of one model class shares Dynamo's cache.
@@ -53,11 +54,8 @@ class Report:
             regions = [r for r in graph.regions if r.layer == site.layer and r.role != "lm_head"]
             parts = list(chains.values()) + regions
             attention_flops = node_flops(site.node) + sum(node_flops(n) for n in site.internal)
-            # KV heads as projected, before any repeat_kv expansion.
-            k_linear = next((n for n in chains["k"].nodes if op_name(n) == "linear"), None)
-            kv_heads = site.heads
-            if k_linear is not None:
-                kv_heads = int(tensor_value(k_linear).shape[-1]) // site.head_dim
+            # KV heads as cached: the k chain's exit before any repeat_kv expansion ([B, heads, ...]).
+            kv_heads = int(tensor_value(cut_head_repeat(chains["k"], graph.infos).exit).shape[1])
             rows.append(LayerRow(
                 layer=site.layer,
                 attention=site.kind + (" (dense)" if site.dense_reason else ""),
@@ -65,8 +63,8 @@ class Report:
                 kv_heads=kv_heads,
                 gated=[_label(p) for p in parts if gated(p)],
                 dense=[_label(p) for p in parts if not gated(p) and p.flops],
-                flops=attention_flops + sum(p.flops for p in parts),
-                gated_flops=sum(p.flops for p in parts if gated(p)),
+                flops=attention_flops + distinct_flops(parts),
+                gated_flops=distinct_flops([p for p in parts if gated(p)]),
             ))
         # A graph without attention (after a graph break): its branches, each a row of the layer it belongs to.
         rows += [_branch_row(r.layer, "none", r, gated(r)) for r in graph.regions

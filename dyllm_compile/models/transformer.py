@@ -42,6 +42,7 @@ class TransformerConfig:
     attention: str = "sdpa"  # "sdpa" | "manual"
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
     qkv_bias: bool = False
+    fused_qkv: bool = False  # one projection for q, k and v, split three ways (LLaDA's att_proj)
     mlp_bias: bool = False
     qk_norm: bool = False
     positions: str = "rope"  # "rope" | "learned"
@@ -152,13 +153,28 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.widths = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(cfg.d_model, sum(self.widths), bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, self.widths[0], bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.d_model, self.widths[1], bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.d_model, self.widths[2], bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.qkv_bias)
         if cfg.qk_norm:
             self.q_norm = make_norm(cfg, hd)
             self.k_norm = make_norm(cfg, hd)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, N, heads, head_dim], k and v [B, N, kv_heads, head_dim]."""
+        cfg = self.cfg
+        b, n, _ = x.shape
+        if cfg.fused_qkv:
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        heads = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
+        return tuple(t.view(b, n, h, cfg.head_dim) for t, h in zip((q, k, v), heads))
 
     def forward(
         self,
@@ -168,9 +184,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(b, n, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = self.project(x)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

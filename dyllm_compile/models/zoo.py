@@ -54,6 +54,8 @@ def _entries() -> list[ZooEntry]:
                  description="softmax(q k^T / sqrt(d)) v written by hand, GQA"),
         ZooEntry("additive_mask", llada_config("tiny", **tiny), mask="additive",
                  description="additive attention mask input"),
+        ZooEntry("fused_qkv", llada_config("tiny", fused_qkv=True, n_kv_heads=2, **tiny),
+                 description="one q/k/v projection split three ways (LLaDA's att_proj), GQA"),
         ZooEntry("token_conv", llada_config("tiny", token_conv=3, **tiny),
                  description="depthwise conv over tokens at the start of the FFN branch"),
     ]

@@ -13,7 +13,7 @@ from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, tensor_value
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
-from .regions import Region, Spine, find_chains, find_regions, find_spine, node_flops
+from .regions import Region, Spine, distinct_flops, find_chains, find_regions, find_spine, node_flops
 from .token_axes import hidden_state_inputs, infer_token_axes
 
 
@@ -40,7 +40,7 @@ class GraphAnalysis:
     @property
     def gated_flops(self) -> int:
         chains = [c for per_site in self.chains for c in per_site.values() if c.gated]
-        return sum(r.flops for r in self.gated_regions + chains)
+        return distinct_flops(self.gated_regions + chains)
 
     @property
     def token_shape(self) -> Optional[tuple]:

@@ -78,6 +78,8 @@ REDUCTIONS = frozenset(
     "sum mean amax amin max min var std norm logsumexp prod all any argmax argmin count_nonzero median nansum "
     "nanmean var_mean std_mean".split()
 )
+# Ops that return a tuple of pieces of their input along one dim (a getitem takes each piece).
+SPLITS = frozenset("chunk split unbind".split())
 VIEWS = frozenset("view reshape flatten unflatten".split())
 NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
 
@@ -235,6 +237,9 @@ class Rules:
         # Index and source operands (scatter, gather) must be per-token values in the same layout.
         if any(self.axis_of(a) not in (None, axis) for a in tensor_args(node)):
             return self._mixing(node, f"'{name}' operands carry the token axis in different dims")
+        if name == "unbind" and normalize_dim(dim, tensor_value(x).dim()) < axis.dim:
+            # unbind removes its dim: each result (getitem of the tuple) has the token axis one dim earlier.
+            return self._row(axis.dim - 1, axis.lead)
         return self._row(axis.dim, axis.lead)
 
     def _reduction(self, node: fx.Node, out: Any) -> Info:
@@ -329,6 +334,11 @@ class Rules:
     def backward(self, node: fx.Node, axis: Axis) -> list[tuple[fx.Node, Axis]]:
         """Inputs of ``node`` that carry the token axis when its output carries ``axis``."""
         name = op_name(node)
+        if name == "getitem" and isinstance(example_value(node.args[0]), (tuple, list)):
+            # One result of a tuple op: the tuple node carries its results' axis, as in ``forward``.
+            return [(node.args[0], axis)] if op_name(node.args[0]) in SPLITS else []
+        if name in SPLITS:
+            return self._split_backward(node, name, axis)
         out = tensor_value(node)
         if out is None or name in NON_TENSOR:
             return []
@@ -376,6 +386,18 @@ class Rules:
             if axis.dim in inverse:
                 return [(node.args[0], Axis(inverse[axis.dim], axis.lead))]
         return []
+
+    def _split_backward(self, node: fx.Node, name: str, axis: Axis) -> list[tuple[fx.Node, Axis]]:
+        """The input of ``chunk`` / ``split`` / ``unbind`` whose results carry ``axis``; none when it splits
+        along the token axis. ``unbind`` removes its dim, so the input's axis is one later past it."""
+        x = tensor_value(node.args[0])
+        index, keyword, default = ALONG_DIM[name]
+        dim = arg(node, index, keyword, default)
+        if x is None or not isinstance(dim, int):
+            return []
+        dim = normalize_dim(dim, x.dim())
+        in_dim = axis.dim + 1 if name == "unbind" and dim <= axis.dim else axis.dim
+        return [] if in_dim == dim else [(node.args[0], Axis(in_dim, axis.lead))]
 
 
 def _is_legacy_empty(node: Any) -> bool:

@@ -27,7 +27,7 @@ from torch import fx
 
 from .attention_sites import AttentionSite
 from .graph_utils import example_value, hint, op_name, prod, tensor_value
-from .op_rules import Info, Kind
+from .op_rules import SPLITS, Info, Kind
 
 GATED_ROLES = ("ffn", "moe", "lm_head")
 
@@ -71,6 +71,11 @@ def node_flops(node: fx.Node) -> int:
         weight = tensor_value(node.args[1])
         return 2 * numel * hint(prod(weight.shape[1:]))
     return 0
+
+
+def distinct_flops(regions: Sequence[Region]) -> int:
+    """FLOPs of the nodes of ``regions``, each node once (a fused q/k/v projection is in every chain it feeds)."""
+    return sum(node_flops(n) for n in {n for r in regions for n in r.nodes})
 
 
 def _token_inputs(node: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
@@ -159,8 +164,10 @@ def _source_leaves(v: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
     return leaves
 
 
-def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node]) -> list[fx.Node]:
-    """The largest row-wise region ending at ``exit`` whose nodes are used only inside it (see module doc)."""
+def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node],
+         shared: frozenset = frozenset()) -> list[fx.Node]:
+    """The largest row-wise region ending at ``exit`` whose nodes are used only inside it (see module doc), or,
+    for the nodes in ``shared``, also outside it."""
     region = {exit}
     changed = True
     while changed:
@@ -169,7 +176,7 @@ def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node]) -> li
             for p in _token_inputs(node, infos):
                 if p in region or p in blocked or p.op == "placeholder" or infos[p].kind is not Kind.ROW:
                     continue
-                if all(u in region for u in _tensor_users(p)):
+                if p in shared or all(u in region for u in _tensor_users(p)):
                     region.add(p)
                     changed = True
     return [n for n in exit.graph.nodes if n in region]
@@ -223,14 +230,27 @@ def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool)
 
 
 def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -> dict[str, Region]:
-    """q/k/v producer chains of ``site``: row-wise, used only by the attention, back to the shared input."""
+    """q/k/v producer chains of ``site``: row-wise, used only by the attention, back to the shared input.
+
+    A fused projection (one linear for q, k and v, split by ``chunk`` / ``split`` / ``unbind``) feeds the three
+    chains through one split whose results are each in a chain: that split and what only it reads join every
+    chain that reads it, so each chain is still its exit computed whole from the chain's inputs (the rewrite
+    emits a node once per row selection, so chains run on the same rows compute the shared part once).
+    """
     blocked = set(spine.nodes)
+    starts = [(which, start) for which, start in (("q", site.q), ("k", site.k), ("v", site.v))
+              if infos[start].kind is Kind.ROW]
+    grown = {which: grow(start, infos, blocked) for which, start in starts}
+    members = {n for nodes in grown.values() for n in nodes}
+    shared = frozenset(t for nodes in grown.values() for node in nodes for t in _token_inputs(node, infos)
+                       if op_name(t) in SPLITS and t not in members and all(u in members for u in _tensor_users(t)))
     chains = {}
     for which, start in (("q", site.q), ("k", site.k), ("v", site.v)):
-        if infos[start].kind is not Kind.ROW:
+        if which not in grown:
             chains[which] = build_region(which, start, [], infos)
             continue
-        chain = build_region(which, start, grow(start, infos, blocked), infos)
+        nodes = grow(start, infos, blocked, shared) if shared else grown[which]
+        chain = build_region(which, start, nodes, infos)
         chain.layer = site.layer
         chain.gated = which in ("k", "v") and chain.flops > 0 and not site.dense_reason
         chains[which] = chain

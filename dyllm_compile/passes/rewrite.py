@@ -284,6 +284,9 @@ def _region_problem(region: Region, infos, batch) -> str:
         return "its output has no batch-first token axis"
     if not same_size(exit_value.shape[0], batch):
         return "its output is not batch-first"
+    split = next((t for t in region.token_inputs if tensor_value(t) is None), None)
+    if split is not None:  # one result of a split whose other results are read outside the site's chains
+        return f"it reads one result of '{split.name}', whose other results are used elsewhere"
     if any(infos[t].axis.lead != 1 for t in region.token_inputs):
         return "an input folds batch and tokens together"
     try:
@@ -350,6 +353,9 @@ class _Builder:
         self.env: dict[fx.Node, Any] = {}
         self.outputs: Any = None
         self.segment = 0
+        # (node, row index, per element, table rank) -> its value on those rows: regions run on the same rows
+        # share what they have in common (their gathered inputs; a fused q/k/v projection in all three chains).
+        self.on_rows: dict[tuple[fx.Node, fx.Node, bool, Optional[int]], fx.Node] = {}
         self._cuts = list(reversed(plan.cuts))
         self._order = {n: i for i, n in enumerate(plan.analysis.gm.graph.nodes)} if plan.cuts else {}
 
@@ -487,7 +493,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     selection_index: dict[tuple[fx.Node, int, bool], int] = {}
     region_by_exit = {r.exit: r for r in plan.regions}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
-    skipped = {n for r in [*plan.regions, *query_chains.values()] for n in r.nodes if n is not r.exit}
+    skipped = _skipped(graph_nodes, [*plan.regions, *query_chains.values()])
     by_node = {s.site.node: s for s in plan.sites}
     # Sites whose policy reads values: both chain exits lead to the site; its values for every row, once run.
     value_sites = {s.kv[w].exit: s for s in plan.sites if s.values is not None for w in ("k", "v")}
@@ -594,6 +600,21 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     return gm
 
 
+def _skipped(graph_nodes: list[fx.Node], regions: list[Region]) -> set[fx.Node]:
+    """Nodes the sparse graph does not compute for every row: those inside a region that runs on rows (its exit
+    is emitted from the region's inputs), unless something computed for every row reads them (a fused q/k/v
+    projection is in the gated k and v chains and in paper mode's dense q chain)."""
+    exits = {r.exit: r for r in regions}
+    skipped = {n for r in regions for n in r.nodes if n is not r.exit}
+    for node in reversed(graph_nodes):
+        if node in skipped:
+            continue
+        region = exits.get(node)
+        reads = region.token_inputs + region.other_inputs if region is not None else node.all_input_nodes
+        skipped.difference_update(reads)
+    return skipped
+
+
 def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, capacity: Any = None,
                per_element: bool = False) -> fx.Node:
     """The region's nodes on the ``capacity`` rows ``index`` of its token inputs (None: on every row, its
@@ -601,20 +622,26 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
     element's own rows); returns its exit's value."""
     infos = b.plan.analysis.infos
     local: dict[fx.Node, Any] = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
-    if index is not None:
-        for node in region.token_inputs:
-            if per_element:  # a table's rows as [B, 1, ..., K, D] of the rank it meets (_element_gathers)
-                local[node] = b.call(rows.gather_rows_per_element, b.env[node], index, infos[node].axis.dim,
-                                     b.plan.element_regions[id(region)][node])
-            else:
-                local[node] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
+    if index is None:
+        for node in region.nodes:
+            local[node] = b.graph.node_copy(node, lambda n: local[n])
+        return local[region.exit]
+    for node in region.token_inputs:
+        # per element: a table's rows as [B, 1, ..., K, D] of the rank it meets in this region (_element_gathers)
+        rank = b.plan.element_regions[id(region)][node] if per_element else None
+        key = (node, index, per_element, rank)
+        if key not in b.on_rows:
+            b.on_rows[key] = (b.call(rows.gather_rows_per_element, b.env[node], index, infos[node].axis.dim, rank)
+                              if per_element else b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim))
+        local[node] = b.on_rows[key]
     for node in region.nodes:
-        copy = b.graph.node_copy(node, lambda n: local[n])
-        if index is not None:
+        key = (node, index, per_element, None)
+        if key not in b.on_rows:
+            copy = b.on_rows[key] = b.graph.node_copy(node, lambda n: local[n])
             retarget_rows(node, copy, infos, capacity)
             if node in b.plan.weight_first:
                 as_weight_first(copy)
-        local[node] = copy
+        local[node] = b.on_rows[key]
     return local[region.exit]
 
 

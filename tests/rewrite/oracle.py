@@ -126,9 +126,7 @@ class Oracle:
         for i, layer in enumerate(m.layers):
             a = layer.attn
             x = layer.attn_norm(h)
-            q = a.q_proj(x).view(b, n, cfg.n_heads, -1).transpose(1, 2)
-            k = a.k_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
-            v = a.v_proj(x).view(b, n, cfg.n_kv_heads, -1).transpose(1, 2)
+            q, k, v = (t.transpose(1, 2) for t in a.project(x))
             q, k = apply_rotary(q, *rope, cfg.rotary_dim), apply_rotary(k, *rope, cfg.rotary_dim)
             # K/V cached per kv head (GQA: before the repetition), as the policies see the values.
             if not dense and hasattr(self.rules, "before"):

@@ -12,13 +12,15 @@ from oracle import Lockstep, Oracle
 
 MASK = 127
 MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dream_like("tiny", init_std=0.2)}
+# One q/k/v projection split three ways: the k/v (and exact mode's q) chains share it.
+FUSED = lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2)  # noqa: E731
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 
 def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu", prompt_length=8):
     torch._dynamo.reset()
     lock_serial = last_serial()
-    model = MODELS[arch]().to(device)
+    model = (FUSED if arch == "fused" else MODELS[arch])().to(device)
     compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
     oracle = Oracle(model, **oracle_kwargs)
     prompt = torch.randint(0, 100, (batch, prompt_length), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -49,6 +51,20 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
     stats = [r.stats for r in lock.runtimes if r.stats.sparse_calls]
     assert len(stats) == 1 and stats[0].sparse_calls == 15 and stats[0].dense_calls == 1
     assert torch.tensor(oracle.fractions).mean() < 1.0
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
+def test_fused_qkv_projection_matches_oracle(mode, row_counts):
+    """A fused q/k/v projection is in the k and v chains (and exact mode's q chain), computed once on their rows;
+    paper mode's q, on every row, computes it for every row as well."""
+    lock, oracle = _run("fused", 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
+                                     "row_counts": row_counts}, dict(mode=mode, force_salient=0.3, seed=5))
+    assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert all(site.cached for site in runtime.plan.sites) and not runtime.plan.reasons
+    _, oracle2 = _run("fused", 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
+    assert torch.tensor(oracle2.fractions).mean() < 1.0
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -13,8 +13,9 @@ from dyllm_compile.passes.rewrite import COUNT_SELECTIONS, build_sparse, plan_re
 from dyllm_compile.runtime import rows
 
 
-def _plan(batch: int = 1, **options):
-    """The rewrite plan of the tiny LLaDA-like model at ``batch`` x 12 tokens, lowered by aot_eager."""
+def _plan(batch: int = 1, model: dict = {}, **options):
+    """The rewrite plan of the tiny LLaDA-like model (``model``: its config changes) at ``batch`` x 12 tokens,
+    lowered by aot_eager."""
     torch._dynamo.reset()
     analyses = []
 
@@ -24,7 +25,7 @@ def _plan(batch: int = 1, **options):
 
     ids = torch.randint(0, 100, (batch, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        torch.compile(llada_like("tiny"), backend=backend)(ids)
+        torch.compile(llada_like("tiny", **model), backend=backend)(ids)
     (analysis,) = analyses
     return plan_rewrite(analysis, DyllmConfig(lowering="aot_eager", **options))
 
@@ -71,6 +72,29 @@ def test_exact_mode_runs_the_q_chain_on_s_in_only():
     assert len(_calls(after, rows.select_rows)) == len(_calls(before, rows.select_rows))
 
 
+def test_fused_qkv_projection_runs_once_per_layer_on_the_chains_rows():
+    """A fused projection (one linear, split into q, k and v) is in each chain that reads it. Before (paper
+    mode): q, for every row, needs it computed for every row, and the k and v chains run it once more on S_in,
+    sharing one copy. After (exact): the q, k and v chains run on the same rows and share one copy; nothing of
+    it is computed for every row."""
+    fused = {"fused_qkv": True, "n_kv_heads": 2}
+    paper, exact = _plan(model=fused, attention_mode="paper"), _plan(model=fused)
+
+    def token_sizes(linear):  # of the views of q, k and v: linear -> split -> getitem -> view(B, N, heads, D)
+        return {view.args[2] for piece in next(iter(linear.users)).users for view in piece.users}
+
+    def projections(gm):  # for each copy of the fused projection: is it on the 4 gathered rows (or all 12)
+        linears = [n for n in gm.graph.nodes if op_name(n) == "linear" and "qkv_proj" in n.args[1].name]
+        return [{4: True, 12: False}[size] for n in linears for size in token_sizes(n)]
+
+    # paper: a copy for q on every row and one for k and v on their rows; exact: one copy, on the rows
+    for plan, expected in ((paper, [False, True]), (exact, [True])):
+        assert not plan.reasons and all(s.cached for s in plan.sites)
+        chains = [r for r in plan.regions if r.role in ("q", "k", "v")]
+        assert all(any("qkv_proj" in n.args[1].name for n in r.nodes if op_name(n) == "linear") for r in chains)
+        assert sorted(projections(build_sparse(plan, 4))) == sorted(expected * len(plan.sites))
+
+
 def test_regions_gather_each_elements_rows_in_a_batch():
     """Before (union): at batch 3 every gathered region runs on the union of the batch's salient rows. After
     (``element_capacity``): each region gathers each element's own rows, [B, K], the batch-first inputs by
@@ -90,8 +114,10 @@ def test_regions_gather_each_elements_rows_in_a_batch():
     assert all(own for own, _ in after.meta[COUNT_SELECTIONS])
     gathers = _calls(after, rows.gather_rows_per_element)
     tables = [g for g in gathers if g.args[3] is not None]
-    assert {g.args[3] for g in tables} == {4}  # cos and sin of each k and q chain, as [B, 1, K, D]
-    assert len(tables) == 2 * sum(r.role in ("k", "q") for r in plan.regions)
+    assert {g.args[3] for g in tables} == {4}  # cos and sin, as [B, 1, K, D]
+    # gathered once per layer: the k and q chains read them on the same rows (as they read the normed input)
+    assert len(tables) == 2 * len(plan.sites) and sum(r.role in ("k", "q") for r in plan.regions) == 2 * len(plan.sites)
+    assert len(gathers) == len(tables) + len(plan.sites) + sum(r.role not in ("k", "q", "v") for r in plan.regions)
 
 
 def test_per_element_rows_are_each_elements_salient_rows():

@@ -115,6 +115,8 @@ class Rules:
             return self._linear(node)
         if name == "matmul":
             return self._matmul(node, out)
+        if name == "addmm":
+            return self._addmm(node)
         if name == "embedding":
             return self._embedding(node)
         if name in ("layer_norm", "rms_norm"):
@@ -207,6 +209,14 @@ class Rules:
         if bx.dim == vb.dim() - 1:
             return self._row(out.dim() - 1, bx.lead)
         return self._row(bx.dim + out.dim() - vb.dim(), bx.lead)
+
+    def _addmm(self, node: fx.Node) -> Info:
+        """``addmm(bias, x, W)`` (GPT-2's Conv1D on ``x.view(-1, D)``): row-wise along x's rows."""
+        x, rest = node.args[1], [a for a in tensor_args(node) if a is not node.args[1]]
+        axis = self.axis_of(x)
+        if axis is None or axis.dim != 0 or any(self.axis_of(a) is not None for a in rest):
+            return self._mixing(node, "'addmm' contracts the token axis or its other operands carry it")
+        return self._row(0, axis.lead)
 
     def _embedding(self, node: fx.Node) -> Info:
         axis = self.axis_of(node.args[0])
@@ -360,6 +370,8 @@ class Rules:
             if x is not None and axis.dim < x.dim():
                 return [(node.args[0], axis)]
             return []
+        if name == "addmm":
+            return [(node.args[1], axis)] if axis.dim == 0 else []
         if name == "matmul":
             a, b = tensor_value(node.args[0]), tensor_value(node.args[1])
             if axis.dim == out.dim() - 2 and a.dim() >= 2:

@@ -27,7 +27,7 @@ from torch import fx
 
 from .attention_sites import AttentionSite
 from .graph_utils import example_value, hint, op_name, prod, tensor_value
-from .op_rules import SPLITS, Info, Kind
+from .op_rules import UNARY, Info, Kind
 
 GATED_ROLES = ("ffn", "moe", "lm_head")
 
@@ -63,6 +63,8 @@ def node_flops(node: fx.Node) -> int:
     numel = hint(prod(out.shape))
     if name in ("linear", "matmul"):
         return 2 * numel * hint(tensor_value(node.args[0]).shape[-1])
+    if name == "addmm":
+        return 2 * numel * hint(tensor_value(node.args[1]).shape[-1])
     if name == "sdpa":
         k = tensor_value(node.args[1])
         q = tensor_value(node.args[0])
@@ -199,7 +201,8 @@ def find_regions(
     attention_nodes = {site.node for site in sites}
     exits: list[tuple[fx.Node, bool]] = []  # (exit, is the main output)
     for merge in spine.merges:
-        exits += [(x, False) for x in _token_inputs(merge, infos) if x not in spine.nodes]
+        exits += [(x, False) for operand in _token_inputs(merge, infos) if operand not in spine.nodes
+                  for x in _summed_branches(operand, infos, attention_nodes, set(spine.nodes))]
     if spine.nodes[-1] not in spine.merges:  # else the graph ends on the residual stream (a graph break)
         exits.append((spine.nodes[-1], True))
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -217,6 +220,54 @@ def find_regions(
     return regions
 
 
+def _projected_from_stream(node: fx.Node, infos: dict[fx.Node, Info], spine: set[fx.Node]) -> bool:
+    """``node`` is computed from the residual stream through a matrix product (a projection's output, or a view
+    or split of it), not a per-position table and not a norm of the stream."""
+    work, seen, projected, reached = [node], set(), False, False
+    while work:
+        current = work.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in spine:
+            reached = True
+            continue
+        projected = projected or node_flops(current) > 0
+        work.extend(_token_inputs(current, infos))
+    return projected and reached
+
+
+def _summed_branches(node: fx.Node, infos: dict[fx.Node, Info], attention: set[fx.Node],
+                     spine: set[fx.Node]) -> list[fx.Node]:
+    """The branches a residual operand sums: parallel attention and MLP added before the residual
+    (``x + (attn(ln1(x)) + mlp(ln2(x)))``, GPT-NeoX; Falcon adds a dropout after the sum) are two branches, each
+    its own region; the sum (and what only reads it up to the residual add) stays dense. Only a sum with an
+    attention output in it (reached without passing the residual stream) is split: an MoE's sum of its experts is
+    one branch."""
+    sum_node = node
+    while infos[sum_node].kind is Kind.ROW and op_name(sum_node) in UNARY:  # dropout(attn + mlp): Falcon
+        sum_node = sum_node.args[0]
+    if (op_name(sum_node) == "add" and infos[sum_node].kind is Kind.ROW and _is_merge(sum_node, infos)
+            and _reads(sum_node, attention, infos, spine)):
+        return [x for operand in _token_inputs(sum_node, infos)
+                for x in _summed_branches(operand, infos, attention, spine)]
+    return [node]
+
+
+def _reads(node: fx.Node, targets: set[fx.Node], infos: dict[fx.Node, Info], spine: set[fx.Node]) -> bool:
+    """Whether ``node`` is computed from one of ``targets`` through row-wise ops off the residual stream."""
+    work, seen = [node], set()
+    while work:
+        current = work.pop()
+        if current in targets:
+            return True
+        if current in seen or current in spine or infos[current].kind is not Kind.ROW:
+            continue
+        seen.add(current)
+        work.extend(_token_inputs(current, infos))
+    return False
+
+
 def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool) -> None:
     if any(t in attention_nodes for t in region.token_inputs):
         region.role, region.reason = "attn_out", "attention output projection stays dense (every row's residual moves)"
@@ -232,10 +283,12 @@ def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool)
 def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -> dict[str, Region]:
     """q/k/v producer chains of ``site``: row-wise, used only by the attention, back to the shared input.
 
-    A fused projection (one linear for q, k and v, split by ``chunk`` / ``split`` / ``unbind``) feeds the three
-    chains through one split whose results are each in a chain: that split and what only it reads join every
-    chain that reads it, so each chain is still its exit computed whole from the chain's inputs (the rewrite
-    emits a node once per row selection, so chains run on the same rows compute the shared part once).
+    A fused projection (one linear for q, k and v, then split by ``split`` / ``chunk`` / ``unbind`` or sliced)
+    feeds the three chains through a value every user of which is in one of them: that value and what only it
+    reads join every chain that reads it, so each chain is still its exit computed whole from the chain's inputs
+    (the rewrite emits a node once per row selection, so chains run on the same rows compute the shared part
+    once). Only a value projected from the residual stream is shared this way: the normed input of separate
+    projections, and per-position tables (RoPE's cos and sin), stay chain inputs.
     """
     blocked = set(spine.nodes)
     starts = [(which, start) for which, start in (("q", site.q), ("k", site.k), ("v", site.v))
@@ -243,7 +296,8 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
     grown = {which: grow(start, infos, blocked) for which, start in starts}
     members = {n for nodes in grown.values() for n in nodes}
     shared = frozenset(t for nodes in grown.values() for node in nodes for t in _token_inputs(node, infos)
-                       if op_name(t) in SPLITS and t not in members and all(u in members for u in _tensor_users(t)))
+                       if t not in members and all(u in members for u in _tensor_users(t))
+                       and _projected_from_stream(t, infos, blocked))
     chains = {}
     for which, start in (("q", site.q), ("k", site.k), ("v", site.v)):
         if which not in grown:

@@ -21,10 +21,19 @@ class Captured:
     analysis: GraphAnalysis
 
     def values(self) -> dict:
-        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+        """Every node's value as computed (a copy: a later in-place op of the model, e.g. Falcon's
+        ``mlp_output += attention_output``, would change what the interpreter holds)."""
+        snapshots = {}
+
+        class Snapshots(fx.Interpreter):
+            def run_node(self, n):
+                result = super().run_node(n)
+                snapshots[n] = result.clone() if isinstance(result, torch.Tensor) else result
+                return result
+
         with torch.inference_mode():
-            interp.run(*[hint(x) if isinstance(x, torch.SymInt) else x for x in self.example_inputs])
-        return interp.env
+            Snapshots(self.gm).run(*[hint(x) if isinstance(x, torch.SymInt) else x for x in self.example_inputs])
+        return snapshots
 
     def ops(self, nodes) -> list:
         return [op_name(n) or n.op for n in nodes]

@@ -1,0 +1,61 @@
+"""Real Hugging Face architectures whose graphs needed graph-level rules (none is known to the compiler).
+
+- GPT-2: its Conv1D is ``addmm(bias, x.view(-1, D), W)``. Before: ``addmm`` had no rule, so nothing was row-wise
+  and no residual stream was found (the whole model compiled dense). After: ``mm`` / ``addmm`` are row-wise along
+  their left operand's rows, and the fused ``c_attn`` (split three ways) is in all three chains.
+- GPT-NeoX and Falcon: parallel attention and MLP summed before the residual add (Falcon: then a dropout).
+  Before: the sum was one branch fed by attention, the output projection's, so the MLP stayed dense. After: the
+  sum splits into its branches; the MLP is an FFN region.
+- Falcon and Phi-3: a fused projection sliced (not split) into q, k and v: the sliced value is in all three
+  chains.
+"""
+
+import pytest
+import torch
+import transformers as T
+
+from graph_helpers import assert_region_runs_on_rows, capture
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+CONFIGS = {
+    "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                     n_positions=64)),
+    "gpt_neox": lambda: (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(**SMALL)),
+    "falcon": lambda: (T.FalconForCausalLM, T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, new_decoder_architecture=False,
+                                                           multi_query=True, alibi=False)),
+    "phi3": lambda: (T.Phi3ForCausalLM, T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **SMALL)),
+}
+
+
+def bidirectional(name):
+    """The model called with a full additive mask, so that every token attends to every token (as a diffusion LM
+    runs these layers)."""
+    cls, config = CONFIGS[name]()
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = cls(config).eval()
+
+    def forward(ids):
+        return model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
+    return forward
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sites_chains_and_regions(name):
+    (cap,) = capture(bidirectional(name), (torch.randint(3, 120, (2, 12)),), dynamic=False)
+    a = cap.analysis
+    assert [s.layer for s in a.sites] == [0, 1]
+    assert [(r.role, r.layer) for r in a.gated_regions] == [("ffn", 0), ("ffn", 1), ("lm_head", 1)]
+    assert [(r.role, r.layer) for r in a.regions if r.role == "attn_out"] == [("attn_out", 0), ("attn_out", 1)]
+    for chains in a.chains:
+        projections = [{n for n in c.nodes if cap.ops([n])[0] in ("linear", "matmul", "addmm")} for c in
+                       chains.values()]
+        assert all(len(p) == 1 for p in projections) and chains["k"].gated and chains["v"].gated
+        assert len(set.union(*projections)) == 1  # each of these fuses q, k and v into one projection
+        for chain in chains.values():
+            assert_region_runs_on_rows(cap, chain)
+    for region in a.gated_regions:
+        assert_region_runs_on_rows(cap, region)

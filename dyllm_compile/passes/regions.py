@@ -21,7 +21,7 @@ running it on gathered rows and scattering the exit is exactly the dense computa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import fx
 
@@ -220,21 +220,27 @@ def find_regions(
     return regions
 
 
+def _off_stream(node: fx.Node, infos: dict[fx.Node, Info], spine: set[fx.Node],
+               through: Callable[[fx.Node], bool]) -> tuple[set[fx.Node], bool]:
+    """The values ``node`` is computed from without passing the residual stream (the walk goes on past a value
+    only where ``through`` holds), and whether it reached the stream."""
+    work, seen, reached = [node], set(), False
+    while work:
+        current = work.pop()
+        if current in spine:
+            reached = True
+        elif current not in seen:
+            seen.add(current)
+            if through(current):
+                work.extend(_token_inputs(current, infos))
+    return seen, reached
+
+
 def _projected_from_stream(node: fx.Node, infos: dict[fx.Node, Info], spine: set[fx.Node]) -> bool:
     """``node`` is computed from the residual stream through a matrix product (a projection's output, or a view
     or split of it), not a per-position table and not a norm of the stream."""
-    work, seen, projected, reached = [node], set(), False, False
-    while work:
-        current = work.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current in spine:
-            reached = True
-            continue
-        projected = projected or node_flops(current) > 0
-        work.extend(_token_inputs(current, infos))
-    return projected and reached
+    seen, reached = _off_stream(node, infos, spine, lambda n: True)
+    return reached and any(node_flops(n) > 0 for n in seen)
 
 
 def _summed_branches(node: fx.Node, infos: dict[fx.Node, Info], attention: set[fx.Node],
@@ -256,16 +262,8 @@ def _summed_branches(node: fx.Node, infos: dict[fx.Node, Info], attention: set[f
 
 def _reads(node: fx.Node, targets: set[fx.Node], infos: dict[fx.Node, Info], spine: set[fx.Node]) -> bool:
     """Whether ``node`` is computed from one of ``targets`` through row-wise ops off the residual stream."""
-    work, seen = [node], set()
-    while work:
-        current = work.pop()
-        if current in targets:
-            return True
-        if current in seen or current in spine or infos[current].kind is not Kind.ROW:
-            continue
-        seen.add(current)
-        work.extend(_token_inputs(current, infos))
-    return False
+    seen, _ = _off_stream(node, infos, spine, lambda n: infos[n].kind is Kind.ROW)
+    return not seen.isdisjoint(targets)
 
 
 def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool) -> None:
@@ -291,15 +289,14 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
     projections, and per-position tables (RoPE's cos and sin), stay chain inputs.
     """
     blocked = set(spine.nodes)
-    starts = [(which, start) for which, start in (("q", site.q), ("k", site.k), ("v", site.v))
-              if infos[start].kind is Kind.ROW]
-    grown = {which: grow(start, infos, blocked) for which, start in starts}
+    starts = (("q", site.q), ("k", site.k), ("v", site.v))
+    grown = {which: grow(start, infos, blocked) for which, start in starts if infos[start].kind is Kind.ROW}
     members = {n for nodes in grown.values() for n in nodes}
     shared = frozenset(t for nodes in grown.values() for node in nodes for t in _token_inputs(node, infos)
                        if t not in members and all(u in members for u in _tensor_users(t))
                        and _projected_from_stream(t, infos, blocked))
     chains = {}
-    for which, start in (("q", site.q), ("k", site.k), ("v", site.v)):
+    for which, start in starts:
         if which not in grown:
             chains[which] = build_region(which, start, [], infos)
             continue

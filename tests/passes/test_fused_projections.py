@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 from dyllm_compile import explain
 from dyllm_compile.config import DyllmConfig
@@ -18,17 +17,7 @@ from dyllm_compile.passes.op_rules import Kind
 from dyllm_compile.passes.rewrite import plan_rewrite
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from graph_helpers import assert_region_runs_on_rows, capture
-
-
-def _modernbert():
-    config = ModernBertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                              eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=1,
-                              reference_compile=False)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = ModernBertForMaskedLM(config).eval()
-    return lambda ids: model(input_ids=ids).logits
+from hf_builders import build
 
 
 def _shared_projection(cap, chains):
@@ -42,7 +31,7 @@ def _shared_projection(cap, chains):
 @pytest.mark.parametrize("model,split", [("modernbert", "unbind"), ("fused_qkv", "split")])
 def test_chains_share_the_fused_projection(model, split):
     ids = torch.randint(3, 120, (2, 12))
-    fn = _modernbert() if model == "modernbert" else ZOO[model].build()
+    fn = build(model)[1] if model == "modernbert" else ZOO[model].build()
     (cap,) = capture(fn, (ids,), dynamic=False)
     a = cap.analysis
     ids_node = next(n for n in cap.gm.graph.nodes if n.op == "placeholder")

@@ -12,40 +12,16 @@
 
 import pytest
 import torch
-import transformers as T
 
 from graph_helpers import assert_region_runs_on_rows, capture
+from hf_builders import build
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64)
-CONFIGS = {
-    "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
-                                                     n_positions=64)),
-    "gpt_neox": lambda: (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(**SMALL)),
-    "falcon": lambda: (T.FalconForCausalLM, T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                                           num_attention_heads=4, new_decoder_architecture=False,
-                                                           multi_query=True, alibi=False)),
-    "phi3": lambda: (T.Phi3ForCausalLM, T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **SMALL)),
-}
+NAMES = ["gpt2", "gpt_neox", "falcon", "phi3"]
 
 
-def bidirectional(name):
-    """The model called with a full additive mask, so that every token attends to every token (as a diffusion LM
-    runs these layers)."""
-    cls, config = CONFIGS[name]()
-    config._attn_implementation = "sdpa"
-    config.use_cache = False
-    torch.manual_seed(0)
-    model = cls(config).eval()
-
-    def forward(ids):
-        return model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
-    return forward
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", NAMES)
 def test_sites_chains_and_regions(name):
-    (cap,) = capture(bidirectional(name), (torch.randint(3, 120, (2, 12)),), dynamic=False)
+    (cap,) = capture(build(name)[1], (torch.randint(3, 120, (2, 12)),), dynamic=False)
     a = cap.analysis
     assert [s.layer for s in a.sites] == [0, 1]
     assert [(r.role, r.layer) for r in a.gated_regions] == [("ffn", 0), ("ffn", 1), ("lm_head", 1)]

@@ -1,0 +1,48 @@
+"""Tiny Hugging Face models as ``transformers`` ships them (random weights, two layers, width 64), for the tests.
+
+:func:`build` returns the model and its forward on token ids: masked LMs as they are, decoders called with a full
+additive 4-d mask, so that every token attends to every token (as a diffusion LM runs these layers; Dream runs
+its Qwen2 layers so)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import (BertConfig, BertForMaskedLM, FalconConfig, FalconForCausalLM, GPT2Config,
+                          GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
+                          Phi3Config, Phi3ForCausalLM, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+
+# name -> (model class, config, decoder called with a full mask)
+ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
+    "bert": lambda: (BertForMaskedLM, BertConfig(**SMALL), False),
+    "modernbert": lambda: (ModernBertForMaskedLM, ModernBertConfig(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=1,
+        reference_compile=False, **SMALL), False),
+    "qwen2": lambda: (Qwen2ForCausalLM, Qwen2Config(num_key_value_heads=2, **SMALL), True),
+    "gpt2": lambda: (GPT2LMHeadModel, GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+                     True),
+    "gpt_neox": lambda: (GPTNeoXForCausalLM, GPTNeoXConfig(**SMALL), True),
+    "falcon": lambda: (FalconForCausalLM, FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, new_decoder_architecture=False,
+                                                       multi_query=True, alibi=False), True),
+    "phi3": lambda: (Phi3ForCausalLM, Phi3Config(num_key_value_heads=2, pad_token_id=0, **SMALL), True),
+}
+
+
+def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """The model (seed 0, eval mode, SDPA attention) and its forward: token ids -> logits."""
+    cls, config, full_mask = ARCHITECTURES[name]()
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = cls(config).eval()
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        if not full_mask:
+            return model(input_ids=ids).logits
+        return model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
+    return model, forward

@@ -58,7 +58,8 @@ class Report:
             kv_heads = int(tensor_value(cut_head_repeat(chains["k"], graph.infos).exit).shape[1])
             rows.append(LayerRow(
                 layer=site.layer,
-                attention=site.kind + (" (dense)" if site.dense_reason else ""),
+                attention=("hand-written" if site.hand_written else site.kind)
+                + (" (dense)" if site.dense_reason else ""),
                 heads=site.heads,
                 kv_heads=kv_heads,
                 gated=[_label(p) for p in parts if gated(p)],

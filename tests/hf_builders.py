@@ -9,14 +9,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers import (BertConfig, BertForMaskedLM, FalconConfig, FalconForCausalLM, GPT2Config,
-                          GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
-                          Phi3Config, Phi3ForCausalLM, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (BertConfig, BertForMaskedLM, FalconConfig, FalconForCausalLM, Gemma2Config,
+                          Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
+                          MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM, PretrainedConfig, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
 
-# name -> (model class, config, decoder called with a full mask)
+# name -> (model class, config, decoder called with a full mask); SDPA attention unless named in EAGER
 ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "bert": lambda: (BertForMaskedLM, BertConfig(**SMALL), False),
     "modernbert": lambda: (ModernBertForMaskedLM, ModernBertConfig(
@@ -30,13 +32,27 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
                                                        num_attention_heads=4, new_decoder_architecture=False,
                                                        multi_query=True, alibi=False), True),
     "phi3": lambda: (Phi3ForCausalLM, Phi3Config(num_key_value_heads=2, pad_token_id=0, **SMALL), True),
+    # hand-written ("eager") attention: Llama's (GQA), GPT-J's (q and k cast to fp32, divided by a tensor
+    # attribute), MPT's (ALiBi bias added, padding filled with the lowest float)
+    "llama_eager": lambda: (LlamaForCausalLM, LlamaConfig(num_key_value_heads=2, **SMALL), True),
+    "gptj": lambda: (GPTJForCausalLM, GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                 rotary_dim=8), True),
+    "mpt": lambda: (MptForCausalLM, MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
+                    True),
+}
+EAGER = {"llama_eager", "gptj", "mpt", "gemma2"}
+
+#: Architectures whose attention stays dense (and why), built like the others.
+DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
+    # Gemma-2's soft-capping, c * tanh(scores / c), is not SDPA
+    "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
 }
 
 
 def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """The model (seed 0, eval mode, SDPA attention) and its forward: token ids -> logits."""
-    cls, config, full_mask = ARCHITECTURES[name]()
-    config._attn_implementation = "sdpa"
+    """The model (seed 0, eval mode, SDPA or eager attention) and its forward: token ids -> logits."""
+    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION}[name]()
+    config._attn_implementation = "eager" if name in EAGER else "sdpa"
     config.use_cache = False
     torch.manual_seed(0)
     model = cls(config).eval()

@@ -1,7 +1,9 @@
-"""The analysis pipeline on one Dynamo graph: attention sites -> token axes -> spine, regions and chains."""
+"""The analysis pipeline on one Dynamo graph: hand-written attention as SDPA -> attention sites -> token axes ->
+spine, regions and chains."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -11,10 +13,13 @@ from torch import fx
 
 from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, tensor_value
+from .hand_written_attention import sdpa_from_hand_written
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
 from .regions import Region, Spine, distinct_flops, find_chains, find_regions, find_spine, node_flops
 from .token_axes import hidden_state_inputs, infer_token_axes
+
+log = logging.getLogger("dyllm_compile")
 
 
 @dataclass
@@ -55,7 +60,7 @@ class GraphAnalysis:
                     f"hidden-state input that changed")
         if not self.sites:
             return f"dyllm: graph {self.graph_id}: nothing to gate ({'; '.join(self.dense_reasons)})"
-        kinds = Counter(s.kind for s in self.sites)
+        kinds = Counter("hand-written sdpa" if s.hand_written else s.kind for s in self.sites)
         share = self.gated_flops / max(1, self.total_flops)
         return (
             f"dyllm: graph {self.graph_id}: {len(self.sites)} attention sites "
@@ -63,6 +68,20 @@ class GraphAnalysis:
             f"{dict(roles)}, k/v chains {sum(1 for c in self.chains if c['k'].gated)}; "
             f"{100 * share:.1f}% of matmul FLOPs gateable; {len(self.dense_reasons)} dense reasons"
         )
+
+
+class HandWrittenAttention(DyllmPass):
+    """The one pass that may replace the graph: with a copy in which hand-written attention that computes SDPA's
+    function is one SDPA node (Dynamo's graph itself is never edited)."""
+
+    name = "hand_written_attention"
+
+    def __call__(self, state: GraphAnalysis) -> None:
+        try:
+            state.gm = sdpa_from_hand_written(state.gm)
+        except Exception as err:  # an optimisation of the graph: without it the sites stay as written, dense
+            log.warning("dyllm: graph %s: replacing hand-written attention by SDPA failed (%s: %s); it stays as "
+                        "written", state.graph_id, type(err).__name__, err)
 
 
 class FindAttentionSites(DyllmPass):
@@ -132,7 +151,7 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (FindAttentionSites(), InferTokenAxes(), FindRegions())
+ANALYSIS_PASSES = (HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 
 def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:

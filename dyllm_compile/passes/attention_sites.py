@@ -4,7 +4,8 @@ Patterns matched:
 - ``scaled_dot_product_attention(q, k, v, attn_mask=..., scale=..., enable_gqa=...)`` (one node);
 - hand-written ``softmax(q @ k^T * scale [+ mask]) [.to(dtype)] @ v``: a softmax over the last dim whose input
   reaches, through elementwise scaling/masking/casts only, a matmul, and whose output reaches, through casts
-  and dropout only, the left operand of a second matmul;
+  and dropout only, the left operand of a second matmul (the analysis first replaces those that are SDPA by an
+  SDPA node, :mod:`~dyllm_compile.passes.hand_written_attention`; the others carry the reason they are not);
 - ``flex_attention`` (a higher-order op): recorded as a site that stays dense, since its score_mod and
   block_mask may mix tokens in ways the cached-attention op does not model.
 
@@ -21,8 +22,15 @@ from torch import fx
 
 from .graph_utils import arg, op_name, same_size, tensor_value
 
+#: ``node.meta`` key of a hand-written site's context node: why it stays as written
+#: (:mod:`~dyllm_compile.passes.hand_written_attention`).
+HAND_WRITTEN_REASON = "dyllm_hand_written_reason"
+#: ``node.meta`` key of an SDPA node that replaced hand-written attention.
+FROM_HAND_WRITTEN = "dyllm_from_hand_written"
+
 # Ops allowed between the scores matmul and the softmax (scale, mask, casts), and after the softmax.
-_SCORE_OPS = frozenset("mul div add sub masked_fill to float half bfloat16 type_as where".split())
+# tanh: Gemma-2's soft-capping, s -> c * tanh(s / c) (found, so that the rest of the layer is still gated).
+_SCORE_OPS = frozenset("mul div add sub masked_fill to float half bfloat16 type_as where tanh".split())
 _PROB_OPS = frozenset("to float half bfloat16 type_as dropout contiguous".split())
 
 
@@ -38,6 +46,7 @@ class AttentionSite:
     internal: list[fx.Node] = field(default_factory=list)  # scores/softmax nodes of a manual site
     dense_reason: str = ""  # non-empty: the site is recognised but must stay dense
     layer: int = -1
+    hand_written: bool = False  # an SDPA node that replaced hand-written attention
 
     @property
     def heads(self) -> int:
@@ -74,7 +83,8 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
 
 def _sdpa_site(node: fx.Node) -> AttentionSite:
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
-    site = AttentionSite(node, "sdpa", q, k, v, mask=arg(node, 3, "attn_mask"))
+    site = AttentionSite(node, "sdpa", q, k, v, mask=arg(node, 3, "attn_mask"),
+                         hand_written=node.meta.get(FROM_HAND_WRITTEN, False))
     if arg(node, 5, "is_causal", False):
         site.dense_reason = "causal attention: a diffusion LM is bidirectional"
     return site
@@ -118,7 +128,8 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     if context is None:
         return None
     return AttentionSite(context, "manual", scores.args[0], scores.args[1], context.args[1],
-                         k_transposed=True, mask=mask, internal=internal)
+                         k_transposed=True, mask=mask, internal=internal,
+                         dense_reason=context.meta.get(HAND_WRITTEN_REASON, ""))
 
 
 def _token_dims_agree(site: AttentionSite) -> bool:

@@ -4,12 +4,13 @@ Pattern: each attention site whose k and v chains are row-wise and whose attenti
 ``dyllm::cached_attention``; its k/v chains run only on the rows of S_in and are scattered into the K/V caches.
 Every gated region (FFN, MoE FFN, lm_head) runs only on the rows of the most recent salient set (S_out of its
 layer's attention) and is scattered into its output cache. S_out comes from the caching policy's hook, traced
-in after each site (default DyLLM: S_in | cos(c, c_old) < threshold). Other attention kinds (hand-written, flex,
-causal) stay dense but still produce S_out from their context. A policy's optional hooks before attention (on
-the site's values, then computed for every row) and at a gated region's input (cached per region) refine the
-salient set at those points.
+in after each site (default DyLLM: S_in | cos(c, c_old) < threshold). Other attention kinds (hand-written
+attention that is not SDPA's function, flex, causal) stay dense but still produce S_out from their context. A
+policy's optional hooks before attention (on the site's values, then computed for every row) and at a gated
+region's input (cached per region) refine the salient set at those points.
 
-Invariants: the dense variant computes exactly the original graph (plus cache outputs); the sparse variant reads
+Invariants: the dense variant computes exactly the analysed graph (Dynamo's, or its copy with hand-written
+attention as SDPA; plus cache outputs); the sparse variant reads
 caches as extra inputs and returns their new values (never aliasing a user-visible output), with the token count of
 every gathered region replaced by the static capacity K (or, unbacked, the number of salient rows plus a constant
 pad); rows outside the union of salient rows keep their cached values. With threshold 1 every row is salient and
@@ -251,7 +252,7 @@ def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
 def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> SitePlan:
     q = tensor_value(site.q)
     if site.kind != "sdpa" or site.dense_reason:
-        return SitePlan(site, False, site.dense_reason or f"{site.kind} attention is not rewritten yet")
+        return SitePlan(site, False, site.dense_reason or f"{site.kind} attention is not rewritten")
     if arg(site.node, 4, "dropout_p", 0.0) not in (0, 0.0):
         return SitePlan(site, False, "attention dropout")
     if q.dim() != 4 or any(infos[n].axis != infos[site.q].axis for n in (site.k, site.v, site.node)):

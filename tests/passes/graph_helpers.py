@@ -44,7 +44,8 @@ def capture(model, inputs: tuple, dynamic: Optional[bool] = None) -> list[Captur
     captured = []
 
     def backend(gm, example_inputs):
-        captured.append(Captured(gm, list(example_inputs), analyze(gm)))
+        analysis = analyze(gm)  # its graph: Dynamo's, or a copy with hand-written attention as SDPA
+        captured.append(Captured(analysis.gm, list(example_inputs), analysis))
         return gm.forward
 
     with torch.inference_mode():

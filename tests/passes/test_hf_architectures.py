@@ -8,6 +8,8 @@
   sum splits into its branches; the MLP is an FFN region.
 - Falcon and Phi-3: a fused projection sliced (not split) into q, k and v: the sliced value is in all three
   chains.
+- Gemma-2: soft-capped scores. Before: no attention site was found (``tanh`` between the scores and the softmax),
+  so nothing was gated. After: the sites are found and stay dense with their reason; the FFNs are gated.
 """
 
 import pytest
@@ -33,5 +35,18 @@ def test_sites_chains_and_regions(name):
         assert len(set.union(*projections)) == 1  # each of these fuses q, k and v into one projection
         for chain in chains.values():
             assert_region_runs_on_rows(cap, chain)
+    for region in a.gated_regions:
+        assert_region_runs_on_rows(cap, region)
+
+
+def test_soft_capped_attention_is_found_and_stays_dense():
+    """Gemma-2 soft-caps its scores (c * tanh(s / c)), which SDPA cannot express. Before: no site was found, so
+    nothing in the graph was gated. After: each site is found and stays dense with its reason, and the FFN and
+    lm_head are still gated (on the rows whose attention context changed)."""
+    (cap,) = capture(build("gemma2")[1], (torch.randint(3, 120, (2, 12)),), dynamic=False)
+    a = cap.analysis
+    assert [(s.kind, s.layer) for s in a.sites] == [("manual", 0), ("manual", 1)]
+    assert all("(tanh) on the scores is not a scale or an additive mask" in s.dense_reason for s in a.sites)
+    assert [(r.role, r.layer) for r in a.gated_regions] == [("ffn", 0), ("ffn", 1), ("lm_head", 1)]
     for region in a.gated_regions:
         assert_region_runs_on_rows(cap, region)

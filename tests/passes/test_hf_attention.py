@@ -36,11 +36,14 @@ def _llama(implementation):
     return model
 
 
-@pytest.mark.parametrize("implementation,kind", [("eager", "manual"), ("sdpa", "sdpa")])
-def test_llama_sites_regions_and_chains(implementation, kind):
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_llama_sites_regions_and_chains(implementation):
+    """Eager attention (hand-written) is replaced by SDPA first, then analysed alike."""
     (cap,) = capture(_llama(implementation), (torch.randint(0, 128, (2, 12)),), dynamic=False)
     a = cap.analysis
-    assert [(s.kind, s.layer) for s in a.sites] == [(kind, 0), (kind, 1)]
+    hand_written = implementation == "eager"
+    assert [(s.kind, s.hand_written, s.layer) for s in a.sites] == [("sdpa", hand_written, 0),
+                                                                    ("sdpa", hand_written, 1)]
     assert [(r.role, r.layer) for r in a.gated_regions] == [("ffn", 0), ("ffn", 1), ("lm_head", 1)]
     for chains in a.chains:
         assert chains["k"].gated and chains["v"].gated

@@ -12,16 +12,18 @@ from oracle import Lockstep, Oracle
 
 MASK = 127
 MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dream_like("tiny", init_std=0.2)}
-# One q/k/v projection split three ways: the k/v (and exact mode's q) chains share it. Not in MODELS: only its
-# own test runs it.
-MODELS_FUSED = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2)}
+# Forms the rewrite takes a graph-level step for, each run by one test, not by every MODELS test: one q/k/v
+# projection split three ways (the k/v and exact mode's q chains share it); hand-written attention (replaced by
+# SDPA before the analysis; the oracle computes attention its own way, so it checks that replacement too).
+MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
+                "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2)}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 
 def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu", prompt_length=8):
     torch._dynamo.reset()
     lock_serial = last_serial()
-    model = {**MODELS, **MODELS_FUSED}[arch]().to(device)
+    model = {**MODELS, **MODELS_FORMS}[arch]().to(device)
     compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
     oracle = Oracle(model, **oracle_kwargs)
     prompt = torch.randint(0, 100, (batch, prompt_length), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -54,17 +56,18 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
     assert torch.tensor(oracle.fractions).mean() < 1.0
 
 
+@pytest.mark.parametrize("arch", list(MODELS_FORMS))
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 @pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
-def test_fused_qkv_projection_matches_oracle(mode, row_counts):
+def test_model_forms_match_oracle(arch, mode, row_counts):
     """A fused q/k/v projection is in the k and v chains (and exact mode's q chain), computed once on their rows;
-    paper mode's q, on every row, computes it for every row as well."""
-    lock, oracle = _run("fused", 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
-                                     "row_counts": row_counts}, dict(mode=mode, force_salient=0.3, seed=5))
+    paper mode's q, on every row, computes it for every row as well. Hand-written attention is cached like SDPA."""
+    lock, oracle = _run(arch, 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
+                                  "row_counts": row_counts}, dict(mode=mode, force_salient=0.3, seed=5))
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert all(site.cached for site in runtime.plan.sites) and not runtime.plan.reasons
-    _, oracle2 = _run("fused", 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
+    _, oracle2 = _run(arch, 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
     assert torch.tensor(oracle2.fractions).mean() < 1.0
 
 

@@ -1,0 +1,276 @@
+"""Turns hand-written attention into ``scaled_dot_product_attention`` where the two compute the same function.
+
+Pattern: a hand-written site of :func:`~dyllm_compile.passes.attention_sites.find_attention_sites`,
+``softmax(scores, dim=-1) [casts, eval-mode dropout] @ v`` with ``scores`` built from ``q @ kT`` by, in this order,
+
+- scaling: products and quotients by Python numbers (into SDPA's ``scale``) or by tensors that are the same for
+  every key (applied to ``q``: GPT-J divides by a 0-d tensor attribute), and shifts by Python numbers (a softmax
+  ignores them);
+- masking: adding a tensor that does not depend on the scores (HF's additive mask, ALiBi's bias),
+  ``masked_fill(m, fill)`` and ``where(m, scores, fill)`` with an absorbing ``fill`` (-inf, or a value below -1e30
+  such as HF's ``finfo.min``, which absorbs any score it is added to; fp16 masks have no such value);
+- casts anywhere;
+
+and ``kT`` the keys transposed over their last two dims (any other operand is transposed back). It becomes
+``sdpa(q', k, v, attn_mask=the masks' sum in additive form, scale=the numbers' product)``, ``q'`` being ``q``
+times the tensor factors, with casts of q and k stripped where they only made them differ from v's dtype (SDPA
+accumulates in fp32 either way).
+
+Invariant: the result is the same function of the graph's inputs up to floating-point rounding, including rows
+whose every key is masked by a finite fill (an absorbing fill makes ``score + fill`` equal ``fill`` exactly; a
+row filled with -inf throughout has no defined result in either: NaN as written, NaN or 0 from SDPA). Anything
+else stays as written and the site dense, with the reason recorded on its context node (``HAND_WRITTEN_REASON``):
+a finite fill that does not absorb (``-1e9``: a fully masked row would average the values uniformly in one and
+not the other), scaling after masking, scores or probabilities read elsewhere (as a mask computed from the
+scores reads them), training-mode dropout, any other op on the scores (Gemma-2's ``tanh`` soft-capping). The
+graph Dynamo handed over is never edited: a graph with a site to replace is copied first. Inductor's
+``fuse_attention`` patterns make the same replacement in its dense lowering; here it comes first, so that the
+rewrite sees one attention op and caches hand-written attention like SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .attention_sites import FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
+from .graph_utils import arg, example_value, normalize_dim, op_name, same_size, tensor_value
+
+_CASTS = frozenset("to float half bfloat16 type_as".split())
+#: A finite fill at least this large absorbs every score below 1e22 (half an ulp of 1e30 in fp32, the widest dtype
+#: SDPA computes scores in): ``score + fill`` equals the fill, so filling and adding agree on every row, a row
+#: whose every key is masked included (uniform either way). HF fills with its dtype's ``finfo.min`` (3.4e38).
+_ABSORBING = 1e30
+_TRANSPOSES = frozenset("transpose swapaxes".split())
+
+
+@dataclass
+class _Recipe:
+    """What replaces one site: the SDPA operands, all nodes of the original graph."""
+
+    site: AttentionSite
+    q: fx.Node
+    k: fx.Node
+    k_transposed_back: bool  # k is ``kT`` itself: transpose it back
+    v: fx.Node
+    scale: float
+    q_factors: list[tuple[Callable, fx.Node]] = field(default_factory=list)  # (operator.mul | truediv, tensor)
+    added: list[fx.Node] = field(default_factory=list)  # tensors added to the scores
+    filled: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (m, the scores are filled where m holds)
+    fill: Optional[float] = None  # what they are filled with: -inf, or a finite absorbing value
+    dropped: list[fx.Node] = field(default_factory=list)  # the pattern's nodes, erased once unused
+
+
+def sdpa_from_hand_written(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy of it with every hand-written attention site that is SDPA replaced by one SDPA node.
+    Sites that are not keep a reason on their context node (``HAND_WRITTEN_REASON``)."""
+    recipes = []
+    for site in find_attention_sites(gm.graph):
+        if site.kind != "manual" or site.dense_reason:
+            continue
+        found = _recipe(site)
+        if isinstance(found, str):
+            site.node.meta[HAND_WRITTEN_REASON] = found
+        else:
+            recipes.append(found)
+    if not recipes:
+        return gm
+    copies: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    output = graph.graph_copy(gm.graph, copies)
+    graph.output(output)
+    graph._codegen = gm.graph._codegen
+    for recipe in recipes:
+        _replace(graph, recipe, copies)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
+    """The replacement of ``site``, or why there is none."""
+    softmax, context = site.internal[0], site.node
+    scores = next(n for n in site.internal if op_name(n) == "matmul")
+    pattern = set(site.internal) | {context}
+    outside = next((n for n in site.internal for u in n.users if u not in pattern), None)
+    if outside is not None:  # also what keeps any mask from being computed from the scores
+        return f"'{outside.name}' (scores or probabilities) is also used outside the attention"
+    dropout = next((n for n in site.internal if op_name(n) == "dropout"), None)
+    if dropout is not None and arg(dropout, 2, "training", True) and arg(dropout, 1, "p", 0.5) != 0:
+        return "attention dropout in training mode"
+
+    # The score chain from the softmax back to the matmul: each op's operand on the chain, and the others.
+    chain = []
+    node = softmax.args[0]
+    while node is not scores:
+        on_chain = next((a for a in node.args if a is scores or a in pattern), None)
+        if on_chain is None:
+            return f"'{node.name}' takes the scores as a keyword argument"
+        chain.append((node, on_chain, [a for a in node.args if a is not on_chain]))
+        node = on_chain
+    recipe = _Recipe(site, scores.args[0], scores.args[1], True, context.args[1], 1.0,
+                     dropped=[context, *site.internal])
+    masking = False
+    for node, on_chain, others in reversed(chain):  # from the matmul towards the softmax
+        name = op_name(node)
+        if name in _CASTS:
+            continue
+        (other,) = others if len(others) == 1 else (None,)
+        if name in ("mul", "div") and len(others) == 1 and not masking:
+            if name == "div" and node.args[0] is not on_chain:
+                return f"'{node.name}' divides by the scores"
+            if isinstance(other, (int, float)) and not isinstance(other, bool):
+                recipe.scale *= other if name == "mul" else 1.0 / other
+                continue
+            if _moves_to_queries(other, recipe.q):
+                recipe.q_factors.append((operator.mul if name == "mul" else operator.truediv, other))
+                continue
+            return f"'{node.name}' scales the scores by a tensor that varies along the keys"
+        if name in ("add", "sub") and isinstance(other, (int, float)) and not isinstance(other, bool):
+            continue  # a shift: the softmax does not see it
+        if name in ("mul", "div"):
+            return f"'{node.name}' scales the scores after masking them"
+        masking = True
+        if name == "add" and isinstance(other, fx.Node) and tensor_value(other) is not None:
+            if tensor_value(other).dtype == torch.bool:
+                return f"'{node.name}' adds a boolean tensor to the scores"
+            recipe.added.append(other)
+            continue
+        if name == "masked_fill" and node.args[0] is on_chain:
+            mask, fill, where_true = arg(node, 1, "mask"), arg(node, 2, "value"), True
+        elif name == "where" and len(node.args) == 3 and on_chain in node.args[1:]:
+            # where(c, scores, fill) keeps the scores where c holds; where(c, fill, scores) fills there
+            mask, where_true = node.args[0], node.args[2] is on_chain
+            fill = node.args[1] if where_true else node.args[2]
+        else:
+            return f"'{node.name}' ({name}) on the scores is not a scale or an additive mask"
+        problem = _fill_problem(node, mask, fill, recipe.fill, tensor_value(recipe.v).dtype)
+        if problem:
+            return problem
+        recipe.filled.append((mask, where_true))
+        recipe.fill = -math.inf if fill == -math.inf else _ABSORBING
+
+    ndim = tensor_value(recipe.k).dim()
+    if ((op_name(recipe.k) in _TRANSPOSES and _swaps_last_two(recipe.k, ndim))
+            or (op_name(recipe.k) == "permute" and _permutes_last_two(recipe.k, ndim))):
+        recipe.k, recipe.k_transposed_back = recipe.k.args[0], False
+        recipe.dropped.append(site.k)
+    dtype = tensor_value(recipe.v).dtype
+    for which in ("q", "k"):
+        node = getattr(recipe, which)
+        while (tensor_value(node).dtype != dtype and op_name(node) in _CASTS
+               and tensor_value(node.args[0]) is not None):
+            recipe.dropped.append(node)
+            node = node.args[0]
+        setattr(recipe, which, node)
+    if {tensor_value(recipe.q).dtype, tensor_value(recipe.k).dtype, tensor_value(context).dtype} != {dtype}:
+        return "q, k, v and the attention output do not share one dtype"
+    return recipe
+
+
+def _moves_to_queries(factor: Any, q: fx.Node) -> bool:
+    """Scaling the scores by ``factor`` is scaling ``q`` by it: it is the same for every key (its last dim is 1 or
+    absent) and broadcasting it against q keeps q's shape (a scalar, a per-head or a per-query-row factor)."""
+    if isinstance(example_value(factor), (torch.SymFloat, torch.SymInt)):
+        return True  # a number read from a 0-d input (``.item()``: Dynamo's unspecialised float attribute)
+    value, query = tensor_value(factor), tensor_value(q)
+    if value is None or query is None or value.dim() > query.dim():
+        return False
+    if value.dim() and not same_size(value.shape[-1], 1):
+        return False
+    return all(same_size(f, 1) or same_size(f, s) for f, s in zip(reversed(value.shape), reversed(query.shape)))
+
+
+def _fill_problem(node: fx.Node, mask: Any, fill: Any, before: Optional[float], dtype: torch.dtype) -> str:
+    """Why ``node`` (filling the scores with ``fill`` where ``mask`` says; ``before``: the earlier fills' kind) is
+    not an absorbing additive mask for an SDPA in ``dtype``. (A mask computed from the scores reads a node of the
+    pattern from outside it: refused before this.)"""
+    if not isinstance(mask, fx.Node) or tensor_value(mask) is None or tensor_value(mask).dtype != torch.bool:
+        return f"'{node.name}' fills the scores where a non-boolean tensor says"
+    if not isinstance(fill, (int, float)) or not (fill == -math.inf or fill <= -_ABSORBING):
+        shown = f"{fill:g}" if isinstance(fill, (int, float)) else repr(fill)
+        return (f"'{node.name}' fills the scores with {shown}, which is neither -inf nor below -{_ABSORBING:g}: "
+                "a row whose every key is masked would differ from an additive mask")
+    if fill != -math.inf and torch.finfo(dtype).min > -_ABSORBING:
+        return f"'{node.name}' fills the scores with a finite value, which no {dtype} mask can absorb"
+    if before is not None and (before == -math.inf) != (fill == -math.inf):
+        return f"'{node.name}' fills the scores with {fill:g} after another fill with {before:g}"
+    return ""
+
+
+def _swaps_last_two(node: fx.Node, ndim: int) -> bool:
+    dims = {normalize_dim(d, ndim) for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1")) if isinstance(d, int)}
+    return dims == {ndim - 2, ndim - 1}
+
+
+def _permutes_last_two(node: fx.Node, ndim: int) -> bool:
+    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+        return False
+    dims = [normalize_dim(d, ndim) for d in dims]
+    return dims == [*range(ndim - 2), ndim - 1, ndim - 2]
+
+
+def _replace(graph: fx.Graph, recipe: _Recipe, copies: dict[fx.Node, fx.Node]) -> None:
+    """Emits ``recipe``'s SDPA in ``graph`` (the copy; ``copies`` maps the original's nodes into it) in place of its
+    context, then erases the pattern's nodes that nothing reads any more."""
+    context = copies[recipe.site.node]
+    mapped = lambda x: copies[x] if isinstance(x, fx.Node) else x  # noqa: E731
+    emit = _Emitter(graph, context)
+    q, k = mapped(recipe.q), mapped(recipe.k)
+    dtype = tensor_value(q).dtype
+    for op, factor in recipe.q_factors:
+        q = emit(op, q, mapped(factor))
+    if tensor_value(q).dtype != dtype:  # a factor of a wider dtype (not 0-d) promoted q
+        q = emit(torch.Tensor.to, q, dtype)
+    if recipe.k_transposed_back:
+        k = emit(torch.transpose, k, -2, -1)
+    # One additive mask: the added tensors, plus the fill where any fill's condition holds (one term, not one per
+    # fill: two of fp32's lowest would sum to -inf). SDPA's kernels take a float mask in q's dtype; a finite fill
+    # becomes that dtype's lowest value, which absorbs the scores as the fill did (fp32's would overflow in bf16).
+    terms = [mapped(t) for t in recipe.added]
+    if recipe.filled:
+        conditions = [mapped(m) if where_true else emit(operator.invert, mapped(m)) for m, where_true in recipe.filled]
+        condition = functools.reduce(lambda a, b: emit(operator.or_, a, b), conditions)
+        fill = recipe.fill if recipe.fill == -math.inf else torch.finfo(dtype).min
+        terms.append(emit(torch.where, condition, fill, 0.0))
+    mask = functools.reduce(lambda a, b: emit(operator.add, a, b), terms) if terms else None
+    if mask is not None and tensor_value(mask).dtype != dtype:
+        mask = emit(torch.Tensor.to, mask, dtype)
+    out = emit(F.scaled_dot_product_attention, q, k, mapped(recipe.v), attn_mask=mask, scale=recipe.scale)
+    out.meta[FROM_HAND_WRITTEN] = True
+    context.replace_all_uses_with(out)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted({copies[n] for n in recipe.dropped}, key=order.__getitem__, reverse=True):
+        if not node.users:  # readers first: each node's last reader is gone by the time it comes up
+            graph.erase_node(node)
+
+
+class _Emitter:
+    """Emits call_function nodes before ``anchor``, each with its example value (computed in the fake mode of
+    the values it reads), as Dynamo records them, for the analysis that follows."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
+        self.graph, self.anchor = graph, anchor
+        self.fake_mode = getattr(tensor_value(anchor), "fake_mode", None)  # the values' own, not the ambient one
+
+    def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        values = fx.node.map_arg((args, kwargs), example_value)
+        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+            node.meta["example_value"] = target(*values[0], **values[1])
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        return node
+
+

@@ -1,0 +1,287 @@
+"""Hand-written attention becomes one SDPA node where it is SDPA's function, and stays as written where not.
+
+Each accepted case shows the graph's ops before and after the pass and checks the new graph against Dynamo's on
+the same inputs; each refused case checks the reason the site keeps and that the graph is the one handed over."""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dyllm_compile.passes import analysis as analysis_module
+from dyllm_compile.passes.attention_sites import find_attention_sites
+from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.passes.hand_written_attention import sdpa_from_hand_written
+
+B, H, N, D = 2, 4, 6, 8
+LOWEST = torch.finfo(torch.float32).min
+
+
+def traced(fn, *inputs):
+    """Dynamo's graph of ``fn`` and its inputs as the backend receives them."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    return graphs[0]
+
+
+def ops(gm):
+    return [op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def qkv(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=gen).to(dtype) for _ in range(3)]
+
+
+def padding_mask():
+    """Key padding [B, 1, 1, N]: element 1's last two keys are padding."""
+    keep = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    keep[1, ..., -2:] = False
+    return keep
+
+
+def assert_same_function(gm, new, inputs):
+    torch.testing.assert_close(new(*inputs), gm(*inputs), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def llama_eager(q, k, v, mask):
+    """HF's eager attention: scaled scores plus the additive mask, an fp32 softmax, eval-mode dropout."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(probs, p=0.1, training=False), v)
+
+
+def bert(q, k, v, mask):
+    return torch.matmul((q @ k.transpose(-1, -2) / math.sqrt(D) + mask).softmax(-1), v)
+
+
+def gptj(q, k, v, scale, mask):
+    """GPT-J: q and k upcast to fp32, the scores divided by a 0-d tensor, probabilities cast back to v's dtype."""
+    scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) / scale + mask
+    return torch.matmul(F.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def zoo(q, k, v, keep):
+    """dyllm's zoo entry: a boolean mask filled with -inf, softmax in fp32."""
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)
+    return torch.matmul(F.softmax(scores.masked_fill(~keep, float("-inf")).float(), dim=-1).to(q.dtype), v)
+
+
+def mpt(q, k, v, bias, masked):
+    """MPT: ALiBi's per-head bias added, then padding filled with the dtype's lowest value."""
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * 0.35 + bias).masked_fill(masked, LOWEST)
+    return torch.matmul(scores.float().softmax(-1), v)
+
+
+def gpt2_where(q, k, v, keep):
+    """Older GPT-2 style: where(keep, scores, lowest) and a shift by a constant."""
+    scores = torch.where(keep, torch.matmul(q, k.permute(0, 1, 3, 2)) - 3.0, LOWEST)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def keys_given_transposed(q, kt, v):
+    """The keys arrive transposed (no transpose node to look through): the SDPA gets kt transposed back."""
+    return torch.matmul(torch.softmax(torch.matmul(q, kt) * 0.3, dim=-1), v)
+
+
+def per_head_scale(q, k, v, scale):
+    """A learned per-head temperature [H, 1, 1]: the same for every key, so it scales q."""
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
+
+
+ACCEPTED = {
+    "llama_eager": (llama_eager, lambda: (*qkv(), torch.zeros(B, 1, N, N))),
+    "bert": (bert, lambda: (*qkv(), torch.where(padding_mask(), 0.0, LOWEST))),
+    "gptj": (gptj, lambda: (*qkv(), torch.tensor(math.sqrt(D)), torch.where(padding_mask(), 0.0, LOWEST))),
+    "zoo": (zoo, lambda: (*qkv(), padding_mask())),
+    "mpt": (mpt, lambda: (*qkv(), torch.randn(H, 1, N), ~padding_mask())),
+    "gpt2_where": (gpt2_where, lambda: (*qkv(), padding_mask())),
+    "keys_given_transposed": (keys_given_transposed, lambda: (qkv()[0], qkv()[1].transpose(-2, -1), qkv()[2])),
+    "per_head_scale": (per_head_scale, lambda: (*qkv(), torch.rand(H, 1, 1) + 0.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_hand_written_attention_becomes_sdpa(name):
+    fn, make = ACCEPTED[name]
+    gm, inputs = traced(fn, *make())
+    before = ops(gm)
+    new = sdpa_from_hand_written(gm)
+    after = ops(new)
+    assert "softmax" in before and "sdpa" not in before
+    assert new is not gm and ops(gm) == before  # a copy: Dynamo's graph is as it was
+    assert after.count("sdpa") == 1 and "softmax" not in after and after.count("matmul") == 0, after
+    (site,) = find_attention_sites(new.graph)
+    assert site.kind == "sdpa" and site.hand_written
+    assert_same_function(gm, new, inputs)
+
+
+def test_graph_before_and_after():
+    """BERT's form, op by op: the scores' matmul, scale, mask and softmax and the context's matmul become one SDPA
+    with the scale as a number and the mask as given; the transpose of k is looked through."""
+    gm, inputs = traced(bert, *ACCEPTED["bert"][1]())
+    assert ops(gm) == ["transpose", "matmul", "div", "add", "softmax", "matmul"]
+    new = sdpa_from_hand_written(gm)
+    (sdpa,) = [n for n in new.graph.nodes if op_name(n) == "sdpa"]
+    inputs = {n.name: n for n in new.graph.nodes if n.op == "placeholder"}
+    q, k, v, mask = (inputs[f"l_{name}_"] for name in ("q", "k", "v", "mask"))
+    assert ops(new) == ["sdpa"]
+    assert sdpa.args == (q, k, v) and sdpa.kwargs == {"attn_mask": mask, "scale": 1 / math.sqrt(D)}
+
+
+def test_gptj_scale_tensor_moves_to_queries():
+    gm, inputs = traced(gptj, *ACCEPTED["gptj"][1]())
+    new = sdpa_from_hand_written(gm)
+    (sdpa,) = [n for n in new.graph.nodes if op_name(n) == "sdpa"]
+    scaled_q = sdpa.args[0]
+    assert op_name(scaled_q) == "div" and scaled_q.args[1].name == "l_scale_" and sdpa.kwargs["scale"] == 1.0
+
+
+class AttributeScale(torch.nn.Module):
+    """A float attribute: Dynamo reads it from a 0-d input (``.item()``) when compiling with dynamic shapes."""
+
+    scale = 0.35
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1) @ v
+
+
+def test_unspecialised_float_scale_moves_to_queries():
+    torch._dynamo.reset()
+    graphs = []
+    compiled = torch.compile(AttributeScale(), dynamic=True,
+                             backend=lambda gm, inputs: graphs.append((gm, list(inputs))) or gm.forward)
+    compiled(*qkv())
+    (gm, inputs), = graphs
+    assert "item" in ops(gm)
+    new = sdpa_from_hand_written(gm)
+    (sdpa,) = [n for n in new.graph.nodes if op_name(n) == "sdpa"]
+    assert op_name(sdpa.args[0]) == "mul" and op_name(sdpa.args[0].args[1]) == "item"
+    assert_same_function(gm, new, inputs)
+
+
+def test_fully_masked_row_matches():
+    """An absorbing fill makes a row whose every key is masked the uniform average of the values, as written."""
+    q, k, v, masked = *qkv(), torch.zeros(1, 1, N, N, dtype=torch.bool)
+    masked[..., 2, :] = True
+    gm, inputs = traced(mpt, q, k, v, torch.zeros(H, 1, N), masked)
+    new = sdpa_from_hand_written(gm)
+    assert new is not gm
+    out = new(*inputs)[0]
+    torch.testing.assert_close(out[:, :, 2], v.mean(dim=2).expand(B, H, D).contiguous(), rtol=1e-5, atol=1e-6)
+    assert_same_function(gm, new, inputs)
+
+
+def test_bf16_upcast_queries_and_keys_are_stripped():
+    """GPT-J in bf16: q and k are cast to fp32 only for the scores; the SDPA takes them in bf16 (it accumulates in
+    fp32 itself) and returns v's dtype, as the context was."""
+    q, k, v = qkv(torch.bfloat16)
+    gm, inputs = traced(gptj, q, k, v, torch.tensor(math.sqrt(D)), torch.zeros(B, 1, 1, N))
+    new = sdpa_from_hand_written(gm)
+    (sdpa,) = [n for n in new.graph.nodes if op_name(n) == "sdpa"]
+    assert sdpa.meta["example_value"].dtype == torch.bfloat16
+    assert sdpa.args[1].op == "placeholder" and sdpa.args[0].args[0].op == "placeholder"  # no fp32 casts
+    torch.testing.assert_close(new(*inputs)[0], gm(*inputs)[0], rtol=2e-2, atol=2e-2)
+
+
+def non_absorbing_fill(q, k, v, masked):
+    return torch.matmul(torch.softmax((q @ k.transpose(-2, -1)).masked_fill(masked, -1e9), dim=-1), v)
+
+
+def scaled_after_masking(q, k, v, mask):
+    return torch.matmul(torch.softmax((q @ k.transpose(-2, -1) + mask) * 0.3, dim=-1), v)
+
+
+def probabilities_returned(q, k, v):
+    probs = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+    return probs @ v, probs
+
+
+def training_dropout(q, k, v):
+    return F.dropout(torch.softmax(q @ k.transpose(-2, -1), dim=-1), p=0.1, training=True) @ v
+
+
+def soft_capped(q, k, v):
+    """Gemma-2's soft-capping: not an additive mask."""
+    return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0, dim=-1) @ v
+
+
+def per_key_scale(q, k, v, scale):
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+
+
+def mask_from_scores(q, k, v):
+    scores = q @ k.transpose(-2, -1)
+    return torch.softmax(scores.masked_fill(scores < 0, float("-inf")), dim=-1) @ v
+
+
+REFUSED = {
+    "non_absorbing_fill": (non_absorbing_fill, lambda: (*qkv(), ~padding_mask()),
+                           "fills the scores with -1e+09, which is neither -inf nor below -1e+30"),
+    "scaled_after_masking": (scaled_after_masking, lambda: (*qkv(), torch.zeros(B, 1, N, N)), "after masking"),
+    "probabilities_returned": (probabilities_returned, qkv, "also used outside the attention"),
+    "training_dropout": (training_dropout, qkv, "dropout in training mode"),
+    "soft_capped": (soft_capped, qkv, "(tanh) on the scores is not a scale or an additive mask"),
+    "per_key_scale": (per_key_scale, lambda: (*qkv(), torch.rand(N)), "varies along the keys"),
+    "mask_from_scores": (mask_from_scores, qkv, "'scores' (scores or probabilities) is also used outside"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_other_hand_written_attention_stays_with_its_reason(name):
+    fn, make, reason = REFUSED[name]
+    gm, _ = traced(fn, *make())
+    assert sdpa_from_hand_written(gm) is gm
+    (site,) = find_attention_sites(gm.graph)
+    assert site.kind == "manual" and reason in site.dense_reason, site.dense_reason
+
+
+def two_fills(q, k, v, padded, causal):
+    """Two finite fills: one mask term (where either holds), not two summed (fp32's lowest twice is -inf)."""
+    scores = (q @ k.transpose(-2, -1)).masked_fill(padded, LOWEST)
+    return torch.softmax(torch.where(causal, scores, LOWEST), dim=-1) @ v
+
+
+def test_two_fills_make_one_term_and_fully_masked_rows_still_match():
+    padded = ~padding_mask()
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    causal[0] = False  # row 0 masked by both fills everywhere
+    gm, inputs = traced(two_fills, *qkv(), padded, causal)
+    new = sdpa_from_hand_written(gm)
+    assert ops(new).count("where") == 1 and ops(new).count("or") == 1
+    assert_same_function(gm, new, inputs)
+
+
+def upcast_and_filled(q, k, v, masked):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).masked_fill(masked, LOWEST)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def test_finite_fill_in_half_precision_stays():
+    """Scores in fp32 filled with fp32's lowest, attention in fp16: an fp16 mask has no value that absorbs."""
+    gm, _ = traced(upcast_and_filled, *qkv(torch.float16), ~padding_mask())
+    assert sdpa_from_hand_written(gm) is gm
+    (site,) = find_attention_sites(gm.graph)
+    assert "which no torch.float16 mask can absorb" in site.dense_reason
+
+
+def test_a_failing_replacement_leaves_the_graph_as_written(monkeypatch, caplog):
+    """The replacement is an optimisation: if it raises, the analysis goes on with Dynamo's graph (the site found
+    as written, dense) and says so, instead of compiling the whole graph dense."""
+    def broken(gm):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(analysis_module, "sdpa_from_hand_written", broken)
+    gm, _ = traced(bert, *ACCEPTED["bert"][1]())
+    with caplog.at_level(logging.WARNING, logger="dyllm_compile"):
+        result = analysis_module.analyze(gm)
+    assert result.gm is gm and [s.kind for s in result.sites] == ["manual"]
+    assert any("replacing hand-written attention by SDPA failed (RuntimeError: boom)" in m for m in caplog.messages)

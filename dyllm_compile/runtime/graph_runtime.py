@@ -358,7 +358,7 @@ class GraphRuntime:
             capacity = self._capacities((max(c, k) for c, k in zip(capacity, needed)), n)
             if per_element is not None:
                 per_element = self._capacities((max(c, k) for c, k in zip(per_element, needed_per_element)), n)
-        state.caches = list(out[self.n_user : self.n_user + self.n_caches])
+        state.caches = _stored(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
         if not unbacked:  # the growth sizes capacity buckets; unbacked counts need no guess
@@ -457,7 +457,7 @@ class GraphRuntime:
                tokens: list[torch.Tensor], others: list[torch.Tensor],
                upstream: Optional[row_tags.RowTag] = None) -> Any:
         out = self._dense_outputs(args, tokens, old)
-        caches = list(out[self.n_user : self.n_user + self.n_caches])
+        caches = _stored(out[self.n_user : self.n_user + self.n_caches])
         state = old
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
@@ -580,6 +580,14 @@ class GraphRuntime:
             if (size, device) not in self._carrier_cache:
                 self._carrier_cache[size, device] = torch.empty(size, dtype=torch.uint8, device=device)
         return [self._carrier_cache[size, device] for size in sizes]
+
+
+def _stored(caches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Caches as a state keeps them: contiguous, the one layout every variant is compiled for. The builders return
+    them so (``.contiguous()`` in the graph), but Inductor may hand one back in another layout: at batch 1 a dense
+    hand-written site's context came back as [B, N, H, D] memory viewed as [B, H, N, D], and the next call's
+    compiled code rejected it (its input stride assertion). A copy only then."""
+    return [c if c.is_contiguous() else c.contiguous() for c in caches]
 
 
 def _touch(states: list[SequenceState], state: Optional[SequenceState]) -> None:

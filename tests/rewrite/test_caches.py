@@ -1,10 +1,15 @@
 """Caches never go stale: new prompts, one-token prompt changes, batch / length / dtype changes (graph breaks:
 test_graph_breaks.py)."""
 
+import pytest
 import torch
 
+from decode_driver import decode_inputs
 from dyllm_compile.generate import generate
 from dyllm_compile.models import llada_like
+from dyllm_compile.models.zoo import ZOO
+from dyllm_compile.passes import analysis
+from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from oracle import Oracle
 
 MASK = 127
@@ -135,3 +140,23 @@ def test_gqa_caches_hold_the_kv_heads_only():
         for which in ("k", "v"):
             assert tuple(caches[f"L{layer}.{which}"].shape) == (1, cfg.n_kv_heads, 12, head_dim)
         assert tuple(caches[f"L{layer}.c"].shape) == (1, cfg.n_heads, 12, head_dim)
+
+
+@pytest.mark.inductor
+def test_caches_are_stored_in_the_layout_variants_are_compiled_for(monkeypatch):
+    """Every variant is compiled for contiguous caches. Inductor returned a dense hand-written site's context cache
+    at batch 1 as [B, N, H, D] memory viewed as [B, H, N, D]: before, the next call failed in the compiled code's
+    input stride assertion; now the runtime stores it contiguous. (A hand-written site stays dense here because the
+    pass that would make it SDPA is switched off, as it was before that pass existed.)"""
+    monkeypatch.setattr(analysis, "sdpa_from_hand_written", lambda gm: gm)
+    torch._dynamo.reset()
+    before = last_serial()
+    entry = ZOO["manual_attention"]
+    model = entry.build()
+    compiled = torch.compile(model, backend="dyllm")
+    with torch.inference_mode():
+        for args in decode_inputs(entry, 1, prompt=6, response=10, calls=4):
+            torch.testing.assert_close(compiled(*args), model(*args), rtol=1e-2, atol=1e-2)
+    (runtime,) = runtimes(before)
+    assert runtime.stats.sparse_calls == 3 and not any(site.cached for site in runtime.plan.sites)
+    assert all(c.is_contiguous() for states in runtime.states.values() for st in states for c in st.caches)

@@ -82,10 +82,12 @@ def default_workload(batch: int, **_) -> Workload:
 
 
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
-                       **_) -> Workload:
-    model = llada_like("tiny", d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511)
+                       attention: str = "sdpa", **_) -> Workload:
+    model = llada_like("tiny", d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511,
+                       attention=attention)
     prompts = torch.randint(1, 511, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
-    return Workload("llada-like 4L d512", model, prompts, gen_length, block_length, gen_length, "random")
+    name = "llada-like 4L d512" + (", hand-written attention" if attention == "manual" else "")
+    return Workload(name, model, prompts, gen_length, block_length, gen_length, "random")
 
 
 # Sequence length of the full-size workloads: the paper's (a long few-shot prompt and 256 generated tokens), the one
@@ -473,7 +475,7 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
     if name == "default":
         return default_workload(batch)
     if name == "reference":
-        return reference_workload(batch)
+        return reference_workload(batch, attention=args.attention)
     if name == "tiny":
         model = llada_like("tiny")
         prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
@@ -492,6 +494,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=None,
                         help=f"--model llada/dream: prompt tokens (default {FULL_SIZE_TOKENS} in all with the 256 "
                              "generated)")
+    parser.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
+                        help="--model reference: attention as one SDPA call or written by hand (softmax(q k^T) v)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
@@ -527,6 +531,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if args.layers < 1 or args.checkpoint or not full_size:
             parser.error("--layers takes a positive count and applies to random weights of the full-size shapes "
                          "(--model llada/dream or --preset gpu, without --checkpoint)")
+    if args.attention != "sdpa" and (args.preset is not None or args.model != "reference"):
+        parser.error("--attention applies to --model reference")
     if args.prompt_length is not None and (args.prompt_length < 1 or not full_size):
         parser.error("--prompt-length takes a positive count and applies to --model llada/dream or --preset gpu")
     return args

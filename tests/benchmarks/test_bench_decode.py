@@ -105,6 +105,17 @@ def test_prompt_length_applies_to_full_size_workloads_only(bench, argv, capsys):
     assert "--prompt-length takes a positive count" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--model", "default", "--attention", "manual"],
+                                  ["--preset", "cpu", "--attention", "manual"]])
+def test_attention_applies_to_the_reference_model_only(bench, argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "--attention applies to --model reference" in capsys.readouterr().err
+    args = bench.parse_args(["--model", "reference", "--attention", "manual"])
+    work = bench.make_workload("reference", 1, args, "cpu", torch.float32)
+    assert work.model.cfg.attention == "manual" and "hand-written attention" in work.name
+
+
 def test_full_size_workload_is_the_papers_length_unless_told(bench, monkeypatch):
     """1150 tokens in all by default (the length the targets are stated at), else the prompt asked for; the
     model's shapes do not matter here, so a tiny one stands in for LLaDA-8B's."""

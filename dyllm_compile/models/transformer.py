@@ -39,7 +39,7 @@ class TransformerConfig:
     n_experts: int = 4
     moe_top_k: int = 2
     moe_capacity: Optional[int] = None  # per-expert token capacity: routing then depends on other tokens
-    attention: str = "sdpa"  # "sdpa" | "manual"
+    attention: str = "sdpa"  # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums)
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
     qkv_bias: bool = False
     fused_qkv: bool = False  # one projection for q, k and v, split three ways (LLaDA's att_proj)
@@ -63,7 +63,7 @@ class TransformerConfig:
             "norm in (rms, layer)": self.norm in ("rms", "layer"),
             "norm_position in (pre, post)": self.norm_position in ("pre", "post"),
             "ffn in (swiglu, gelu, moe)": self.ffn in ("swiglu", "gelu", "moe"),
-            "attention in (sdpa, manual)": self.attention in ("sdpa", "manual"),
+            "attention in (sdpa, manual, einsum)": self.attention in ("sdpa", "manual", "einsum"),
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
             "positions in (rope, learned)": self.positions in ("rope", "learned"),
             "rope_table in (cached, computed)": self.rope_table in ("cached", "computed"),
@@ -192,13 +192,16 @@ class Attention(nn.Module):
             q = apply_rotary(q, *rope, cfg.rotary_dim)
             k = apply_rotary(k, *rope, cfg.rotary_dim)
         n_rep = cfg.n_heads // cfg.n_kv_heads
-        if cfg.attention == "manual":
+        if cfg.attention in ("manual", "einsum"):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(cfg.head_dim)
+            if cfg.attention == "manual":
+                scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(cfg.head_dim)
+            else:
+                scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / math.sqrt(cfg.head_dim)
             if mask is not None:
                 scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
             probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.matmul(probs, v)
+            out = torch.matmul(probs, v) if cfg.attention == "manual" else torch.einsum("bhij,bhjd->bhid", probs, v)
         elif cfg.gqa == "enable_gqa" and n_rep > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:

@@ -3,9 +3,10 @@
 Patterns matched:
 - ``scaled_dot_product_attention(q, k, v, attn_mask=..., scale=..., enable_gqa=...)`` (one node);
 - hand-written ``softmax(q @ k^T * scale [+ mask]) [.to(dtype)] @ v``: a softmax over the last dim whose input
-  reaches, through elementwise scaling/masking/casts only, a matmul, and whose output reaches, through casts
-  and dropout only, the left operand of a second matmul (the analysis first replaces those that are SDPA by an
-  SDPA node, :mod:`~dyllm_compile.passes.hand_written_attention`; the others carry the reason they are not);
+  reaches, through elementwise scaling/masking/casts only, a matmul (or an einsum over q's and k's last dims),
+  and whose output reaches, through casts and dropout only, the left operand of a second matmul (or einsum).
+  The analysis first replaces those that are SDPA by an SDPA node
+  (:mod:`~dyllm_compile.passes.hand_written_attention`); the others carry the reason they are not;
 - ``flex_attention`` (a higher-order op): recorded as a site that stays dense, since its score_mod and
   block_mask may mix tokens in ways the cached-attention op does not model.
 
@@ -15,8 +16,9 @@ graph is never modified.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from torch import fx
 
@@ -39,7 +41,7 @@ class AttentionSite:
     node: fx.Node  # the node whose output is the attention context (before the output projection)
     kind: str  # "sdpa" | "manual" | "flex"
     q: fx.Node
-    k: fx.Node  # for "manual": the transposed key operand of q @ k^T
+    k: fx.Node  # for "manual": the key operand of the scores' product (transposed for a matmul)
     v: fx.Node
     k_transposed: bool = False
     mask: Optional[fx.Node] = None
@@ -116,20 +118,53 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
             return None
         mask = next((a for a in operands if a is not main[0]), mask)
         node = main[0]
-    if not isinstance(node, fx.Node) or op_name(node) != "matmul":
+    scores = _product(node, "ij", "id", "jd")  # q k^T: einsum("...id,...jd->...ij"), or matmul(q, kT)
+    if scores is None:
         return None
-    scores = node
-    internal.append(scores)
+    internal.append(node)
     probs = softmax
     while len(probs.users) == 1 and op_name(next(iter(probs.users))) in _PROB_OPS:
         probs = next(iter(probs.users))
         internal.append(probs)
-    context = next((u for u in probs.users if op_name(u) == "matmul" and u.args[0] is probs), None)
+    context = v = None
+    for user in probs.users:  # P V: matmul(probs, v) or einsum("...ij,...je->...ie")
+        found = _product(user, "ie", "ij", "je")
+        if found is not None and found[0] is probs:
+            context, v = user, found[1]
+            break
     if context is None:
         return None
-    return AttentionSite(context, "manual", scores.args[0], scores.args[1], context.args[1],
-                         k_transposed=True, mask=mask, internal=internal,
+    (q, k), einsum = scores, op_name(node) == "einsum"
+    return AttentionSite(context, "manual", q, k, v, k_transposed=not einsum, mask=mask, internal=internal,
                          dense_reason=context.meta.get(HAND_WRITTEN_REASON, ""))
+
+
+def _product(node: Any, out: str, left: str, right: str) -> Optional[tuple[Any, Any]]:
+    """The two operands of ``node`` if it is a product of two tensors over their last two dims: ``matmul(a, b)``,
+    or an einsum whose subscripts, after the same leading ones on both operands and the output, are ``left``,
+    ``right`` -> ``out`` up to renaming (x-transformers' ``einsum('b h i d, b h j d -> b h i j', q, k)``)."""
+    name = op_name(node) if isinstance(node, fx.Node) else None
+    if name == "matmul":
+        return node.args[0], node.args[1]
+    if name != "einsum" or not node.args or not isinstance(node.args[0], str):
+        return None
+    operands = node.args[1:] if len(node.args) > 2 else tuple(node.args[1]) if len(node.args) == 2 else ()
+    equation = node.args[0].replace(" ", "")
+    if len(operands) != 2 or equation.count("->") != 1 or equation.count(",") != 1:
+        return None
+    inputs, result = equation.split("->")
+    subscripts = [re.findall(r"\.\.\.|[a-zA-Z]", x) for x in (*inputs.split(","), result)]
+    lead = subscripts[2][:-2]
+    if any(len(x) != len(lead) + 2 or x[:-2] != lead for x in subscripts):
+        return None
+    names = {}  # pattern letter -> the equation's
+    for pattern, found in zip((left, right, out), subscripts):
+        for letter, actual in zip(pattern, found[-2:]):
+            if names.setdefault(letter, actual) != actual:
+                return None
+    if len(set(names.values())) != 3 or set(names.values()) & set(lead):
+        return None
+    return operands[0], operands[1]
 
 
 def _token_dims_agree(site: AttentionSite) -> bool:

@@ -1,7 +1,8 @@
 """Turns hand-written attention into ``scaled_dot_product_attention`` where the two compute the same function.
 
 Pattern: a hand-written site of :func:`~dyllm_compile.passes.attention_sites.find_attention_sites`,
-``softmax(scores, dim=-1) [casts, eval-mode dropout] @ v`` with ``scores`` built from ``q @ kT`` by, in this order,
+``softmax(scores, dim=-1) [casts, eval-mode dropout] @ v`` with ``scores`` built from ``q @ kT`` (or an einsum over
+q's and k's last dims) by, in this order,
 
 - scaling: products and quotients by Python numbers (into SDPA's ``scale``) or by tensors that are the same for
   every key (applied to ``q``: GPT-J divides by a 0-d tensor attribute), and shifts by Python numbers (a softmax
@@ -11,10 +12,10 @@ Pattern: a hand-written site of :func:`~dyllm_compile.passes.attention_sites.fin
   such as HF's ``finfo.min``, which absorbs any score it is added to; fp16 masks have no such value);
 - casts anywhere;
 
-and ``kT`` the keys transposed over their last two dims (any other operand is transposed back). It becomes
-``sdpa(q', k, v, attn_mask=the masks' sum in additive form, scale=the numbers' product)``, ``q'`` being ``q``
-times the tensor factors, with casts of q and k stripped where they only made them differ from v's dtype (SDPA
-accumulates in fp32 either way).
+and ``kT`` the keys transposed over their last two dims (any other operand of a matmul is transposed back). It
+becomes ``sdpa(q', k, v, attn_mask=the masks' sum in additive form, scale=the numbers' product)``, ``q'`` being
+``q`` times the tensor factors, with casts of q and k stripped where they only made them differ from v's dtype
+(SDPA accumulates in fp32 either way).
 
 Invariant: the result is the same function of the graph's inputs up to floating-point rounding, including rows
 whose every key is masked by a finite fill (an absorbing fill makes ``score + fill`` equal ``fill`` exactly; a
@@ -98,7 +99,7 @@ def sdpa_from_hand_written(gm: fx.GraphModule) -> fx.GraphModule:
 def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
     """The replacement of ``site``, or why there is none."""
     softmax, context = site.internal[0], site.node
-    scores = next(n for n in site.internal if op_name(n) == "matmul")
+    scores = next(n for n in site.internal if op_name(n) in ("matmul", "einsum"))
     pattern = set(site.internal) | {context}
     outside = next((n for n in site.internal for u in n.users if u not in pattern), None)
     if outside is not None:  # also what keeps any mask from being computed from the scores
@@ -116,8 +117,7 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
             return f"'{node.name}' takes the scores as a keyword argument"
         chain.append((node, on_chain, [a for a in node.args if a is not on_chain]))
         node = on_chain
-    recipe = _Recipe(site, scores.args[0], scores.args[1], True, context.args[1], 1.0,
-                     dropped=[context, *site.internal])
+    recipe = _Recipe(site, site.q, site.k, site.k_transposed, site.v, 1.0, dropped=[context, *site.internal])
     masking = False
     for node, on_chain, others in reversed(chain):  # from the matmul towards the softmax
         name = op_name(node)
@@ -159,8 +159,8 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
         recipe.fill = -math.inf if fill == -math.inf else _ABSORBING
 
     ndim = tensor_value(recipe.k).dim()
-    if ((op_name(recipe.k) in _TRANSPOSES and _swaps_last_two(recipe.k, ndim))
-            or (op_name(recipe.k) == "permute" and _permutes_last_two(recipe.k, ndim))):
+    if recipe.k_transposed_back and ((op_name(recipe.k) in _TRANSPOSES and _swaps_last_two(recipe.k, ndim))
+                                     or (op_name(recipe.k) == "permute" and _permutes_last_two(recipe.k, ndim))):
         recipe.k, recipe.k_transposed_back = recipe.k.args[0], False
         recipe.dropped.append(site.k)
     dtype = tensor_value(recipe.v).dtype

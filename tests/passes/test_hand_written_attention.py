@@ -97,6 +97,12 @@ def per_head_scale(q, k, v, scale):
     return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
 
 
+def x_transformers(q, k, v, mask):
+    """lucidrains' x-transformers: the products as einsums (spaces in the equation), a mask filled with -inf."""
+    scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * D ** -0.5
+    return torch.einsum("bhij,bhjd->bhid", scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), v)
+
+
 ACCEPTED = {
     "llama_eager": (llama_eager, lambda: (*qkv(), torch.zeros(B, 1, N, N))),
     "bert": (bert, lambda: (*qkv(), torch.where(padding_mask(), 0.0, LOWEST))),
@@ -106,6 +112,7 @@ ACCEPTED = {
     "gpt2_where": (gpt2_where, lambda: (*qkv(), padding_mask())),
     "keys_given_transposed": (keys_given_transposed, lambda: (qkv()[0], qkv()[1].transpose(-2, -1), qkv()[2])),
     "per_head_scale": (per_head_scale, lambda: (*qkv(), torch.rand(H, 1, 1) + 0.5)),
+    "x_transformers": (x_transformers, lambda: (*qkv(), padding_mask())),
 }
 
 
@@ -118,7 +125,7 @@ def test_hand_written_attention_becomes_sdpa(name):
     after = ops(new)
     assert "softmax" in before and "sdpa" not in before
     assert new is not gm and ops(gm) == before  # a copy: Dynamo's graph is as it was
-    assert after.count("sdpa") == 1 and "softmax" not in after and after.count("matmul") == 0, after
+    assert after.count("sdpa") == 1 and "softmax" not in after and not {"matmul", "einsum"} & set(after), after
     (site,) = find_attention_sites(new.graph)
     assert site.kind == "sdpa" and site.hand_written
     assert_same_function(gm, new, inputs)
@@ -285,3 +292,19 @@ def test_a_failing_replacement_leaves_the_graph_as_written(monkeypatch, caplog):
         result = analysis_module.analyze(gm)
     assert result.gm is gm and [s.kind for s in result.sites] == ["manual"]
     assert any("replacing hand-written attention by SDPA failed (RuntimeError: boom)" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("equations", [
+    ("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"),  # heads after tokens: q's token dim is not second to last
+    ("bhid,bhjd->bhji", "bhji,bhjd->bhid"),  # scores keyed [j, i]: the softmax runs over the queries
+    ("bhid,bhjd->bhij", "bhij,bhid->bhjd"),  # the context contracts the queries
+])
+def test_einsums_that_are_not_attention_are_not_sites(equations):
+    scores_eq, context_eq = equations
+
+    def fn(q, k, v):
+        return torch.einsum(context_eq, torch.einsum(scores_eq, q, k).softmax(-1), v)
+
+    q, k, v = (torch.randn(B, N, H, D) for _ in range(3)) if "q" in scores_eq else qkv()
+    gm, _ = traced(fn, q, k, v)
+    assert find_attention_sites(gm.graph) == [] and sdpa_from_hand_written(gm) is gm

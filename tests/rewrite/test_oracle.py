@@ -14,9 +14,11 @@ MASK = 127
 MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dream_like("tiny", init_std=0.2)}
 # Forms the rewrite takes a graph-level step for, each run by one test, not by every MODELS test: one q/k/v
 # projection split three ways (the k/v and exact mode's q chains share it); hand-written attention (replaced by
-# SDPA before the analysis; the oracle computes attention its own way, so it checks that replacement too).
+# SDPA before the analysis, its products as matmuls or as einsums; the oracle computes attention its own way, so
+# it checks that replacement too).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
-                "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2)}
+                "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
+                "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum")}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 

@@ -63,7 +63,8 @@ class _Recipe:
     k_transposed_back: bool  # k is ``kT`` itself: transpose it back
     v: fx.Node
     scale: float
-    q_factors: list[tuple[Callable, fx.Node]] = field(default_factory=list)  # (operator.mul | truediv, tensor)
+    # (operator.mul | truediv, a tensor or a number node): applied to q
+    q_factors: list[tuple[Callable, fx.Node]] = field(default_factory=list)
     added: list[fx.Node] = field(default_factory=list)  # tensors added to the scores
     filled: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (m, the scores are filled where m holds)
     fill: Optional[float] = None  # what they are filled with: -inf, or a finite absorbing value
@@ -87,7 +88,7 @@ def sdpa_from_hand_written(gm: fx.GraphModule) -> fx.GraphModule:
     copies: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
     output = graph.graph_copy(gm.graph, copies)
-    graph.output(output)
+    graph.output(output).meta.update(gm.graph.output_node().meta)
     graph._codegen = gm.graph._codegen
     for recipe in recipes:
         _replace(graph, recipe, copies)
@@ -98,8 +99,7 @@ def sdpa_from_hand_written(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
     """The replacement of ``site``, or why there is none."""
-    softmax, context = site.internal[0], site.node
-    scores = next(n for n in site.internal if op_name(n) in ("matmul", "einsum"))
+    context = site.node
     pattern = set(site.internal) | {context}
     outside = next((n for n in site.internal for u in n.users if u not in pattern), None)
     if outside is not None:  # also what keeps any mask from being computed from the scores
@@ -107,9 +107,16 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
     dropout = next((n for n in site.internal if op_name(n) == "dropout"), None)
     if dropout is not None and arg(dropout, 2, "training", True) and arg(dropout, 1, "p", 0.5) != 0:
         return "attention dropout in training mode"
+    recipe = _Recipe(site, site.q, site.k, site.k_transposed, site.v, 1.0, dropped=[context, *site.internal])
+    return _read_scores(recipe, pattern) or _read_operands(recipe) or recipe
 
-    # The score chain from the softmax back to the matmul: each op's operand on the chain, and the others.
-    chain = []
+
+def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
+    """Reads the ops from the scores' product to the softmax into ``recipe``'s scale, factors and masks; or says
+    why they are not a scale followed by additive masks."""
+    softmax = recipe.site.internal[0]
+    scores = next(n for n in recipe.site.internal if op_name(n) in ("matmul", "einsum"))
+    chain = []  # (op, its operand on the chain, its other operands), from the softmax back to the product
     node = softmax.args[0]
     while node is not scores:
         on_chain = next((a for a in node.args if a is scores or a in pattern), None)
@@ -117,9 +124,8 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
             return f"'{node.name}' takes the scores as a keyword argument"
         chain.append((node, on_chain, [a for a in node.args if a is not on_chain]))
         node = on_chain
-    recipe = _Recipe(site, site.q, site.k, site.k_transposed, site.v, 1.0, dropped=[context, *site.internal])
     masking = False
-    for node, on_chain, others in reversed(chain):  # from the matmul towards the softmax
+    for node, on_chain, others in reversed(chain):  # from the product towards the softmax
         name = op_name(node)
         if name in _CASTS:
             continue
@@ -157,12 +163,18 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
             return problem
         recipe.filled.append((mask, where_true))
         recipe.fill = -math.inf if fill == -math.inf else _ABSORBING
+    return ""
 
-    ndim = tensor_value(recipe.k).dim()
-    if recipe.k_transposed_back and ((op_name(recipe.k) in _TRANSPOSES and _swaps_last_two(recipe.k, ndim))
-                                     or (op_name(recipe.k) == "permute" and _permutes_last_two(recipe.k, ndim))):
-        recipe.k, recipe.k_transposed_back = recipe.k.args[0], False
-        recipe.dropped.append(site.k)
+
+def _read_operands(recipe: _Recipe) -> str:
+    """Takes ``recipe``'s k from before its transpose and q and k from before casts that only made them differ
+    from v's dtype; or says why q, k, v and the output still differ in dtype."""
+    k = recipe.k
+    ndim = tensor_value(k).dim()
+    if recipe.k_transposed_back and ((op_name(k) in _TRANSPOSES and _swaps_last_two(k, ndim))
+                                     or (op_name(k) == "permute" and _permutes_last_two(k, ndim))):
+        recipe.k, recipe.k_transposed_back = k.args[0], False
+        recipe.dropped.append(k)
     dtype = tensor_value(recipe.v).dtype
     for which in ("q", "k"):
         node = getattr(recipe, which)
@@ -171,9 +183,9 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
             recipe.dropped.append(node)
             node = node.args[0]
         setattr(recipe, which, node)
-    if {tensor_value(recipe.q).dtype, tensor_value(recipe.k).dtype, tensor_value(context).dtype} != {dtype}:
+    if {tensor_value(recipe.q).dtype, tensor_value(recipe.k).dtype, tensor_value(recipe.site.node).dtype} != {dtype}:
         return "q, k, v and the attention output do not share one dtype"
-    return recipe
+    return ""
 
 
 def _moves_to_queries(factor: Any, q: fx.Node) -> bool:

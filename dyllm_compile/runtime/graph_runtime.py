@@ -196,6 +196,7 @@ class GraphRuntime:
         self._others_at: list[int] = []
         self.policy = plan.policy
         self._warned_policy = False
+        self._copied: set[str] = set()  # caches that came back in another layout than contiguous (logged once)
         self.serial = next(_serials)  # creation order
         _runtimes.add(self)
 
@@ -358,7 +359,7 @@ class GraphRuntime:
             capacity = self._capacities((max(c, k) for c, k in zip(capacity, needed)), n)
             if per_element is not None:
                 per_element = self._capacities((max(c, k) for c, k in zip(per_element, needed_per_element)), n)
-        state.caches = _stored(out[self.n_user : self.n_user + self.n_caches])
+        state.caches = self._stored(out[self.n_user : self.n_user + self.n_caches])
         state.tokens = [t.clone() for t in tokens]
         state.calls += 1
         if not unbacked:  # the growth sizes capacity buckets; unbacked counts need no guess
@@ -376,6 +377,23 @@ class GraphRuntime:
                                                             for own, i in selections)
         self._count_sparse(out, len(counts), gathered, n, queried_rows)
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
+
+    def _stored(self, caches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Caches as a state keeps them: contiguous, the one layout every variant is compiled for. The builders
+        return them so (``.contiguous()`` in the graph), but Inductor may hand one back in another layout: at batch
+        1 a dense hand-written site's context came back as [B, N, H, D] memory viewed as [B, H, N, D], and the next
+        call's compiled code rejected it (its input stride assertion). A copy only then, logged once per cache:
+        a copy every call is memory traffic a step should not pay."""
+        stored = []
+        for spec, cache in zip(self.plan.caches, caches):
+            if not cache.is_contiguous():
+                if spec.name not in self._copied:
+                    self._copied.add(spec.name)
+                    log.info("dyllm: graph %s: cache %s came back with strides %s, not contiguous: copied",
+                             self.graph_id, spec.name, cache.stride())
+                cache = cache.contiguous()
+            stored.append(cache)
+        return stored
 
     def _count_sparse(self, out: Any, regions: int, gathered: int, n: int, queried: int) -> None:
         """A sparse call's counters: its salient fractions per site, and the rows its gated regions computed:
@@ -457,7 +475,7 @@ class GraphRuntime:
                tokens: list[torch.Tensor], others: list[torch.Tensor],
                upstream: Optional[row_tags.RowTag] = None) -> Any:
         out = self._dense_outputs(args, tokens, old)
-        caches = _stored(out[self.n_user : self.n_user + self.n_caches])
+        caches = self._stored(out[self.n_user : self.n_user + self.n_caches])
         state = old
         if state is not None:
             state.caches, state.tokens, state.others = caches, [t.clone() for t in tokens], [o.clone() for o in others]
@@ -580,14 +598,6 @@ class GraphRuntime:
             if (size, device) not in self._carrier_cache:
                 self._carrier_cache[size, device] = torch.empty(size, dtype=torch.uint8, device=device)
         return [self._carrier_cache[size, device] for size in sizes]
-
-
-def _stored(caches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Caches as a state keeps them: contiguous, the one layout every variant is compiled for. The builders return
-    them so (``.contiguous()`` in the graph), but Inductor may hand one back in another layout: at batch 1 a dense
-    hand-written site's context came back as [B, N, H, D] memory viewed as [B, H, N, D], and the next call's
-    compiled code rejected it (its input stride assertion). A copy only then."""
-    return [c if c.is_contiguous() else c.contiguous() for c in caches]
 
 
 def _touch(states: list[SequenceState], state: Optional[SequenceState]) -> None:

@@ -1,6 +1,8 @@
 """Caches never go stale: new prompts, one-token prompt changes, batch / length / dtype changes (graph breaks:
 test_graph_breaks.py)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -143,7 +145,7 @@ def test_gqa_caches_hold_the_kv_heads_only():
 
 
 @pytest.mark.inductor
-def test_caches_are_stored_in_the_layout_variants_are_compiled_for(monkeypatch):
+def test_caches_are_stored_in_the_layout_variants_are_compiled_for(monkeypatch, caplog):
     """Every variant is compiled for contiguous caches. Inductor returned a dense hand-written site's context cache
     at batch 1 as [B, N, H, D] memory viewed as [B, H, N, D]: before, the next call failed in the compiled code's
     input stride assertion; now the runtime stores it contiguous. (A hand-written site stays dense here because the
@@ -154,9 +156,11 @@ def test_caches_are_stored_in_the_layout_variants_are_compiled_for(monkeypatch):
     entry = ZOO["manual_attention"]
     model = entry.build()
     compiled = torch.compile(model, backend="dyllm")
-    with torch.inference_mode():
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="dyllm_compile"):
         for args in decode_inputs(entry, 1, prompt=6, response=10, calls=4):
             torch.testing.assert_close(compiled(*args), model(*args), rtol=1e-2, atol=1e-2)
     (runtime,) = runtimes(before)
     assert runtime.stats.sparse_calls == 3 and not any(site.cached for site in runtime.plan.sites)
     assert all(c.is_contiguous() for states in runtime.states.values() for st in states for c in st.caches)
+    copied = [m for m in caplog.messages if "not contiguous: copied" in m]
+    assert copied and len(copied) == len(set(copied))  # said once per cache

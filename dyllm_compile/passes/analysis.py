@@ -1,5 +1,5 @@
-"""The analysis pipeline on one Dynamo graph: hand-written attention as SDPA -> attention sites -> token axes ->
-spine, regions and chains."""
+"""The analysis pipeline on one Dynamo graph: fused layers unfused -> hand-written attention as SDPA -> attention
+sites -> token axes -> spine, regions and chains."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import fx
 
 from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, tensor_value
+from .fused_layers import FUSED_REASON, unfuse_layers
 from .hand_written_attention import sdpa_from_hand_written
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
@@ -70,18 +71,41 @@ class GraphAnalysis:
         )
 
 
-class HandWrittenAttention(DyllmPass):
-    """The one pass that may replace the graph: with a copy in which hand-written attention that computes SDPA's
-    function is one SDPA node (Dynamo's graph itself is never edited)."""
+class _GraphReplacing(DyllmPass):
+    """A pass that may replace the graph with an edited copy (Dynamo's graph itself is never edited). The edit
+    only lets later passes see more: if it fails, the graph stays as it was, with a warning."""
 
-    name = "hand_written_attention"
+    what = ""
+
+    def edit(self, gm: fx.GraphModule) -> fx.GraphModule:
+        raise NotImplementedError
 
     def __call__(self, state: GraphAnalysis) -> None:
         try:
-            state.gm = sdpa_from_hand_written(state.gm)
-        except Exception as err:  # an optimisation of the graph: without it the sites stay as written, dense
-            log.warning("dyllm: graph %s: replacing hand-written attention by SDPA failed (%s: %s); it stays as "
-                        "written", state.graph_id, type(err).__name__, err)
+            state.gm = self.edit(state.gm)
+        except Exception as err:
+            log.warning("dyllm: graph %s: %s failed (%s: %s); left as it was", state.graph_id, self.what,
+                        type(err).__name__, err)
+
+
+class UnfuseLayers(_GraphReplacing):
+    """Fused encoder layers (``nn.TransformerEncoderLayer``'s fast path) become the ops they compute."""
+
+    name = "fused_layers"
+    what = "unfusing fused encoder layers"
+
+    def edit(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return unfuse_layers(gm)
+
+
+class HandWrittenAttention(_GraphReplacing):
+    """Hand-written attention that computes SDPA's function becomes one SDPA node."""
+
+    name = "hand_written_attention"
+    what = "replacing hand-written attention by SDPA"
+
+    def edit(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return sdpa_from_hand_written(gm)
 
 
 class FindAttentionSites(DyllmPass):
@@ -95,6 +119,7 @@ class FindAttentionSites(DyllmPass):
             opaque = sorted({_label(n) for n in state.gm.graph.nodes if _is_opaque(n)})
             hint = f"; opaque ops that may hide attention: {', '.join(opaque)}" if opaque else ""
             state.dense_reasons.append(f"no self-attention site found in this graph{hint}")
+        state.dense_reasons += sorted({n.meta[FUSED_REASON] for n in state.gm.graph.nodes if FUSED_REASON in n.meta})
         for site in state.sites:
             if site.dense_reason:
                 state.dense_reasons.append(f"layer {site.layer}: {site.dense_reason}")
@@ -134,8 +159,17 @@ class FindRegions(DyllmPass):
             state.dense_reasons.append(f"'{name}' x{count}: token-mixing ({reason}); computed densely")
 
 
+# torch's own fused attention calls, as Dynamo records them: one node each (multi_head_attention_forward returns
+# a tuple; a fused encoder layer the fused_layers pass left fused carries its reason as well).
+_FUSED_ATTENTION = frozenset({"multi_head_attention_forward", "_native_multi_head_attention",
+                              "_transformer_encoder_layer_fwd"})
+
+
 def _is_opaque(node: fx.Node) -> bool:
-    """A call the analysis cannot see into (a custom kernel), producing a tensor with heads or tokens."""
+    """A call the analysis cannot see into (a custom kernel, torch's fused attention), producing a tensor with heads
+    or tokens."""
+    if op_name(node) in _FUSED_ATTENTION:
+        return True
     if node.op != "call_function" or tensor_value(node) is None or tensor_value(node).dim() < 3:
         return False
     target = node.target
@@ -151,7 +185,7 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
+ANALYSIS_PASSES = (UnfuseLayers(), HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 
 def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:

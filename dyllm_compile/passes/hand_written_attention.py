@@ -31,7 +31,6 @@ rewrite sees one attention op and caches hand-written attention like SDPA.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .attention_sites import FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
+from .graph_edit import Emitter, copy_graph, erase_unused, module_of
 from .graph_utils import arg, example_value, normalize_dim, op_name, same_size, tensor_value
 
 _CASTS = frozenset("to float half bfloat16 type_as".split())
@@ -85,16 +85,10 @@ def sdpa_from_hand_written(gm: fx.GraphModule) -> fx.GraphModule:
             recipes.append(found)
     if not recipes:
         return gm
-    copies: dict[fx.Node, fx.Node] = {}
-    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
-    output = graph.graph_copy(gm.graph, copies)
-    graph.output(output).meta.update(gm.graph.output_node().meta)
-    graph._codegen = gm.graph._codegen
+    graph, copies = copy_graph(gm)
     for recipe in recipes:
         _replace(graph, recipe, copies)
-    copy = fx.GraphModule(gm, graph)
-    copy.meta.update(gm.meta)
-    return copy
+    return module_of(gm, graph)
 
 
 def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
@@ -236,7 +230,7 @@ def _replace(graph: fx.Graph, recipe: _Recipe, copies: dict[fx.Node, fx.Node]) -
     context, then erases the pattern's nodes that nothing reads any more."""
     context = copies[recipe.site.node]
     mapped = lambda x: copies[x] if isinstance(x, fx.Node) else x  # noqa: E731
-    emit = _Emitter(graph, context)
+    emit = Emitter(graph, context)
     q, k = mapped(recipe.q), mapped(recipe.k)
     dtype = tensor_value(q).dtype
     for op, factor in recipe.q_factors:
@@ -260,29 +254,4 @@ def _replace(graph: fx.Graph, recipe: _Recipe, copies: dict[fx.Node, fx.Node]) -
     out = emit(F.scaled_dot_product_attention, q, k, mapped(recipe.v), attn_mask=mask, scale=recipe.scale)
     out.meta[FROM_HAND_WRITTEN] = True
     context.replace_all_uses_with(out)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted({copies[n] for n in recipe.dropped}, key=order.__getitem__, reverse=True):
-        if not node.users:  # readers first: each node's last reader is gone by the time it comes up
-            graph.erase_node(node)
-
-
-class _Emitter:
-    """Emits call_function nodes before ``anchor``, each with its example value (computed in the fake mode of
-    the values it reads), as Dynamo records them, for the analysis that follows."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
-        self.graph, self.anchor = graph, anchor
-        self.fake_mode = getattr(tensor_value(anchor), "fake_mode", None)  # the values' own, not the ambient one
-
-    def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        values = fx.node.map_arg((args, kwargs), example_value)
-        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
-            node.meta["example_value"] = target(*values[0], **values[1])
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in self.anchor.meta:
-                node.meta[key] = self.anchor.meta[key]
-        return node
-
-
+    erase_unused(graph, (copies[n] for n in recipe.dropped))

@@ -1,0 +1,61 @@
+"""Editing a copy of a Dynamo graph: the copy, and nodes emitted with the example values the analysis reads.
+
+The passes that replace ops (:mod:`hand_written_attention`, :mod:`fused_layers`) never edit the graph Dynamo
+handed over (it is the fallback when anything after them fails): they edit a copy, and every node they emit
+carries an ``example_value`` computed in the fake mode of the values it reads, as Dynamo records them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+from torch import fx
+
+from .graph_utils import example_value, tensor_value
+
+
+def copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm``'s graph (node meta shallow-copied) and the map from ``gm``'s nodes to the copy's; make the
+    module with :func:`module_of` once it is edited."""
+    copies: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    output = graph.graph_copy(gm.graph, copies)
+    graph.output(output).meta.update(gm.graph.output_node().meta)
+    graph._codegen = gm.graph._codegen
+    return graph, copies
+
+
+def module_of(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """``graph`` (a copy of ``gm``'s, edited) as a module sharing ``gm``'s attributes and meta."""
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+class Emitter:
+    """Emits call_function nodes before ``anchor``, each with its example value."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
+        self.graph, self.anchor = graph, anchor
+        self.fake_mode = getattr(tensor_value(anchor), "fake_mode", None)  # the values' own, not the ambient one
+
+    def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        values = fx.node.map_arg((args, kwargs), example_value)
+        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+            node.meta["example_value"] = target(*values[0], **values[1])
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        return node
+
+
+def erase_unused(graph: fx.Graph, nodes: Any) -> None:
+    """Erases those of ``nodes`` that nothing reads, readers first (each node's last reader is gone by the time it
+    comes up)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)

@@ -16,7 +16,8 @@ What the pieces must keep:
   at run time, but an unbacked size has no example to trace with. The builders keep each row selection within
   its layer; a graph where one still crosses is compiled whole.
 - Inductor keeps each output's strides as in eager (``keep_output_stride``), so the fake layouts propagated
-  between pieces are the layouts the compiled pieces exchange.
+  between pieces are the layouts the compiled pieces exchange; not always (a dense attention's context at batch
+  1 came back transposed on torch 2.11), so a piece compiled for a contiguous input copies one that is not.
 
 The cost: no fusion across a cut (the residual add that ends a layer and the next layer's norm run as two
 kernels), measured in benchmarks/bench_decode.py (``piecewise`` option).
@@ -45,14 +46,31 @@ CompilePiece = Callable[[fx.GraphModule, list], Callable]
 
 
 class _Compiled(torch.nn.Module):
-    """A compiled piece in the split module's place of the piece's graph."""
+    """A compiled piece in the split module's place of the piece's graph.
 
-    def __init__(self, fn: Callable) -> None:
+    ``contiguous``: the positions of the inputs it was compiled for contiguous (from static example layouts). An
+    earlier piece's output can come back from Inductor in another layout than its fake one (measured on torch 2.11:
+    at batch 1 a dense hand-written site's context as [B, N, H, D] memory viewed as [B, H, N, D]), which the
+    compiled code's stride assertion rejects: such an input is copied contiguous, logged once."""
+
+    def __init__(self, fn: Callable, contiguous: Sequence[int] = ()) -> None:
         super().__init__()
-        self.fn = fn
+        self.fn, self.contiguous, self.copied = fn, tuple(contiguous), False
 
     def forward(self, *args: Any) -> Any:
+        if any(not args[i].is_contiguous() for i in self.contiguous):
+            if not self.copied:
+                self.copied = True
+                log.info("dyllm: a piece's input came in another layout than it was compiled for: copied")
+            args = tuple(a.contiguous() if i in self.contiguous else a for i, a in enumerate(args))
         return self.fn(*args)
+
+
+def _contiguous_inputs(args: Sequence[Any]) -> list[int]:
+    """Positions of the tensors in ``args`` of static layout that are contiguous (symbolic ones are left alone:
+    asking would add a guard)."""
+    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+            and not any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())) and a.is_contiguous()]
 
 
 class _Ref:
@@ -238,6 +256,6 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
             compiled[keys[target]] = compile_piece(split.get_submodule(target), args), args
         else:  # the guards of the first piece's compile hold for this piece's sizes too
             guards.alias(compiled[keys[target]][1], args)
-        setattr(split, target, _Compiled(compiled[keys[target]][0]))
+        setattr(split, target, _Compiled(compiled[keys[target]][0], _contiguous_inputs(args)))
     log.info("dyllm: compiled %d pieces as %d distinct ones", len(keys), len(compiled))
     return split

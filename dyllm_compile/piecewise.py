@@ -66,10 +66,12 @@ class _Compiled(torch.nn.Module):
         return self.fn(*args)
 
 
-def _contiguous_inputs(args: Sequence[Any]) -> list[int]:
-    """Positions of the tensors in ``args`` of static layout that are contiguous (symbolic ones are left alone:
-    asking would add a guard)."""
-    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+def _contiguous_inputs(call: fx.Node, args: Sequence[Any]) -> list[int]:
+    """Positions of the inputs of the piece ``call`` calls that an earlier piece computed (the graph's own inputs,
+    weights and caches, keep their layouts) and whose example ``args`` are contiguous, of static layout (asking a
+    symbolic one would add a guard)."""
+    return [i for i, (node, a) in enumerate(zip(call.args, args))
+            if isinstance(node, fx.Node) and node.op != "placeholder" and isinstance(a, torch.Tensor)
             and not any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())) and a.is_contiguous()]
 
 
@@ -251,11 +253,12 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
         log.info("dyllm: compiled whole, not piecewise: no piece of %d repeats", len(keys))
         return None
     compiled: dict[tuple, tuple[Callable, list]] = {}
+    calls = {n.target: n for n in split.graph.nodes if n.op == "call_module"}
     for target, args in propagate.examples.items():
         if keys[target] not in compiled:
             compiled[keys[target]] = compile_piece(split.get_submodule(target), args), args
         else:  # the guards of the first piece's compile hold for this piece's sizes too
             guards.alias(compiled[keys[target]][1], args)
-        setattr(split, target, _Compiled(compiled[keys[target]][0], _contiguous_inputs(args)))
+        setattr(split, target, _Compiled(compiled[keys[target]][0], _contiguous_inputs(calls[target], args)))
     log.info("dyllm: compiled %d pieces as %d distinct ones", len(keys), len(compiled))
     return split

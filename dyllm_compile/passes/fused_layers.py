@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .graph_edit import Emitter, copy_graph, module_of
-from .graph_utils import op_name, tensor_value
+from .graph_utils import arg, op_name, tensor_value
 
 #: ``node.meta`` key of a fused layer left fused: why.
 FUSED_REASON = "dyllm_fused_reason"
@@ -38,8 +38,10 @@ def unfuse_layers(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm``, or a copy of it in which each fused encoder layer with no mask or a key-padding one is its ops."""
     layers = [n for n in gm.graph.nodes if op_name(n) == _ENCODER_LAYER]
     for node in layers:
-        mask, mask_type = (node.args[18], node.args[19]) if len(node.args) == 20 else (None, None)
-        if mask is not None and mask_type != 1:
+        mask, mask_type = arg(node, 18, "mask"), arg(node, 19, "mask_type")
+        if len(node.args) < 18:
+            node.meta[FUSED_REASON] = "a fused encoder layer called with keyword arguments"
+        elif mask is not None and mask_type != 1:
             node.meta[FUSED_REASON] = f"a fused encoder layer with mask type {mask_type} (only key padding is unfused)"
     ready = [n for n in layers if FUSED_REASON not in n.meta]
     if not ready:
@@ -52,8 +54,8 @@ def unfuse_layers(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _unfuse(graph: fx.Graph, node: fx.Node) -> None:
     (src, embed_dim, heads, in_w, in_b, out_w, out_b, use_gelu, norm_first, eps, n1_w, n1_b, n2_w, n2_b,
-     w1, b1, w2, b2, *masks) = node.args
-    mask = masks[0] if masks else None
+     w1, b1, w2, b2) = node.args[:18]
+    mask = arg(node, 18, "mask")
     emit = Emitter(graph, node)
     if mask is not None:  # key padding [B, N], broadcast over heads and query rows
         if tensor_value(mask).dtype == torch.bool:  # True = padding: SDPA's boolean mask says where to attend

@@ -110,11 +110,12 @@ def test_boolean_key_padding_mask_attends_where_false():
     padding[0, -2:] = True
     sa = module.self_attn
 
-    def fused(x, padding):
+    def fused(x, padding):  # the mask as keywords: read as such, not taken for absent
         return torch._transformer_encoder_layer_fwd(
             x, E, HEADS, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias, False, False,
             module.norm1.eps, module.norm1.weight, module.norm1.bias, module.norm2.weight, module.norm2.bias,
-            module.linear1.weight, module.linear1.bias, module.linear2.weight, module.linear2.bias, padding, 1)
+            module.linear1.weight, module.linear1.bias, module.linear2.weight, module.linear2.bias, mask=padding,
+            mask_type=1)
 
     gm, inputs = traced(fused, x, padding)
     new = unfuse_layers(gm)

@@ -32,8 +32,9 @@ FROM_HAND_WRITTEN = "dyllm_from_hand_written"
 
 # Ops allowed between the scores matmul and the softmax (scale, mask, casts), and after the softmax.
 # tanh: Gemma-2's soft-capping, s -> c * tanh(s / c) (found, so that the rest of the layer is still gated).
-_SCORE_OPS = frozenset("mul div add sub masked_fill to float half bfloat16 type_as where tanh".split())
-_PROB_OPS = frozenset("to float half bfloat16 type_as dropout contiguous".split())
+CASTS = frozenset("to float half bfloat16 type_as".split())
+_SCORE_OPS = CASTS | frozenset("mul div add sub masked_fill where tanh".split())
+_PROB_OPS = CASTS | frozenset("dropout contiguous".split())
 
 
 @dataclass

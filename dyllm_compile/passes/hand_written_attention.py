@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .attention_sites import FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
+from .attention_sites import CASTS, FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
 from .graph_utils import arg, example_value, normalize_dim, op_name, same_size, tensor_value
 
-_CASTS = frozenset("to float half bfloat16 type_as".split())
 #: A finite fill at least this large absorbs every score below 1e22 (half an ulp of 1e30 in fp32, the widest dtype
 #: SDPA computes scores in): ``score + fill`` equals the fill, so filling and adding agree on every row, a row
 #: whose every key is masked included (uniform either way). HF fills with its dtype's ``finfo.min`` (3.4e38).
@@ -121,7 +120,7 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
     masking = False
     for node, on_chain, others in reversed(chain):  # from the product towards the softmax
         name = op_name(node)
-        if name in _CASTS:
+        if name in CASTS:
             continue
         (other,) = others if len(others) == 1 else (None,)
         if name in ("mul", "div") and len(others) == 1 and not masking:
@@ -172,7 +171,7 @@ def _read_operands(recipe: _Recipe) -> str:
     dtype = tensor_value(recipe.v).dtype
     for which in ("q", "k"):
         node = getattr(recipe, which)
-        while (tensor_value(node).dtype != dtype and op_name(node) in _CASTS
+        while (tensor_value(node).dtype != dtype and op_name(node) in CASTS
                and tensor_value(node.args[0]) is not None):
             recipe.dropped.append(node)
             node = node.args[0]

@@ -39,6 +39,26 @@ class Captured:
         return [op_name(n) or n.op for n in nodes]
 
 
+def traced(fn, *inputs) -> tuple[fx.GraphModule, list]:
+    """Dynamo's graph of ``fn`` (static shapes, one graph, under ``inference_mode`` as a decode runs) and its
+    inputs as a backend receives them, not analysed: what a pass is handed."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.inference_mode():
+        torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    return graphs[0]
+
+
+def ops(gm: fx.GraphModule) -> list:
+    """The canonical names of ``gm``'s calls, in order."""
+    return [op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
 def capture(model, inputs: tuple, dynamic: Optional[bool] = None) -> list[Captured]:
     torch._dynamo.reset()
     captured = []

@@ -11,22 +11,9 @@ from torch import nn
 from dyllm_compile.passes.fused_layers import FUSED_REASON, unfuse_layers
 from dyllm_compile.passes.graph_utils import op_name
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from graph_helpers import capture
+from graph_helpers import capture, ops, traced
 
 B, N, E, HEADS = 2, 10, 32, 4
-
-
-def traced(module, *inputs):
-    torch._dynamo.reset()
-    graphs = []
-    with torch.inference_mode():
-        torch.compile(module, fullgraph=True, dynamic=False,
-                      backend=lambda gm, example: graphs.append((gm, list(example))) or gm.forward)(*inputs)
-    return graphs[0]
-
-
-def ops(gm):
-    return [op_name(n) for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def layer(norm_first=False, activation="relu"):

@@ -14,26 +14,10 @@ from dyllm_compile.passes import analysis as analysis_module
 from dyllm_compile.passes.attention_sites import find_attention_sites
 from dyllm_compile.passes.graph_utils import op_name
 from dyllm_compile.passes.hand_written_attention import sdpa_from_hand_written
+from graph_helpers import ops, traced
 
 B, H, N, D = 2, 4, 6, 8
 LOWEST = torch.finfo(torch.float32).min
-
-
-def traced(fn, *inputs):
-    """Dynamo's graph of ``fn`` and its inputs as the backend receives them."""
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*inputs)
-    return graphs[0]
-
-
-def ops(gm):
-    return [op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
 def qkv(dtype=torch.float32, seed=0):

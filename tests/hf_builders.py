@@ -12,8 +12,8 @@ import torch
 from transformers import (BertConfig, BertForMaskedLM, FalconConfig, FalconForCausalLM, Gemma2Config,
                           Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
-                          MptConfig, MptForCausalLM, Phi3Config, Phi3ForCausalLM, PretrainedConfig, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          MptConfig, MptForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
@@ -48,10 +48,17 @@ DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = 
     "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
 }
 
+#: MoE blocks that Dynamo traces whole only with ``capture_dynamic_output_shape_ops`` (their dispatch is
+#: ``torch.where`` over each expert's rows): OLMoE's, which LLaDA-MoE's modeling code copies.
+MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
+    "olmoe": lambda: (OlmoeForCausalLM, OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                                    **SMALL), True),
+}
+
 
 def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention) and its forward: token ids -> logits."""
-    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION}[name]()
+    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
     config.use_cache = False
     torch.manual_seed(0)

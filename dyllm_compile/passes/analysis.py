@@ -1,5 +1,5 @@
-"""The analysis pipeline on one Dynamo graph: fused layers unfused -> hand-written attention as SDPA -> attention
-sites -> token axes -> spine, regions and chains."""
+"""The analysis pipeline on one Dynamo graph: in-place writes as data flow -> fused layers unfused -> hand-written
+attention as SDPA -> attention sites -> token axes -> spine, regions and chains."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, tensor_value
 from .fused_layers import FUSED_REASON, unfuse_layers
 from .hand_written_attention import sdpa_from_hand_written
+from .in_place_writes import functionalize_writes
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
 from .regions import Region, Spine, distinct_flops, find_chains, find_regions, find_spine, node_flops
@@ -34,6 +35,7 @@ class GraphAnalysis:
     chains: list[dict[str, Region]] = field(default_factory=list)  # per site: "q", "k", "v"
     hidden_inputs: list[fx.Node] = field(default_factory=list)  # a graph without attention: its seeds
     dense_reasons: list[str] = field(default_factory=list)
+    unfollowed_writes: list[str] = field(default_factory=list)  # then nothing is searched: the graph stays dense
 
     @property
     def gated_regions(self) -> list[Region]:
@@ -88,6 +90,18 @@ class _GraphReplacing(DyllmPass):
                         type(err).__name__, err)
 
 
+class FunctionalizeWrites(DyllmPass):
+    """In-place writes become out-of-place ops read by what read the written value after them. A write that cannot
+    be (into an input, or into memory another value still reads) keeps the whole graph dense: every pass after
+    this one follows data flow only, and would not see it."""
+
+    name = "in_place_writes"
+
+    def __call__(self, state: GraphAnalysis) -> None:
+        state.gm, state.unfollowed_writes = functionalize_writes(state.gm)
+        state.dense_reasons += state.unfollowed_writes
+
+
 class UnfuseLayers(_GraphReplacing):
     """Fused encoder layers (``nn.TransformerEncoderLayer``'s fast path) become the ops they compute."""
 
@@ -112,6 +126,8 @@ class FindAttentionSites(DyllmPass):
     name = "attention_sites"
 
     def __call__(self, state: GraphAnalysis) -> None:
+        if state.unfollowed_writes:
+            return
         state.sites = find_attention_sites(state.gm.graph)
         if not state.sites:  # the tail of a layer after a graph break: its hidden-state inputs seed the axes
             state.hidden_inputs = hidden_state_inputs(state.gm.graph)
@@ -185,7 +201,7 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (UnfuseLayers(), HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
+ANALYSIS_PASSES = (FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 
 def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:

@@ -11,8 +11,10 @@ import contextlib
 from typing import Any, Callable
 
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
 
-from .graph_utils import example_value, tensor_value
+from .graph_utils import example_value
 
 
 def copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
@@ -38,13 +40,14 @@ class Emitter:
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
         self.graph, self.anchor = graph, anchor
-        self.fake_mode = getattr(tensor_value(anchor), "fake_mode", None)  # the values' own, not the ambient one
 
     def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args, kwargs)
         values = fx.node.map_arg((args, kwargs), example_value)
-        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+        # the values' own fake mode, not the ambient one (a backend runs in Dynamo's tracing context)
+        fake_mode = next((v.fake_mode for v in pytree.tree_leaves(values) if isinstance(v, FakeTensor)), None)
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
             node.meta["example_value"] = target(*values[0], **values[1])
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in self.anchor.meta:

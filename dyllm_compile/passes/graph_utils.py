@@ -63,40 +63,6 @@ def op_name(node: fx.Node) -> Optional[str]:
     return _ALIASES.get(name, name)
 
 
-# Ops that return a view of their first operand: writing into the view writes into it.
-_ALIASING = frozenset("view reshape flatten unflatten transpose swapaxes permute t unsqueeze squeeze expand "
-                      "expand_as getitem narrow select split chunk unbind as_strided detach view_as contiguous to "
-                      "float type_as".split())
-_WRITING_OPERATORS = frozenset([operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                                operator.ipow, operator.iand, operator.ior, operator.setitem])
-
-
-def writes_first_operand(node: fx.Node) -> bool:
-    """``node`` modifies its first operand in place: ``x += y``, ``x[i] = y``, ``x.add_(y)``, ``relu(x, inplace=True)``."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if node.op == "call_function" and node.target in _WRITING_OPERATORS:
-        return True
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return (name.endswith("_") and not name.startswith("_")) or node.kwargs.get("inplace") is True
-
-
-def mutated_in_place(node: fx.Node) -> bool:
-    """Whether a later op writes into ``node``'s value, directly or through a view of it."""
-    work, seen = [node], set()
-    while work:
-        current = work.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        for user in current.users:
-            if writes_first_operand(user) and user.args and user.args[0] is current:
-                return True
-            if op_name(user) in _ALIASING and user.args and user.args[0] is current:
-                work.append(user)
-    return False
-
-
 def example_value(node: Any) -> Any:
     """The fake value Dynamo recorded for ``node`` (tensor, SymInt, tuple...), or the constant itself."""
     if isinstance(node, fx.Node):

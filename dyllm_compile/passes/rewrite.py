@@ -33,7 +33,7 @@ from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
-from .graph_utils import arg, hint, mutated_in_place, op_name, same_size, tensor_value
+from .graph_utils import arg, hint, op_name, same_size, tensor_value
 from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
@@ -117,7 +117,14 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     queried_regions: set[int] = set()
 
     def add_cache(name: str, node: Optional[fx.Node]) -> int:
-        caches.append(CacheSpec(name, node))
+        # Names become the variants' input names, one each (a layer may have two regions of one role: DeepSeek-V3's
+        # shared and routed experts)
+        taken, unique = {spec.name for spec in caches}, name
+        for i in itertools.count(1):
+            if unique not in taken:
+                break
+            unique = f"{name}_{i}"
+        caches.append(CacheSpec(unique, node))
         return len(caches) - 1
 
     sites = []
@@ -387,6 +394,11 @@ class _Builder:
         extra = [self.graph.call_method("contiguous", (e,)) for e in extra]
         self.graph.output((*user, *extra))
         gm = fx.GraphModule(self.plan.analysis.gm, self.graph)
+        for node in gm.graph.nodes:
+            # The data-dependent sizes Dynamo bound (nonzero in a model's MoE dispatch) are symbols of its
+            # ShapeEnv; a variant is traced in fake modes of its own, whose new symbols can have the same names,
+            # and retracing would try to rename one to itself ("possible memo disaster").
+            node.meta.pop("unbacked_bindings", None)
         gm.graph.eliminate_dead_code()  # after owning: call_module purity checks need the module
         gm.graph.lint()
         gm.recompile()
@@ -399,7 +411,6 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
     exact = plan.config.attention_mode == "exact"
     by_node = {s.site.node: s for s in plan.sites}
     stats: dict[int, fx.Node] = {}
-    mutated, snapshots = _mutated_caches(plan), {}
     for node in plan.analysis.gm.graph.nodes:
         b.enter(node)
         if node.op == "output":
@@ -417,17 +428,9 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             stats[site.caches["m"]], stats[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
             continue
         b.env[node] = b.copy(node)
-        if node in mutated:  # the cache is the value as computed, before a later op writes into it
-            snapshots[node] = b.call(torch.clone, b.env[node])
-    extra = [stats[i] if spec.node is None else snapshots.get(spec.node, b.env[spec.node])
+    extra = [stats[i] if spec.node is None else b.env[spec.node]
              for i, spec in enumerate(plan.caches)]
     return b.finish(extra)
-
-
-def _mutated_caches(plan: RewritePlan) -> set[fx.Node]:
-    """Cached values that a later op of the model writes into in place (Falcon's ``mlp_output +=
-    attention_output`` on the FFN's output): the cache must keep the value as computed."""
-    return {spec.node for spec in plan.caches if spec.node is not None and mutated_in_place(spec.node)}
 
 
 def scalar_inputs(plan: RewritePlan) -> list[int]:
@@ -509,11 +512,6 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     # Sites whose policy reads values: both chain exits lead to the site; its values for every row, once run.
     value_sites = {s.kv[w].exit: s for s in plan.sites if s.values is not None for w in ("k", "v")}
     dense_values: dict[fx.Node, fx.Node] = {}
-    mutated = _mutated_caches(plan)
-
-    def in_use(node: fx.Node, cached: fx.Node) -> fx.Node:
-        """What the rest of the graph reads for a cached ``node``: a copy where the model writes into it later."""
-        return b.call(torch.clone, cached) if node in mutated else cached
 
     def select(current: fx.Node, per_element: bool = False) -> _Rows:
         key = (current, b.segment, per_element)
@@ -565,7 +563,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             region = region_by_exit[node]
             cache = plan.region_caches[id(region)]
             new_cache[cache] = _emit_gathered(b, region, select(queried), cache_in[cache])
-            b.env[node] = in_use(node, new_cache[cache])
+            b.env[node] = new_cache[cache]
             continue
         if node in region_by_exit:
             region = region_by_exit[node]
@@ -577,7 +575,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
                                cache_in[owner.caches["v"]])
             if node in dense_values:  # already computed for every row: keep the hook's rows of it
                 new_cache[cache] = b.call(rows.merge_rows, salient, dense_values[node], cache_in[cache], 2)
-                b.env[node] = in_use(node, new_cache[cache])
+                b.env[node] = new_cache[cache]
                 continue
             if id(region) in plan.input_caches:
                 salient = _emit_branch_hook(b, region, salient, cache_in, new_cache, hook)
@@ -586,7 +584,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             counts.append(picked.count)
             count_selections.append((own, selection_index[(salient, b.segment, own)]))
             new_cache[cache] = _emit_gathered(b, region, picked, cache_in[cache])
-            b.env[node] = in_use(node, new_cache[cache])
+            b.env[node] = new_cache[cache]
             continue
         site = by_node.get(node)
         if node.op == "call_method" and node.target == "item" and node.args[0] in constants:
@@ -606,7 +604,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             salient = b.call(operator.or_, salient, forced_rows[site.site.layer])
         elif "after_attention" in policy.hooks():
             salient = hook("after_attention", site.site.layer, 2, salient, context, c_old)
-        b.env[node] = in_use(node, context)
+        b.env[node] = context
         fractions.append(b.call(rows.salient_fraction, salient))
     extra = [new_cache[i] for i in range(len(plan.caches))]
     extra.append(b.call(rows.stack_counts, *counts))

@@ -21,19 +21,17 @@ class Captured:
     analysis: GraphAnalysis
 
     def values(self) -> dict:
-        """Every node's value as computed (a copy: a later in-place op of the model, e.g. Falcon's
-        ``mlp_output += attention_output``, would change what the interpreter holds)."""
-        snapshots = {}
+        """Every node's value as computed (the analysed graph writes nothing in place: the in_place_writes pass)."""
+        values = {}
 
-        class Snapshots(fx.Interpreter):
+        class Record(fx.Interpreter):
             def run_node(self, n):
-                result = super().run_node(n)
-                snapshots[n] = result.clone() if isinstance(result, torch.Tensor) else result
-                return result
+                values[n] = super().run_node(n)
+                return values[n]
 
         with torch.inference_mode():
-            Snapshots(self.gm).run(*[hint(x) if isinstance(x, torch.SymInt) else x for x in self.example_inputs])
-        return snapshots
+            Record(self.gm).run(*[hint(x) if isinstance(x, torch.SymInt) else x for x in self.example_inputs])
+        return values
 
     def ops(self, nodes) -> list:
         return [op_name(n) or n.op for n in nodes]

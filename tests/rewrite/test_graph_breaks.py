@@ -167,3 +167,35 @@ def test_hidden_state_written_between_graphs_voids_the_rows():
     assert len(ffn) == 1 and ffn[0].stats.sparse_calls + ffn[0].stats.dense_calls == 16 * len(model.layers)
     # Every FFN call saw all rows changed: none ran on a subset of rows.
     assert ffn[0].stats.rows_fraction == 1.0
+
+
+def test_two_feed_forwards_in_a_graph_without_attention_get_caches_of_their_own():
+    """The FFN halves of two layers in one graph (a break in each attention, as DeepSeek-V3's graphs came out) are
+    both layer 0's: before, their caches had one name, the variant's inputs too, and compiling it failed
+    ("duplicate argument")."""
+
+    class TwoFeedForwards(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffns = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 32),
+                                                                torch.nn.GELU(), torch.nn.Linear(32, 16))
+                                            for _ in range(2))
+
+        def forward(self, h):
+            for ffn in self.ffns:
+                h = h + ffn(h)
+            return h
+
+    torch._dynamo.reset()
+    before = last_serial()
+    model = TwoFeedForwards().eval()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
+    with torch.inference_mode():
+        h = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(0))
+        for call in range(3):
+            torch.testing.assert_close(compiled(h), model(h), rtol=1e-5, atol=1e-6)
+            h = h.clone()
+            h[:, call] += 1.0
+    (runtime,) = runtimes(before)
+    assert runtime.stats.sparse_calls == 2
+    assert [spec.name for spec in runtime.plan.caches] == ["L0.ffn", "L0.ffn_1"]

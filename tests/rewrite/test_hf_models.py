@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from hf_builders import ARCHITECTURES, build
+from hf_builders import ARCHITECTURES, MOE, build
 
 MASK = 127
 
@@ -39,8 +39,9 @@ def test_hf_model_threshold_one_equals_dense(name):
 
 def test_cache_keeps_a_value_the_model_writes_into_later():
     """Falcon's ``mlp_output += attention_output`` writes into the FFN's output, the value the FFN cache keeps.
-    Before: the cache held the sum (on a later call, rows that keep their cached FFN output would have added the
-    attention twice). After: the cache is the FFN output as computed, and the model goes on with a copy."""
+    Once, the cache held the sum (on a later call, rows that keep their cached FFN output would have added the
+    attention twice). The write is an out-of-place add by the time the rewrite reads the graph (in_place_writes):
+    the cache is the FFN output as computed."""
     torch._dynamo.reset()
     before = last_serial()
     model, forward = build("falcon")
@@ -54,3 +55,29 @@ def test_cache_keeps_a_value_the_model_writes_into_later():
     (states,) = runtime.states.values()
     names = [spec.name for spec in runtime.plan.caches]
     torch.testing.assert_close(states[0].caches[names.index("L0.ffn")], mlp["out"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dense_layers", [(), (0, 1)])
+def test_hf_moe_traced_whole_threshold_one_equals_dense(dense_layers):
+    """OLMoE's sparse MoE block (LLaDA-MoE's modeling code copies it): a static loop over the experts, each taking
+    its rows with ``torch.where`` and adding its output back with ``final.index_add_(...)`` as a statement. With
+    Dynamo capturing data-dependent sizes the model is one graph. Before in_place_writes, threshold 1 differed from dense by 0.03 (the ``index_add_`` calls, whose
+    results nothing reads, were dropped as dead code, and the MoE returned zeros); with ``dense_layers``
+    compiling failed (the variant was retraced with Dynamo's data-dependent size bindings in another ShapeEnv)."""
+    torch._dynamo.reset()
+    before = last_serial()
+    (name,) = MOE
+    model, forward = build(name)
+    options = {"lowering": "aot_eager", "threshold": 1.0, "dense_layers": dense_layers}
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 6:] = MASK
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.inference_mode():
+        compiled = torch.compile(forward, backend="dyllm", options=options)
+        for call in range(4):
+            expected, got = forward(ids.clone()), compiled(ids.clone())
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+            ids[:, 6 + 2 * call: 8 + 2 * call] = torch.randint(3, 120, (2, 2))
+    (runtime,) = runtimes(before)
+    assert runtime.stats.sparse_calls == 3
+    assert [s.cached for s in runtime.plan.sites] == [not dense_layers] * 2

@@ -39,6 +39,10 @@ class TransformerConfig:
     n_experts: int = 4
     moe_top_k: int = 2
     moe_capacity: Optional[int] = None  # per-expert token capacity: routing then depends on other tokens
+    # "dense": every expert on every row, weighted by its gate; "dispatch": each expert on the rows routed to it
+    # (torch.where), added back with index_add_, as OLMoE's and LLaDA-MoE's blocks (traced whole by Dynamo only
+    # with torch._dynamo.config.capture_dynamic_output_shape_ops)
+    moe_routing: str = "dense"
     attention: str = "sdpa"  # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums)
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
     qkv_bias: bool = False
@@ -63,6 +67,8 @@ class TransformerConfig:
             "norm in (rms, layer)": self.norm in ("rms", "layer"),
             "norm_position in (pre, post)": self.norm_position in ("pre", "post"),
             "ffn in (swiglu, gelu, moe)": self.ffn in ("swiglu", "gelu", "moe"),
+            "moe_routing in (dense, dispatch)": self.moe_routing in ("dense", "dispatch"),
+            "moe_capacity only with dense routing": self.moe_capacity is None or self.moe_routing == "dense",
             "attention in (sdpa, manual, einsum)": self.attention in ("sdpa", "manual", "einsum"),
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
             "positions in (rope, learned)": self.positions in ("rope", "learned"),
@@ -231,7 +237,8 @@ class GeluMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts, computed densely and combined with the routing gates.
+    """Top-k routed SwiGLU experts combined with the routing gates: computed densely (every expert on every row),
+    or with ``moe_routing="dispatch"`` each on the rows routed to it.
 
     With ``moe_capacity`` each expert keeps only its first ``capacity`` tokens (a cumsum over tokens), so a
     token's output depends on the other tokens: routing is then token-mixing.
@@ -247,6 +254,8 @@ class MoE(nn.Module):
         probs = F.softmax(self.router(x).float(), dim=-1)
         top_p, top_i = torch.topk(probs, self.cfg.moe_top_k, dim=-1)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        if self.cfg.moe_routing == "dispatch":
+            return self._dispatch(x, top_p, top_i)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
         if self.cfg.moe_capacity is not None:
             routed = (gates > 0).to(gates.dtype)
@@ -256,6 +265,18 @@ class MoE(nn.Module):
         for e, expert in enumerate(self.experts):
             out = out + gates[..., e : e + 1].to(x.dtype) * expert(x)
         return out
+
+
+    def _dispatch(self, x: torch.Tensor, top_p: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """OLMoE's form: each expert on the rows routed to it, its weighted output added back with index_add_."""
+        flat = x.reshape(-1, x.shape[-1])
+        weights = top_p.reshape(-1, top_p.shape[-1]).to(x.dtype)
+        routed = top_i.reshape(-1, top_i.shape[-1])
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(routed == e)
+            out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        return out.view_as(x)
 
 
 class Block(nn.Module):

@@ -75,6 +75,23 @@ def tensor_value(node: Any) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def size_checks(node: fx.Node) -> Optional[set[fx.Node]]:
+    """What reads ``node``'s value, when that is only checks of its sizes (Dynamo asserts the range of each
+    data-dependent size: ``sym_size`` -> comparisons -> ``_assert_scalar``): those nodes; else None. Checks need
+    not run where the value is not computed for every row."""
+    found, work = set(), list(node.users)
+    while work:
+        user = work.pop()
+        if user in found:
+            continue
+        if user.op == "output" or (tensor_value(user) is not None
+                                   and not (op_name(user) or "").startswith("_assert")):
+            return None
+        found.add(user)
+        work.extend(user.users)
+    return found if found else None
+
+
 def is_weight(node: fx.Node) -> bool:
     """A placeholder Dynamo lifted from a module parameter (its recorded example is an ``nn.Parameter``)."""
     graph_arg = node.meta.get("grapharg")

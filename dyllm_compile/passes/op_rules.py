@@ -8,6 +8,7 @@ calls something row-wise that it cannot prove is.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -15,15 +16,22 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from .graph_utils import arg, example_value, normalize_dim, op_name, prod, same_size, tensor_args, tensor_value
 
 
 @dataclass(frozen=True)
 class Axis:
-    """The token axis of a value: dimension ``dim``, holding ``lead`` folded leading rows times N tokens."""
+    """The token axis of a value: dimension ``dim``, holding ``lead`` folded leading rows times N tokens.
+
+    ``by``: the dim holds not every token row but a data-dependent selection of them (an MoE's dispatch), entry
+    ``j`` belonging to the ``j``-th true entry of a row-wise mask, as enumerated by the ``where`` / ``nonzero``
+    node ``by``; ``lead`` is then the mask's (the selection's positions address ``lead * N`` rows)."""
 
     dim: int
     lead: Any = 1
+    by: Optional[fx.Node] = None
 
 
 class Kind(enum.Enum):
@@ -80,7 +88,9 @@ REDUCTIONS = frozenset(
 )
 # Ops that return a tuple of pieces of their input along one dim (a getitem takes each piece).
 SPLITS = frozenset("chunk split unbind".split())
-VIEWS = frozenset("view reshape flatten unflatten".split())
+VIEWS = frozenset("view reshape flatten unflatten view_as reshape_as".split())
+# Ops that make a tensor from sizes alone; one is token-carrying only as the accumulator of per-token rows.
+FACTORIES = frozenset("zeros ones empty full".split())
 NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
 
 
@@ -104,9 +114,19 @@ class Rules:
             source = self.info_of(node.args[0])
             return NONE if source is None or source.axis is None else source
         token_inputs = [a for a in tensor_args(node) if self.axis_of(a) is not None]
+        if name in FACTORIES and not token_inputs:
+            return self._accumulator(node)
         if name in NON_TENSOR or not token_inputs:
             return NONE
         out = example_value(node)
+        if name in ("where", "nonzero") and self._enumerates(node, name):
+            return Info(Kind.ROW, Axis(0, self.axis_of(node.args[0]).lead, by=node))
+        if name == "getitem" and (selected := self._gathers_selection(node)) is not None:
+            return selected
+        if name == "index_add":
+            return self._index_add(node)
+        if name == "one_hot":  # a trailing dim of classes
+            return self._unary(node)
         if name in ELEMENTWISE or (name in ("max", "min") and isinstance(arg(node, 1, "other"), fx.Node)):
             return self._elementwise(node, out)
         if name in UNARY:
@@ -136,8 +156,9 @@ class Rules:
             return self._mapped(node, dims)
         return self._unknown(node, name or getattr(node.target, "__name__", str(node.target)), out)
 
-    def _row(self, dim: int, lead: Any) -> Info:
-        return Info(Kind.ROW, Axis(dim, lead))
+    def _row(self, dim: int, like: Axis) -> Info:
+        """Row-wise, the token axis at ``dim``, holding the rows ``like`` holds."""
+        return Info(Kind.ROW, dataclasses.replace(like, dim=dim))
 
     def _mixing(self, node: fx.Node, reason: str, out: Any = None) -> Info:
         return Info(Kind.MIXING, self.guess_axis(out if out is not None else example_value(node)), reason)
@@ -163,7 +184,7 @@ class Rules:
             offset = out.dim() - value.dim()
             axis = self.axis_of(operand)
             if axis is not None:
-                mapped = Axis(axis.dim + offset, axis.lead)
+                mapped = dataclasses.replace(axis, dim=axis.dim + offset)
                 if result is not None and mapped != result:
                     return self._mixing(node, "operands carry the token axis in different dims")
                 result = mapped
@@ -175,13 +196,13 @@ class Rules:
                     return self._mixing(
                         node, f"operand '{operand.name}' varies along the token axis but is not a per-token value"
                     )
-        return self._row(result.dim, result.lead)
+        return self._row(result.dim, result)
 
     def _unary(self, node: fx.Node) -> Info:
         axis = self.axis_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if axis is None:
             return self._mixing(node, "token axis reaches a non-self argument")
-        return self._row(axis.dim, axis.lead)
+        return self._row(axis.dim, axis)
 
     def _linear(self, node: fx.Node) -> Info:
         x, rest = node.args[0], [a for a in tensor_args(node) if a is not node.args[0]]
@@ -190,7 +211,7 @@ class Rules:
             return self._mixing(node, "linear weight carries the token axis")
         if axis.dim == tensor_value(x).dim() - 1:
             return self._mixing(node, "linear contracts the token axis")
-        return self._row(axis.dim, axis.lead)
+        return self._row(axis.dim, axis)
 
     def _matmul(self, node: fx.Node, out: torch.Tensor) -> Info:
         a, b = node.args[0], node.args[1]
@@ -203,12 +224,12 @@ class Rules:
         if ax is not None:
             if ax.dim == va.dim() - 1:
                 return self._mixing(node, "matmul contracts the token axis")
-            return self._row(ax.dim + out.dim() - va.dim(), ax.lead)
+            return self._row(ax.dim + out.dim() - va.dim(), ax)
         if bx.dim == vb.dim() - 2:
             return self._mixing(node, "matmul contracts the token axis")
         if bx.dim == vb.dim() - 1:
-            return self._row(out.dim() - 1, bx.lead)
-        return self._row(bx.dim + out.dim() - vb.dim(), bx.lead)
+            return self._row(out.dim() - 1, bx)
+        return self._row(bx.dim + out.dim() - vb.dim(), bx)
 
     def _addmm(self, node: fx.Node) -> Info:
         """``addmm(bias, x, W)`` (GPT-2's Conv1D on ``x.view(-1, D)``): row-wise along x's rows."""
@@ -216,13 +237,13 @@ class Rules:
         axis = self.axis_of(x)
         if axis is None or axis.dim != 0 or any(self.axis_of(a) is not None for a in rest):
             return self._mixing(node, "'addmm' contracts the token axis or its other operands carry it")
-        return self._row(0, axis.lead)
+        return self._row(0, axis)
 
     def _embedding(self, node: fx.Node) -> Info:
         axis = self.axis_of(node.args[0])
         if axis is None or any(self.axis_of(a) is not None for a in list(tensor_args(node))[1:]):
             return self._mixing(node, "embedding table carries the token axis")
-        return self._row(axis.dim, axis.lead)
+        return self._row(axis.dim, axis)
 
     def _norm_last(self, node: fx.Node) -> Info:
         x = node.args[0]
@@ -233,7 +254,7 @@ class Rules:
             return self._mixing(node, "normalizes over the token axis")
         if any(self.axis_of(a) is not None for a in list(tensor_args(node))[1:]):
             return self._mixing(node, "norm weight carries the token axis")
-        return self._row(axis.dim, axis.lead)
+        return self._row(axis.dim, axis)
 
     def _along_dim(self, node: fx.Node, name: str) -> Info:
         index, keyword, default = ALONG_DIM[name]
@@ -249,8 +270,8 @@ class Rules:
             return self._mixing(node, f"'{name}' operands carry the token axis in different dims")
         if name == "unbind" and normalize_dim(dim, tensor_value(x).dim()) < axis.dim:
             # unbind removes its dim: each result (getitem of the tuple) has the token axis one dim earlier.
-            return self._row(axis.dim - 1, axis.lead)
-        return self._row(axis.dim, axis.lead)
+            return self._row(axis.dim - 1, axis)
+        return self._row(axis.dim, axis)
 
     def _reduction(self, node: fx.Node, out: Any) -> Info:
         x = node.args[0]
@@ -267,14 +288,20 @@ class Rules:
         outs = out if isinstance(out, (tuple, list)) else [out]
         keepdim = isinstance(outs[0], torch.Tensor) and outs[0].dim() == value.dim()
         shift = 0 if keepdim else sum(1 for d in dims if d < axis.dim)
-        return self._row(axis.dim - shift, axis.lead)
+        return self._row(axis.dim - shift, axis)
 
     def _view(self, node: fx.Node, out: torch.Tensor) -> Info:
         x = node.args[0]
-        mapped = map_view_axis(tensor_value(x).shape, out.shape, self.axis_of(x), self.n)
+        axis, shape = self.axis_of(x), tensor_value(x).shape
+        if axis is not None and axis.by is not None:  # a selection of rows: kept whole, nothing folded into it
+            mapped = map_view_axis(shape, out.shape, Axis(axis.dim), shape[axis.dim])
+            if mapped is None or mapped.lead != 1:
+                return self._mixing(node, "reshape splits or merges selected rows with other dims")
+            return self._row(mapped.dim, axis)
+        mapped = map_view_axis(shape, out.shape, axis, self.n)
         if mapped is None:
             return self._mixing(node, "reshape splits or merges the token axis with feature dims")
-        return self._row(mapped.dim, mapped.lead)
+        return self._row(mapped.dim, mapped)
 
     def _getitem(self, node: fx.Node) -> Info:
         src, index = node.args
@@ -288,7 +315,79 @@ class Rules:
         out_dim, full = entry
         if not full:
             return self._mixing(node, "slices the token axis")
-        return self._row(out_dim, axis.lead)
+        return self._row(out_dim, axis)
+
+    # ---- an MoE's dispatch: rows selected by a row-wise mask, computed, added back to their tokens ----------
+
+    def _enumerates(self, node: fx.Node, name: str) -> bool:
+        """``where(mask)`` / ``nonzero(mask, as_tuple=True)`` of a row-wise mask: a tuple of index tensors, one per
+        mask dim, entry ``j`` of each describing the mask's ``j``-th true entry, whose token row is entry ``j``
+        of the one along the mask's token axis (its *positions*)."""
+        mask = node.args[0]
+        if len(node.args) != 1 or not isinstance(mask, fx.Node) or self.axis_of(mask) is None:
+            return False
+        if self.axis_of(mask).by is not None:
+            return False
+        return name == "where" and not node.kwargs or name == "nonzero" and node.kwargs == {"as_tuple": True}
+
+    def _positions(self, node: Any) -> Optional[fx.Node]:
+        """The enumeration (``where`` node) whose positions ``node`` is: ``where(mask)[d]``, d the mask's token
+        axis; else None."""
+        if not isinstance(node, fx.Node) or op_name(node) != "getitem":
+            return None
+        enumeration, which = node.args
+        axis = self.axis_of(enumeration)
+        if axis is None or axis.by is not enumeration or not isinstance(which, int):
+            return None
+        return enumeration if which == self.axis_of(enumeration.args[0]).dim else None
+
+    def _gathers_selection(self, node: fx.Node) -> Optional[Info]:
+        """``x[..., positions, ...]`` (x row-wise; the other tensor indices of the same enumeration, e.g. the
+        top-k slot of each selected row): the selected rows of x, along the result's dim of the selection's size."""
+        src, index = node.args
+        axis, value = self.axis_of(src), tensor_value(src)
+        if axis is None or axis.by is not None or value is None:
+            return None
+        entries = list(index) if isinstance(index, tuple) else [index]
+        at = index_position(entries, value.dim(), axis.dim)
+        enumeration = self._positions(entries[at]) if at is not None else None
+        if enumeration is None or self.axis_of(enumeration).lead != axis.lead:
+            return None
+        for entry in entries:
+            if isinstance(entry, fx.Node) and tensor_value(entry) is not None and entry is not entries[at]:
+                other = self.axis_of(entry)
+                if other is None or other.by is not enumeration or tensor_value(entry).dim() != 1:
+                    return None
+        count = tensor_value(entries[at]).shape[0]
+        dims = [d for d, size in enumerate(tensor_value(node).shape) if same_size(size, count)]
+        return self._row(dims[0], self.axis_of(enumeration)) if len(dims) == 1 else None
+
+    def _index_add(self, node: fx.Node) -> Info:
+        """``base.index_add(d, positions, rows)``: rows of an enumeration added back into the token rows they were
+        selected from: row-wise along ``d``, base's token axis."""
+        base, dim, index, source = (arg(node, i, k) for i, k in enumerate(("self", "dim", "index", "source")))
+        axis, added = self.axis_of(base), self.axis_of(source)
+        enumeration = self._positions(index)
+        if (axis is None or axis.by is not None or not isinstance(dim, int) or enumeration is None
+                or normalize_dim(dim, tensor_value(base).dim()) != axis.dim
+                or self.axis_of(enumeration).lead != axis.lead or added is None or added.by is not enumeration
+                or added.dim != axis.dim):
+            return self._mixing(node, "'index_add' of values other than selected rows added back to their tokens")
+        return self._row(axis.dim, axis)
+
+    def _accumulator(self, node: fx.Node) -> Info:
+        """A tensor made from sizes (``zeros``) that per-token rows are added into (``index_add`` along its dim
+        of ``lead * N`` rows): a token axis there, whose rows a region rebuilds for its own rows."""
+        out = tensor_value(node)
+        for user in node.users:
+            if op_name(user) != "index_add" or user.args[0] is not node or out is None:
+                continue
+            dim = normalize_dim(arg(user, 1, "dim"), out.dim())
+            size = out.shape[dim]
+            lead = size // self.n
+            if statically_known_true(lead * self.n == size):
+                return self._row(dim, Axis(dim, lead))
+        return NONE
 
     def _cat(self, node: fx.Node, name: str) -> Info:
         # torch.cat skips legacy empty 1-D operands (e.g. an empty KV cache's torch.tensor([])).
@@ -302,16 +401,16 @@ class Rules:
         ndim = values[0].dim() + (1 if name == "stack" else 0)
         dim = normalize_dim(dim, ndim)
         if name == "stack":
-            return self._row(axis.dim + (1 if dim <= axis.dim else 0), axis.lead)
+            return self._row(axis.dim + (1 if dim <= axis.dim else 0), axis)
         if dim == axis.dim:
             return self._mixing(node, f"'{name}' along the token axis")
-        return self._row(axis.dim, axis.lead)
+        return self._row(axis.dim, axis)
 
     def _mapped(self, node: fx.Node, dims: dict[int, int]) -> Info:
         axis = self.axis_of(node.args[0])
         if axis is None or axis.dim not in dims:
             return self._mixing(node, f"'{op_name(node)}' moves the token axis out of place")
-        return self._row(dims[axis.dim], axis.lead)
+        return self._row(dims[axis.dim], axis)
 
     def _dim_map(self, node: fx.Node, name: Optional[str]) -> Optional[dict[int, int]]:
         """Input-dim -> output-dim map of pure layout ops that keep every dim's size (or broadcast)."""
@@ -482,3 +581,21 @@ def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[d
         mapping[i] = (o, True)
         i, o = i + 1, o + 1
     return mapping
+
+
+def index_position(index: list, ndim: int, dim: int) -> Optional[int]:
+    """Which entry of an indexing tuple addresses input dim ``dim`` (None: inside an Ellipsis or absent)."""
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    current = 0
+    for position, entry in enumerate(index):
+        if entry is None:
+            continue
+        if entry is Ellipsis:
+            current += ndim - consumed
+            if current > dim:
+                return None
+            continue
+        if current == dim:
+            return position
+        current += 1
+    return None

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from torch import fx
 
 from .graph_utils import op_name, tensor_value
-from .op_rules import Info
+from .op_rules import FACTORIES, Info, index_position
 from .regions import Region
 
 _SIZED = frozenset(("view", "reshape", "expand"))
@@ -47,7 +47,13 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
     """Rewrites the token-count size of ``node``, a copy of ``original``, to ``rows`` (an int or a node)."""
     name = op_name(node)
     axis = infos[original].axis
-    if name in _SIZED:
+    if axis.by is not None:  # a data-dependent selection of rows: its sizes are its own count, not N's
+        return
+    if name in FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows as the region has
+        sizes = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else list(node.args)
+        sizes[axis.dim] = rows if axis.lead == 1 else _times(node.graph, rows, axis.lead, node)
+        node.args = (tuple(sizes), *node.args[1:]) if isinstance(node.args[0], (list, tuple)) else tuple(sizes)
+    elif name in _SIZED:
         sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
             node.args[1:])
         if sizes[axis.dim] != -1:
@@ -57,30 +63,12 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.
         src = original.args[0]
         index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
-        position = _index_position(index, tensor_value(src).dim(), infos[src].axis.dim)
+        position = index_position(index, tensor_value(src).dim(), infos[src].axis.dim)
         if position is not None and isinstance(index[position], slice):
             index[position] = slice(None)
         node.args = (node.args[0], tuple(index))
-    elif name in ("arange", "new_zeros", "new_ones", "new_full", "new_empty", "zeros", "ones", "full", "empty"):
+    elif name in ("arange", "new_zeros", "new_ones", "new_full", "new_empty"):
         raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
-
-
-def _index_position(index: list, ndim: int, dim: int) -> Optional[int]:
-    """Which entry of an indexing tuple addresses input dim ``dim`` (None: inside an Ellipsis or absent)."""
-    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
-    current = 0
-    for position, entry in enumerate(index):
-        if entry is None:
-            continue
-        if entry is Ellipsis:
-            current += ndim - consumed
-            if current > dim:
-                return None
-            continue
-        if current == dim:
-            return position
-        current += 1
-    return None
 
 
 def _times(graph: fx.Graph, rows: fx.Node, lead: Any, anchor: fx.Node) -> fx.Node:

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 from torch import fx
 
 from .attention_sites import AttentionSite
-from .graph_utils import example_value, hint, op_name, prod, tensor_value
+from .graph_utils import example_value, hint, op_name, prod, size_checks, tensor_value
 from .op_rules import UNARY, Info, Kind
 
 GATED_ROLES = ("ffn", "moe", "lm_head")
@@ -85,8 +85,10 @@ def _token_inputs(node: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
 
 
 def _tensor_users(node: fx.Node) -> list[fx.Node]:
+    """The users that read ``node``'s values (not only checks of its sizes)."""
     return [u for u in node.users
-            if u.op == "output" or isinstance(example_value(u), (tuple, list)) or tensor_value(u) is not None]
+            if u.op == "output" or isinstance(example_value(u), (tuple, list))
+            or (tensor_value(u) is not None and size_checks(u) is None)]
 
 
 def main_output(graph: fx.Graph, infos: dict[fx.Node, Info]) -> Optional[fx.Node]:

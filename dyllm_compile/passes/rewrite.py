@@ -33,7 +33,7 @@ from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
-from .graph_utils import arg, hint, op_name, same_size, tensor_value
+from .graph_utils import arg, hint, op_name, same_size, size_checks, tensor_value
 from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
@@ -297,6 +297,8 @@ def _region_problem(region: Region, infos, batch) -> str:
         return f"it reads one result of '{split.name}', whose other results are used elsewhere"
     if any(infos[t].axis.lead != 1 for t in region.token_inputs):
         return "an input folds batch and tokens together"
+    if any(infos[t].axis.by is not None for t in region.token_inputs):
+        return "it reads rows an MoE selected outside it"
     try:
         graph = fx.Graph()
         probe = graph.placeholder("rows")
@@ -621,6 +623,11 @@ def _skipped(graph_nodes: list[fx.Node], regions: list[Region]) -> set[fx.Node]:
     projection is in the gated k and v chains and in paper mode's dense q chain)."""
     exits = {r.exit: r for r in regions}
     skipped = {n for r in regions for n in r.nodes if n is not r.exit}
+    for node in list(skipped):  # checks of sizes inside a region (an MoE's selections) go with it
+        for user in node.users:
+            checks = size_checks(user) if user not in skipped else None
+            if checks is not None:
+                skipped |= {user} | checks
     for node in reversed(graph_nodes):
         if node in skipped:
             continue

@@ -56,7 +56,7 @@ def infer_token_axes(graph: fx.Graph, sites: list[AttentionSite],
                 info = _reconcile(node, info, seeds.get(node))
         else:
             info = Info(Kind.NONE)
-        if info.axis is not None and info.kind is not Kind.MIXING and is_symbolic(n):
+        if info.axis is not None and info.axis.by is None and info.kind is not Kind.MIXING and is_symbolic(n):
             info = _check_symbolic(node, info, n)
         infos[node] = info
         node.meta[META_KEY] = info

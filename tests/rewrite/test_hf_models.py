@@ -61,7 +61,9 @@ def test_cache_keeps_a_value_the_model_writes_into_later():
 def test_hf_moe_traced_whole_threshold_one_equals_dense(dense_layers):
     """OLMoE's sparse MoE block (LLaDA-MoE's modeling code copies it): a static loop over the experts, each taking
     its rows with ``torch.where`` and adding its output back with ``final.index_add_(...)`` as a statement. With
-    Dynamo capturing data-dependent sizes the model is one graph. Before in_place_writes, threshold 1 differed from dense by 0.03 (the ``index_add_`` calls, whose
+    Dynamo capturing data-dependent sizes the model is one graph, and each layer's MoE is a gated region: its
+    dispatch runs on the salient rows alone (its ``zeros`` accumulator rebuilt for them, batch 2 folded into the
+    rows). Before in_place_writes, threshold 1 differed from dense by 0.03 (the ``index_add_`` calls, whose
     results nothing reads, were dropped as dead code, and the MoE returned zeros); with ``dense_layers``
     compiling failed (the variant was retraced with Dynamo's data-dependent size bindings in another ShapeEnv)."""
     torch._dynamo.reset()
@@ -81,3 +83,5 @@ def test_hf_moe_traced_whole_threshold_one_equals_dense(dense_layers):
     (runtime,) = runtimes(before)
     assert runtime.stats.sparse_calls == 3
     assert [s.cached for s in runtime.plan.sites] == [not dense_layers] * 2
+    gated = [(r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "moe")]
+    assert gated == ([] if dense_layers else [("moe", 0), ("moe", 1)])

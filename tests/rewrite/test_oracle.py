@@ -15,10 +15,13 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # Forms the rewrite takes a graph-level step for, each run by one test, not by every MODELS test: one q/k/v
 # projection split three ways (the k/v and exact mode's q chains share it); hand-written attention (replaced by
 # SDPA before the analysis, its products as matmuls or as einsums; the oracle computes attention its own way, so
-# it checks that replacement too).
+# it checks that replacement too); an MoE dispatching each expert's rows.
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
-                "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum")}
+                "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
+                "moe_dispatch": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch")}
+# Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
+DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 
@@ -30,7 +33,8 @@ def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=1
     oracle = Oracle(model, **oracle_kwargs)
     prompt = torch.randint(0, 100, (batch, prompt_length), generator=torch.Generator().manual_seed(batch)).to(device)
     lock = Lockstep(compiled, oracle)
-    generate(lock, prompt, mask_token_id=MASK, gen_length=gen_length, steps=gen_length, block_length=8)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=arch in DYNAMIC_OUTPUT_FORMS):
+        generate(lock, prompt, mask_token_id=MASK, gen_length=gen_length, steps=gen_length, block_length=8)
     lock.runtimes = runtimes(lock_serial)
     return lock, oracle
 
@@ -63,12 +67,15 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
 @pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
 def test_model_forms_match_oracle(arch, mode, row_counts):
     """A fused q/k/v projection is in the k and v chains (and exact mode's q chain), computed once on their rows;
-    paper mode's q, on every row, computes it for every row as well. Hand-written attention is cached like SDPA."""
+    paper mode's q, on every row, computes it for every row as well. Hand-written attention is cached like SDPA.
+    An MoE that dispatches each expert's rows (torch.where, index_add_) is gated like any FFN: the dispatch runs on
+    the salient rows alone."""
     lock, oracle = _run(arch, 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
                                   "row_counts": row_counts}, dict(mode=mode, force_salient=0.3, seed=5))
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert all(site.cached for site in runtime.plan.sites) and not runtime.plan.reasons
+    assert {r.role for r in runtime.plan.regions} >= {"moe" if arch == "moe_dispatch" else "ffn", "k", "v"}
     _, oracle2 = _run(arch, 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
     assert torch.tensor(oracle2.fractions).mean() < 1.0
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dyllm_compile.models import llada_like
 from dyllm_compile.models.zoo import ZOO
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from decode_driver import decode_inputs
@@ -68,3 +69,22 @@ def test_threshold_one_equals_dense_with_capacity_buckets(name, symbolic):
     per_element = [key[-1] for key in runtime._symbolic_fns] if symbolic else [key[-1] for key in runtime.sparse_fns]
     assert per_element and all(k is not None for k in per_element)
     assert bool(runtime._symbolic_fns) == symbolic and bool(runtime.sparse_fns) != symbolic
+
+
+@pytest.mark.inductor
+def test_threshold_one_equals_dense_inductor_moe_dispatch():
+    """An MoE that dispatches each expert's rows with torch.where (gated; its selections' sizes data-dependent
+    inside the variants' own data-dependent row counts), through Inductor's C++ code."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model = llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch")
+    compiled = torch.compile(model, backend="dyllm", options={"threshold": 1.0})
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.inference_mode():
+        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        ids[:, 6:] = 127
+        for call in range(3):
+            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-4)
+            ids = ids.clone()
+            ids[:, 6 + call] = 5
+    (runtime,) = runtimes(before)
+    assert runtime.stats.sparse_calls == 2 and [r.layer for r in runtime.plan.regions if r.role == "moe"] == [0, 1]

@@ -19,6 +19,7 @@ from .config import DISABLE_ENV, DyllmConfig, disabled_by_env
 from .explain import Report
 from .lowering import lower
 from .passes.analysis import analyze
+from .passes.graph_edit import copy_graph
 from .passes.rewrite import NotRewritable, build_dense, plan_rewrite
 from .runtime.graph_runtime import GraphRuntime, unbacked_rows
 
@@ -63,4 +64,14 @@ def dyllm_backend(
     if config.shadow or not unbacked_rows(config, device):
         dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode, piecewise=config.piecewise)
     return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=mode,
-                                                          piecewise=config.piecewise), graph_id)
+                                                          piecewise=config.piecewise), graph_id,
+                        functools.partial(_unrewritten, gm, config.lowering, mode))
+
+
+def _unrewritten(gm: fx.GraphModule, lowering: str, mode: Optional[str], args: tuple) -> Callable:
+    """``gm`` compiled as it is, outside Dynamo's compile (for inputs ``args``): the sizes Dynamo bound to
+    data-dependent values are its ShapeEnv's, and the lowering traces in a fake mode of its own."""
+    copy = fx.GraphModule(gm, copy_graph(gm)[0])
+    for node in copy.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)
+    return lower(copy, list(args), lowering, mode, dynamic_output_shapes=True)

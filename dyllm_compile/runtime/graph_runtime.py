@@ -31,13 +31,14 @@ the compiled graph, not the caches, alive, and new weights at the same addresses
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -70,6 +71,7 @@ class RuntimeStats:
     shadow: list = field(default_factory=list)
     rows_computed: int = 0  # rows run through gated regions, summed over calls
     rows_dense: int = 0  # what dense calls would have run through them
+    fallback: Optional[str] = None  # why the graph runs as compiled without the rewrite, if it does
 
     @property
     def salient_fraction(self) -> list[float]:
@@ -162,12 +164,31 @@ def forced_masks(seed: int, call: int, layers: int, batch: int, n: int, fraction
     return torch.rand(layers, batch, n, generator=gen) < fraction
 
 
+class VariantFailed(Exception):
+    """Building or compiling a variant failed (a bug of the rewrite or of a compiler on this graph)."""
+
+
+@contextlib.contextmanager
+def _compiling(what: str) -> Iterator[None]:
+    """Errors building or compiling ``what`` become :class:`VariantFailed` (the runtime's fallback)."""
+    try:
+        yield
+    except VariantFailed:
+        raise
+    except Exception as err:
+        raise VariantFailed(f"compiling {what} failed ({type(err).__name__}: {err})") from err
+
+
 class GraphRuntime:
     def __init__(self, plan: RewritePlan, dense_fn: Optional[Callable], lower: Callable[..., Callable],
-                 graph_id: str) -> None:
+                 graph_id: str, unrewritten: Optional[Callable[[tuple], Callable]] = None) -> None:
         """``lower(gm, example_inputs, dynamic_output_shapes=...)`` compiles a sparse variant; ``dense_fn`` is the
-        compiled dense variant, None where dense calls run through the sparse one (unbacked row counts)."""
+        compiled dense variant, None where dense calls run through the sparse one (unbacked row counts).
+        ``unrewritten(args)`` compiles the graph as Dynamo handed it over: what runs, from then on, where a
+        variant fails to compile (the compile must not fail the model)."""
         self.plan = plan
+        self.unrewritten = unrewritten
+        self._fallback: Optional[Callable] = None
         self.config = plan.config
         self.dense_fn = dense_fn
         self.lower = lower
@@ -212,6 +233,21 @@ class GraphRuntime:
                    for c in st.caches)
 
     def __call__(self, *args: Any) -> Any:
+        if self._fallback is not None:
+            return self._fallback(*args)
+        try:
+            return self._call(*args)
+        except VariantFailed as err:
+            if self.unrewritten is None:
+                raise
+            log.warning("dyllm: graph %s: %s; it runs as compiled without the rewrite from now on", self.graph_id,
+                        err)
+            self.stats.fallback = str(err)
+            self.states.clear()
+            self._fallback = self.unrewritten(args)
+            return self._fallback(*args)
+
+    def _call(self, *args: Any) -> Any:
         if self._weights is None:
             self._find_positions(args)
         tokens = [args[i] for i in self.plan.token_inputs]
@@ -514,7 +550,8 @@ class GraphRuntime:
         """Zero caches in the layout the dense variant would return for ``args`` (found from a fake run)."""
         key = self._shapes(args)
         if key not in self._cache_layouts:
-            layouts = output_layouts(build_dense(self.plan), args)
+            with _compiling("the dense variant"):
+                layouts = output_layouts(build_dense(self.plan), args)
             self._cache_layouts[key] = layouts[self.n_user : self.n_user + self.n_caches]
         return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in self._cache_layouts[key]]
 
@@ -532,7 +569,9 @@ class GraphRuntime:
         key = (self._shapes(args), query_capacity is None)
         if key not in self._selection_counts:
             scalars = {i: args[i].item() for i in self.scalar_inputs}
-            meta = build_sparse(self.plan, 1, scalars, query_capacity, 1 if self.plan.element_regions else None).meta
+            with _compiling("the sparse variant"):
+                meta = build_sparse(self.plan, 1, scalars, query_capacity,
+                                    1 if self.plan.element_regions else None).meta
             self._selection_counts[key] = tuple(1 + max((i for own, i in meta[COUNT_SELECTIONS] if own == kind),
                                                         default=-1) for kind in (False, True))
         return self._selection_counts[key]
@@ -555,8 +594,9 @@ class GraphRuntime:
                 self._static_capacities = True
         key = (capacity, query_capacity, self._shapes(args), tuple(scalars.items()), per_element)
         if key not in self.sparse_fns:
-            gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
-            fn = self.lower(gm, [*args, *caches, changed, *extra], dynamic_output_shapes=capacity is None)
+            with _compiling("the sparse variant"):
+                gm = build_sparse(self.plan, capacity, scalars, query_capacity, per_element)
+                fn = self.lower(gm, [*args, *caches, changed, *extra], dynamic_output_shapes=capacity is None)
             self.sparse_fns[key] = fn, gm.meta[COUNT_SELECTIONS]
             self._count_compile(capacity, per_element, "")
         return self.sparse_fns[key]

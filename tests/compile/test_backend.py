@@ -17,3 +17,30 @@ def test_aot_eager_lowering_matches_eager(tiny_dream):
 @pytest.mark.inductor
 def test_inductor_lowering_matches_eager(tiny_llada):
     _compile_and_compare(tiny_llada, "inductor")
+
+
+@pytest.mark.parametrize("row_counts", ["unbacked", "buckets"])  # dense calls through the sparse variant, or not
+def test_a_variant_that_fails_to_compile_leaves_the_graph_unrewritten(tiny_llada, monkeypatch, caplog, row_counts):
+    """A bug of the rewrite (or of a compiler on its graph) must not fail the model: the graph runs as compiled
+    without the rewrite from then on, with a warning naming the error, and ``stats.fallback`` says why."""
+    from dyllm_compile.runtime import graph_runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(graph_runtime, "build_sparse", broken)
+    torch._dynamo.reset()
+    before = graph_runtime.last_serial()
+    compiled = torch.compile(tiny_llada, backend="dyllm", options={"lowering": "aot_eager", "row_counts": row_counts})
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="dyllm_compile"):
+        x = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+        x[:, 6:] = 127
+        for call in range(3):
+            torch.testing.assert_close(compiled(x), tiny_llada(x), rtol=1e-5, atol=1e-5)
+            x = x.clone()
+            x[:, 6 + call] = 5
+    (runtime,) = graph_runtime.runtimes(before)
+    assert runtime.stats.fallback == "compiling the sparse variant failed (RuntimeError: a bug)"
+    assert runtime.stats.sparse_calls == 0 and not runtime.states
+    assert sum("compiling the sparse variant failed (RuntimeError: a bug); it runs as compiled without the rewrite"
+               in m for m in caplog.messages) == 1

@@ -81,12 +81,19 @@ def default_workload(batch: int, **_) -> Workload:
                     ANSWER_LENGTH, ANSWER_LENGTH, ANSWER_LENGTH, "trained")
 
 
+# --ffn of the reference model: its FFN, or an MoE of 8 SwiGLU experts of half its width, top 2 (the FFN's FLOPs
+# per row, 4x its weights), every expert on every row or each on the rows routed to it
+FFNS = {"swiglu": {}, "moe": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768),
+        "moe-dispatch": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768, moe_routing="dispatch")}
+
+
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
-                       attention: str = "sdpa", **_) -> Workload:
-    model = llada_like("tiny", d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511,
-                       attention=attention)
+                       attention: str = "sdpa", ffn: str = "swiglu", **_) -> Workload:
+    shape = dict(d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511)
+    model = llada_like("tiny", attention=attention, **{**shape, **FFNS[ffn]})
     prompts = torch.randint(1, 511, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
-    name = "llada-like 4L d512" + (", hand-written attention" if attention == "manual" else "")
+    name = ("llada-like 4L d512" + (", hand-written attention" if attention == "manual" else "")
+            + ("" if ffn == "swiglu" else f", {ffn} (8 experts, top 2)"))
     return Workload(name, model, prompts, gen_length, block_length, gen_length, "random")
 
 
@@ -475,7 +482,7 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
     if name == "default":
         return default_workload(batch)
     if name == "reference":
-        return reference_workload(batch, attention=args.attention)
+        return reference_workload(batch, attention=args.attention, ffn=args.ffn)
     if name == "tiny":
         model = llada_like("tiny")
         prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
@@ -496,6 +503,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "generated)")
     parser.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
                         help="--model reference: attention as one SDPA call or written by hand (softmax(q k^T) v)")
+    parser.add_argument("--ffn", choices=sorted(FFNS), default="swiglu",
+                        help="--model reference: its FFN, or an MoE (8 experts, top 2) computing every expert on "
+                             "every row or dispatching each expert's rows (torch.where, index_add_: OLMoE's and "
+                             "LLaDA-MoE's form; traced with torch._dynamo.config.capture_dynamic_output_shape_ops)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
@@ -533,6 +544,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          "(--model llada/dream or --preset gpu, without --checkpoint)")
     if args.attention != "sdpa" and (args.preset is not None or args.model != "reference"):
         parser.error("--attention applies to --model reference")
+    if args.ffn != "swiglu" and (args.preset is not None or args.model != "reference"):
+        parser.error("--ffn applies to --model reference")
     if args.prompt_length is not None and (args.prompt_length < 1 or not full_size):
         parser.error("--prompt-length takes a positive count and applies to --model llada/dream or --preset gpu")
     return args
@@ -545,6 +558,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         handler.setFormatter(ElapsedFormatter())
         logging.getLogger("dyllm_compile").addHandler(handler)
         logging.getLogger("dyllm_compile").setLevel(logging.INFO)
+    if args.ffn == "moe-dispatch":  # else Dynamo breaks the graph at each expert's torch.where
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
     if not args.warm_compile_cache:  # a cache hit would make one mode's compile look free
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False

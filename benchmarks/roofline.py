@@ -29,11 +29,14 @@ class Shape:
     n_layers: int
     vocab_size: int
     ffn_matrices: int = 3  # SwiGLU: gate, up, down
+    experts: int = 1  # an MoE: this many FFNs of d_ffn (and a router), each row through top_k of them
+    top_k: int = 1
 
     @classmethod
     def of(cls, cfg) -> "Shape":
+        moe = cfg.ffn == "moe"  # SwiGLU experts
         return cls(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.d_ffn, cfg.n_layers, cfg.vocab_size,
-                   3 if cfg.ffn == "swiglu" else 2)
+                   2 if cfg.ffn == "gelu" else 3, cfg.n_experts if moe else 1, cfg.moe_top_k if moe else 1)
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,19 @@ def step_cost(shape: Shape, batch: int, n: int, fractions: Optional[Sequence[flo
     sparse = fractions is not None
     fractions = list(fractions) if sparse else [1.0] * shape.n_layers
     d, kv, f, e = shape.d_model, shape.d_kv, shape.d_ffn, elem_bytes
-    layer_weights = d * (2 * d + 2 * kv) + shape.ffn_matrices * d * f
+    attention_weights, ffn_weights = d * (2 * d + 2 * kv), shape.ffn_matrices * d * f
+    router = d * shape.experts if shape.experts > 1 else 0
     flops = 0.0
     moved = 0.0
     for frac in fractions:
         rows = batch * frac * n
-        flops += 2 * rows * layer_weights + 4 * rows * n * d  # projections + FFN; scores and values
-        moved += layer_weights * e
+        routed = rows * shape.top_k  # rows through an FFN: with an MoE, each through top_k experts
+        # projections, router and FFNs; scores and values
+        flops += 2 * rows * (attention_weights + router) + 2 * routed * ffn_weights + 4 * rows * n * d
+        # weights: every expert a routed row reaches (at most all of them)
+        moved += (attention_weights + router + min(shape.experts, max(routed, 1)) * ffn_weights) * e
         # matmul inputs and outputs on the recomputed rows: q/k/v/o and the FFN (its hidden tensor twice)
-        moved += rows * e * ((d + d + 2 * kv) + (d + d) + (d + 2 * f) + (f + d))
+        moved += rows * e * ((d + d + 2 * kv) + (d + d)) + routed * e * ((d + 2 * f) + (f + d))
         moved += batch * n * 2 * kv * e  # every key and value
         moved += batch * n * d * e * 4  # full-width residual adds and norms
         if sparse:

@@ -81,6 +81,17 @@ def test_roofline_sparse_step_is_cheaper_and_dense_matches_hand_count(bench):
     assert machine.best(roofline.Machine("m", bandwidth=2e9, peak_flops=5e8)) == roofline.Machine("m", 2e9, 1e9)
 
 
+def test_roofline_of_an_moe_counts_top_k_experts_per_row_and_the_experts_reached(bench):
+    roofline = load("roofline")
+    shape = roofline.Shape(d_model=64, d_kv=64, d_ffn=32, n_layers=1, vocab_size=100, experts=8, top_k=2)
+    attention, router, expert = 64 * (2 * 64 + 2 * 64), 64 * 8, 3 * 64 * 32
+    dense = roofline.step_cost(shape, batch=1, n=10, fractions=None, elem_bytes=4)
+    assert dense.flops == 2 * 10 * (attention + router) + 2 * 20 * expert + 4 * 10 * 10 * 64 + 2 * 10 * 64 * 100
+    one_row = roofline.step_cost(shape, batch=1, n=10, fractions=[0.1], elem_bytes=4)
+    # weight bytes: all 8 experts for 20 routed rows, 2 for one row's
+    assert dense.bytes - one_row.bytes > 6 * expert * 4
+
+
 @pytest.mark.parametrize("argv", [
     ["--preset", "cpu", "--layers", "2"],  # no full-size workload in it
     ["--model", "reference", "--layers", "2"],

@@ -59,8 +59,14 @@ def op_name(node: fx.Node) -> Optional[str]:
             return None
     else:
         return None
+    if name.startswith("__") and name.endswith("__") and name[2:-2] in _DUNDERS:
+        name = name[2:-2]  # torch 2.11's Dynamo records ``t == e`` as Tensor.__eq__
     name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
     return _ALIASES.get(name, name)
+
+
+# Tensor operator methods that are their op with self first (not the reflected ones: __rsub__ swaps operands)
+_DUNDERS = frozenset("eq ne lt le gt ge and or xor invert neg add sub mul truediv floordiv pow matmul".split())
 
 
 def example_value(node: Any) -> Any:
@@ -143,8 +149,16 @@ def is_symbolic(size: Any) -> bool:
     return isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int)
 
 
+#: A data-dependent size's hint where nothing bounds it (Inductor's unbacked_symint_fallback)
+_UNBOUNDED_HINT = 8192
+
+
 def hint(size: Any) -> int:
-    """A concrete value for a (possibly symbolic) size: the example input's, for FLOP estimates."""
+    """A concrete value for a (possibly symbolic) size: the example input's, for FLOP estimates; for a
+    data-dependent size (an MoE's selection), the largest its ShapeEnv allows (torch 2.11's hint raises there)."""
+    if isinstance(size, torch.SymInt) and symbolic_shapes.free_unbacked_symbols(size):
+        upper = size.node.shape_env.bound_sympy(size.node.expr).upper
+        return int(upper) if upper.is_finite else _UNBOUNDED_HINT
     return int(_size_hint(size))
 
 

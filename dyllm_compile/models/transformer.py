@@ -49,6 +49,9 @@ class TransformerConfig:
     fused_qkv: bool = False  # one projection for q, k and v, split three ways (LLaDA's att_proj)
     mlp_bias: bool = False
     qk_norm: bool = False
+    # "heads": the q/k norms on [B, N, heads, head_dim]; "rows": on the heads folded into the rows,
+    # q.reshape(-1, head_dim), as LLaDA-MoE's modeling code writes it
+    qk_norm_layout: str = "heads"
     positions: str = "rope"  # "rope" | "learned"
     rope_table: str = "cached"  # "cached" (buffer sliced to the length) | "computed" (from positions)
     rope_theta: float = 10000.0
@@ -68,6 +71,7 @@ class TransformerConfig:
             "norm_position in (pre, post)": self.norm_position in ("pre", "post"),
             "ffn in (swiglu, gelu, moe)": self.ffn in ("swiglu", "gelu", "moe"),
             "moe_routing in (dense, dispatch)": self.moe_routing in ("dense", "dispatch"),
+            "qk_norm_layout in (heads, rows)": self.qk_norm_layout in ("heads", "rows"),
             "moe_capacity only with dense routing": self.moe_capacity is None or self.moe_routing == "dense",
             "attention in (sdpa, manual, einsum)": self.attention in ("sdpa", "manual", "einsum"),
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
@@ -172,7 +176,7 @@ class Attention(nn.Module):
             self.k_norm = make_norm(cfg, hd)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, N, heads, head_dim], k and v [B, N, kv_heads, head_dim]."""
+        """q [B, N, heads, head_dim], k and v [B, N, kv_heads, head_dim]; q and k normed with ``qk_norm``."""
         cfg = self.cfg
         b, n, _ = x.shape
         if cfg.fused_qkv:
@@ -180,7 +184,13 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         heads = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
-        return tuple(t.view(b, n, h, cfg.head_dim) for t, h in zip((q, k, v), heads))
+        q, k, v = (t.view(b, n, h, cfg.head_dim) for t, h in zip((q, k, v), heads))
+        if cfg.qk_norm and cfg.qk_norm_layout == "rows":
+            q, k = (norm(t.reshape(-1, cfg.head_dim)).reshape(t.shape)
+                    for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        elif cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(
         self,
@@ -191,8 +201,6 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, n, _ = x.shape
         q, k, v = self.project(x)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q = apply_rotary(q, *rope, cfg.rotary_dim)

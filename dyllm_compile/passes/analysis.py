@@ -222,11 +222,13 @@ def render(state: GraphAnalysis) -> str:
             tags.setdefault(node, []).append(f"L{region.layer}.{region.role}{'*' if region.gated else ''}")
     for node in state.spine.nodes:
         tags.setdefault(node, []).append("merge" if node in state.spine.merges else "spine")
-    lines = [f"# {state.summary()}", "# * = gated region; axis = token dim (x folded leading rows)"]
+    lines = [f"# {state.summary()}",
+             "# * = gated region; axis = token dim (x folded leading rows, / folded trailing rows per token)"]
     for node in state.gm.graph.nodes:
         info = state.infos.get(node)
         axis = "" if info is None or info.axis is None else f"axis={info.axis.dim}" + (
-            "" if info.axis.lead == 1 else f"x{info.axis.lead}")
+            "" if info.axis.lead == 1 else f"x{info.axis.lead}") + (
+            "" if info.axis.trail == 1 else f"/{info.axis.trail}")
         kind = "" if info is None else info.kind.value
         shape = tuple(tensor_value(node).shape) if tensor_value(node) is not None else ""
         lines.append(f"{node.name:<40} {str(op_name(node) or node.op):<18} {kind:<13} {axis:<8} "

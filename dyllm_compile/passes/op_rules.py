@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import fx
-
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, example_value, normalize_dim, op_name, prod, same_size, tensor_args, tensor_value
@@ -23,7 +22,8 @@ from .graph_utils import arg, example_value, normalize_dim, op_name, prod, same_
 
 @dataclass(frozen=True)
 class Axis:
-    """The token axis of a value: dimension ``dim``, holding ``lead`` folded leading rows times N tokens.
+    """The token axis of a value: dimension ``dim``, holding ``lead`` folded leading rows times N tokens times
+    ``trail`` rows each (``[B * N * H, D]``: heads folded into the rows after their token).
 
     ``by``: the dim holds not every token row but a data-dependent selection of them (an MoE's dispatch), entry
     ``j`` belonging to the ``j``-th true entry of a row-wise mask, as enumerated by the ``where`` / ``nonzero``
@@ -31,7 +31,13 @@ class Axis:
 
     dim: int
     lead: Any = 1
+    trail: Any = 1
     by: Optional[fx.Node] = None
+
+    @property
+    def fold(self) -> Any:
+        """Rows of the dim per token: 1 for one row per token, batch first."""
+        return self.lead * self.trail
 
 
 class Kind(enum.Enum):
@@ -120,7 +126,8 @@ class Rules:
             return NONE
         out = example_value(node)
         if name in ("where", "nonzero") and self._enumerates(node, name):
-            return Info(Kind.ROW, Axis(0, self.axis_of(node.args[0]).lead, by=node))
+            mask = self.axis_of(node.args[0])
+            return Info(Kind.ROW, Axis(0, mask.lead, mask.trail, by=node))
         if name == "getitem" and (selected := self._gathers_selection(node)) is not None:
             return selected
         if name == "index_add":
@@ -295,7 +302,7 @@ class Rules:
         axis, shape = self.axis_of(x), tensor_value(x).shape
         if axis is not None and axis.by is not None:  # a selection of rows: kept whole, nothing folded into it
             mapped = map_view_axis(shape, out.shape, Axis(axis.dim), shape[axis.dim])
-            if mapped is None or mapped.lead != 1:
+            if mapped is None or mapped.fold != 1:
                 return self._mixing(node, "reshape splits or merges selected rows with other dims")
             return self._row(mapped.dim, axis)
         mapped = map_view_axis(shape, out.shape, axis, self.n)
@@ -351,7 +358,7 @@ class Rules:
         entries = list(index) if isinstance(index, tuple) else [index]
         at = index_position(entries, value.dim(), axis.dim)
         enumeration = self._positions(entries[at]) if at is not None else None
-        if enumeration is None or self.axis_of(enumeration).lead != axis.lead:
+        if enumeration is None or not _same_rows(self.axis_of(enumeration), axis):
             return None
         for entry in entries:
             if isinstance(entry, fx.Node) and tensor_value(entry) is not None and entry is not entries[at]:
@@ -370,7 +377,7 @@ class Rules:
         enumeration = self._positions(index)
         if (axis is None or axis.by is not None or not isinstance(dim, int) or enumeration is None
                 or normalize_dim(dim, tensor_value(base).dim()) != axis.dim
-                or self.axis_of(enumeration).lead != axis.lead or added is None or added.by is not enumeration
+                or not _same_rows(self.axis_of(enumeration), axis) or added is None or added.by is not enumeration
                 or added.dim != axis.dim):
             return self._mixing(node, "'index_add' of values other than selected rows added back to their tokens")
         return self._row(axis.dim, axis)
@@ -462,7 +469,7 @@ class Rules:
                 if aligned >= 0 and same_size(value.shape[aligned], out.shape[axis.dim]) and not same_size(
                     value.shape[aligned], 1
                 ):
-                    result.append((operand, Axis(aligned, axis.lead)))
+                    result.append((operand, dataclasses.replace(axis, dim=aligned)))
             return result
         if name in ("linear", "embedding", "layer_norm", "rms_norm") or name in ALONG_DIM:
             x = tensor_value(node.args[0])
@@ -474,9 +481,9 @@ class Rules:
         if name == "matmul":
             a, b = tensor_value(node.args[0]), tensor_value(node.args[1])
             if axis.dim == out.dim() - 2 and a.dim() >= 2:
-                return [(node.args[0], Axis(a.dim() - 2, axis.lead))]
+                return [(node.args[0], dataclasses.replace(axis, dim=a.dim() - 2))]
             if axis.dim == out.dim() - 1 and b.dim() >= 2:
-                return [(node.args[1], Axis(b.dim() - 1, axis.lead))]
+                return [(node.args[1], dataclasses.replace(axis, dim=b.dim() - 1))]
             return []
         if name in VIEWS:
             mapped = map_view_axis(out.shape, tensor_value(node.args[0]).shape, axis, self.n)
@@ -486,7 +493,7 @@ class Rules:
             mapping = getitem_dims(src, out, node.args[1]) if src is not None else None
             for in_dim, entry in (mapping or {}).items():
                 if entry is not None and entry[0] == axis.dim and entry[1]:
-                    return [(node.args[0], Axis(in_dim, axis.lead))]
+                    return [(node.args[0], dataclasses.replace(axis, dim=in_dim))]
             return []  # a partial slice of a longer table: this node is a per-position source
         if name in ("cat", "concat", "concatenate"):
             dim = normalize_dim(arg(node, 1, "dim", 0), out.dim())
@@ -495,7 +502,7 @@ class Rules:
         if dims is not None:
             inverse = {o: i for i, o in dims.items()}
             if axis.dim in inverse:
-                return [(node.args[0], Axis(inverse[axis.dim], axis.lead))]
+                return [(node.args[0], dataclasses.replace(axis, dim=inverse[axis.dim]))]
         return []
 
     def _split_backward(self, node: fx.Node, name: str, axis: Axis) -> list[tuple[fx.Node, Axis]]:
@@ -508,7 +515,7 @@ class Rules:
             return []
         dim = normalize_dim(dim, x.dim())
         in_dim = axis.dim + 1 if name == "unbind" and dim <= axis.dim else axis.dim
-        return [] if in_dim == dim else [(node.args[0], Axis(in_dim, axis.lead))]
+        return [] if in_dim == dim else [(node.args[0], dataclasses.replace(axis, dim=in_dim))]
 
 
 def _is_legacy_empty(node: Any) -> bool:
@@ -531,25 +538,33 @@ def _size_preserving_map(in_shape, out_shape) -> dict[int, int]:
 def map_view_axis(in_shape, out_shape, axis: Optional[Axis], n: Any) -> Optional[Axis]:
     """Where a reshape puts the token axis: the output dim holding exactly the same rows.
 
-    The rows before the token axis (outer dims and folded leads) and the features after it must be preserved
-    as products; the token dim may absorb or release leading dims (``[B, N, D] <-> [B * N, D]``), never
-    trailing ones.
+    The rows before each token (outer dims and folded leads) and the elements of each token's row (features after
+    the token dim, and folded trailing rows) must be preserved as products; the token dim may absorb or release
+    leading dims (``[B, N, D] <-> [B * N, D]``: ``lead``) and trailing ones, whole (``[B, N, H * D] <->
+    [B * N * H, D]``, a per-head norm on heads folded into rows: ``trail``), never split a token's row otherwise.
     """
     if axis is None:
         return None
     outer = prod(in_shape[: axis.dim]) * axis.lead
-    inner = prod(in_shape[axis.dim + 1 :])
+    inner = prod(in_shape[axis.dim + 1 :]) * axis.trail
     for j in range(len(out_shape)):
-        if not same_size(prod(out_shape[j + 1 :]), inner):
-            continue
-        before = prod(out_shape[:j])
-        lead = outer // before if isinstance(outer, int) and isinstance(before, int) else None
-        if lead is None:
-            if same_size(before, outer) and same_size(out_shape[j], n):
-                return Axis(j, 1)
-            continue
-        if lead * before == outer and same_size(out_shape[j], n * lead):
-            return Axis(j, lead)
+        lead, trail = _quotient(outer, prod(out_shape[:j])), _quotient(inner, prod(out_shape[j + 1 :]))
+        if lead is not None and trail is not None and same_size(out_shape[j], n * lead * trail):
+            return Axis(j, lead, trail)
+    return None
+
+
+def _same_rows(a: Axis, b: Axis) -> bool:
+    """The two dims hold the token rows the same way (their positions address the same rows)."""
+    return (a.lead, a.trail) == (b.lead, b.trail)
+
+
+def _quotient(a: Any, b: Any) -> Optional[Any]:
+    """``a / b`` where ``b`` divides ``a``: 1 for the same size, the quotient of integers; else None."""
+    if same_size(a, b):
+        return 1
+    if isinstance(a, int) and isinstance(b, int) and b and a % b == 0:
+        return a // b
     return None
 
 

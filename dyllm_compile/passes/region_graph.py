@@ -51,13 +51,13 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         return
     if name in FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows as the region has
         sizes = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else list(node.args)
-        sizes[axis.dim] = rows if axis.lead == 1 else _times(node.graph, rows, axis.lead, node)
+        sizes[axis.dim] = rows if axis.fold == 1 else _times(node.graph, rows, axis.fold, node)
         node.args = (tuple(sizes), *node.args[1:]) if isinstance(node.args[0], (list, tuple)) else tuple(sizes)
     elif name in _SIZED:
         sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
             node.args[1:])
         if sizes[axis.dim] != -1:
-            sizes[axis.dim] = rows if axis.lead == 1 else _times(node.graph, rows, axis.lead, node)
+            sizes[axis.dim] = rows if axis.fold == 1 else _times(node.graph, rows, axis.fold, node)
         node.args = (node.args[0], *sizes)
     elif name == "getitem" and tensor_value(original.args[0]) is not None:
         # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.

@@ -103,7 +103,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first. Inputs
     # with the token axis first are per-position tables (RoPE cos/sin after a graph break), compared whole.
     sources = [n for n in placeholders
-               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and infos[n].axis.lead == 1]
+               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and infos[n].axis.fold == 1]
     if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
     batch = tensor_value(sources[0]).shape[0]
@@ -249,7 +249,7 @@ def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
     found = []
     for position, node in enumerate(analysis.gm.graph.output_node().args[0]):
         info, value = analysis.infos.get(node), tensor_value(node)
-        if (info is not None and info.axis is not None and info.axis.dim != 0 and info.axis.lead == 1
+        if (info is not None and info.axis is not None and info.axis.dim != 0 and info.axis.fold == 1
                 and node not in logits and value is not None and value.is_floating_point()
                 and same_size(value.shape[0], batch)):
             found.append((position, info.axis.dim))
@@ -288,14 +288,14 @@ def _plan_values(plan: SitePlan, chains: dict[str, Region], graph: fx.Graph) -> 
 def _region_problem(region: Region, infos, batch) -> str:
     axis = infos[region.exit].axis
     exit_value = tensor_value(region.exit)
-    if axis is None or axis.lead != 1 or axis.dim == 0 or exit_value is None:
+    if axis is None or axis.fold != 1 or axis.dim == 0 or exit_value is None:
         return "its output has no batch-first token axis"
     if not same_size(exit_value.shape[0], batch):
         return "its output is not batch-first"
     split = next((t for t in region.token_inputs if tensor_value(t) is None), None)
     if split is not None:  # one result of a split whose other results are read outside the site's chains
         return f"it reads one result of '{split.name}', whose other results are used elsewhere"
-    if any(infos[t].axis.lead != 1 for t in region.token_inputs):
+    if any(infos[t].axis.fold != 1 for t in region.token_inputs):
         return "an input folds batch and tokens together"
     if any(infos[t].axis.by is not None for t in region.token_inputs):
         return "it reads rows an MoE selected outside it"

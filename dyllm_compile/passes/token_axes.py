@@ -106,6 +106,6 @@ def _check_symbolic(node: fx.Node, info: Info, n: Any) -> Info:
     value = tensor_value(node)
     if value is None:
         return info
-    if not same_size(value.shape[info.axis.dim], n * info.axis.lead):
+    if not same_size(value.shape[info.axis.dim], n * info.axis.fold):
         return Info(Kind.MIXING, None, "token axis size is not the sequence length")
     return info

@@ -15,11 +15,13 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # Forms the rewrite takes a graph-level step for, each run by one test, not by every MODELS test: one q/k/v
 # projection split three ways (the k/v and exact mode's q chains share it); hand-written attention (replaced by
 # SDPA before the analysis, its products as matmuls or as einsums; the oracle computes attention its own way, so
-# it checks that replacement too); an MoE dispatching each expert's rows.
+# it checks that replacement too); an MoE dispatching each expert's rows; q/k norms on the heads folded into
+# the rows (in the k chain and exact mode's q chain).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
-                "moe_dispatch": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch")}
+                "moe_dispatch": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch"),
+                "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows")}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
@@ -69,7 +71,7 @@ def test_model_forms_match_oracle(arch, mode, row_counts):
     """A fused q/k/v projection is in the k and v chains (and exact mode's q chain), computed once on their rows;
     paper mode's q, on every row, computes it for every row as well. Hand-written attention is cached like SDPA.
     An MoE that dispatches each expert's rows (torch.where, index_add_) is gated like any FFN: the dispatch runs on
-    the salient rows alone."""
+    the salient rows alone. A k norm on the heads folded into the rows ([B * N * H, D]) is in the k chain."""
     lock, oracle = _run(arch, 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
                                   "row_counts": row_counts}, dict(mode=mode, force_salient=0.3, seed=5))
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9

@@ -6,7 +6,7 @@ import torch
 from dyllm_compile.models import llada_like
 from dyllm_compile.models.zoo import ZOO
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from decode_driver import decode_inputs
+from decode_driver import decode_inputs, unmasking
 
 
 def _compare(name, batch, lowering, calls=5, tol=1e-5, device="cpu", **options):
@@ -80,11 +80,7 @@ def test_threshold_one_equals_dense_inductor_moe_dispatch():
     model = llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch")
     compiled = torch.compile(model, backend="dyllm", options={"threshold": 1.0})
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.inference_mode():
-        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-        ids[:, 6:] = 127
-        for call in range(3):
+        for ids in unmasking(torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)), 6, 127, 3):
             torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-4)
-            ids = ids.clone()
-            ids[:, 6 + call] = 5
     (runtime,) = runtimes(before)
     assert runtime.stats.sparse_calls == 2 and [r.layer for r in runtime.plan.regions if r.role == "moe"] == [0, 1]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers import (BertConfig, BertForMaskedLM, FalconConfig, FalconForCausalLM, Gemma2Config,
-                          Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
+from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, FalconConfig,
+                          FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
                           MptConfig, MptForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM,
                           PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
@@ -39,6 +39,11 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
                                                  rotary_dim=8), True),
     "mpt": lambda: (MptForCausalLM, MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
                     True),
+    # multi-head latent attention: one projection split into the latent (k and v are projected from it) and k's
+    # rotary part; dense MLPs (its MoE layers branch on each expert's count, which Dynamo cannot trace whole)
+    "deepseek_v3": lambda: (DeepseekV3ForCausalLM, DeepseekV3Config(
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        num_key_value_heads=4, first_k_dense_replace=2, **SMALL), True),
 }
 EAGER = {"llama_eager", "gptj", "mpt", "gemma2"}
 

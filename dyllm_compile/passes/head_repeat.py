@@ -58,6 +58,8 @@ def repeated_heads_source(node: fx.Node) -> Optional[fx.Node]:
         return None
     b, g, n, d = tensor_value(x).shape
     r = tensor_value(expanded).shape[2]
+    if same_size(r, 0):  # no head at all (HF's repeat_kv of a config with more kv heads than heads): not a repeat
+        return None
     shapes = ((tensor_value(inserted).shape, (b, g, 1, n, d)), (tensor_value(expanded).shape, (b, g, r, n, d)),
               (tensor_value(node).shape, (b, g * r, n, d)))
     if all(len(got) == len(want) and all(same_size(a, w) for a, w in zip(got, want)) for got, want in shapes):

@@ -292,18 +292,25 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
     """
     blocked = set(spine.nodes)
     starts = (("q", site.q), ("k", site.k), ("v", site.v))
-    grown = {which: grow(start, infos, blocked) for which, start in starts if infos[start].kind is Kind.ROW}
-    members = {n for nodes in grown.values() for n in nodes}
-    shared = frozenset(t for nodes in grown.values() for node in nodes for t in _token_inputs(node, infos)
-                       if t not in members and all(u in members for u in _tensor_users(t))
-                       and _projected_from_stream(t, infos, blocked))
+    shared: frozenset = frozenset()
+    while True:  # sharing a value lets the chains grow past it, to the next one they share (MLA, below)
+        grown = {which: grow(start, infos, blocked, shared) for which, start in starts
+                 if infos[start].kind is Kind.ROW}
+        members = {n for nodes in grown.values() for n in nodes}
+        # A chain's input inside another chain is shared too (MLA: one projection split into the latent, which
+        # k and v are both projected from, and k's rotary part: k's chain holds the split, v's stops at it).
+        more = shared | {t for nodes in grown.values() for node in nodes for t in _token_inputs(node, infos)
+                         if t not in nodes and all(u in members for u in _tensor_users(t))
+                         and _projected_from_stream(t, infos, blocked)}
+        if more == shared:
+            break
+        shared = frozenset(more)
     chains = {}
     for which, start in starts:
         if which not in grown:
             chains[which] = build_region(which, start, [], infos)
             continue
-        nodes = grow(start, infos, blocked, shared) if shared else grown[which]
-        chain = build_region(which, start, nodes, infos)
+        chain = build_region(which, start, grown[which], infos)
         chain.layer = site.layer
         chain.gated = which in ("k", "v") and chain.flops > 0 and not site.dense_reason
         chains[which] = chain

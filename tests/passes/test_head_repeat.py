@@ -28,6 +28,10 @@ def _tokens_expanded(x):  # the singleton dim after the tokens: rows and heads m
     return x[:, :, :, None, :].expand(B, G, N, R, D).reshape(B, G * R, N, D)
 
 
+def _no_heads(x):  # HF's repeat_kv with more kv heads than heads (a 0-fold "repeat", found in DeepSeek-V3's config)
+    return x[:, :, None, :, :].expand(B, G, 0, N, D).reshape(B, 0, N, D)
+
+
 def _final_node(fn):
     torch._dynamo.reset()
     graphs = []
@@ -50,6 +54,6 @@ def test_head_repetition_is_found(fn):
     torch.testing.assert_close(fn(x), x.repeat_interleave(R, dim=1))
 
 
-@pytest.mark.parametrize("fn", [_tiled, _tokens_expanded])
+@pytest.mark.parametrize("fn", [_tiled, _tokens_expanded, _no_heads])
 def test_other_layouts_are_not_taken_for_head_repetition(fn):
     assert repeated_heads_source(_final_node(fn)) is None

@@ -19,7 +19,7 @@ from .config import DISABLE_ENV, DyllmConfig, disabled_by_env
 from .explain import Report
 from .lowering import lower
 from .passes.analysis import analyze
-from .passes.graph_edit import copy_graph
+from .passes.graph_edit import copy_graph, drop_unbacked_bindings
 from .passes.rewrite import NotRewritable, build_dense, plan_rewrite
 from .runtime.graph_runtime import GraphRuntime, unbacked_rows
 
@@ -69,9 +69,7 @@ def dyllm_backend(
 
 
 def _unrewritten(gm: fx.GraphModule, lowering: str, mode: Optional[str], args: tuple) -> Callable:
-    """``gm`` compiled as it is, outside Dynamo's compile (for inputs ``args``): the sizes Dynamo bound to
-    data-dependent values are its ShapeEnv's, and the lowering traces in a fake mode of its own."""
+    """``gm`` compiled as it is, outside Dynamo's compile (for inputs ``args``), on a copy."""
     copy = fx.GraphModule(gm, copy_graph(gm)[0])
-    for node in copy.graph.nodes:
-        node.meta.pop("unbacked_bindings", None)
+    drop_unbacked_bindings(copy.graph)
     return lower(copy, list(args), lowering, mode, dynamic_output_shapes=True)

@@ -62,3 +62,11 @@ def erase_unused(graph: fx.Graph, nodes: Any) -> None:
     for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
+
+
+def drop_unbacked_bindings(graph: fx.Graph) -> None:
+    """Forgets which data-dependent sizes (``nonzero`` in a model's MoE dispatch) each node bound: they are symbols
+    of Dynamo's ShapeEnv, and a graph lowered outside Dynamo's compile is traced in a fake mode of its own, whose
+    new symbols can have the same names; retracing would try to rename one to itself ("possible memo disaster")."""
+    for node in graph.nodes:
+        node.meta.pop("unbacked_bindings", None)

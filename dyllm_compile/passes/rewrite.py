@@ -33,6 +33,7 @@ from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
+from .graph_edit import drop_unbacked_bindings
 from .graph_utils import arg, hint, op_name, same_size, size_checks, tensor_value
 from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
@@ -396,11 +397,7 @@ class _Builder:
         extra = [self.graph.call_method("contiguous", (e,)) for e in extra]
         self.graph.output((*user, *extra))
         gm = fx.GraphModule(self.plan.analysis.gm, self.graph)
-        for node in gm.graph.nodes:
-            # The data-dependent sizes Dynamo bound (nonzero in a model's MoE dispatch) are symbols of its
-            # ShapeEnv; a variant is traced in fake modes of its own, whose new symbols can have the same names,
-            # and retracing would try to rename one to itself ("possible memo disaster").
-            node.meta.pop("unbacked_bindings", None)
+        drop_unbacked_bindings(gm.graph)  # a variant is lowered in fake modes of its own
         gm.graph.eliminate_dead_code()  # after owning: call_module purity checks need the module
         gm.graph.lint()
         gm.recompile()

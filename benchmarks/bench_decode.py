@@ -266,23 +266,29 @@ def summarize(run: ModeRun, work: Workload, dtype: torch.dtype) -> dict:
     )
     shape = Shape.of(cfg)
     fractions = None
+    queried = 1.0
     if mode.startswith("dyllm") and live:
         stats = [r.stats for r in live if r.stats.history]
         per_call = stats[0].per_call_fractions(len(live[0].plan.sites)) if stats else torch.ones(0, 0)
         row["per_call"] = per_call
         fractions = per_call.mean(0).tolist() if per_call.numel() else [1.0] * cfg.n_layers
+        queried = sum(s.queried_fraction for s in stats) / len(stats) if stats else 1.0
         gated, total = Report([r.plan.analysis for r in live], live[0].config).gated_flops()
         row.update(
             salient_fraction_mean=sum(fractions) / len(fractions),
             salient_fraction_per_layer=";".join(f"{f:.3f}" for f in fractions),
+            queried_fraction=queried,
             rows_computed_fraction=sum(s.rows_computed for s in stats) / max(1, sum(s.rows_dense for s in stats)),
             gated_flops_share=gated / max(1, total),  # what the mode's rewrite plan gates (explain's share)
             cache_mb=run.cache_bytes / 2 ** 20,
             sparse_variants=sum(r.stats.sparse_compiles for r in live),  # compiled over the whole run
         )
     elem = torch.finfo(dtype).bits // 8
+    options = live[0].config if mode.startswith("dyllm") and live else None
     row["cost"] = step_cost(shape, batch, n, fractions if fractions and len(fractions) == cfg.n_layers else None,
-                            elem)
+                            elem, queried=queried,
+                            mode=options.attention_mode if options else "exact",
+                            output_projection=options.output_projection if options else "dense")
     return row
 
 
@@ -311,7 +317,8 @@ FIELDS = [
     "speedup_vs_inductor", "speedup_vs_eager", "step_ms_median", "step_ms_p90", "forward_calls", "compile_s",
     "compile_vs_inductor", "compile_cache", "timed_decodes", "dynamo_graphs", "recompiles_timed", "sparse_variants",
     "peak_mem_mb", "cache_mb",
-    "salient_fraction_mean", "salient_fraction_per_layer", "rows_computed_fraction", "gated_flops_share",
+    "salient_fraction_mean", "salient_fraction_per_layer", "queried_fraction", "rows_computed_fraction",
+    "gated_flops_share",
     "bound_ms", "bound_share", "same_tokens_as_eager",
 ]
 

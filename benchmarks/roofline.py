@@ -3,9 +3,11 @@
     bound = max(bytes moved / bandwidth, FLOPs / peak)
 
 counted per forward call of a pre-norm transformer (attention + gated FFN + lm_head) from its shape. A layer
-whose rows are recomputed for a fraction ``f`` of the sequence runs its projections, FFN and attention queries on
-``f * N`` rows; everything full-width (residual adds, norms, the merges of fresh and cached rows) still touches
-all ``N`` rows. Bytes count the weights once per step, the activations each matmul reads and writes, the K/V of
+whose rows are recomputed for a fraction ``f`` of the sequence runs its k/v projections, FFN and exact attention
+on ``f * N`` rows; the rows a step queries (all of them, or with query pruning the ones queried) run the output
+projection (DESIGN.md step 5: o_proj for all rows, unless ``output_projection="salient"``) and, in paper mode,
+the q projection and every key's scores; everything full-width (residual adds, norms, the merges of fresh and
+cached rows) still touches all ``N`` rows. Bytes count the weights once per step, the activations each matmul reads and writes, the K/V of
 all keys, and for sparse steps the cache traffic: reading the context and FFN-output caches for the cosine test
 and the merge, writing the recomputed rows back. The lm_head reads and writes logits of the recomputed rows, and
 a sparse step merges them into the logits cache (all rows). Machine numbers are measured, not taken from a
@@ -61,8 +63,11 @@ class StepCost:
 
 
 def step_cost(shape: Shape, batch: int, n: int, fractions: Optional[Sequence[float]], elem_bytes: int,
-              lm_head_fraction: Optional[float] = None) -> StepCost:
-    """FLOPs and bytes of one step; ``fractions`` per layer (None: a dense step)."""
+              lm_head_fraction: Optional[float] = None, queried: float = 1.0, mode: str = "exact",
+              output_projection: str = "dense") -> StepCost:
+    """FLOPs and bytes of one step; ``fractions`` per layer (None: a dense step). For a sparse step: ``queried``,
+    the share of rows it queries (below 1 with query pruning); ``mode`` and ``output_projection``, dyllm's options
+    of those names, which say which projections and scores run on every queried row."""
     sparse = fractions is not None
     fractions = list(fractions) if sparse else [1.0] * shape.n_layers
     d, kv, f, e = shape.d_model, shape.d_kv, shape.d_ffn, elem_bytes
@@ -72,13 +77,17 @@ def step_cost(shape: Shape, batch: int, n: int, fractions: Optional[Sequence[flo
     moved = 0.0
     for frac in fractions:
         rows = batch * frac * n
+        asked = max(rows, batch * queried * n) if sparse else rows  # the queried rows (a salient row is one)
+        q_rows = asked if mode == "paper" else rows
+        o_rows = asked if output_projection == "dense" else rows
         routed = rows * shape.top_k  # rows through an FFN: with an MoE, each through top_k experts
-        # projections, router and FFNs; scores and values
-        flops += 2 * rows * (attention_weights + router) + 2 * routed * ffn_weights + 4 * rows * n * d
+        # projections (q, o: d x d each; k, v: d x kv), router and FFNs; scores and values
+        flops += 2 * ((q_rows + o_rows) * d * d + rows * (2 * d * kv + router)) + 2 * routed * ffn_weights
+        flops += 2 * (q_rows + rows) * n * d
         # weights: every expert a routed row reaches (at most all of them)
         moved += (attention_weights + router + min(shape.experts, max(routed, 1)) * ffn_weights) * e
-        # matmul inputs and outputs on the recomputed rows: q/k/v/o and the FFN (its hidden tensor twice)
-        moved += rows * e * ((d + d + 2 * kv) + (d + d)) + routed * e * ((d + 2 * f) + (f + d))
+        # matmul inputs and outputs: x and q/k/v, the context and o, the FFN (its hidden tensor twice)
+        moved += e * (rows * (d + 2 * kv) + q_rows * d + o_rows * 2 * d) + routed * e * ((d + 2 * f) + (f + d))
         moved += batch * n * 2 * kv * e  # every key and value
         moved += batch * n * d * e * 4  # full-width residual adds and norms
         if sparse:

@@ -67,6 +67,9 @@ class RuntimeStats:
     # call, None for a dense one. Kept as the variant returned them, so that reading the counters, not the step,
     # pays the sync and the batch mean.
     history: list = field(default_factory=list)
+    # Per call, the share of the rows it queried (a [B, N] mask's mean, kept unsynced like ``history``); None where
+    # it queried every row (a dense call, a call without query pruning).
+    queried: list = field(default_factory=list)
     # Shadow mode, per sparse call: (largest |sparse - dense| of the first output, argmax flips over its last dim).
     shadow: list = field(default_factory=list)
     rows_computed: int = 0  # rows run through gated regions, summed over calls
@@ -83,6 +86,12 @@ class RuntimeStats:
         """[calls, sites]: the salient fraction per call and site, dense calls counted as 1."""
         rows = [torch.ones(n_sites) if h is None else h.float().mean(dim=1).cpu() for h in self.history]
         return torch.stack(rows) if rows else torch.zeros(0, n_sites)
+
+    @property
+    def queried_fraction(self) -> float:
+        """The mean share of the rows a call queried (1.0 before any call)."""
+        shares = [1.0 if q is None else float(q) for q in self.queried]
+        return sum(shares) / len(shares) if shares else 1.0
 
     @property
     def rows_fraction(self) -> float:
@@ -412,6 +421,7 @@ class GraphRuntime:
         gathered = sum(counts) if capacity is None else sum((per_element if own else capacity)[i]
                                                             for own, i in selections)
         self._count_sparse(out, len(counts), gathered, n, queried_rows)
+        self.stats.queried.append(None if queried is None else queried.float().mean())
         return self._returned(state, out, out[self.n_user + self.n_caches + 2], upstream)
 
     def _stored(self, caches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -527,6 +537,7 @@ class GraphRuntime:
             del states[:-MAX_SEQUENCES]
         self.stats.dense_calls += 1
         self.stats.history.append(None)
+        self.stats.queried.append(None)
         n = tokens[0].shape[self.plan.input_axes[0]]
         self.stats.rows_computed += n * len(self.plan.regions)
         self.stats.rows_dense += n * len(self.plan.regions)

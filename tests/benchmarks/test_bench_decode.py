@@ -38,6 +38,9 @@ def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
         layers = [float(x) for x in r["salient_fraction_per_layer"].split(";")]
         assert len(layers) == int(r["layers"]) and all(0 <= x <= 1 for x in layers)
         assert 0 < float(r["gated_flops_share"]) < 1 and float(r["cache_mb"]) > 0
+        # a dense first call and a sparse one: with query pruning the second queries the response alone
+        queried = float(r["queried_fraction"])
+        assert 0.5 < queried < 1 if r["mode"].endswith("-qp") else queried == 1.0, (r["mode"], queried)
     table = load("report").decode_table(str(out))  # docs/benchmarks.md's table of these rows
     assert table.count("\n| llada-like tiny, random weights, ") == len(rows)
     assert (tmp_path / "decode_speedup.png").stat().st_size > 0
@@ -90,6 +93,25 @@ def test_roofline_of_an_moe_counts_top_k_experts_per_row_and_the_experts_reached
     one_row = roofline.step_cost(shape, batch=1, n=10, fractions=[0.1], elem_bytes=4)
     # weight bytes: all 8 experts for 20 routed rows, 2 for one row's
     assert dense.bytes - one_row.bytes > 6 * expert * 4
+
+
+def test_roofline_counts_what_each_configuration_runs_on_every_queried_row(bench):
+    """DESIGN.md step 5: the output projection runs on every row a step queries (unless only on the salient ones);
+    paper mode also projects q and scores every key for each of them. One layer, 2 x 10 rows, 2 salient."""
+    roofline = load("roofline")
+    d = 64
+    shape = roofline.Shape(d_model=d, d_kv=32, d_ffn=128, n_layers=1, vocab_size=100)
+
+    def flops(**options):
+        return roofline.step_cost(shape, batch=2, n=10, fractions=[0.1], elem_bytes=4, **options).flops
+
+    salient = flops(output_projection="salient")
+    assert flops() - salient == 2 * (20 - 2) * d * d
+    assert flops(queried=0.5) - salient == 2 * (10 - 2) * d * d  # query pruning: 10 rows queried
+    # q projection and scores against the 10 keys for the 18 rows that are not salient
+    assert flops(mode="paper", output_projection="salient") - salient == 2 * 18 * d * d + 2 * 18 * 10 * d
+    dense = roofline.step_cost(shape, batch=2, n=10, fractions=None, elem_bytes=4)
+    assert dense == roofline.step_cost(shape, batch=2, n=10, fractions=None, elem_bytes=4, mode="paper", queried=0.5)
 
 
 @pytest.mark.parametrize("argv", [

@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import sympy
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -38,6 +39,11 @@ class Axis:
     def fold(self) -> Any:
         """Rows of the dim per token: 1 for one row per token, batch first."""
         return self.lead * self.trail
+
+    @property
+    def folded(self) -> bool:
+        """More than one row per token, provably (a symbolic batch folded in counts): never a guard."""
+        return not same_size(self.fold, 1)
 
 
 class Kind(enum.Enum):
@@ -302,7 +308,7 @@ class Rules:
         axis, shape = self.axis_of(x), tensor_value(x).shape
         if axis is not None and axis.by is not None:  # a selection of rows: kept whole, nothing folded into it
             mapped = map_view_axis(shape, out.shape, Axis(axis.dim), shape[axis.dim])
-            if mapped is None or mapped.fold != 1:
+            if mapped is None or mapped.folded:
                 return self._mixing(node, "reshape splits or merges selected rows with other dims")
             return self._row(mapped.dim, axis)
         mapped = map_view_axis(shape, out.shape, axis, self.n)
@@ -560,12 +566,18 @@ def _same_rows(a: Axis, b: Axis) -> bool:
 
 
 def _quotient(a: Any, b: Any) -> Optional[Any]:
-    """``a / b`` where ``b`` divides ``a``: 1 for the same size, the quotient of integers; else None."""
+    """``a / b`` where ``b`` divides ``a`` for every value of their symbols: 1 for the same size, the quotient of
+    integers, or of sizes whose ratio is a polynomial (``B * N / N``: a symbolic batch folded into the rows);
+    else None."""
     if same_size(a, b):
         return 1
-    if isinstance(a, int) and isinstance(b, int) and b and a % b == 0:
-        return a // b
-    return None
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b if b and a % b == 0 else None
+    if not all(isinstance(x, (int, torch.SymInt)) for x in (a, b)):
+        return None
+    ratio = sympy.cancel(sympy.sympify(a.node.expr if isinstance(a, torch.SymInt) else a)
+                         / (b.node.expr if isinstance(b, torch.SymInt) else b))
+    return a // b if sympy.fraction(ratio)[1] == 1 and ratio.is_integer else None  # sizes' symbols are integers
 
 
 def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[dict[int, Optional[tuple[int, bool]]]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
+import torch
 from torch import fx
 
 from .graph_utils import op_name, tensor_value
@@ -50,14 +51,13 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
     if axis.by is not None:  # a data-dependent selection of rows: its sizes are its own count, not N's
         return
     if name in FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows as the region has
-        sizes = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else list(node.args)
-        sizes[axis.dim] = rows if axis.fold == 1 else _times(node.graph, rows, axis.fold, node)
+        sizes = _sizes(node)
+        sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         node.args = (tuple(sizes), *node.args[1:]) if isinstance(node.args[0], (list, tuple)) else tuple(sizes)
     elif name in _SIZED:
-        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
-            node.args[1:])
+        sizes = _sizes(node)
         if sizes[axis.dim] != -1:
-            sizes[axis.dim] = rows if axis.fold == 1 else _times(node.graph, rows, axis.fold, node)
+            sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         node.args = (node.args[0], *sizes)
     elif name == "getitem" and tensor_value(original.args[0]) is not None:
         # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.
@@ -67,10 +67,36 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         if position is not None and isinstance(index[position], slice):
             index[position] = slice(None)
         node.args = (node.args[0], tuple(index))
-    elif name in ("arange", "new_zeros", "new_ones", "new_full", "new_empty"):
+    else:
+        check_relocatable(original, infos)
+
+
+def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:
+    """Raises :class:`RegionNotRelocatable` where :func:`retarget_rows` cannot re-target ``node``."""
+    name = op_name(node)
+    if name in ("arange", "new_zeros", "new_ones", "new_full", "new_empty"):
         raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
+    axis = infos[node].axis
+    if (axis is None or axis.by is not None or not isinstance(axis.fold, torch.SymInt)
+            or hasattr(fx.Graph, "materialize_symint")):
+        return
+    if name in FACTORIES or (name in _SIZED and _sizes(node)[axis.dim] != -1):
+        raise RegionNotRelocatable(f"'{name}' sizes rows with a symbolic batch folded in (computing that size "
+                                   "in the rewritten graph needs torch.fx.Graph.materialize_symint, torch >= 2.13)")
 
 
-def _times(graph: fx.Graph, rows: fx.Node, lead: Any, anchor: fx.Node) -> fx.Node:
+def _sizes(node: fx.Node) -> list[Any]:
+    """The sizes a factory (``zeros(sizes)``, ``zeros(*sizes)``) or a view / reshape / expand node asks for."""
+    if op_name(node) in FACTORIES:
+        return list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else list(node.args)
+    return list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
+        node.args[1:])
+
+
+def _times(graph: fx.Graph, rows: fx.Node, fold: Any, anchor: fx.Node) -> fx.Node:
+    """``rows * fold`` as a node before ``anchor``; a symbolic ``fold`` (a dynamic batch folded into the rows) is
+    computed from the sizes of the graph's inputs that hold its symbols."""
     with graph.inserting_before(anchor):
-        return graph.call_function(operator.mul, (rows, lead))
+        if isinstance(fold, torch.SymInt):
+            fold = graph.materialize_symint(fold)
+        return graph.call_function(operator.mul, (rows, fold))

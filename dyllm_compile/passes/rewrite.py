@@ -39,7 +39,7 @@ from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
 from .op_rules import Kind
-from .region_graph import RegionNotRelocatable, retarget_rows
+from .region_graph import RegionNotRelocatable, check_relocatable, retarget_rows
 from .regions import Region
 
 
@@ -104,7 +104,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first. Inputs
     # with the token axis first are per-position tables (RoPE cos/sin after a graph break), compared whole.
     sources = [n for n in placeholders
-               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and infos[n].axis.fold == 1]
+               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and not infos[n].axis.folded]
     if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
     batch = tensor_value(sources[0]).shape[0]
@@ -250,7 +250,7 @@ def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
     found = []
     for position, node in enumerate(analysis.gm.graph.output_node().args[0]):
         info, value = analysis.infos.get(node), tensor_value(node)
-        if (info is not None and info.axis is not None and info.axis.dim != 0 and info.axis.fold == 1
+        if (info is not None and info.axis is not None and info.axis.dim != 0 and not info.axis.folded
                 and node not in logits and value is not None and value.is_floating_point()
                 and same_size(value.shape[0], batch)):
             found.append((position, info.axis.dim))
@@ -289,22 +289,20 @@ def _plan_values(plan: SitePlan, chains: dict[str, Region], graph: fx.Graph) -> 
 def _region_problem(region: Region, infos, batch) -> str:
     axis = infos[region.exit].axis
     exit_value = tensor_value(region.exit)
-    if axis is None or axis.fold != 1 or axis.dim == 0 or exit_value is None:
+    if axis is None or axis.folded or axis.dim == 0 or exit_value is None:
         return "its output has no batch-first token axis"
     if not same_size(exit_value.shape[0], batch):
         return "its output is not batch-first"
     split = next((t for t in region.token_inputs if tensor_value(t) is None), None)
     if split is not None:  # one result of a split whose other results are read outside the site's chains
         return f"it reads one result of '{split.name}', whose other results are used elsewhere"
-    if any(infos[t].axis.fold != 1 for t in region.token_inputs):
+    if any(infos[t].axis.folded for t in region.token_inputs):
         return "an input folds batch and tokens together"
     if any(infos[t].axis.by is not None for t in region.token_inputs):
         return "it reads rows an MoE selected outside it"
     try:
-        graph = fx.Graph()
-        probe = graph.placeholder("rows")
         for node in region.nodes:
-            retarget_rows(node, graph.node_copy(node, lambda n: probe), infos, 1)
+            check_relocatable(node, infos)
     except RegionNotRelocatable as err:
         return str(err)
     return ""

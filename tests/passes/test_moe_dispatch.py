@@ -1,7 +1,7 @@
 """An MoE that dispatches each expert's rows (``torch.where`` over a row-wise routing mask, the rows gathered by
 the positions it returns, the expert's output added back with ``index_add``: OLMoE's and LLaDA-MoE's block) is one
-gated region (static graphs at batch 1 and 3, a dynamic one at batch 1: a reshape folding a symbolic batch into
-the tokens is not followed yet): its dispatched values carry the selection they hold
+gated region (static graphs and dynamic ones, whose reshape folds a symbolic batch into the rows, at batch 1 and
+3): its dispatched values carry the selection they hold
 (``Axis.by``), and the region run on gathered rows equals the dense values on them. Dispatches that are not
 per-token stay dense with the reason."""
 
@@ -25,7 +25,7 @@ def analysed(batch, dynamic=False, moe=None):
     return cap
 
 
-@pytest.mark.parametrize("batch, dynamic", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("batch, dynamic", [(1, False), (3, False), (1, True), (3, True)])
 def test_dispatching_moe_is_one_gated_region_that_runs_on_rows(batch, dynamic):
     cap = analysed(batch, dynamic)
     (moe,) = [r for r in cap.analysis.regions if r.role == "moe"]

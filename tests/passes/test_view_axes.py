@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyllm_compile.models import llada_like
-from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.passes.graph_utils import op_name, same_size
 from dyllm_compile.passes.op_rules import Axis, map_view_axis
 from graph_helpers import assert_region_runs_on_rows, capture
 
@@ -24,6 +24,22 @@ B, N, H, D = 2, 12, 4, 8
 ])
 def test_a_reshape_keeps_whole_token_rows_or_loses_the_axis(shape, axis, out, expected):
     assert map_view_axis(shape, out, axis, N) == expected
+
+
+def test_a_symbolic_batch_folds_into_the_rows_when_it_divides_them():
+    """Dynamic shapes: the batch ``b`` and sequence ``n`` are symbols, and a fold is followed where the rows'
+    size over ``n`` is a product of symbols and integers (the fold), not a fraction."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake = FakeTensorMode(shape_env=ShapeEnv()).from_tensor(
+        torch.empty(B, N, H * D), symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3))
+    b, n, width = fake.shape
+    folded = map_view_axis((b, n, width), (b * n, width), Axis(1), n)
+    assert folded.dim == 0 and same_size(folded.lead, b) and folded.trail == 1 and folded.folded
+    assert map_view_axis((b * n, width), (b, n, width), folded, n) == Axis(1)  # and back
+    assert map_view_axis((b, n, width), (b * n // 2, 2 * width), Axis(1), n) is None  # two tokens in one row
+    assert not Axis(1).folded and Axis(0, 2).folded
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -27,11 +27,12 @@ DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 
-def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu", prompt_length=8):
+def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu", prompt_length=8,
+         dynamic=None):
     torch._dynamo.reset()
     lock_serial = last_serial()
     model = {**MODELS, **MODELS_FORMS}[arch]().to(device)
-    compiled = torch.compile(model, backend="dyllm", options={"lowering": lowering, **options})
+    compiled = torch.compile(model, backend="dyllm", dynamic=dynamic, options={"lowering": lowering, **options})
     oracle = Oracle(model, **oracle_kwargs)
     prompt = torch.randint(0, 100, (batch, prompt_length), generator=torch.Generator().manual_seed(batch)).to(device)
     lock = Lockstep(compiled, oracle)
@@ -80,6 +81,17 @@ def test_model_forms_match_oracle(arch, mode, row_counts):
     assert {r.role for r in runtime.plan.regions} >= {"moe" if arch == "moe_dispatch" else "ffn", "k", "v"}
     _, oracle2 = _run(arch, 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
     assert torch.tensor(oracle2.fractions).mean() < 1.0
+
+
+@pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
+def test_symbolic_batch_folded_into_rows_matches_oracle(row_counts):
+    """Compiled with dynamic shapes at batch 3, the MoE folds a symbolic batch into the rows it dispatches
+    (``x.reshape(-1, D)``: [s0, s1, D] -> [s0 * s1, D]), and is gated all the same."""
+    lock, oracle = _run("moe_dispatch", 3, {"force_salient": 0.3, "seed": 5, "row_counts": row_counts},
+                        dict(mode="exact", force_salient=0.3, seed=5), dynamic=True)
+    assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert [r.layer for r in runtime.plan.regions if r.role == "moe"] == [0, 1] and not runtime.plan.reasons
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

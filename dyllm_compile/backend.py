@@ -17,7 +17,7 @@ from torch import fx
 
 from .config import DISABLE_ENV, DyllmConfig, disabled_by_env
 from .explain import Report
-from .lowering import lower
+from .lowering import lower, without_cuda_graphs
 from .passes.analysis import analyze
 from .passes.graph_edit import copy_graph, drop_unbacked_bindings
 from .passes.rewrite import NotRewritable, build_dense, plan_rewrite
@@ -59,17 +59,24 @@ def dyllm_backend(
         return lower(gm, example_inputs, config.lowering, mode)
     if plan.reasons:
         log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))
+    variants = without_cuda_graphs(mode)
+    if variants is not None:
+        log.warning("dyllm: graph %s: mode=%r's CUDA graphs are off for the rewritten graph (a replay would "
+                    "overwrite the caches kept between calls); the mode's other options apply", graph_id, mode)
+    else:
+        variants = mode
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     dense_fn = None  # unbacked row counts: dense calls run through the sparse variant, one compile instead of two
     if config.shadow or not unbacked_rows(config, device):
-        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, mode, piecewise=config.piecewise)
-    return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=mode,
+        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, variants, piecewise=config.piecewise)
+    return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=variants,
                                                           piecewise=config.piecewise), graph_id,
                         functools.partial(_unrewritten, gm, config.lowering, mode))
 
 
 def _unrewritten(gm: fx.GraphModule, lowering: str, mode: Optional[str], args: tuple) -> Callable:
-    """``gm`` compiled as it is, outside Dynamo's compile (for inputs ``args``), on a copy."""
+    """``gm`` compiled as it is, outside Dynamo's compile (for inputs ``args``), on a copy (no caches: the user's
+    mode as given)."""
     copy = fx.GraphModule(gm, copy_graph(gm)[0])
     drop_unbacked_bindings(copy.graph)
     return lower(copy, list(args), lowering, mode, dynamic_output_shapes=True)

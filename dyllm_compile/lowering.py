@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import fx
@@ -27,16 +27,32 @@ class Guarded:
         return self.guards.admits(sizes)
 
 
+def without_cuda_graphs(mode: Optional[str]) -> Optional[dict[str, Any]]:
+    """Inductor's options for torch.compile's ``mode``, CUDA graphs off (None where the mode has none to turn off).
+
+    The rewritten graphs' caches are outputs that the runtime keeps and passes back into the next call; a CUDA
+    graph replay writes its outputs into the same memory as the last replay's, so under Inductor's CUDA graphs a
+    sequence's caches would be overwritten by the next call (Inductor then raises on reading them)."""
+    from torch._inductor import list_mode_options
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+    if not patches.get("triton.cudagraphs"):
+        return None
+    patches["triton.cudagraphs"] = False
+    return patches
+
+
 def lower(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
     lowering: str,
-    mode: Optional[str] = None,
+    mode: Optional[Union[str, dict[str, Any]]] = None,
     dynamic_output_shapes: bool = False,
     piecewise: bool = False,
     symbolic_inputs: Sequence[int] = (),
 ) -> Callable:
-    """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode.
+    """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode, or Inductor's options
+    (:func:`without_cuda_graphs`).
 
     ``piecewise``: where ``gm`` marks layer cuts and a layer repeats, compile it piece by piece, each distinct
     piece once (:mod:`dyllm_compile.piecewise`); otherwise, and always for the eager lowering, whole.
@@ -62,13 +78,13 @@ def lower(
     return fn if guards is None else Guarded(fn, guards)
 
 
-def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode: Optional[str]
-                 ) -> Callable:
+def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str,
+                 mode: Optional[Union[str, dict[str, Any]]]) -> Callable:
     if lowering == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = list_mode_options(mode) if mode else {}
+        patches = mode if isinstance(mode, dict) else list_mode_options(mode) if mode else {}
         return compile_fx(gm, example_inputs, config_patches=patches)
     if lowering == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)

@@ -1,8 +1,12 @@
+import logging
+
 import pytest
 import torch
 
 import dyllm_compile.backend as backend_mod
 from dyllm_compile.config import DyllmConfig, option_docs, option_names
+from dyllm_compile.lowering import without_cuda_graphs
+from dyllm_compile.models import llada_like
 
 
 def test_defaults_are_documented():
@@ -70,3 +74,25 @@ def test_lowering_option_is_honoured(monkeypatch):
     fn = torch.compile(lambda x: x - 1, backend="dyllm", options={"lowering": "aot_eager"})
     fn(torch.ones(2))
     assert seen == ["aot_eager"]
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_cuda_graphs_of_a_mode_are_off_for_the_rewritten_graph(monkeypatch, caplog, mode):
+    """A mode with CUDA graphs would replay the variants into the memory of their last outputs, the caches a
+    sequence keeps: the rewritten graph's variants get the mode's options with CUDA graphs off, and a warning."""
+    seen = []
+
+    def fake_lower(gm, example_inputs, lowering, mode=None, **kwargs):
+        seen.append(mode)
+        return gm.forward
+
+    monkeypatch.setattr(backend_mod, "lower", fake_lower)
+    torch._dynamo.reset()
+    compiled = torch.compile(llada_like("tiny"), backend="dyllm", mode=mode)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="dyllm_compile"):
+        compiled(torch.randint(0, 100, (1, 12)))
+    cuda_graphs = mode != "max-autotune-no-cudagraphs"
+    assert seen and all(m == (without_cuda_graphs(mode) if cuda_graphs else mode) for m in seen)
+    if cuda_graphs:
+        assert seen[0]["triton.cudagraphs"] is False and bool(seen[0].get("max_autotune")) == (mode == "max-autotune")
+    assert ("CUDA graphs are off" in caplog.text) == cuda_graphs

@@ -31,8 +31,9 @@ def without_cuda_graphs(mode: Optional[str]) -> Optional[dict[str, Any]]:
     """Inductor's options for torch.compile's ``mode``, CUDA graphs off (None where the mode has none to turn off).
 
     The rewritten graphs' caches are outputs that the runtime keeps and passes back into the next call; a CUDA
-    graph replay writes its outputs into the same memory as the last replay's, so under Inductor's CUDA graphs a
-    sequence's caches would be overwritten by the next call (Inductor then raises on reading them)."""
+    graph replay writes its outputs into memory its graph owns, the memory of the last replay's outputs: under
+    Inductor's CUDA graphs a sequence's caches would be written over by its next call (not verified on a GPU:
+    turned off rather than trusted)."""
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(mode)) if mode else {}

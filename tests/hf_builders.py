@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, FalconConfig,
                           FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM,
+                          ModernBertConfig, ModernBertForMaskedLM,
                           MptConfig, MptForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM,
                           PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
 
@@ -61,9 +62,16 @@ MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
 }
 
 
+#: Token mixing other than attention: LFM2's layers are gated short convolutions over the tokens or attention.
+HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
+    "lfm2": lambda: (Lfm2ForCausalLM, Lfm2Config(num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                                                 block_ff_dim=128, block_auto_adjust_ff_dim=False, **SMALL), True),
+}
+
+
 def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention) and its forward: token ids -> logits."""
-    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE}[name]()
+    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **HYBRID}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
     config.use_cache = False
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from .graph_utils import op_name, tensor_value
 from .fused_layers import FUSED_REASON, unfuse_layers
 from .hand_written_attention import sdpa_from_hand_written
 from .in_place_writes import functionalize_writes
+from .mixing_points import MixingPoint, find_mixing_points
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
 from .regions import Region, Spine, distinct_flops, find_chains, find_regions, find_spine, node_flops
@@ -36,6 +37,9 @@ class GraphAnalysis:
     hidden_inputs: list[fx.Node] = field(default_factory=list)  # a graph without attention: its seeds
     dense_reasons: list[str] = field(default_factory=list)
     unfollowed_writes: list[str] = field(default_factory=list)  # then nothing is searched: the graph stays dense
+    # token mixing other than attention, where the rest of the graph reads it: tested each sparse call
+    mixing: list[MixingPoint] = field(default_factory=list)
+    untestable_mixing: list[str] = field(default_factory=list)  # mixed non-tensor values read outside: all dense
 
     @property
     def gated_regions(self) -> list[Region]:
@@ -65,10 +69,11 @@ class GraphAnalysis:
             return f"dyllm: graph {self.graph_id}: nothing to gate ({'; '.join(self.dense_reasons)})"
         kinds = Counter("hand-written sdpa" if s.hand_written else s.kind for s in self.sites)
         share = self.gated_flops / max(1, self.total_flops)
+        mixing = f", {len(self.mixing)} other token-mixing values tested per call" if self.mixing else ""
         return (
             f"dyllm: graph {self.graph_id}: {len(self.sites)} attention sites "
             f"({', '.join(f'{v} {k}' for k, v in kinds.items())}), gated regions "
-            f"{dict(roles)}, k/v chains {sum(1 for c in self.chains if c['k'].gated)}; "
+            f"{dict(roles)}, k/v chains {sum(1 for c in self.chains if c['k'].gated)}{mixing}; "
             f"{100 * share:.1f}% of matmul FLOPs gateable; {len(self.dense_reasons)} dense reasons"
         )
 
@@ -173,6 +178,11 @@ class FindRegions(DyllmPass):
         )
         for (name, reason), count in sorted(mixing.items()):
             state.dense_reasons.append(f"'{name}' x{count}: token-mixing ({reason}); computed densely")
+        state.mixing, state.untestable_mixing = find_mixing_points(state.gm.graph, state.infos, state.sites)
+        if state.untestable_mixing:
+            state.dense_reasons.append("token-mixed values that are not tensors are read by the graph ("
+                                       f"{', '.join(state.untestable_mixing)}): no call can test which rows they "
+                                       "change")
 
 
 # torch's own fused attention calls, as Dynamo records them: one node each (multi_head_attention_forward returns

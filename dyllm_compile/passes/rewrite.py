@@ -82,6 +82,8 @@ class RewritePlan:
     # id of each gathered region whose rows capacity buckets pick per batch element -> how each of its token
     # inputs is gathered (_element_gathers)
     element_regions: dict = field(default_factory=dict)
+    # each mixing point (passes/mixing_points.py) -> (its token dim or None, the cache of its last value)
+    mixing: dict = field(default_factory=dict)
 
     @property
     def prunes_queries(self) -> bool:
@@ -99,6 +101,8 @@ class NotRewritable(Exception):
 def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     if not analysis.spine.nodes or not (analysis.sites or analysis.gated_regions):
         raise NotRewritable("; ".join(analysis.dense_reasons) or "nothing to gate")
+    if analysis.untestable_mixing:
+        raise NotRewritable(f"token-mixed values that are not tensors ({', '.join(analysis.untestable_mixing)})")
     infos = analysis.infos
     placeholders = [n for n in analysis.gm.graph.nodes if n.op == "placeholder"]
     # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first. Inputs
@@ -188,6 +192,12 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         region_caches[id(region)] = add_cache(name, region.exit)
         if "at_branch" in hooks:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
+    # Token mixing other than attention: its value at the last call, to find the rows a call moves
+    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
+    mixing = {}
+    for point in analysis.mixing:
+        layer = max(0, sum(1 for s in analysis.sites if order[s.node] < order[point.node]) - 1)
+        mixing[point.node] = (point.axis, add_cache(f"L{layer}.mixed", point.node))
     gathered = regions + [s.queries for s in sites if s.queries is not None]
     tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions
@@ -196,7 +206,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
                        choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
-                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions)
+                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions, mixing)
 
 
 #: Elementwise ops through which a per-position table meets the batch (RoPE's ``q * cos``)
@@ -589,6 +599,10 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             continue
         if site is None:
             b.env[node] = b.copy(node)
+            if node in plan.mixing:  # the rows this token mixing moved are salient from here on
+                axis, cache = plan.mixing[node]
+                salient = b.call(rows.moved_rows, salient, b.env[node], cache_in[cache], axis, config.threshold)
+                new_cache[cache] = b.env[node]
             continue
         c_old = cache_in[site.caches["c"]]
         if site.cached:

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from ..policies import cosine_below
+
 
 def _first_rows(flags: torch.Tensor, capacity: int) -> torch.Tensor:
     """The ``capacity`` positions along the last dim of ``flags`` [..., N], sorted: the flagged ones first (score
@@ -123,6 +125,18 @@ def scatter_rows(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor, 
 def merge_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
     """Per-row choice between a fresh and a cached value: ``salient [B, N]`` along ``axis``."""
     return torch.where(_per_row(salient, fresh.dim(), axis), fresh, cached.to(fresh.dtype))
+
+
+def moved_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor, axis: Optional[int],
+               threshold: float) -> torch.Tensor:
+    """``salient`` plus the rows a mixing point (passes/mixing_points.py) moved since its cached value: along
+    ``axis``, those whose cosine with their cached row falls below ``threshold`` (an attention context's test);
+    without an axis, every row when any element changed. Every row at threshold 1."""
+    if threshold >= 1.0:
+        return torch.ones_like(salient)
+    if axis is None:
+        return salient | (fresh != cached).any()
+    return salient | cosine_below(fresh, cached, axis, threshold)
 
 
 def all_rows(x: torch.Tensor, axis: int) -> torch.Tensor:

@@ -84,6 +84,9 @@ def test_token_conv_is_mixing_and_outside_the_ffn_region():
         # The conv runs densely; the FFN region starts right after it.
         assert conv not in region.nodes and conv in region.token_inputs
     assert any("conv1d" in reason for reason in a.dense_reasons)
+    # and the rows it moves are tested each call, along its output's token dim ([B, D, N])
+    assert [(p.node, p.axis) for p in a.mixing] == [(conv, 2) for conv in convs]
+    assert not analysed("llada", 1, False).analysis.mixing
 
 
 def test_attention_output_projection_and_residual_adds_are_not_gated():

@@ -1,0 +1,61 @@
+"""Where token mixing other than attention meets the rest of the graph: the values a sparse call must test.
+
+Pattern: a token-mixing node that is not an attention site (a convolution or a scan over the tokens, a mean over
+them, an attention kernel the analysis cannot see into), and every value computed from it without a row-wise rule
+of its own (a slice of it, arithmetic on it: no token axis, or a token axis only from the backward seeding, as a
+per-position value gets one): the *mixed* values. The *mixing points* are the mixed tensors that a value outside
+them reads (a row-wise op, a gated region, an attention site's q/k/v chain).
+
+Invariant the rewrite keeps with them: a row outside a call's salient set has, in every gated region, the value it
+had at its last computation, up to the threshold's approximation. Row-wise ops keep that by construction, and an
+attention site tests its context (cosine against the cached one). A mixing point can change any row, so the sparse
+variant tests it too, against its value at the last call, before anything reads it: where it carries the tokens
+batch first, the rows whose cosine falls below the threshold become salient (the attention context's test); where
+it does not, any change makes every row salient. Before this pass a convolution over the tokens (LFM2's short
+convolution) was taken for a per-position value: the rows it changed next to a salient row kept stale cached values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import fx
+
+from .attention_sites import AttentionSite
+from .graph_utils import tensor_value
+from .op_rules import Info, Kind
+
+CALLS = ("call_function", "call_method")
+
+
+@dataclass(frozen=True)
+class MixingPoint:
+    node: fx.Node
+    axis: Optional[int]  # the token dim, batch first and one row per token; None: tested as a whole
+
+
+def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
+                       sites: list[AttentionSite]) -> tuple[list[MixingPoint], list[str]]:
+    """The mixing points in graph order, and the mixed values read outside that are not tensors (which no test
+    can watch: the caller keeps the graph dense)."""
+    attention = {s.node for s in sites} | {n for s in sites for n in s.internal}
+    mixed: set[fx.Node] = set()
+    for node in graph.nodes:
+        info = infos.get(node)
+        if node.op not in CALLS or node in attention or info is None:
+            continue
+        if info.kind is Kind.MIXING or (info.kind is not Kind.ROW and any(a in mixed for a in node.all_input_nodes)):
+            mixed.add(node)
+    points, untestable = [], []
+    for node in graph.nodes:
+        if node not in mixed or all(u in mixed or u.op == "output" for u in node.users):
+            continue
+        value = tensor_value(node)
+        if value is None:
+            untestable.append(node.name)
+            continue
+        axis = infos[node].axis
+        per_row = axis is not None and axis.dim != 0 and axis.by is None and not axis.folded
+        points.append(MixingPoint(node, axis.dim if per_row else None))
+    return points, untestable

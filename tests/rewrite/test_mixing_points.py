@@ -1,0 +1,70 @@
+"""Token mixing other than attention moves rows next to the salient ones; the sparse variant tests it like an
+attention context (passes/mixing_points.py) and recomputes the rows it moved.
+
+Before, the rows a convolution over the tokens changed next to a salient row kept stale cached values in the gated
+regions after it, whatever the threshold. At a threshold just below 1 every row that moved at all is recomputed,
+so the compiled model must equal dense: with a banded attention mask (only rows near a changed token move) while
+many rows are skipped, and on LFM2 (Hugging Face's conv / attention hybrid), whose first layer is a convolution.
+A value mixed over every token (a mean) makes every row salient when it changes. Without the tests these differed
+from dense by up to 1.0, 3e-4 and 2.0."""
+
+import torch
+
+from decode_driver import unmasking
+from dyllm_compile.models import llada_like
+from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+from hf_builders import build
+
+MASK = 127
+# Below 1 by less than float32 resolves: every row whose value moved at all is recomputed (a row that did not move
+# has cosine 1, or one rounding below it, which makes it salient too: harmless)
+NEARLY_ONE = 1 - 1e-12
+
+
+def _decode(forward, ids, prompt: int, calls: int, **options):
+    """Compiled vs eager over ``calls`` unmasking calls after ``prompt`` tokens; the runtime with sparse calls."""
+    torch._dynamo.reset()
+    before = last_serial()
+    compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", **options})
+    with torch.inference_mode():
+        for x in unmasking(ids, prompt, MASK, calls):
+            torch.testing.assert_close(compiled(x.clone()), forward(x.clone()), rtol=1e-5, atol=1e-5)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    return runtime
+
+
+def test_rows_a_token_conv_moves_are_recomputed():
+    """The conv (width 3, at the start of each FFN branch) moves the rows next to the attention's salient rows;
+    attention within one token moves those next to a changed token."""
+    n = 48  # not the model width (64): the conv output [B, 64, N] keeps one dim of N
+    model = llada_like("tiny", init_std=0.2, token_conv=3, n_layers=2)
+    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
+    band = torch.zeros(1, 1, n, n).masked_fill(distance > 1, float("-inf"))
+    ids = torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(0))
+    runtime = _decode(lambda x: model(x, band), ids, 12, 9, threshold=NEARLY_ONE)
+    assert len(runtime.plan.mixing) == 2  # one conv per layer
+    fractions = runtime.stats.salient_fraction  # the rows near the changed ones, not every row
+    assert min(fractions) < 0.6 and max(fractions) < 0.95
+
+
+def test_lfm2_convolution_layer_before_attention():
+    """LFM2's first layer is a gated short convolution (in_proj, conv over the tokens, out_proj), before any
+    attention site tests a row: its out_proj and FFN ran on the changed rows alone."""
+    model, forward = build("lfm2")
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
+    runtime = _decode(forward, ids, 6, 6, threshold=NEARLY_ONE)
+    ((axis, _),) = runtime.plan.mixing.values()
+    assert axis == 2  # the conv's output [B, D, N], sliced to the sequence
+
+
+def test_a_value_mixed_over_every_token_makes_every_row_salient_when_it_changes():
+    """A mean over the tokens added to every row before the first layer (a global context): it has no token axis,
+    so a call whose tokens changed it recomputes every row, at the default threshold too (before, the layers' k/v
+    projections ran on the changed rows alone, every other row keeping keys computed with the old mean)."""
+    model = llada_like("tiny", init_std=0.2, n_layers=2)
+    model.layers[0].register_forward_pre_hook(lambda module, args: (args[0] + args[0].mean(1, keepdim=True),
+                                                                     *args[1:]))
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    runtime = _decode(model, ids, 6, 5)
+    ((axis, _),) = runtime.plan.mixing.values()
+    assert axis is None and runtime.stats.salient_fraction == [1.0, 1.0]

@@ -7,9 +7,9 @@ whose rows are recomputed for a fraction ``f`` of the sequence runs its k/v proj
 on ``f * N`` rows; the rows a step queries (all of them, or with query pruning the ones queried) run the output
 projection (DESIGN.md step 5: o_proj for all rows, unless ``output_projection="salient"``) and, in paper mode,
 the q projection and every key's scores; everything full-width (residual adds, norms, the merges of fresh and
-cached rows) still touches all ``N`` rows. Bytes count the weights once per step, the activations each matmul reads and writes, the K/V of
-all keys, and for sparse steps the cache traffic: reading the context and FFN-output caches for the cosine test
-and the merge, writing the recomputed rows back. The lm_head reads and writes logits of the recomputed rows, and
+cached rows) still touches all ``N`` rows. Bytes count the weights once per step, the activations each matmul
+reads and writes, the K/V of all keys, and for sparse steps the cache traffic: reading the context and FFN-output
+caches for the cosine test and the merge, writing the recomputed rows back. The lm_head reads and writes logits of the recomputed rows, and
 a sparse step merges them into the logits cache (all rows). Machine numbers are measured, not taken from a
 datasheet: :func:`measure_machine`.
 """

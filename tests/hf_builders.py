@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, FalconConfig,
-                          FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM,
-                          ModernBertConfig, ModernBertForMaskedLM,
+                          FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
+                          GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
                           MptConfig, MptForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM,
                           PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
 

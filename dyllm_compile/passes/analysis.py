@@ -211,7 +211,8 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
+ANALYSIS_PASSES = (FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(), FindAttentionSites(),
+                   InferTokenAxes(), FindRegions())
 
 
 def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:

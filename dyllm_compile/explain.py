@@ -87,14 +87,21 @@ class Report:
             lines.append(f"graph {graph.graph_id}: {len(graph.sites)} attention sites, q shape {shape}, "
                          f"{100 * gated / max(1, total):.1f}% of {total / 1e6:.2f} MFLOP gated "
                          f"({self.config.attention_mode} mode)")
-            lines.append(f"{'layer':<7}{'attention':<12}{'heads':>6}{'kv':>4}  {'gated':<34}{'dense':<24}"
-                         f"{'share':>9}")
+            # columns as wide as their longest entry (an LFM2 layer gates three branches besides q, k, v)
+            wide_gated = max([34] + [len(", ".join(row.gated)) + 2 for row in rows])
+            wide_dense = max([24] + [len(", ".join(row.dense)) + 2 for row in rows])
+            lines.append(f"{'layer':<7}{'attention':<12}{'heads':>6}{'kv':>4}  {'gated':<{wide_gated}}"
+                         f"{'dense':<{wide_dense}}{'share':>9}")
             for row in rows:
                 name = "head" if row.layer < 0 else str(row.layer)
                 lines.append(f"{name:<7}{row.attention:<12}{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
-                             f"{', '.join(row.gated):<34}{', '.join(row.dense):<24}{100 * row.share:>8.1f}%")
+                             f"{', '.join(row.gated):<{wide_gated}}{', '.join(row.dense):<{wide_dense}}"
+                             f"{100 * row.share:>8.1f}%")
             for reason in graph.dense_reasons:
                 lines.append(f"  dense: {reason}")
+            for point in graph.mixing:
+                how = "per row" if point.axis is not None else "as a whole: any change makes every row salient"
+                lines.append(f"  tested each call (token mixing other than attention): '{point.node.name}', {how}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

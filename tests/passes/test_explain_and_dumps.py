@@ -53,6 +53,7 @@ def test_explain_names_why_sites_stay_dense(capsys):
     entry = ZOO["token_conv"]
     report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), verbose=False)
     assert any("'conv1d' x2: token-mixing" in r for r in report.graphs[0].dense_reasons)
+    assert report.table().count("tested each call (token mixing other than attention): 'conv1d") == 2
     assert capsys.readouterr().out == ""
 
 

@@ -111,7 +111,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list[ModeResult]:
     print_table(results)
     if problems:
         print_answers(problems, results[-1])
+        print(SMALL_MODEL_NOTE)
     return results
+
+
+#: What the default model's speed column says, and where the speedup shows.
+SMALL_MODEL_NOTE = (
+    "note: this model is small (48 tokens of width 192; a step is about a millisecond of small ops), so dyllm's "
+    "bookkeeping costs about what its skipped rows save, and a skipped row can flip a near-tie token; the speedup "
+    "grows with the sequence and the model: `python -m dyllm_compile.demo --model llada --size small --batch 1 "
+    "--prompt-length 128 --gen-length 128` (2.2x dense Inductor on a 2-core CPU), `python "
+    "benchmarks/bench_decode.py --model reference` (4.3-4.8x, docs/benchmarks.md)")
 
 
 def print_answers(problems: list[Problem], mode: ModeResult) -> None:

@@ -130,12 +130,15 @@ def merge_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
 def moved_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor, axis: Optional[int],
                threshold: float) -> torch.Tensor:
     """``salient`` plus the rows a mixing point (passes/mixing_points.py) moved since its cached value: along
-    ``axis``, those whose cosine with their cached row falls below ``threshold`` (an attention context's test);
-    without an axis, every row when any element changed. Every row at threshold 1."""
+    ``axis``, those whose cosine with their cached row falls below ``threshold`` (an attention context's test; for
+    integers and booleans, a mask: those with any element changed); without an axis, every row when any element
+    changed. Every row at threshold 1."""
     if threshold >= 1.0:
         return torch.ones_like(salient)
     if axis is None:
         return salient | (fresh != cached).any()
+    if not fresh.is_floating_point():
+        return salient | (fresh != cached).movedim(axis, 1).flatten(2).any(-1)
     return salient | cosine_below(fresh, cached, axis, threshold)
 
 

@@ -13,6 +13,7 @@ import torch
 from decode_driver import unmasking
 from dyllm_compile.models import llada_like
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+from dyllm_compile.runtime.rows import moved_rows
 from hf_builders import build
 
 MASK = 127
@@ -68,3 +69,18 @@ def test_a_value_mixed_over_every_token_makes_every_row_salient_when_it_changes(
     runtime = _decode(model, ids, 6, 5)
     ((axis, _),) = runtime.plan.mixing.values()
     assert axis is None and runtime.stats.salient_fraction == [1.0, 1.0]
+
+
+def test_moved_rows_by_cosine_by_change_or_all():
+    """Rows of a mixing point's value: by cosine (floats), by any change (masks); every row where a value without a
+    token axis changed, or at threshold 1."""
+    salient = torch.tensor([[True, False, False, False]])
+    cached = torch.ones(1, 3, 4)  # [B, D, N]: tokens on dim 2
+    fresh = cached.clone()
+    fresh[0, :, 2] = torch.tensor([1.0, 1.0, -1.0])  # row 2 turned; row 3 scaled only (cosine 1)
+    fresh[0, :, 3] *= 2
+    assert moved_rows(salient, fresh, cached, 2, 0.99).tolist() == [[True, False, True, False]]
+    assert moved_rows(salient, fresh > 0, cached > 0, 2, 0.99).tolist() == [[True, False, True, False]]
+    assert moved_rows(salient, fresh, cached, None, 0.99).all()
+    assert moved_rows(salient, cached, cached, None, 0.99).tolist() == salient.tolist()
+    assert moved_rows(salient, cached, cached, 2, 1.0).all()  # threshold 1: every row

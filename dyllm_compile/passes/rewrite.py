@@ -197,7 +197,9 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     mixing = {}
     for point in analysis.mixing:
         layer = max(0, sum(1 for s in analysis.sites if order[s.node] < order[point.node]) - 1)
-        mixing[point.node] = (point.axis, add_cache(f"L{layer}.mixed", point.node))
+        # tested per row only where its first dim is the batch (the salient set's); else as a whole
+        per_row = point.axis is not None and same_size(tensor_value(point.node).shape[0], batch)
+        mixing[point.node] = (point.axis if per_row else None, add_cache(f"L{layer}.mixed", point.node))
     gathered = regions + [s.queries for s in sites if s.queries is not None]
     tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions

@@ -131,14 +131,15 @@ def moved_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
                threshold: float) -> torch.Tensor:
     """``salient`` plus the rows a mixing point (passes/mixing_points.py) moved since its cached value: along
     ``axis``, those whose cosine with their cached row falls below ``threshold`` (an attention context's test; for
-    integers and booleans, a mask: those with any element changed); without an axis, every row when any element
-    changed. Every row at threshold 1."""
+    a mask, or one number a row, those that changed at all); without an axis, every row when any element changed.
+    Every row at threshold 1."""
     if threshold >= 1.0:
         return torch.ones_like(salient)
     if axis is None:
         return salient | (fresh != cached).any()
-    if not fresh.is_floating_point():
-        return salient | (fresh != cached).movedim(axis, 1).flatten(2).any(-1)
+    if not fresh.is_floating_point() or fresh.dim() == 2:  # a mask, or one number a row: any change
+        changed = fresh != cached
+        return salient | (changed if changed.dim() == 2 else changed.movedim(axis, 1).flatten(2).any(-1))
     return salient | cosine_below(fresh, cached, axis, threshold)
 
 

@@ -84,3 +84,4 @@ def test_moved_rows_by_cosine_by_change_or_all():
     assert moved_rows(salient, fresh, cached, None, 0.99).all()
     assert moved_rows(salient, cached, cached, None, 0.99).tolist() == salient.tolist()
     assert moved_rows(salient, cached, cached, 2, 1.0).all()  # threshold 1: every row
+    assert moved_rows(salient, fresh[:, 0], cached[:, 0], 1, 0.99).tolist() == [[True, False, False, True]]

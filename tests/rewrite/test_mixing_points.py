@@ -8,6 +8,7 @@ many rows are skipped, and on LFM2 (Hugging Face's conv / attention hybrid), who
 A value mixed over every token (a mean) makes every row salient when it changes. Without the tests these differed
 from dense by up to 1.0, 3e-4 and 2.0."""
 
+import pytest
 import torch
 
 from decode_driver import unmasking
@@ -34,15 +35,17 @@ def _decode(forward, ids, prompt: int, calls: int, **options):
     return runtime
 
 
-def test_rows_a_token_conv_moves_are_recomputed():
+@pytest.mark.parametrize("row_counts", ["unbacked", "buckets"])
+def test_rows_a_token_conv_moves_are_recomputed(row_counts):
     """The conv (width 3, at the start of each FFN branch) moves the rows next to the attention's salient rows;
-    attention within one token moves those next to a changed token."""
+    attention within one token moves those next to a changed token. Both row-count routes (the GPU's default:
+    capacity buckets, each selection after a test its own)."""
     n = 48  # not the model width (64): the conv output [B, 64, N] keeps one dim of N
     model = llada_like("tiny", init_std=0.2, token_conv=3, n_layers=2)
     distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
     band = torch.zeros(1, 1, n, n).masked_fill(distance > 1, float("-inf"))
     ids = torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(0))
-    runtime = _decode(lambda x: model(x, band), ids, 12, 9, threshold=NEARLY_ONE)
+    runtime = _decode(lambda x: model(x, band), ids, 12, 9, threshold=NEARLY_ONE, row_counts=row_counts)
     assert len(runtime.plan.mixing) == 2  # one conv per layer
     fractions = runtime.stats.salient_fraction  # the rows near the changed ones, not every row
     assert min(fractions) < 0.6 and max(fractions) < 0.95

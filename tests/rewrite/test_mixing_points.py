@@ -23,20 +23,23 @@ MASK = 127
 NEARLY_ONE = 1 - 1e-12
 
 
-def _decode(forward, ids, prompt: int, calls: int, **options):
+def _decode(forward, ids, prompt: int, calls: int, tol: float = 1e-5, **options):
     """Compiled vs eager over ``calls`` unmasking calls after ``prompt`` tokens; the runtime with sparse calls."""
     torch._dynamo.reset()
     before = last_serial()
     compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", **options})
     with torch.inference_mode():
         for x in unmasking(ids, prompt, MASK, calls):
-            torch.testing.assert_close(compiled(x.clone()), forward(x.clone()), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled(x.clone()), forward(x.clone()), rtol=tol, atol=tol)
     (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
     return runtime
 
 
-@pytest.mark.parametrize("row_counts", ["unbacked", "buckets"])
-def test_rows_a_token_conv_moves_are_recomputed(row_counts):
+@pytest.mark.parametrize("row_counts, lowering", [
+    ("unbacked", "aot_eager"), ("buckets", "aot_eager"),
+    pytest.param("buckets", "inductor", marks=pytest.mark.inductor),  # the tests in generated C++
+])
+def test_rows_a_token_conv_moves_are_recomputed(row_counts, lowering):
     """The conv (width 3, at the start of each FFN branch) moves the rows next to the attention's salient rows;
     attention within one token moves those next to a changed token. Both row-count routes (the GPU's default:
     capacity buckets, each selection after a test its own)."""
@@ -45,7 +48,8 @@ def test_rows_a_token_conv_moves_are_recomputed(row_counts):
     distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
     band = torch.zeros(1, 1, n, n).masked_fill(distance > 1, float("-inf"))
     ids = torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(0))
-    runtime = _decode(lambda x: model(x, band), ids, 12, 9, threshold=NEARLY_ONE, row_counts=row_counts)
+    runtime = _decode(lambda x: model(x, band), ids, 12, 9, tol=1e-4 if lowering == "inductor" else 1e-5,
+                      threshold=NEARLY_ONE, row_counts=row_counts, lowering=lowering)
     assert len(runtime.plan.mixing) == 2  # one conv per layer
     fractions = runtime.stats.salient_fraction  # the rows near the changed ones, not every row
     assert min(fractions) < 0.6 and max(fractions) < 0.95

@@ -222,6 +222,7 @@ class GraphRuntime:
         self.scalar_inputs = scalar_inputs(plan)
         # Input positions by kind, from the first call (:meth:`_find_positions`).
         self._weights: Optional[list[int]] = None
+        self._versions: dict[tuple, Optional[tuple]] = {}  # per key: its weights' version counters (_call)
         self._not_weights: list[int] = []
         self._others_at: list[int] = []
         self.policy = plan.policy
@@ -261,6 +262,12 @@ class GraphRuntime:
             self._find_positions(args)
         tokens = [args[i] for i in self.plan.token_inputs]
         key = self._key(args)
+        versions = self._weight_versions(args)
+        if self._versions.get(key, versions) != versions:
+            # a weight was written in place since (load_state_dict, an optimizer step): every state is stale, even
+            # the one an identical input would continue (a decode of one call, then the same prompt again)
+            self.states.pop(key, None)
+        self._versions[key] = versions
         if key not in self.states:
             self._watch(args, key)
         states = self.states.setdefault(key, [])
@@ -296,6 +303,14 @@ class GraphRuntime:
 
     def _key(self, args: tuple) -> tuple:
         return self._shapes(args), tuple(args[i].data_ptr() for i in self._weights)
+
+    def _weight_versions(self, args: tuple) -> Optional[tuple]:
+        """The weights' version counters, which every in-place write bumps; None for inference tensors, which keep
+        none (and can be written only in inference mode, never by a training step)."""
+        try:
+            return tuple(args[i]._version for i in self._weights)
+        except RuntimeError:
+            return None
 
     def _shapes(self, args: tuple) -> tuple:
         """Shapes, dtypes and devices of the inputs that are not weights (and the non-tensor inputs). The weights'
@@ -662,6 +677,7 @@ def _forget(runtime: "weakref.ref[GraphRuntime]", key: tuple) -> None:
     alive = runtime()
     if alive is not None:
         alive.states.pop(key, None)
+        alive._versions.pop(key, None)
 
 
 def runtimes(since: int = 0) -> list[GraphRuntime]:

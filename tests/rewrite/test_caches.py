@@ -1,5 +1,5 @@
-"""Caches never go stale: new prompts, one-token prompt changes, batch / length / dtype changes (graph breaks:
-test_graph_breaks.py)."""
+"""Caches never go stale: new prompts, one-token prompt changes, batch / length / dtype changes, weights written in
+place (graph breaks: test_graph_breaks.py)."""
 
 import logging
 
@@ -52,6 +52,24 @@ def test_batch_length_and_dtype_changes_start_fresh():
     compiled_double = _compiled(double)
     expected = generate(Oracle(double), _prompt(5), **KW).tokens
     assert torch.equal(generate(compiled_double, _prompt(5), **KW).tokens, expected)
+
+
+def test_weights_written_in_place_start_fresh():
+    """Checkpoints loaded in place into one model (``load_state_dict`` copies into the same tensors, so the
+    compiled graph and its caches' key stay): the same input again, which would continue its sequence with nothing
+    changed and serve every row from the caches, runs dense against the new weights."""
+    model = llada_like("tiny", init_std=0.2)
+    other = {name: p * 1.5 for name, p in model.named_parameters()}  # another checkpoint's weights
+    before = last_serial()
+    compiled = _compiled(model)
+    x = _prompt(3, length=12)
+    with torch.inference_mode():
+        compiled(x)
+        compiled(x)  # nothing changed: a sparse call from the caches
+        model.load_state_dict(other, strict=False)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    (runtime,) = runtimes(before)
+    assert (runtime.stats.dense_calls, runtime.stats.sparse_calls) == (2, 1)
 
 
 def test_reset_frees_caches_and_next_call_runs_dense():

@@ -25,6 +25,7 @@ from torch import fx
 from .attention_sites import AttentionSite
 from .graph_utils import tensor_value
 from .op_rules import Info, Kind
+from .regions import layer_numbering
 
 CALLS = ("call_function", "call_method")
 
@@ -33,6 +34,7 @@ CALLS = ("call_function", "call_method")
 class MixingPoint:
     node: fx.Node
     axis: Optional[int]  # the token dim, batch first and one row per token; None: tested as a whole
+    layer: int  # numbered like the regions (regions.layer_numbering)
 
 
 def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
@@ -47,6 +49,7 @@ def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
             continue
         if info.kind is Kind.MIXING or (info.kind is not Kind.ROW and any(a in mixed for a in node.all_input_nodes)):
             mixed.add(node)
+    layer_of = layer_numbering(graph, sites)
     points, untestable = [], []
     for node in graph.nodes:
         if node not in mixed or all(u in mixed or u.op == "output" for u in node.users):
@@ -57,5 +60,5 @@ def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
             continue
         axis = infos[node].axis
         per_row = axis is not None and axis.dim != 0 and axis.by is None and not axis.folded
-        points.append(MixingPoint(node, axis.dim if per_row else None))
+        points.append(MixingPoint(node, axis.dim if per_row else None, layer_of(node)))
     return points, untestable

@@ -197,6 +197,14 @@ def build_region(role: str, exit: fx.Node, nodes: list[fx.Node], infos: dict[fx.
     return Region(role, exit, nodes, token_inputs, other_inputs, sum(node_flops(n) for n in nodes))
 
 
+def layer_numbering(graph: fx.Graph, sites: list[AttentionSite]) -> Callable[[fx.Node], int]:
+    """The layer a node of ``graph`` belongs to: that of the last attention site before it (the first layer for
+    what comes before every site)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    site_positions = [order[s.node] for s in sites]
+    return lambda node: max(0, sum(1 for p in site_positions if p < order[node]) - 1)
+
+
 def find_regions(
     graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine
 ) -> list[Region]:
@@ -208,7 +216,7 @@ def find_regions(
     if spine.nodes[-1] not in spine.merges:  # else the graph ends on the residual stream (a graph break)
         exits.append((spine.nodes[-1], True))
     order = {n: i for i, n in enumerate(graph.nodes)}
-    site_positions = [order[s.node] for s in sites]
+    layer_of = layer_numbering(graph, sites)
     regions = []
     for exit, is_output in sorted(set(exits), key=lambda e: order[e[0]]):
         if infos[exit].kind is not Kind.ROW:
@@ -216,7 +224,7 @@ def find_regions(
         blocked = spine.merges if is_output else spine.merges | set(spine.nodes)
         nodes = grow(exit, infos, blocked)
         region = build_region("ffn", exit, nodes, infos)
-        region.layer = max(0, sum(1 for p in site_positions if p < order[exit]) - 1)
+        region.layer = layer_of(exit)
         _assign_role(region, attention_nodes, is_output)
         regions.append(region)
     return regions

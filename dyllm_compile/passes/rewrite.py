@@ -193,13 +193,11 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         if "at_branch" in hooks:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
     # Token mixing other than attention: its value at the last call, to find the rows a call moves
-    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
     mixing = {}
     for point in analysis.mixing:
-        layer = max(0, sum(1 for s in analysis.sites if order[s.node] < order[point.node]) - 1)
         # tested per row only where its first dim is the batch (the salient set's); else as a whole
         per_row = point.axis is not None and same_size(tensor_value(point.node).shape[0], batch)
-        mixing[point.node] = (point.axis if per_row else None, add_cache(f"L{layer}.mixed", point.node))
+        mixing[point.node] = (point.axis if per_row else None, add_cache(f"L{point.layer}.mixed", point.node))
     gathered = regions + [s.queries for s in sites if s.queries is not None]
     tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions

@@ -9,9 +9,9 @@ projection (DESIGN.md step 5: o_proj for all rows, unless ``output_projection="s
 the q projection and every key's scores; everything full-width (residual adds, norms, the merges of fresh and
 cached rows) still touches all ``N`` rows. Bytes count the weights once per step, the activations each matmul
 reads and writes, the K/V of all keys, and for sparse steps the cache traffic: reading the context and FFN-output
-caches for the cosine test and the merge, writing the recomputed rows back. The lm_head reads and writes logits of the recomputed rows, and
-a sparse step merges them into the logits cache (all rows). Machine numbers are measured, not taken from a
-datasheet: :func:`measure_machine`.
+caches for the cosine test and the merge, writing the recomputed rows back. The lm_head reads and writes logits
+of the recomputed rows, and a sparse step merges them into the logits cache (all rows). Machine numbers are
+measured, not taken from a datasheet: :func:`measure_machine`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from .attention_sites import AttentionSite, find_attention_sites
-from .graph_utils import op_name, tensor_value
+from .graph_utils import op_name, same_size, tensor_value
 from .fused_layers import FUSED_REASON, unfuse_layers
 from .hand_written_attention import sdpa_from_hand_written
 from .in_place_writes import functionalize_writes
@@ -238,8 +238,8 @@ def render(state: GraphAnalysis) -> str:
     for node in state.gm.graph.nodes:
         info = state.infos.get(node)
         axis = "" if info is None or info.axis is None else f"axis={info.axis.dim}" + (
-            "" if info.axis.lead == 1 else f"x{info.axis.lead}") + (
-            "" if info.axis.trail == 1 else f"/{info.axis.trail}")
+            "" if same_size(info.axis.lead, 1) else f"x{info.axis.lead}") + (
+            "" if same_size(info.axis.trail, 1) else f"/{info.axis.trail}")
         kind = "" if info is None else info.kind.value
         shape = tuple(tensor_value(node).shape) if tensor_value(node) is not None else ""
         lines.append(f"{node.name:<40} {str(op_name(node) or node.op):<18} {kind:<13} {axis:<8} "

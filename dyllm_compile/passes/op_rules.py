@@ -561,8 +561,9 @@ def map_view_axis(in_shape, out_shape, axis: Optional[Axis], n: Any) -> Optional
 
 
 def _same_rows(a: Axis, b: Axis) -> bool:
-    """The two dims hold the token rows the same way (their positions address the same rows)."""
-    return (a.lead, a.trail) == (b.lead, b.trail)
+    """The two dims hold the token rows the same way (their positions address the same rows); symbolic folds
+    compared without a guard."""
+    return same_size(a.lead, b.lead) and same_size(a.trail, b.trail)
 
 
 def _quotient(a: Any, b: Any) -> Optional[Any]:

@@ -107,14 +107,15 @@ def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, ro
 
 
 def _mask_args(attn_mask: Optional[torch.Tensor], like: torch.Tensor, heads: int, n: int):
-    """(tensor, kind, strides b/h/q/k) of a mask broadcast to ``[B, heads, n, n]`` without copying (broadcast
-    dims get stride 0); ``like`` stands in for the pointer when there is no mask."""
+    """(tensor, kind, strides b/h/q/k) of a mask broadcast to ``[B, heads, rows, n]`` without copying (broadcast
+    dims get stride 0); ``like`` stands in for the pointer when there is no mask. Its rows are read at the query
+    rows' positions: every key position, or (keys beyond a site's own rows) the own rows only."""
     if attn_mask is None:
         return like, MASK_NONE, (0, 0, 0, 0)
     mask = attn_mask
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    mask = mask.expand(like.shape[0], heads, n, n)
+    mask = mask.expand(like.shape[0], heads, n if mask.shape[-2] == 1 else mask.shape[-2], n)
     kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
     if kind == MASK_BOOL:
         mask = mask.view(torch.uint8)

@@ -10,8 +10,14 @@ Patterns matched:
 - ``flex_attention`` (a higher-order op): recorded as a site that stays dense, since its score_mod and
   block_mask may mix tokens in ways the cached-attention op does not model.
 
-Invariant: a site is only recorded when q, k and v are tensors with the token count on the expected dim; the
-graph is never modified.
+Keys and values may extend the site's own rows by a **prefix**: ``k = cat([P_k, K], dim=tokens)`` (or ``[K, P_k]``),
+possibly head-repeated after (``repeat_kv``), likewise ``v``, where ``K`` holds q's token count and ``P_k`` is
+computed from none of the graph inputs q is computed from: a block-diffusion decoder attending to the prompt's
+cached keys and values (DiffusionGemma's decoder, a prefix KV cache). The site's k and v are then ``K`` and ``V``,
+its prefix ``P_k`` and ``P_v``; the concatenations and repeats become the site's internal nodes.
+
+Invariant: a site is only recorded when q, k and v are tensors with the token count on the expected dim (after
+a prefix is split off); the graph is never modified.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Optional
 from torch import fx
 
 from .graph_utils import arg, op_name, same_size, tensor_value
+from .head_repeat import repeated_heads_source
 
 #: ``node.meta`` key of a hand-written site's context node: why it stays as written
 #: (:mod:`~dyllm_compile.passes.hand_written_attention`).
@@ -50,6 +57,11 @@ class AttentionSite:
     dense_reason: str = ""  # non-empty: the site is recognised but must stay dense
     layer: int = -1
     hand_written: bool = False  # an SDPA node that replaced hand-written attention
+    # keys and values beyond the site's own rows (module docstring): the prefix's k and v, and whether it comes
+    # before the own rows in the keys' order
+    prefix_k: Optional[fx.Node] = None
+    prefix_v: Optional[fx.Node] = None
+    prefix_first: bool = True
 
     @property
     def heads(self) -> int:
@@ -78,7 +90,7 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             site = _manual_site(node)
             if site is not None:
                 sites.append(site)
-    sites = [s for s in sites if _token_dims_agree(s)]
+    sites = [s for s in sites if _token_dims_agree(s) or (_split_prefix(s) and _token_dims_agree(s))]
     for layer, site in enumerate(sites):
         site.layer = layer
     return sites
@@ -175,3 +187,53 @@ def _token_dims_agree(site: AttentionSite) -> bool:
         return False
     k_tokens = k.shape[-1] if site.k_transposed else k.shape[-2]
     return same_size(q.shape[-2], k_tokens) and same_size(q.shape[-2], v.shape[-2])
+
+
+def _computed_from(node: fx.Node) -> set[fx.Node]:
+    """The calls ``node``'s value is computed from (itself included), through tensor values only: a size read
+    from a tensor carries none of its values (RoPE positions counted from the length of a KV cache)."""
+    stack, seen = [node], {node}
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen and a.op in ("call_function", "call_method") and tensor_value(a) is not None:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _split_prefix(site: AttentionSite) -> bool:
+    """Splits keys and values that extend the site's own rows by a prefix (module docstring): of the two parts
+    each concatenates, the own one is computed from some computation q is computed from (the layer's normed
+    input), the prefix from none (graph inputs: the weights, another layer's slice of a stacked cache). False,
+    the site unchanged, when they do not split so."""
+    if site.kind != "sdpa":
+        return False
+    q_calls = _computed_from(site.q)
+    found = []
+    for operand in (site.k, site.v):
+        internal, node = [], operand
+        repeated = repeated_heads_source(node)
+        while repeated is not None and node is not repeated:  # repeat_kv after the concatenation
+            internal.append(node)
+            node = node.args[0]
+        if op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
+            return False
+        value = tensor_value(node)
+        dim = arg(node, 1, "dim", 0)
+        if value is None or dim not in (value.dim() - 2, -2):
+            return False
+        parts = node.args[0]
+        if not all(isinstance(p, fx.Node) for p in parts):
+            return False
+        own = [p for p in parts if _computed_from(p) & q_calls]
+        if len(own) != 1 or repeated_heads_source(own[0]) is not None:
+            return False
+        (own,) = own
+        prefix = parts[0] if parts[1] is own else parts[1]
+        found.append((own, prefix, parts[0] is prefix, internal + [node]))
+    (k, prefix_k, k_first, k_internal), (v, prefix_v, v_first, v_internal) = found
+    if k_first != v_first:
+        return False
+    site.k, site.v, site.prefix_k, site.prefix_v, site.prefix_first = k, v, prefix_k, prefix_v, k_first
+    site.internal += [n for n in k_internal + v_internal if n not in site.internal]
+    return True

@@ -21,13 +21,15 @@ running it on gathered rows and scattering the exit is exactly the dense computa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from torch import fx
 
-from .attention_sites import AttentionSite
-from .graph_utils import example_value, hint, op_name, prod, size_checks, tensor_value
+from .graph_utils import arg, example_value, hint, op_name, prod, size_checks, tensor_value
 from .op_rules import UNARY, Info, Kind
+
+if TYPE_CHECKING:  # attention_sites reads head_repeat, which reads this module
+    from .attention_sites import AttentionSite
 
 GATED_ROLES = ("ffn", "moe", "lm_head")
 
@@ -61,16 +63,17 @@ def node_flops(node: fx.Node) -> int:
     if out is None:
         return 0
     numel = hint(prod(out.shape))
+    # operands by position or keyword (transformers 5 calls conv1d(x, weight=...))
     if name in ("linear", "matmul"):
-        return 2 * numel * hint(tensor_value(node.args[0]).shape[-1])
+        return 2 * numel * hint(tensor_value(arg(node, 0, "input")).shape[-1])
     if name == "addmm":
-        return 2 * numel * hint(tensor_value(node.args[1]).shape[-1])
+        return 2 * numel * hint(tensor_value(arg(node, 1, "mat1")).shape[-1])
     if name == "sdpa":
-        k = tensor_value(node.args[1])
-        q = tensor_value(node.args[0])
+        k = tensor_value(arg(node, 1, "key"))
+        q = tensor_value(arg(node, 0, "query"))
         return 2 * hint(prod(q.shape)) * hint(k.shape[-2]) + 2 * numel * hint(k.shape[-2])
     if name in ("conv1d", "conv2d"):
-        weight = tensor_value(node.args[1])
+        weight = tensor_value(arg(node, 1, "weight"))
         return 2 * numel * hint(prod(weight.shape[1:]))
     return 0
 

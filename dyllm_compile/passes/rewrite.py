@@ -279,6 +279,12 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
         problem = _region_problem(chains[which], infos, batch) if chains[which].nodes else "no projection chain"
         if problem:
             return SitePlan(site, False, f"{which} chain: {problem}")
+    prefix = [n for n in (site.prefix_k, site.prefix_v) if n is not None]
+    if any(infos[n].kind is not Kind.NONE for n in prefix):
+        # computed from the tokens after all (through a size, or a table): no proof it is the same each call
+        return SitePlan(site, False, "the keys' prefix carries the token axis")
+    if any(tensor_value(n).shape[0] != q.shape[0] for n in prefix):
+        return SitePlan(site, False, "the keys' prefix is broadcast over the batch")
     scale = arg(site.node, 6, "scale")
     return SitePlan(site, True, scale=float(scale) if scale is not None else default_scale(q.shape[-1]))
 
@@ -429,8 +435,10 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             q, k, v = b.env[s.q], b.env[site.kv["k"].exit], b.env[site.kv["v"].exit]
             everyone = b.call(rows.all_rows, q, 2)
             zero = b.call(rows.zero_stats, q)
-            out = b.call(cached_attention_or_dense, q, k, v, k, v, q, zero, zero, everyone, _mask(b, s),
-                         site.scale, "exact", plan.config.recompute_share)
+            (k, v, k_old, v_old, flags, mask), positions = _attention_operands(b, s, [k, v, k, v, everyone,
+                                                                                      _mask(b, s)])
+            out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, q, zero, zero, flags, mask,
+                         site.scale, "exact", plan.config.recompute_share, *positions)
             b.env[node] = b.item(out, 0)
             stats[site.caches["m"]], stats[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
             continue
@@ -706,6 +714,18 @@ def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
     return b.env[site.mask] if isinstance(site.mask, fx.Node) else None
 
 
+def _attention_operands(b: _Builder, site: AttentionSite, operands: list) -> tuple[list, list]:
+    """The op's (k, v, k_old, v_old, changed-key flags, mask) from the site's own ones, and the query rows'
+    positions among the keys (the op's ``queried``, none for self-attention): with a prefix, the keys are the own
+    rows then the prefix (``rows.prefix_operands``)."""
+    if site.prefix_k is None:
+        return operands, []
+    k, v, k_old, v_old, salient, mask = operands
+    prepared = b.call(rows.prefix_operands, k, v, k_old, v_old, b.env[site.prefix_k], b.env[site.prefix_v],
+                      salient, mask, site.prefix_first)
+    return [b.item(prepared, i) for i in range(6)], [b.item(prepared, 6)]
+
+
 def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salient: fx.Node,
                            cache_in: list[fx.Node], new_cache: dict[int, Any],
                            queried: Optional[_Rows] = None) -> fx.Node:
@@ -735,9 +755,12 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     else:
         m_old = l_old = b.call(rows.zero_stats, q)
     c_cache = cache_in[site.caches["c"]]
-    out = b.call(cached_attention_or_dense, q, b.env[site.kv["k"].exit], b.env[site.kv["v"].exit],
-                 cache_in[site.caches["k"]], cache_in[site.caches["v"]], take(c_cache), m_old, l_old, salient,
-                 _mask(b, s), site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
+    (k, v, k_old, v_old, flags, mask), positions = _attention_operands(
+        b, s, [b.env[site.kv["k"].exit], b.env[site.kv["v"].exit], cache_in[site.caches["k"]],
+               cache_in[site.caches["v"]], salient, _mask(b, s)])
+    extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
+    out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
+                 site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
     if exact:
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

@@ -163,3 +163,25 @@ def no_fractions(salient: torch.Tensor) -> torch.Tensor:
 
 def stack_counts(*counts: torch.Tensor) -> torch.Tensor:
     return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)
+
+
+def prefix_operands(k: torch.Tensor, v: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
+                    prefix_k: torch.Tensor, prefix_v: torch.Tensor, salient: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor], prefix_first: bool):
+    """The cached-attention op's operands for a site whose keys extend its N own rows by a prefix of P rows
+    (passes/attention_sites.py): keys and values with the own rows first, then the prefix (attention does not
+    depend on the order of its keys), so the query rows are the keys' positions 0..N-1 (the op's ``queried``);
+    the changed-key flags [B, N + P] (the prefix never changed within a sequence: it is computed from inputs
+    the runtime compares whole each call, and any change starts a new sequence); the mask's columns in the
+    same order. Returns (k, v, k_old, v_old, flags, mask, positions)."""
+    n, p = k.shape[2], prefix_k.shape[2]
+
+    def keys(own: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        return torch.cat([own, prefix.to(own.dtype)], dim=2)
+
+    flags = torch.cat([salient, salient.new_zeros(salient.shape[0], p)], dim=1)
+    if attn_mask is not None and prefix_first and attn_mask.shape[-1] != 1:
+        attn_mask = torch.cat([attn_mask[..., p:], attn_mask[..., :p]], dim=-1)
+    positions = torch.arange(n, device=salient.device)
+    return (keys(k, prefix_k), keys(v, prefix_v), keys(k_old, prefix_k), keys(v_old, prefix_v), flags, attn_mask,
+            positions)

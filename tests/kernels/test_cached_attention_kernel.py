@@ -145,6 +145,33 @@ def test_kernels_take_a_subset_of_query_rows(mode, mask):
     _compare(mode, 3, 4, 2, 41, 16, "some", mask, torch.float32, queried=queried)
 
 
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_kernels_take_keys_beyond_the_query_rows(mode):
+    """A site whose keys extend its rows by a prefix (rows.prefix_operands): 29 query rows at the keys' first 29
+    positions, then 12 prefix keys that never change; the mask holds the query rows only ([1, 1, 29, 41])."""
+    b, h, g, r, n, d = 2, 4, 2, 29, 41, 16
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    q, k, v = rnd(b, h, r, d), rnd(b, g, n, d), rnd(b, g, n, d)
+    sal = torch.cat([torch.rand(b, r, generator=gen) < 0.3, torch.zeros(b, n - r, dtype=torch.bool)], dim=1)
+    k_old = torch.where(sal[:, None, :, None], rnd(b, g, n, d), k)
+    v_old = torch.where(sal[:, None, :, None], rnd(b, g, n, d), v)
+    mask = rnd(1, 1, r, n)
+    scale = default_scale(d)
+    q, k, v, k_old, v_old, mask, sal = (t.to(KERNEL_DEVICE) for t in (q, k, v, k_old, v_old, mask, sal))
+    c_old, m_old, l_old = _attention_with_stats(q, _expand_kv(k_old, h), _expand_kv(v_old, h), mask, scale)
+    queried = torch.arange(r, device=KERNEL_DEVICE)
+    args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, mask, scale)
+    want = cached_attention_reference(*args, mode, 0.5, queried)
+    got = cuda_implementation(*args, mode, 0.5, queried)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+    if mode == "exact":
+        dense = _attention_with_stats(q, _expand_kv(k, h), _expand_kv(v, h), mask, scale)[0]
+        torch.testing.assert_close(got[0], dense, atol=2e-5, rtol=2e-5)
+    for got_stat, want_stat in zip(got[1:], want[1:]):
+        torch.testing.assert_close(got_stat, want_stat, atol=STATS_TOLERANCE[0], rtol=STATS_TOLERANCE[1])
+
+
 @pytest.mark.parametrize("mode", ["exact", "paper"])
 def test_fixed_tiles_compute_what_the_autotuned_ones_do(mode):
     """Benchmarks fix the tiles (rows x keys per program, warps); the op leaves them to the autotuners. Both compute

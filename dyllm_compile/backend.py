@@ -20,7 +20,7 @@ from .explain import Report
 from .lowering import lower, without_cuda_graphs
 from .passes.analysis import analyze
 from .passes.graph_edit import copy_graph, drop_unbacked_bindings
-from .passes.rewrite import NotRewritable, build_dense, plan_rewrite
+from .passes.rewrite import NotRewritable, build_dense, plan_rewrite, scalar_inputs
 from .runtime.graph_runtime import GraphRuntime, unbacked_rows
 
 log = logging.getLogger("dyllm_compile")
@@ -55,7 +55,7 @@ def dyllm_backend(
         return lower(gm, example_inputs, config.lowering, mode)
     except Exception as err:  # the analysis must never break a user's compile
         log.warning("dyllm: graph %s: analysis failed (%s: %s); compiled dense", graph_id,
-                    type(err).__name__, err)
+                    type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
         return lower(gm, example_inputs, config.lowering, mode)
     if plan.reasons:
         log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))
@@ -66,8 +66,12 @@ def dyllm_backend(
     else:
         variants = mode
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    dense_fn = None  # unbacked row counts: dense calls run through the sparse variant, one compile instead of two
-    if config.shadow or not unbacked_rows(config, device):
+    # Dense calls run through the sparse variant with every row salient where row counts are unbacked (one compile
+    # instead of two), and where the graph reads a float input with .item() (transformers 5's attention scale with
+    # dynamic=True): the variants have it as a constant, each keyed by its value; compiled as an input, SDPA
+    # guards on it
+    dense_fn = None
+    if config.shadow or not (unbacked_rows(config, device) or scalar_inputs(plan)):
         dense_fn = lower(build_dense(plan), example_inputs, config.lowering, variants, piecewise=config.piecewise)
     return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=variants,
                                                           piecewise=config.piecewise), graph_id,

@@ -55,7 +55,10 @@ DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = 
 }
 
 #: MoE blocks that Dynamo traces whole only with ``capture_dynamic_output_shape_ops`` (their dispatch is
-#: ``torch.where`` over each expert's rows): OLMoE's, which LLaDA-MoE's modeling code copies.
+#: ``torch.where`` over each expert's rows): OLMoE's in transformers 4, which LLaDA-MoE's modeling code copies. In
+#: transformers 5 the experts are one module with a choice of implementations: ``batched_mm`` (each row's experts'
+#: weights gathered, a batched product) is the one Dynamo traces whole (its loop over the experts present breaks
+#: the graph; ``grouped_mm`` sorts the rows by expert: tests/rewrite/test_diffusion_gemma.py).
 MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "olmoe": lambda: (OlmoeForCausalLM, OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                                     **SMALL), True),
@@ -73,6 +76,8 @@ def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Te
     """The model (seed 0, eval mode, SDPA or eager attention) and its forward: token ids -> logits."""
     cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **HYBRID}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
+    if name in MOE:
+        config._experts_implementation = "batched_mm"  # transformers 5 (module docstring); 4 reads no such field
     config.use_cache = False
     torch.manual_seed(0)
     model = cls(config).eval()
@@ -82,3 +87,29 @@ def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Te
             return model(input_ids=ids).logits
         return model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
     return model, forward
+
+
+def diffusion_gemma(experts: str = "batched_mm", prompt_length: int = 12, canvas: int = 8):
+    """DiffusionGemma (transformers >= 5.25: an encoder writes the prompt's KV cache, a bidirectional decoder with
+    MoE layers denoises a canvas of ``canvas`` tokens attending to that cache and to itself) with a sliding and a
+    full attention layer, and its ``experts`` implementation. Returns the model and its denoising step,
+    ``(canvas ids, self-conditioning logits or None) -> logits``, over the cache of a random prompt."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.cache_utils import DynamicCache
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=16, max_position_embeddings=256,
+                sliding_window=16, layer_types=["sliding_attention", "full_attention"], num_experts=4,
+                top_k_experts=2, moe_intermediate_size=32)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=None, canvas_length=canvas)
+    for c in (config, config.text_config):
+        c._attn_implementation, c._experts_implementation = "sdpa", experts
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    prompt = torch.randint(0, 128, (1, prompt_length), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache = model.model.encoder(input_ids=prompt, cache=DynamicCache(config=config.text_config)).cache
+
+    def step(ids: torch.Tensor, self_conditioning) -> torch.Tensor:
+        return model(cache=cache, decoder_input_ids=ids, self_conditioning_logits=self_conditioning).logits
+    return model, step

@@ -15,7 +15,7 @@ import transformers
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .transformer import DiffusionTransformer, TransformerConfig
+from .transformer import DiffusionTransformer, Rotary, TransformerConfig
 
 _TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
 
@@ -38,8 +38,10 @@ class DyllmLMModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # DiffusionTransformer seeds its own init; loading overwrites it anyway.
-        pass
+        # DiffusionTransformer seeds its own init and loading overwrites the weights; the RoPE tables are no
+        # checkpoint's, and transformers 5 leaves them unset after building the model on the meta device.
+        if isinstance(module, Rotary):
+            module.reset_tables()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_) -> MaskedLMOutput:
         return MaskedLMOutput(logits=self.model(input_ids, attention_mask))

@@ -120,14 +120,24 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.table = cfg.rope_table
-        dim = cfg.rotary_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
+        self.table, self.theta, self.dim = cfg.rope_table, cfg.rope_theta, cfg.rotary_dim
+        self.max_seq_len = cfg.max_seq_len
+        half = len(range(0, self.dim, 2))
+        self.register_buffer("inv_freq", torch.empty(half), persistent=False)
+        self.register_buffer("cos_cached", torch.empty(cfg.max_seq_len, 2 * half), persistent=False)
+        self.register_buffer("sin_cached", torch.empty(cfg.max_seq_len, 2 * half), persistent=False)
+        self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Computes the tables in place. Also for a loader that builds the module on the meta device and
+        materializes it without these buffers, which no checkpoint holds (transformers 5's ``from_pretrained``)."""
+        dim, device = self.dim, self.inv_freq.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=device), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos_cached", emb.cos(), persistent=False)
-        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+        for buffer, value in ((self.inv_freq, inv_freq), (self.cos_cached, emb.cos()), (self.sin_cached, emb.sin())):
+            buffer.copy_(value)
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.table == "cached":

@@ -32,6 +32,7 @@ from .graph_utils import tensor_value
 _OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                            operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
                            operator.ipow: operator.pow, operator.iand: operator.and_, operator.ior: operator.or_}
+_OPERATOR_FUNCTIONS = {f for f in vars(operator).values() if callable(f) and not isinstance(f, type)}
 
 
 def writes_first_operand(node: fx.Node) -> bool:
@@ -40,6 +41,8 @@ def writes_first_operand(node: fx.Node) -> bool:
         return False
     if node.op == "call_function" and (node.target in _OUT_OF_PLACE_OPERATORS or node.target is operator.setitem):
         return True
+    if node.op == "call_function" and node.target in _OPERATOR_FUNCTIONS:
+        return False  # operator.and_, or_, not_: the underscore only avoids a keyword (transformers 5's `mask & m`)
     name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
     return (name.endswith("_") and not name.startswith("_")) or node.kwargs.get("inplace") is True
 
@@ -64,22 +67,32 @@ def functionalize_writes(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]
     graph, _ = copy_graph(gm)
     memory = _Memory(list(graph.nodes))
     latest: dict[fx.Node, fx.Node] = {}  # a written value (or an earlier write's result) -> its newest version
+    origin: dict[fx.Node, fx.Node] = {}  # a version made here -> the written value it is a version of
     problems = []
     for node in memory.order:
         if not writes_first_operand(node):
             node.args, node.kwargs = fx.map_arg((node.args, node.kwargs), lambda a: latest.get(a, a))
             continue
         written = node.args[0]  # as Dynamo recorded it, for its memory; its newest version is what the write reads
-        current = latest.get(written, written)
-        carried = {written, node} | {n for n, v in latest.items() if v is current}
+        view = _basic_view(written)
+        # A write into a view x[index] writes x: x's newest version is followed (the view's, if read, is x[index]).
+        # The view was made after earlier writes: its x is a version made here, which stands for Dynamo's value.
+        owner = written if view is None else origin.get(view[0], view[0])
+        current = latest.get(owner, owner)
+        carried = {owner, written, node} | {n for n, v in latest.items() if v is current}
         node.args, node.kwargs = fx.map_arg((node.args, node.kwargs), lambda a: latest.get(a, a))
-        new = memory.unfollowed(node, written, carried) or _out_of_place(graph, node)
+        new = memory.unfollowed(node, owner, carried, None if view is None else written) or _out_of_place(graph, node)
         if isinstance(new, str):
             problems.append(new)
             continue
-        for old in carried:
+        result = new
+        if view is not None:
+            new = Emitter(graph, node)(set_items, current, view[1], result)
+            latest[written] = result
+        for old in carried - {written} if view is not None else carried:
             latest[old] = new
-        node.replace_all_uses_with(new)
+        origin[new] = owner
+        node.replace_all_uses_with(result)
         graph.erase_node(node)
     if problems:
         return gm, problems
@@ -98,11 +111,14 @@ class _Memory:
             self.sharing.setdefault(storage, []).append(node)
         self.outside = {self.storage[n] for n in nodes if n.op in ("placeholder", "get_attr") and n in self.storage}
 
-    def unfollowed(self, write: fx.Node, written: Any, carried: set[fx.Node]) -> Optional[str]:
-        """Why ``write`` into ``written`` cannot become data flow, or None: a value made before the write on the
-        memory it writes, other than those the new node replaces (``carried``), read after it would miss the
-        write."""
+    def unfollowed(self, write: fx.Node, written: Any, carried: set[fx.Node], view: Optional[fx.Node] = None
+                   ) -> Optional[str]:
+        """Why ``write`` into ``written`` (through its ``view``) cannot become data flow, or None: a value made
+        before the write on the memory it writes, other than those the new node replaces (``carried``), read
+        after it would miss the write."""
         what = f"in-place '{_label(write)}' into '{getattr(written, 'name', written)}'"
+        if view is not None:
+            what += f" (through its view '{view.name}')"
         storage = self.storage.get(written)
         if storage is None:
             return f"{what}: no recorded value to follow"
@@ -115,6 +131,20 @@ class _Memory:
                 return (f"{what}: '{other.name}' shares its memory and is read after the write (by "
                         f"'{late[0].name}'), which would need it replayed")
         return None
+
+
+def _basic_view(node: Any) -> Optional[tuple[fx.Node, Any]]:
+    """``(x, index)`` when ``node`` is ``x[index]`` with a basic index (ints, slices, None, ``...``: a view of
+    ``x``, which ``set_items(x, index, value)`` writes); None otherwise."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node) and tensor_value(node.args[0]) is not None):
+        return None
+    index = node.args[1]
+    parts = index if isinstance(index, tuple) else (index,)
+    tensors = [p for p in parts if isinstance(p, fx.Node) and tensor_value(p) is not None]
+    if tensors or not all(p is None or p is Ellipsis or isinstance(p, (int, slice, fx.Node)) for p in parts):
+        return None
+    return node.args[0], index
 
 
 def _storage(value: Optional[torch.Tensor]) -> Optional[StorageWeakRef]:

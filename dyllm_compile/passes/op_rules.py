@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -19,6 +20,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, example_value, normalize_dim, op_name, prod, same_size, tensor_args, tensor_value
+from .in_place_writes import set_items
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ SPLITS = frozenset("chunk split unbind".split())
 VIEWS = frozenset("view reshape flatten unflatten view_as reshape_as".split())
 # Ops that make a tensor from sizes alone; one is token-carrying only as the accumulator of per-token rows.
 FACTORIES = frozenset("zeros ones empty full".split())
+# Ops that make a tensor from sizes like another tensor's, reading none of its values
+LIKE_FACTORIES = frozenset("new_empty new_zeros new_ones new_full".split())
 NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
 
 
@@ -126,7 +130,7 @@ class Rules:
             source = self.info_of(node.args[0])
             return NONE if source is None or source.axis is None else source
         token_inputs = [a for a in tensor_args(node) if self.axis_of(a) is not None]
-        if name in FACTORIES and not token_inputs:
+        if (name in FACTORIES and not token_inputs) or name in LIKE_FACTORIES:
             return self._accumulator(node)
         if name in NON_TENSOR or not token_inputs:
             return NONE
@@ -138,6 +142,12 @@ class Rules:
             return selected
         if name == "index_add":
             return self._index_add(node)
+        if name == "repeat_interleave":
+            return self._repeat_interleave(node)
+        if node.target is set_items:
+            return self._set_items(node)
+        if name == "copy" and node.op == "call_function":  # aten.copy(self, src): src in self's shape
+            return self._copy(node, out)
         if name == "one_hot":  # a trailing dim of classes
             return self._unary(node)
         if name in ELEMENTWISE or (name in ("max", "min") and isinstance(arg(node, 1, "other"), fx.Node)):
@@ -233,6 +243,12 @@ class Rules:
         if va is None or vb is None or va.dim() < 2 or vb.dim() < 2:
             return self._unknown(node, "matmul (1-D)", out)
         if ax is not None and bx is not None:
+            # Both with the tokens on one batch dim, alike: a product per row (Hugging Face's batched_mm experts,
+            # bmm(weights[expert_ids], x[..., None])). Anywhere else it contracts or pairs tokens (attention scores).
+            at = ax.dim + out.dim() - va.dim()
+            if (ax.dim < va.dim() - 2 and bx.dim < vb.dim() - 2 and at == bx.dim + out.dim() - vb.dim()
+                    and dataclasses.replace(ax, dim=0) == dataclasses.replace(bx, dim=0)):
+                return self._row(at, ax)
             return self._mixing(node, "matmul of two token-carrying values (attention scores)")
         if ax is not None:
             if ax.dim == va.dim() - 1:
@@ -316,9 +332,27 @@ class Rules:
             return self._mixing(node, "reshape splits or merges the token axis with feature dims")
         return self._row(mapped.dim, mapped)
 
+    def _repeat_interleave(self, node: fx.Node) -> Info:
+        """``x.repeat_interleave(r, dim)`` with an integer ``r``: along the token axis each row r times in place
+        (r rows after each token: a top-k MoE's ``repeat_interleave(k, dim=0)``), or along another dim."""
+        x, repeats, dim = node.args[0], arg(node, 1, "repeats"), arg(node, 2, "dim")
+        axis = self.axis_of(x)
+        if not isinstance(repeats, (int, torch.SymInt)) or dim is None or axis is None or axis.by is not None:
+            return self._unknown(node, "repeat_interleave", example_value(node))
+        if normalize_dim(dim, tensor_value(x).dim()) != axis.dim:
+            return self._row(axis.dim, axis)
+        return Info(Kind.ROW, dataclasses.replace(axis, trail=axis.trail * repeats))
+
     def _getitem(self, node: fx.Node) -> Info:
         src, index = node.args
         axis = self.axis_of(src)
+        if axis is None:
+            # ``table[index]``: a table without the token axis read at a token-carrying integer index (a top-k MoE's
+            # ``weights[expert_ids]``): like an embedding, row-wise, the index's dims first
+            value = tensor_value(index) if isinstance(index, fx.Node) else None
+            if value is None or value.dtype == torch.bool or value.is_floating_point():
+                return self._mixing(node, "indexes with a token-carrying value that is not one integer index")
+            return self._row(self.axis_of(index).dim, self.axis_of(index))
         mapping = getitem_dims(tensor_value(src), tensor_value(node), index)
         if mapping is None:
             return self._mixing(node, "indexes with a tensor along the token axis")
@@ -389,18 +423,67 @@ class Rules:
         return self._row(axis.dim, axis)
 
     def _accumulator(self, node: fx.Node) -> Info:
-        """A tensor made from sizes (``zeros``) that per-token rows are added into (``index_add`` along its dim
-        of ``lead * N`` rows): a token axis there, whose rows a region rebuilds for its own rows."""
+        """A tensor made from sizes (``zeros``, ``x.new_empty``) that per-token rows are added into (``index_add``
+        along its dim of ``lead * N`` rows) or written into (``set_items`` of an index that keeps its one dim of N
+        rows whole: DeepSeek-V3's key, built by two slice writes in transformers 5): a token axis there, whose
+        rows a region rebuilds for its own rows."""
         out = tensor_value(node)
+        if out is None:
+            return NONE
         for user in node.users:
-            if op_name(user) != "index_add" or user.args[0] is not node or out is None:
+            if op_name(user) != "index_add" or user.args[0] is not node:
                 continue
             dim = normalize_dim(arg(user, 1, "dim"), out.dim())
             size = out.shape[dim]
             lead = size // self.n
             if statically_known_true(lead * self.n == size):
                 return self._row(dim, Axis(dim, lead))
+        writes = [u for u in node.users if u.target is set_items and u.args[0] is node]
+        views = [u for u in node.users if u.target is operator.getitem and _view_dims(out, u.args[1]) is not None]
+        if writes and len(writes) + len(views) == len(node.users):  # (the views the writes were made through)
+            kept = [d for d in range(out.dim()) if same_size(out.shape[d], self.n)]
+            for write in writes:
+                mapping = _view_dims(out, write.args[1]) or {}
+                kept = [d for d in kept if (mapping.get(d) or (0, False))[1]]
+            if len(kept) == 1:
+                return self._row(kept[0], Axis(kept[0]))
         return NONE
+
+    def _set_items(self, node: fx.Node) -> Info:
+        """``set_items(x, index, value)`` (``x[index] = value``, out of place: passes/in_place_writes.py) with a
+        basic index that keeps x's token axis whole: row-wise when ``value`` carries the tokens where ``x[index]``
+        does, or is the same for every row."""
+        x, index, value = node.args
+        axis = self.axis_of(x)
+        mapping = _view_dims(tensor_value(x), index) if axis is not None and axis.by is None else None
+        entry = None if mapping is None else mapping.get(axis.dim)
+        if entry is None or not entry[1]:
+            return self._mixing(node, "writes along the token axis, or into a value without it")
+        written = tensor_value(value) if isinstance(value, fx.Node) else None
+        view = tensor_value(x)[index]
+        if written is not None and not self._aligned(value, written, view, entry[0], axis):
+            return self._mixing(node, "writes a value that is not per-token where the tokens are")
+        return self._row(axis.dim, axis)
+
+    def _copy(self, node: fx.Node, out: torch.Tensor) -> Info:
+        """``aten.copy(self, src)``: ``src`` broadcast into ``self``'s shape; ``self``'s values are not read."""
+        target, src = node.args[0], node.args[1]
+        axis = self.axis_of(target)
+        if axis is None:
+            moved = self.axis_of(src)
+            axis = dataclasses.replace(moved, dim=moved.dim + out.dim() - tensor_value(src).dim())
+        if axis.by is not None or not self._aligned(src, tensor_value(src), out, axis.dim, axis):
+            return self._mixing(node, "copies a value that is not per-token where the tokens are")
+        return self._row(axis.dim, axis)
+
+    def _aligned(self, operand: fx.Node, value: torch.Tensor, like: torch.Tensor, dim: int, axis: Axis) -> bool:
+        """``operand`` (its ``value``), broadcast right-aligned to ``like``, has the rows ``axis`` holds at ``dim``,
+        or is the same along that dim."""
+        moved = self.axis_of(operand)
+        at = dim - (like.dim() - value.dim())
+        if moved is None:
+            return at < 0 or same_size(value.shape[at], 1)
+        return moved.dim == at and dataclasses.replace(moved, dim=0) == dataclasses.replace(axis, dim=0)
 
     def _cat(self, node: fx.Node, name: str) -> Info:
         # torch.cat skips legacy empty 1-D operands (e.g. an empty KV cache's torch.tensor([])).
@@ -579,6 +662,16 @@ def _quotient(a: Any, b: Any) -> Optional[Any]:
     ratio = sympy.cancel(sympy.sympify(a.node.expr if isinstance(a, torch.SymInt) else a)
                          / (b.node.expr if isinstance(b, torch.SymInt) else b))
     return a // b if sympy.fraction(ratio)[1] == 1 and ratio.is_integer else None  # sizes' symbols are integers
+
+
+def _view_dims(src: torch.Tensor, index: Any) -> Optional[dict[int, Optional[tuple[int, bool]]]]:
+    """:func:`getitem_dims` of ``src[index]`` for a basic index of plain values; None for any other."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(e, fx.Node) or (isinstance(e, slice) and any(isinstance(b, fx.Node)
+                                                                    for b in (e.start, e.stop, e.step)))
+           for e in entries):
+        return None
+    return getitem_dims(src, src[index], index)
 
 
 def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[dict[int, Optional[tuple[int, bool]]]]:

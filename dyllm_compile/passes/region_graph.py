@@ -16,7 +16,8 @@ import torch
 from torch import fx
 
 from .graph_utils import op_name, tensor_value
-from .op_rules import FACTORIES, Info, index_position
+from .in_place_writes import set_items
+from .op_rules import FACTORIES, LIKE_FACTORIES, Info, index_position
 from .regions import Region
 
 _SIZED = frozenset(("view", "reshape", "expand"))
@@ -50,23 +51,26 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
     axis = infos[original].axis
     if axis.by is not None:  # a data-dependent selection of rows: its sizes are its own count, not N's
         return
-    if name in FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows as the region has
-        sizes = _sizes(node)
+    if name in FACTORIES or name in LIKE_FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows
+        sizes = _sizes(node)                            # as the region has
         sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
-        node.args = (tuple(sizes), *node.args[1:]) if isinstance(node.args[0], (list, tuple)) else tuple(sizes)
+        like = node.args[:1] if name in LIKE_FACTORIES else ()
+        listed = isinstance(node.args[len(like)], (list, tuple))
+        node.args = (*like, tuple(sizes), *node.args[len(like) + 1:]) if listed else (*like, *sizes)
     elif name in _SIZED:
         sizes = _sizes(node)
         if sizes[axis.dim] != -1:
             sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         node.args = (node.args[0], *sizes)
-    elif name == "getitem" and tensor_value(original.args[0]) is not None:
+    elif (name == "getitem" or node.target is set_items) and tensor_value(original.args[0]) is not None \
+            and infos[original.args[0]].axis:  # (a table read at token-carrying indices: nothing to rewrite)
         # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.
         src = original.args[0]
         index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
         position = index_position(index, tensor_value(src).dim(), infos[src].axis.dim)
         if position is not None and isinstance(index[position], slice):
             index[position] = slice(None)
-        node.args = (node.args[0], tuple(index))
+        node.args = (node.args[0], tuple(index), *node.args[2:])
     else:
         check_relocatable(original, infos)
 
@@ -74,13 +78,13 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
 def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:
     """Raises :class:`RegionNotRelocatable` where :func:`retarget_rows` cannot re-target ``node``."""
     name = op_name(node)
-    if name in ("arange", "new_zeros", "new_ones", "new_full", "new_empty"):
-        raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
     axis = infos[node].axis
+    if name == "arange" or (name in LIKE_FACTORIES and axis is None):
+        raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
     if (axis is None or axis.by is not None or not isinstance(axis.fold, torch.SymInt)
             or hasattr(fx.Graph, "materialize_symint")):
         return
-    if name in FACTORIES or (name in _SIZED and _sizes(node)[axis.dim] != -1):
+    if name in FACTORIES or name in LIKE_FACTORIES or (name in _SIZED and _sizes(node)[axis.dim] != -1):
         raise RegionNotRelocatable(f"'{name}' sizes rows with a symbolic batch folded in (computing that size "
                                    "in the rewritten graph needs torch.fx.Graph.materialize_symint, torch >= 2.13)")
 
@@ -89,6 +93,8 @@ def _sizes(node: fx.Node) -> list[Any]:
     """The sizes a factory (``zeros(sizes)``, ``zeros(*sizes)``) or a view / reshape / expand node asks for."""
     if op_name(node) in FACTORIES:
         return list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else list(node.args)
+    if op_name(node) in LIKE_FACTORIES:  # x.new_empty(sizes) or x.new_empty(*sizes)
+        return list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
     return list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
         node.args[1:])
 

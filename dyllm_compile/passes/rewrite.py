@@ -54,7 +54,7 @@ class SitePlan:
     site: AttentionSite
     cached: bool  # rewritten to dyllm::cached_attention (else dense attention, saliency only)
     reason: str = ""
-    scale: float = 1.0
+    scale: Union[float, fx.Node] = 1.0  # a node: a float attribute Dynamo made an input (``x.item()``)
     caches: dict[str, int] = field(default_factory=dict)  # "k" | "v" | "c" | "q" | "m" | "l" -> cache index
     values: Optional[Region] = None  # the v chain, run on every row for a policy's before_attention hook
     queries: Optional[Region] = None  # query pruning: the q chain (on the queried rows; gated_q: on S_in)
@@ -105,10 +105,13 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         raise NotRewritable(f"token-mixed values that are not tensors ({', '.join(analysis.untestable_mixing)})")
     infos = analysis.infos
     placeholders = [n for n in analysis.gm.graph.nodes if n.op == "placeholder"]
-    # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first. Inputs
-    # with the token axis first are per-position tables (RoPE cos/sin after a graph break), compared whole.
+    # Inputs whose changed rows start layer 0's salient set: token ids or hidden states, batch first, one row per
+    # token. Inputs with the token axis first are per-position tables (RoPE cos/sin after a graph break), and
+    # longer ones are tables the graph slices (BERT's token_type_ids buffer in transformers 5): compared whole.
+    tokens = analysis.token_shape[-2]
     sources = [n for n in placeholders
-               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and not infos[n].axis.folded]
+               if infos[n].kind is Kind.SOURCE and infos[n].axis.dim != 0 and not infos[n].axis.folded
+               and same_size(tensor_value(n).shape[infos[n].axis.dim], tokens)]
     if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
     batch = tensor_value(sources[0]).shape[0]
@@ -199,7 +202,6 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         per_row = point.axis is not None and same_size(tensor_value(point.node).shape[0], batch)
         mixing[point.node] = (point.axis if per_row else None, add_cache(f"L{point.layer}.mixed", point.node))
     gathered = regions + [s.queries for s in sites if s.queries is not None]
-    tokens = tensor_value(sources[0]).shape[infos[sources[0]].axis.dim]
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions
                        and (gathers := _element_gathers(r, infos, batch)) is not None}
     return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
@@ -286,6 +288,12 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
     if any(tensor_value(n).shape[0] != q.shape[0] for n in prefix):
         return SitePlan(site, False, "the keys' prefix is broadcast over the batch")
     scale = arg(site.node, 6, "scale")
+    if isinstance(scale, fx.Node):
+        # A float attribute Dynamo made a 0-d input (``dynamic=True``: transformers 5's ``self.scaling``): its
+        # ``.item()`` is a constant in each variant, which the runtime keys by its value (scalar_inputs)
+        if not (scale.op == "call_method" and scale.target == "item" and scale.args[0].op == "placeholder"):
+            return SitePlan(site, False, f"the attention scale '{scale.name}' is computed in the graph")
+        return SitePlan(site, True, scale=scale)
     return SitePlan(site, True, scale=float(scale) if scale is not None else default_scale(q.shape[-1]))
 
 
@@ -438,7 +446,7 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             (k, v, k_old, v_old, flags, mask), positions = _attention_operands(b, s, [k, v, k, v, everyone,
                                                                                       _mask(b, s)])
             out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, q, zero, zero, flags, mask,
-                         site.scale, "exact", plan.config.recompute_share, *positions)
+                         _scale(b, site), "exact", plan.config.recompute_share, *positions)
             b.env[node] = b.item(out, 0)
             stats[site.caches["m"]], stats[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
             continue
@@ -714,6 +722,10 @@ def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
     return b.env[site.mask] if isinstance(site.mask, fx.Node) else None
 
 
+def _scale(b: _Builder, site: SitePlan) -> Any:
+    return b.env[site.scale] if isinstance(site.scale, fx.Node) else site.scale
+
+
 def _attention_operands(b: _Builder, site: AttentionSite, operands: list) -> tuple[list, list]:
     """The op's (k, v, k_old, v_old, changed-key flags, mask) from the site's own ones, and the query rows'
     positions among the keys (the op's ``queried``, none for self-attention): with a prefix, the keys are the own
@@ -760,7 +772,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
                cache_in[site.caches["v"]], salient, _mask(b, s)])
     extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
     out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
-                 site.scale, plan.config.attention_mode, plan.config.recompute_share, *extra)
+                 _scale(b, site), plan.config.attention_mode, plan.config.recompute_share, *extra)
     if exact:
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

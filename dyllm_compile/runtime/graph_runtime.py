@@ -251,7 +251,7 @@ class GraphRuntime:
             if self.unrewritten is None:
                 raise
             log.warning("dyllm: graph %s: %s; it runs as compiled without the rewrite from now on", self.graph_id,
-                        err)
+                        err, exc_info=log.isEnabledFor(logging.DEBUG))
             self.stats.fallback = str(err)
             self.states.clear()
             self._fallback = self.unrewritten(args)

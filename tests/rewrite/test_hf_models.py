@@ -59,13 +59,15 @@ def test_cache_keeps_a_value_the_model_writes_into_later():
 
 @pytest.mark.parametrize("dense_layers, dynamic", [((), None), ((0, 1), None), ((), True)])
 def test_hf_moe_traced_whole_threshold_one_equals_dense(dense_layers, dynamic):
-    """OLMoE's sparse MoE block (LLaDA-MoE's modeling code copies it): a static loop over the experts, each taking
-    its rows with ``torch.where`` and adding its output back with ``final.index_add_(...)`` as a statement. With
-    Dynamo capturing data-dependent sizes the model is one graph, and each layer's MoE is a gated region: its
-    dispatch runs on the salient rows alone (its ``zeros`` accumulator rebuilt for them, batch 2 folded into the
-    rows). Before in_place_writes, threshold 1 differed from dense by 0.03 (the ``index_add_`` calls, whose
-    results nothing reads, were dropped as dead code, and the MoE returned zeros); with ``dense_layers``
-    compiling failed (the variant was retraced with Dynamo's data-dependent size bindings in another ShapeEnv).
+    """OLMoE's sparse MoE block. In transformers 4 (LLaDA-MoE's modeling code copies it): a static loop over the
+    experts, each taking its rows with ``torch.where`` and adding its output back with ``final.index_add_(...)`` as
+    a statement; with Dynamo capturing data-dependent sizes the model is one graph, and each layer's MoE is a gated
+    region: its dispatch runs on the salient rows alone (its ``zeros`` accumulator rebuilt for them, batch 2 folded
+    into the rows). In transformers 5, the ``batched_mm`` experts (hf_builders): the experts' weights gathered per
+    row and a batched product, row-wise too. Before in_place_writes, threshold 1 differed from dense by 0.03 (the
+    ``index_add_`` calls, whose results nothing reads, were dropped as dead code, and the MoE returned zeros); with
+    ``dense_layers`` compiling failed (the variant was retraced with Dynamo's data-dependent size bindings in
+    another ShapeEnv).
     ``dynamic``: the batch is a symbol folded into the rows (``zeros((batch * length, D))``), the accumulator's
     rows computed from the inputs' sizes in the variant (before, the MoE stayed dense)."""
     torch._dynamo.reset()

@@ -46,8 +46,9 @@ from ..config import DyllmConfig
 from ..lowering import output_layouts
 from ..passes.rewrite import (COUNT_SELECTIONS, RewritePlan, build_dense, build_sparse, capacity_sizes,
                               scalar_inputs)
-from ..policies import CallState
+from ..policies import CallState, cosine_below
 from . import row_tags
+from .rows import merge_rows
 
 log = logging.getLogger("dyllm_compile")
 
@@ -345,6 +346,11 @@ class GraphRuntime:
         for new, old, axis in zip(tokens, state.tokens, self.plan.input_axes):
             diff = new != old
             rows = diff.movedim(axis, 1).flatten(2).any(dim=2) if diff.dim() > 2 else diff
+            if new.is_floating_point() and new.dim() > 2 and self.config.threshold < 1.0:
+                # Float rows (soft embeddings, a self-conditioning signal) may move a little on every row each call:
+                # a row changed when its cosine with the row it was last computed from falls below the threshold,
+                # as an attention context's test does (at threshold 1, any change)
+                rows &= cosine_below(new, old, axis, self.config.threshold)
             if not new.is_floating_point() and bool(rows.any()):
                 mask_id = self._mask_id(state)
                 if mask_id is None:
@@ -420,7 +426,10 @@ class GraphRuntime:
             if per_element is not None:
                 per_element = self._capacities((max(c, k) for c, k in zip(per_element, needed_per_element)), n)
         state.caches = self._stored(out[self.n_user : self.n_user + self.n_caches])
-        state.tokens = [t.clone() for t in tokens]
+        # Each row's inputs as its caches were last computed from: a float row that moved less than the threshold
+        # keeps its old value, so that small moves add up to a recompute (equal to the inputs otherwise)
+        state.tokens = [merge_rows(changed, t, old, axis) for t, old, axis in
+                        zip(tokens, state.tokens, self.plan.input_axes)]
         state.calls += 1
         if not unbacked:  # the growth sizes capacity buckets; unbacked counts need no guess
             if rows < n:

@@ -28,6 +28,8 @@ OUTPUT_PROJECTIONS = ("dense", "salient")
 
 LINEAR_ORDERS = ("auto", "input_first", "weight_first")  # what passes/linear_order.py emits
 
+TOKEN_CHANGES = ("unmask", "any")
+
 
 def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None, kind: Optional[type] = None,
           low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
@@ -151,6 +153,15 @@ class DyllmConfig:
     mask_token_id: Optional[int] = _knob(
         None, "Id of the mask token. None: inferred as the id that changed rows held (a row that leaves another "
         "id means a new sequence, which runs dense).", kind=int, low=0, optional=True,
+    )
+    token_changes: str = _knob(
+        "unmask",
+        "Which changes of token-id inputs continue a sequence. unmask: rows that held the mask id and no longer "
+        "do (masked diffusion: LLaDA, Dream); any other change (a new prompt, even one token) starts a new "
+        "sequence, dense. any: whatever the changed rows hold now (uniform-noise diffusion, whose sampler "
+        "re-noises rows with random tokens: DiffusionGemma); each changed row is recomputed from layer 0, and a "
+        "call that changed more than max_changed_fraction of the rows runs dense.",
+        choices=TOKEN_CHANGES,
     )
     recompute_share: float = _knob(
         0.5, "Exact mode: a row whose removed softmax mass exceeds this share of its denominator is recomputed.",

@@ -88,28 +88,3 @@ def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Te
         return model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
     return model, forward
 
-
-def diffusion_gemma(experts: str = "batched_mm", prompt_length: int = 12, canvas: int = 8):
-    """DiffusionGemma (transformers >= 5.25: an encoder writes the prompt's KV cache, a bidirectional decoder with
-    MoE layers denoises a canvas of ``canvas`` tokens attending to that cache and to itself) with a sliding and a
-    full attention layer, and its ``experts`` implementation. Returns the model and its denoising step,
-    ``(canvas ids, self-conditioning logits or None) -> logits``, over the cache of a random prompt."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-    from transformers.cache_utils import DynamicCache
-
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, global_head_dim=16, max_position_embeddings=256,
-                sliding_window=16, layer_types=["sliding_attention", "full_attention"], num_experts=4,
-                top_k_experts=2, moe_intermediate_size=32)
-    config = DiffusionGemmaConfig(text_config=text, vision_config=None, canvas_length=canvas)
-    for c in (config, config.text_config):
-        c._attn_implementation, c._experts_implementation = "sdpa", experts
-    torch.manual_seed(0)
-    model = DiffusionGemmaForBlockDiffusion(config).eval()
-    prompt = torch.randint(0, 128, (1, prompt_length), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        cache = model.model.encoder(input_ids=prompt, cache=DynamicCache(config=config.text_config)).cache
-
-    def step(ids: torch.Tensor, self_conditioning) -> torch.Tensor:
-        return model(cache=cache, decoder_input_ids=ids, self_conditioning_logits=self_conditioning).logits
-    return model, step

@@ -351,7 +351,7 @@ class GraphRuntime:
                 # a row changed when its cosine with the row it was last computed from falls below the threshold,
                 # as an attention context's test does (at threshold 1, any change)
                 rows &= cosine_below(new, old, axis, self.config.threshold)
-            if not new.is_floating_point() and bool(rows.any()):
+            if not new.is_floating_point() and self.config.token_changes == "unmask" and bool(rows.any()):
                 mask_id = self._mask_id(state)
                 if mask_id is None:
                     mask_id = int(old[diff][0])

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "DiffusionGemmaConfig"):
     pytest.skip(f"transformers {transformers.__version__} has no DiffusionGemma (5.25 has)", allow_module_level=True)
 
-from hf_builders import diffusion_gemma  # noqa: E402
+from dyllm_compile.models.diffusion_gemma import diffusion_gemma_like as diffusion_gemma  # noqa: E402
 
 MASK = 127
 NEARLY_ONE = 1 - 1e-12
@@ -64,11 +64,30 @@ def test_self_conditioned_steps_equal_dense():
     assert sum(r.stats.dense_calls + r.stats.sparse_calls for r in runtimes_) == 5
 
 
+def test_renoised_steps_equal_dense_with_token_changes_any():
+    """Its sampler re-noises rows with random tokens (no mask id): with ``token_changes="any"`` the steps continue
+    the sequence, sparse, and equal dense at a threshold that recomputes every row that moved."""
+    _, step = diffusion_gemma()
+    torch._dynamo.reset()
+    before = last_serial()
+    compiled = torch.compile(step, backend="dyllm", options={
+        "lowering": "aot_eager", "threshold": NEARLY_ONE, "token_changes": "any"})
+    gen = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        canvas = torch.randint(0, MASK, (1, 8), generator=gen)
+        for _ in range(4):
+            torch.testing.assert_close(compiled(canvas, None), step(canvas, None), rtol=1e-5, atol=1e-5)
+            canvas = canvas.clone()
+            canvas[0, torch.randint(0, 8, (1,), generator=gen)] = torch.randint(0, MASK, (1,), generator=gen)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.sparse_calls == 3
+
+
 def test_grouped_mm_experts_stay_dense_with_a_reason():
     """transformers 5's default experts (on CPU under compile: a sort by expert, a custom grouped product, the
     inverse permutation) are no row-wise computation the analysis can prove: the MoE runs densely, named, and the
     outputs still equal dense."""
-    _, step = diffusion_gemma("grouped_mm")
+    _, step = diffusion_gemma(experts="grouped_mm")
     (runtime,) = _decode(step, 4, {"threshold": NEARLY_ONE})
     assert not any(r.role == "moe" for r in runtime.plan.regions)
     assert any("'sort'" in reason for reason in runtime.plan.analysis.dense_reasons)

@@ -151,8 +151,8 @@ class DyllmConfig:
         choices=(False, True),
     )
     mask_token_id: Optional[int] = _knob(
-        None, "Id of the mask token. None: inferred as the id that changed rows held (a row that leaves another "
-        "id means a new sequence, which runs dense).", kind=int, low=0, optional=True,
+        None, "Id of the mask token. None: inferred as the id that changed rows held (with token_changes='unmask', "
+        "a row that leaves another id means a new sequence, which runs dense).", kind=int, low=0, optional=True,
     )
     token_changes: str = _knob(
         "unmask",

@@ -285,7 +285,7 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
     if any(infos[n].kind is not Kind.NONE for n in prefix):
         # computed from the tokens after all (through a size, or a table): no proof it is the same each call
         return SitePlan(site, False, "the keys' prefix carries the token axis")
-    if any(tensor_value(n).shape[0] != q.shape[0] for n in prefix):
+    if any(not same_size(tensor_value(n).shape[0], q.shape[0]) for n in prefix):  # no guard on a symbolic batch
         return SitePlan(site, False, "the keys' prefix is broadcast over the batch")
     scale = arg(site.node, 6, "scale")
     if isinstance(scale, fx.Node):

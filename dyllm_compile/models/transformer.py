@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped_mm import grouped_mm
+
 
 @dataclass
 class TransformerConfig:
@@ -41,7 +43,9 @@ class TransformerConfig:
     moe_capacity: Optional[int] = None  # per-expert token capacity: routing then depends on other tokens
     # "dense": every expert on every row, weighted by its gate; "dispatch": each expert on the rows routed to it
     # (torch.where), added back with index_add_, as OLMoE's and LLaDA-MoE's blocks (traced whole by Dynamo only
-    # with torch._dynamo.config.capture_dynamic_output_shape_ops)
+    # with torch._dynamo.config.capture_dynamic_output_shape_ops); "grouped": the (token, slot) rows sorted by expert,
+    # each projection one grouped product over the experts' stacked weights, the rows put back by the inverse
+    # permutation (transformers 5's default experts)
     moe_routing: str = "dense"
     attention: str = "sdpa"  # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums)
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
@@ -70,7 +74,7 @@ class TransformerConfig:
             "norm in (rms, layer)": self.norm in ("rms", "layer"),
             "norm_position in (pre, post)": self.norm_position in ("pre", "post"),
             "ffn in (swiglu, gelu, moe)": self.ffn in ("swiglu", "gelu", "moe"),
-            "moe_routing in (dense, dispatch)": self.moe_routing in ("dense", "dispatch"),
+            "moe_routing in (dense, dispatch, grouped)": self.moe_routing in ("dense", "dispatch", "grouped"),
             "qk_norm_layout in (heads, rows)": self.qk_norm_layout in ("heads", "rows"),
             "moe_capacity only with dense routing": self.moe_capacity is None or self.moe_routing == "dense",
             "attention in (sdpa, manual, einsum)": self.attention in ("sdpa", "manual", "einsum"),
@@ -274,6 +278,8 @@ class MoE(nn.Module):
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         if self.cfg.moe_routing == "dispatch":
             return self._dispatch(x, top_p, top_i)
+        if self.cfg.moe_routing == "grouped":
+            return self._grouped(x, top_p, top_i)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
         if self.cfg.moe_capacity is not None:
             routed = (gates > 0).to(gates.dtype)
@@ -295,6 +301,27 @@ class MoE(nn.Module):
             rows, slot = torch.where(routed == e)
             out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
         return out.view_as(x)
+
+    def _grouped(self, x: torch.Tensor, top_p: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """transformers 5's ``grouped_mm`` form: rows sorted by expert, one grouped product per projection (offsets
+        counted from the sorted ids), the weighted rows put back by the inverse permutation and summed per token."""
+        flat = x.reshape(-1, x.shape[-1])
+        k, experts = top_i.shape[-1], len(self.experts)
+        ids, perm = torch.sort(top_i.reshape(-1))
+        rows = flat[perm // k]
+        counts = torch.histc(ids.float(), bins=experts, min=0, max=experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+        def project(name: str, rows: torch.Tensor) -> torch.Tensor:  # each row by its expert's projection
+            out = grouped_mm(rows, torch.stack([getattr(e, name).weight.t() for e in self.experts]), offsets)
+            if self.cfg.mlp_bias:  # the biases read at the sorted ids
+                out = out + torch.stack([getattr(e, name).bias for e in self.experts])[ids]
+            return out
+        hidden = F.silu(project("gate_proj", rows)) * project("up_proj", rows)
+        out = project("down_proj", hidden) * top_p.reshape(-1)[perm, None]
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
+        return out[inverse].view(-1, k, x.shape[-1]).sum(dim=1).to(x.dtype).view_as(x)
 
 
 class Block(nn.Module):

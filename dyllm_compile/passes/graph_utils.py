@@ -164,3 +164,21 @@ def hint(size: Any) -> int:
 
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
+
+
+def index_position(index: list, ndim: int, dim: int) -> Optional[int]:
+    """Which entry of an indexing tuple addresses input dim ``dim`` (None: inside an Ellipsis or absent)."""
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    current = 0
+    for position, entry in enumerate(index):
+        if entry is None:
+            continue
+        if entry is Ellipsis:
+            current += ndim - consumed
+            if current > dim:
+                return None
+            continue
+        if current == dim:
+            return position
+        current += 1
+    return None

@@ -19,8 +19,10 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .graph_utils import arg, example_value, normalize_dim, op_name, prod, same_size, tensor_args, tensor_value
+from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, prod, same_size, tensor_args,
+                          tensor_value)
 from .in_place_writes import set_items
+from .sorted_rows import SORTS, SortedRows
 
 
 @dataclass(frozen=True)
@@ -30,17 +32,27 @@ class Axis:
 
     ``by``: the dim holds not every token row but a data-dependent selection of them (an MoE's dispatch), entry
     ``j`` belonging to the ``j``-th true entry of a row-wise mask, as enumerated by the ``where`` / ``nonzero``
-    node ``by``; ``lead`` is then the mask's (the selection's positions address ``lead * N`` rows)."""
+    node ``by``; ``lead`` is then the mask's (the selection's positions address ``lead * N`` rows). Or ``by`` is a
+    ``sort``: the dim holds every row, in the sort's order (passes/sorted_rows.py).
+
+    ``order``: the value's entries are not rows' data but a sort's positions or counts (sorted_rows.py), which
+    only the ops that use them as such may read."""
 
     dim: int
     lead: Any = 1
     trail: Any = 1
     by: Optional[fx.Node] = None
+    order: bool = False
 
     @property
     def fold(self) -> Any:
         """Rows of the dim per token: 1 for one row per token, batch first."""
         return self.lead * self.trail
+
+    @property
+    def selected(self) -> bool:
+        """The dim holds a data-dependent number of rows (an enumeration's), not ``fold * N``."""
+        return self.by is not None and op_name(self.by) not in SORTS
 
     @property
     def folded(self) -> bool:
@@ -72,8 +84,8 @@ ELEMENTWISE = frozenset(
 )
 # Ops whose result depends on ``self`` alone (other arguments are dtypes, devices, shapes, probabilities).
 UNARY = frozenset(
-    "float half bfloat16 double to type_as type contiguous clone detach dropout zeros_like ones_like empty_like "
-    "full_like".split()
+    "float half bfloat16 double int long to type_as type contiguous clone detach dropout zeros_like ones_like "
+    "empty_like full_like".split()
 )
 # (index of the dim argument counting self, keyword, default) for ops along one dim that keep the shape.
 ALONG_DIM = {
@@ -110,7 +122,7 @@ LIKE_FACTORIES = frozenset("new_empty new_zeros new_ones new_full".split())
 NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
 
 
-class Rules:
+class Rules(SortedRows):
     """Forward and backward axis rules, given the token count ``n`` and the current axis of each node."""
 
     def __init__(self, n: Any, info_of: Callable[[Any], Optional[Info]]) -> None:
@@ -128,12 +140,21 @@ class Rules:
         if name == "getitem" and isinstance(example_value(node.args[0]), (tuple, list)):
             # One result of topk / sort / chunk / max(dim): classified like the op that made the tuple.
             source = self.info_of(node.args[0])
+            if source is not None and source.axis is not None and op_name(node.args[0]) == "sort" \
+                    and source.axis.by is node.args[0] and node.args[1] == 1:  # the sort's permutation
+                return self._row(0, dataclasses.replace(source.axis, order=True))
             return NONE if source is None or source.axis is None else source
         token_inputs = [a for a in tensor_args(node) if self.axis_of(a) is not None]
         if (name in FACTORIES and not token_inputs) or name in LIKE_FACTORIES:
             return self._accumulator(node)
+        if name == "arange" and not token_inputs and (inverse := self.inverse_range(node)) is not None:
+            return inverse
         if name in NON_TENSOR or not token_inputs:
             return NONE
+        if any(self.axis_of(a).order for a in token_inputs):
+            return self.read_order(node, name)
+        if name == "histc":
+            return self.group_counts(node)
         out = example_value(node)
         if name in ("where", "nonzero") and self._enumerates(node, name):
             mask = self.axis_of(node.args[0])
@@ -293,7 +314,7 @@ class Rules:
         if not isinstance(dim, int) or axis is None:
             return self._mixing(node, f"'{name}' along an unknown dim")
         if normalize_dim(dim, tensor_value(x).dim()) == axis.dim:
-            return self._mixing(node, f"'{name}' along the token axis")
+            return self.sort_rows(node, name) if name in SORTS else self._mixing(node, f"'{name}' along the token axis")
         # Index and source operands (scatter, gather) must be per-token values in the same layout.
         if any(self.axis_of(a) not in (None, axis) for a in tensor_args(node)):
             return self._mixing(node, f"'{name}' operands carry the token axis in different dims")
@@ -702,21 +723,3 @@ def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[d
         mapping[i] = (o, True)
         i, o = i + 1, o + 1
     return mapping
-
-
-def index_position(index: list, ndim: int, dim: int) -> Optional[int]:
-    """Which entry of an indexing tuple addresses input dim ``dim`` (None: inside an Ellipsis or absent)."""
-    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
-    current = 0
-    for position, entry in enumerate(index):
-        if entry is None:
-            continue
-        if entry is Ellipsis:
-            current += ndim - consumed
-            if current > dim:
-                return None
-            continue
-        if current == dim:
-            return position
-        current += 1
-    return None

@@ -15,9 +15,9 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .graph_utils import op_name, tensor_value
+from .graph_utils import index_position, op_name, tensor_value
 from .in_place_writes import set_items
-from .op_rules import FACTORIES, LIKE_FACTORIES, Info, index_position
+from .op_rules import FACTORIES, LIKE_FACTORIES, Info
 from .regions import Region
 
 _SIZED = frozenset(("view", "reshape", "expand"))
@@ -49,7 +49,10 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
     """Rewrites the token-count size of ``node``, a copy of ``original``, to ``rows`` (an int or a node)."""
     name = op_name(node)
     axis = infos[original].axis
-    if axis.by is not None:  # a data-dependent selection of rows: its sizes are its own count, not N's
+    if axis.selected:  # a data-dependent selection of rows: its sizes are its own count, not N's
+        return
+    if name == "arange":  # the inverse of a sort's permutation, as long as the rows (op_rules: Axis.order)
+        node.args = (_times(node.graph, rows, axis.fold, node) if axis.folded else rows,)
         return
     if name in FACTORIES or name in LIKE_FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows
         sizes = _sizes(node)                            # as the region has
@@ -79,9 +82,9 @@ def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:
     """Raises :class:`RegionNotRelocatable` where :func:`retarget_rows` cannot re-target ``node``."""
     name = op_name(node)
     axis = infos[node].axis
-    if name == "arange" or (name in LIKE_FACTORIES and axis is None):
+    if (name == "arange" and (axis is None or not axis.order)) or (name in LIKE_FACTORIES and axis is None):
         raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
-    if (axis is None or axis.by is not None or not isinstance(axis.fold, torch.SymInt)
+    if (axis is None or axis.selected or not isinstance(axis.fold, torch.SymInt)
             or hasattr(fx.Graph, "materialize_symint")):
         return
     if name in FACTORIES or name in LIKE_FACTORIES or (name in _SIZED and _sizes(node)[axis.dim] != -1):

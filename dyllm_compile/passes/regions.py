@@ -27,6 +27,7 @@ from torch import fx
 
 from .graph_utils import arg, example_value, hint, op_name, prod, size_checks, tensor_value
 from .op_rules import UNARY, Info, Kind
+from .sorted_rows import GROUPED_MM
 
 if TYPE_CHECKING:  # attention_sites reads head_repeat, which reads this module
     from .attention_sites import AttentionSite
@@ -68,6 +69,8 @@ def node_flops(node: fx.Node) -> int:
         return 2 * numel * hint(tensor_value(arg(node, 0, "input")).shape[-1])
     if name == "addmm":
         return 2 * numel * hint(tensor_value(arg(node, 1, "mat1")).shape[-1])
+    if name in GROUPED_MM:  # each row times one group's weight
+        return 2 * numel * hint(tensor_value(arg(node, 0, "input")).shape[-1])
     if name == "sdpa":
         k = tensor_value(arg(node, 1, "key"))
         q = tensor_value(arg(node, 0, "query"))

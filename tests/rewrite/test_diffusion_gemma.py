@@ -1,7 +1,8 @@
 """DiffusionGemma (transformers 5.25), a diffusion LM the compiler was not written for, unmodified: its decoder
 denoises a canvas attending to the prompt's KV cache (an attention site with a prefix: passes/attention_sites.py)
 and to itself, and runs MoE layers (Hugging Face's ``batched_mm`` experts: per-row weight gathers and a batched
-product, row-wise: passes/op_rules.py). Before, no attention site was found in its graph and nothing was gated."""
+product, row-wise: passes/op_rules.py; its default, ``grouped_mm``: rows sorted by expert, passes/sorted_rows.py).
+Before, no attention site was found in its graph and nothing was gated."""
 
 import pytest
 import torch
@@ -83,12 +84,14 @@ def test_renoised_steps_equal_dense_with_token_changes_any():
     assert runtime.stats.sparse_calls == 3
 
 
-def test_grouped_mm_experts_stay_dense_with_a_reason():
-    """transformers 5's default experts (on CPU under compile: a sort by expert, a custom grouped product, the
-    inverse permutation) are no row-wise computation the analysis can prove: the MoE runs densely, named, and the
-    outputs still equal dense."""
+@pytest.mark.parametrize("threshold", [NEARLY_ONE, 1.0])
+def test_grouped_mm_experts_are_gated_and_equal_dense(threshold):
+    """transformers 5's default experts (on CPU under compile: a sort by expert, its custom grouped product over
+    offsets from a histogram of the sorted ids, the inverse permutation): a gated MoE, run on the rows that moved
+    (passes/sorted_rows.py; before, it stayed dense: "'sort' along the token axis"), every call dense-equal."""
     _, step = diffusion_gemma(experts="grouped_mm")
-    (runtime,) = _decode(step, 4, {"threshold": NEARLY_ONE})
-    assert not any(r.role == "moe" for r in runtime.plan.regions)
-    assert any("'sort'" in reason for reason in runtime.plan.analysis.dense_reasons)
-    assert all(s.cached for s in runtime.plan.sites)
+    (runtime,) = _decode(step, 6, {"threshold": threshold})
+    moe = [r for r in runtime.plan.regions if r.role == "moe"]
+    assert [r.layer for r in moe] == [0, 1] and all("grouped_mm_fallback" in r.ops() for r in moe)
+    assert runtime.stats.sparse_calls == 5
+    assert all("no matmul work" in reason for reason in runtime.plan.analysis.dense_reasons)  # (the norms alone)

@@ -15,12 +15,14 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # Forms the rewrite takes a graph-level step for, each run by one test, not by every MODELS test: one q/k/v
 # projection split three ways (the k/v and exact mode's q chains share it); hand-written attention (replaced by
 # SDPA before the analysis, its products as matmuls or as einsums; the oracle computes attention its own way, so
-# it checks that replacement too); an MoE dispatching each expert's rows; q/k norms on the heads folded into
-# the rows (in the k chain and exact mode's q chain).
+# it checks that replacement too); an MoE dispatching each expert's rows; an MoE on rows sorted by expert
+# (grouped products, the inverse permutation); q/k norms on the heads folded into the rows (in the k chain and
+# exact mode's q chain).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
                 "moe_dispatch": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch"),
+                "moe_grouped": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="grouped"),
                 "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows")}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
@@ -71,23 +73,26 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
 def test_model_forms_match_oracle(arch, mode, row_counts):
     """A fused q/k/v projection is in the k and v chains (and exact mode's q chain), computed once on their rows;
     paper mode's q, on every row, computes it for every row as well. Hand-written attention is cached like SDPA.
-    An MoE that dispatches each expert's rows (torch.where, index_add_) is gated like any FFN: the dispatch runs on
-    the salient rows alone. A k norm on the heads folded into the rows ([B * N * H, D]) is in the k chain."""
+    An MoE that dispatches each expert's rows (torch.where, index_add_), or sorts them by expert (sort, grouped
+    products, the inverse permutation), is gated like any FFN: it runs on the salient rows alone. A k norm on the
+    heads folded into the rows ([B * N * H, D]) is in the k chain."""
     lock, oracle = _run(arch, 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5,
                                   "row_counts": row_counts}, dict(mode=mode, force_salient=0.3, seed=5))
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert all(site.cached for site in runtime.plan.sites) and not runtime.plan.reasons
-    assert {r.role for r in runtime.plan.regions} >= {"moe" if arch == "moe_dispatch" else "ffn", "k", "v"}
+    assert {r.role for r in runtime.plan.regions} >= {"moe" if arch.startswith("moe") else "ffn", "k", "v"}
     _, oracle2 = _run(arch, 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
     assert torch.tensor(oracle2.fractions).mean() < 1.0
 
 
 @pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])
-def test_symbolic_batch_folded_into_rows_matches_oracle(row_counts):
+@pytest.mark.parametrize("arch", ["moe_dispatch", "moe_grouped"])
+def test_symbolic_batch_folded_into_rows_matches_oracle(arch, row_counts):
     """Compiled with dynamic shapes at batch 3, the MoE folds a symbolic batch into the rows it dispatches
-    (``x.reshape(-1, D)``: [s0, s1, D] -> [s0 * s1, D]), and is gated all the same."""
-    lock, oracle = _run("moe_dispatch", 3, {"force_salient": 0.3, "seed": 5, "row_counts": row_counts},
+    (``x.reshape(-1, D)``: [s0, s1, D] -> [s0 * s1, D]) or sorts (the inverse permutation's ``arange`` as long
+    as the rows), and is gated all the same."""
+    lock, oracle = _run(arch, 3, {"force_salient": 0.3, "seed": 5, "row_counts": row_counts},
                         dict(mode="exact", force_salient=0.3, seed=5), dynamic=True)
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]

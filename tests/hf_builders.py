@@ -13,8 +13,9 @@ from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, Deepsee
                           FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
                           GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
-                          MptConfig, MptForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          PretrainedConfig, Qwen2Config, Qwen2ForCausalLM)
+                          MixtralConfig, MixtralForCausalLM, MptConfig, MptForCausalLM, OlmoeConfig,
+                          OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, PretrainedConfig, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
@@ -54,14 +55,29 @@ DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = 
     "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
 }
 
-#: MoE blocks that Dynamo traces whole only with ``capture_dynamic_output_shape_ops`` (their dispatch is
-#: ``torch.where`` over each expert's rows): OLMoE's in transformers 4, which LLaDA-MoE's modeling code copies. In
-#: transformers 5 the experts are one module with a choice of implementations: ``batched_mm`` (each row's experts'
-#: weights gathered, a batched product) is the one Dynamo traces whole (its loop over the experts present breaks
-#: the graph; ``grouped_mm`` sorts the rows by expert: tests/rewrite/test_diffusion_gemma.py).
+#: MoE blocks. OLMoE's, in transformers 4 (LLaDA-MoE's modeling code copies it), Dynamo traces whole only with
+#: ``capture_dynamic_output_shape_ops`` (its dispatch is ``torch.where`` over each expert's rows); the others'
+#: there loop over the experts present, which breaks the graph. In transformers 5 the experts are one module with a
+#: choice of implementations (``build``'s ``experts``), two of which Dynamo traces whole: ``batched_mm`` (each
+#: row's experts' weights gathered, a batched product) and ``grouped_mm``, the default (the rows sorted by expert,
+#: grouped products over offsets, the inverse permutation: passes/sorted_rows.py).
 MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "olmoe": lambda: (OlmoeForCausalLM, OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                                     **SMALL), True),
+    "mixtral": lambda: (MixtralForCausalLM, MixtralConfig(num_key_value_heads=2, num_local_experts=4,
+                                                          num_experts_per_tok=2, **SMALL), True),
+    "qwen3_moe": lambda: (Qwen3MoeForCausalLM, Qwen3MoeConfig(num_key_value_heads=2, num_experts=4,
+                                                              num_experts_per_tok=2, moe_intermediate_size=32,
+                                                              **SMALL), True),
+    # a shared expert beside the routed ones, gated by a sigmoid of its own
+    "qwen2_moe": lambda: (Qwen2MoeForCausalLM, Qwen2MoeConfig(num_key_value_heads=2, num_experts=4,
+                                                              num_experts_per_tok=2, moe_intermediate_size=32,
+                                                              shared_expert_intermediate_size=64, **SMALL), True),
+    # group-limited routing (the top groups' experts only: a scatter and a broadcast mask per row), a shared expert
+    "deepseek_v3_moe": lambda: (DeepseekV3ForCausalLM, DeepseekV3Config(
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        num_key_value_heads=4, first_k_dense_replace=0, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, moe_intermediate_size=32, **SMALL), True),
 }
 
 
@@ -72,12 +88,13 @@ HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
 }
 
 
-def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """The model (seed 0, eval mode, SDPA or eager attention) and its forward: token ids -> logits."""
+def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """The model (seed 0, eval mode, SDPA or eager attention; an MoE's ``experts`` implementation) and its forward:
+    token ids -> logits."""
     cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **HYBRID}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
     if name in MOE:
-        config._experts_implementation = "batched_mm"  # transformers 5 (module docstring); 4 reads no such field
+        config._experts_implementation = experts  # transformers 5 (MOE's comment); 4 reads no such field
     config.use_cache = False
     torch.manual_seed(0)
     model = cls(config).eval()

@@ -84,7 +84,7 @@ ELEMENTWISE = frozenset(
 )
 # Ops whose result depends on ``self`` alone (other arguments are dtypes, devices, shapes, probabilities).
 UNARY = frozenset(
-    "float half bfloat16 double int long to type_as type contiguous clone detach dropout zeros_like ones_like "
+    "float half bfloat16 double int long bool to type_as type contiguous clone detach dropout zeros_like ones_like "
     "empty_like full_like".split()
 )
 # (index of the dim argument counting self, keyword, default) for ops along one dim that keep the shape.
@@ -551,7 +551,10 @@ class Rules(SortedRows):
         if name == "unsqueeze":
             d = normalize_dim(node.args[1], nd + 1)
             return {i: i + (1 if i >= d else 0) for i in range(nd)}
-        if name in ("squeeze", "expand", "expand_as", "repeat"):
+        if name in ("expand", "expand_as"):  # dims right-aligned; the ones of size 1 broadcast (to any size)
+            offset = out.dim() - nd
+            return {i: i + offset for i in range(nd) if same_size(x.shape[i], out.shape[i + offset])}
+        if name in ("squeeze", "repeat"):
             return _size_preserving_map(x.shape, out.shape)
         return None
 

@@ -7,8 +7,11 @@ Phi-3 (a fused projection sliced three ways), and hand-written ("eager") attenti
 to fp32, scores divided by a tensor), MPT's (ALiBi bias, padding filled with the lowest float). None is known to
 the compiler: each site is found from the graph and cached, no site stays dense, and every layer's FFN is gated."""
 
+import importlib.util
+
 import pytest
 import torch
+import transformers
 
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from hf_builders import ARCHITECTURES, MOE, build
@@ -70,10 +73,25 @@ def test_hf_moe_traced_whole_threshold_one_equals_dense(dense_layers, dynamic):
     another ShapeEnv).
     ``dynamic``: the batch is a symbol folded into the rows (``zeros((batch * length, D))``), the accumulator's
     rows computed from the inputs' sizes in the variant (before, the MoE stayed dense)."""
+    _moe_equals_dense("olmoe", "batched_mm", dense_layers, dynamic)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers.integrations.moe") is None,
+                    reason=f"transformers {transformers.__version__} has no experts implementations (5 has)")
+@pytest.mark.parametrize("name, dynamic", [(name, None) for name in MOE] + [("qwen2_moe", True)])
+def test_hf_moe_grouped_mm_experts_threshold_one_equals_dense(name, dynamic):
+    """transformers 5's default experts, ``grouped_mm``, in every MoE model here: the rows sorted by expert, a
+    grouped product per projection, the inverse permutation. Each layer's MoE is gated (before, the sort kept it
+    dense); DeepSeek-V3's group-limited router too (before, its broadcast group mask, ``expand`` from size 1, and
+    its ``bool`` cast had no rule). ``dynamic``: the inverse permutation's ``arange`` as long as a symbolic batch
+    times the rows."""
+    _moe_equals_dense(name, "grouped_mm", (), dynamic)
+
+
+def _moe_equals_dense(name, experts, dense_layers, dynamic):
     torch._dynamo.reset()
     before = last_serial()
-    (name,) = MOE
-    model, forward = build(name)
+    model, forward = build(name, experts)
     options = {"lowering": "aot_eager", "threshold": 1.0, "dense_layers": dense_layers}
     ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
     ids[:, 6:] = MASK

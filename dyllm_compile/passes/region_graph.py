@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .graph_utils import index_position, op_name, tensor_value
+from .graph_utils import example_value, index_position, op_name, tensor_value
 from .in_place_writes import set_items
 from .op_rules import FACTORIES, LIKE_FACTORIES, Info
 from .regions import Region
@@ -55,13 +55,13 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         node.args = (_times(node.graph, rows, axis.fold, node) if axis.folded else rows,)
         return
     if name in FACTORIES or name in LIKE_FACTORIES:  # an accumulator of per-token rows (op_rules): as many rows
-        sizes = _sizes(node)                            # as the region has
+        sizes = _spelled_out(node)                      # as the region has
         sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         like = node.args[:1] if name in LIKE_FACTORIES else ()
-        listed = isinstance(node.args[len(like)], (list, tuple))
+        listed = isinstance(node.args[len(like)], (list, tuple)) or len(_sizes(node)) != len(sizes)
         node.args = (*like, tuple(sizes), *node.args[len(like) + 1:]) if listed else (*like, *sizes)
     elif name in _SIZED:
-        sizes = _sizes(node)
+        sizes = _spelled_out(node)
         if sizes[axis.dim] != -1:
             sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         node.args = (node.args[0], *sizes)
@@ -87,7 +87,8 @@ def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:
     if (axis is None or axis.selected or not isinstance(axis.fold, torch.SymInt)
             or hasattr(fx.Graph, "materialize_symint")):
         return
-    if name in FACTORIES or name in LIKE_FACTORIES or (name in _SIZED and _sizes(node)[axis.dim] != -1):
+    if name in FACTORIES or name in LIKE_FACTORIES or (name in _SIZED and _whole_size(node) is None
+                                                       and _sizes(node)[axis.dim] != -1):
         raise RegionNotRelocatable(f"'{name}' sizes rows with a symbolic batch folded in (computing that size "
                                    "in the rewritten graph needs torch.fx.Graph.materialize_symint, torch >= 2.13)")
 
@@ -100,6 +101,23 @@ def _sizes(node: fx.Node) -> list[Any]:
         return list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
     return list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
         node.args[1:])
+
+
+def _whole_size(node: fx.Node) -> Optional[fx.Node]:
+    """The size node of ``x.reshape(y.shape)`` / ``zeros(y.shape)`` (one node, a whole ``torch.Size``), if so."""
+    sizes = _sizes(node)
+    whole = len(sizes) == 1 and isinstance(example_value(sizes[0]), (tuple, list))
+    return sizes[0] if whole else None
+
+
+def _spelled_out(node: fx.Node) -> list[Any]:
+    """:func:`_sizes`, a whole size node read dim by dim (before ``node``), so that one entry can be replaced: a
+    dynamic graph spells ``x.reshape(y.shape)`` with the size node of ``y``, computed outside the region."""
+    whole = _whole_size(node)
+    if whole is None:
+        return _sizes(node)
+    with node.graph.inserting_before(node):
+        return [node.graph.call_function(operator.getitem, (whole, d)) for d in range(len(example_value(whole)))]
 
 
 def _times(graph: fx.Graph, rows: fx.Node, fold: Any, anchor: fx.Node) -> fx.Node:

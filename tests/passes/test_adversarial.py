@@ -77,3 +77,23 @@ def test_moe_with_expert_capacity_routes_densely():
     model = DiffusionTransformer(TransformerConfig(n_layers=1, ffn="moe", moe_capacity=3)).eval()
     (cap,) = capture(model, (torch.randint(0, 100, (1, 12)),))
     _check(cap, "cumsum")
+
+
+# Row-wise ops that look like layout changes across rows: each stays inside the FFN region. A per-row value
+# broadcast over a group of features (DeepSeek-V3's group mask, ``expand`` from size 1: before 2026-12-05 the
+# broadcast dim was taken for a moved token axis), and a ``bool`` cast (no rule before).
+ROW_WISE = {
+    "broadcast_group_value": lambda h: h * h.amax(-1, keepdim=True).unsqueeze(-1).expand(-1, -1, 4, 8).reshape(h.shape),
+    "bool_mask": lambda h: h.masked_fill(~(h > 0).bool(), 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_WISE))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_row_wise_op_stays_in_the_region(name, dynamic):
+    (cap,) = capture(MixingFFN(ROW_WISE[name]).eval(), (torch.randint(0, 64, (2, 10)),), dynamic=dynamic)
+    a = cap.analysis
+    assert [r.role for r in a.gated_regions] == ["ffn", "lm_head"] and not a.dense_reasons
+    ffn = a.gated_regions[0]
+    assert {"expand", "bool"} & set(cap.ops(ffn.nodes))
+    assert_region_runs_on_rows(cap, ffn, rows=5)

@@ -258,6 +258,19 @@ class GeluMLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x)))
 
 
+class StackedExperts(nn.Module):
+    """The experts' SwiGLU weights stacked, ``[experts, in, out]`` (gate and up side by side), as transformers 5's
+    experts modules hold them: what a grouped product takes."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ffn
+        self.gate_up = nn.Parameter(torch.empty(e, d, 2 * f))
+        self.down = nn.Parameter(torch.empty(e, f, d))
+        self.gate_up_bias = nn.Parameter(torch.empty(e, 2 * f)) if cfg.mlp_bias else None
+        self.down_bias = nn.Parameter(torch.empty(e, d)) if cfg.mlp_bias else None
+
+
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts combined with the routing gates: computed densely (every expert on every row),
     or with ``moe_routing="dispatch"`` each on the rows routed to it.
@@ -270,7 +283,10 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.n_experts))
+        if cfg.moe_routing == "grouped":
+            self.experts = StackedExperts(cfg)
+        else:
+            self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.n_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.router(x).float(), dim=-1)
@@ -306,19 +322,17 @@ class MoE(nn.Module):
         """transformers 5's ``grouped_mm`` form: rows sorted by expert, one grouped product per projection (offsets
         counted from the sorted ids), the weighted rows put back by the inverse permutation and summed per token."""
         flat = x.reshape(-1, x.shape[-1])
-        k, experts = top_i.shape[-1], len(self.experts)
+        k, experts = top_i.shape[-1], self.cfg.n_experts
         ids, perm = torch.sort(top_i.reshape(-1))
         rows = flat[perm // k]
         counts = torch.histc(ids.float(), bins=experts, min=0, max=experts - 1)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
-        def project(name: str, rows: torch.Tensor) -> torch.Tensor:  # each row by its expert's projection
-            out = grouped_mm(rows, torch.stack([getattr(e, name).weight.t() for e in self.experts]), offsets)
-            if self.cfg.mlp_bias:  # the biases read at the sorted ids
-                out = out + torch.stack([getattr(e, name).bias for e in self.experts])[ids]
-            return out
-        hidden = F.silu(project("gate_proj", rows)) * project("up_proj", rows)
-        out = project("down_proj", hidden) * top_p.reshape(-1)[perm, None]
+        def project(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+            out = grouped_mm(rows, weight, offsets)  # each row by its expert's weight
+            return out if bias is None else out + bias[ids]  # the biases read at the sorted ids
+        gate, up = project(rows, self.experts.gate_up, self.experts.gate_up_bias).chunk(2, dim=-1)
+        out = project(F.silu(gate) * up, self.experts.down, self.experts.down_bias) * top_p.reshape(-1)[perm, None]
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
         return out[inverse].view(-1, k, x.shape[-1]).sum(dim=1).to(x.dtype).view_as(x)

@@ -140,10 +140,11 @@ class Rules(SortedRows):
         if name == "getitem" and isinstance(example_value(node.args[0]), (tuple, list)):
             # One result of topk / sort / chunk / max(dim): classified like the op that made the tuple.
             source = self.info_of(node.args[0])
-            if source is not None and source.axis is not None and op_name(node.args[0]) == "sort" \
-                    and source.axis.by is node.args[0] and node.args[1] == 1:  # the sort's permutation
-                return self._row(0, dataclasses.replace(source.axis, order=True))
-            return NONE if source is None or source.axis is None else source
+            if source is None or source.axis is None:
+                return NONE
+            if source.axis.by is node.args[0] and node.args[1] == self._positions_entry(node.args[0]):
+                return Info(Kind.ROW, dataclasses.replace(source.axis, order=True))  # positions: order values
+            return source
         token_inputs = [a for a in tensor_args(node) if self.axis_of(a) is not None]
         if (name in FACTORIES and not token_inputs) or name in LIKE_FACTORIES:
             return self._accumulator(node)
@@ -397,6 +398,13 @@ class Rules(SortedRows):
         if self.axis_of(mask).by is not None:
             return False
         return name == "where" and not node.kwargs or name == "nonzero" and node.kwargs == {"as_tuple": True}
+
+    def _positions_entry(self, node: fx.Node) -> Optional[int]:
+        """The entry of the tuple ``node`` makes that holds token positions: a sort's permutation, an enumeration's
+        positions (rows' indices: a subset of the rows would give other ones, so only their uses read them)."""
+        if op_name(node) == "sort":
+            return 1
+        return self.axis_of(node.args[0]).dim if op_name(node) in ("where", "nonzero") else None
 
     def _positions(self, node: Any) -> Optional[fx.Node]:
         """The enumeration (``where`` node) whose positions ``node`` is: ``where(mask)[d]``, d the mask's token

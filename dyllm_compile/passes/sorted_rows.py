@@ -15,7 +15,8 @@ The rules here prove that piece by piece, and stand for :class:`op_rules.Rules` 
 - *order values* (``Axis.order``): S's permutation (and its floor division), the inverse permutation
   (``inv[perm] = arange(len)``), the keys' group counts (``histc``) and their offsets (``cumsum``). Their
   entries are positions or counts, not rows' data: an op that reads one is row-wise only as one of the patterns
-  below, each checked whole; any other stays token-mixing.
+  below, each checked whole; any other stays token-mixing. (An MoE dispatch's positions, ``where(mask)``'s
+  entry along the tokens, are order values too, read only by its gathers and ``index_add``: op_rules.)
 
 ``x[inverse]`` of sorted rows is the rows back in token order: row-wise with S's rows, ``by`` cleared.
 
@@ -117,8 +118,10 @@ class SortedRows:
                 return self._row(0, self.axis_of(first))
         elif floor_divisor(node) is not None and orders == [first]:
             return self._row(0, self.axis_of(first))
-        elif name == "getitem" and (found := self._sorted_gather(node)) is not None:
+        elif name == "getitem" and (found := self._gathers_selection(node) or self._sorted_gather(node)):
             return found
+        elif name == "index_add":  # an enumeration's rows added back at their positions (op_rules)
+            return self._index_add(node)
         elif node.target is set_items and (found := self._inverse(node)) is not None:
             return found
         elif name == "cumsum" and orders == [first] and op_name(through_casts(first)) == "histc" and \
@@ -126,7 +129,7 @@ class SortedRows:
             return self._row(0, self.axis_of(first))
         elif name in GROUPED_MM:
             return self._grouped_mm(node, name)
-        return self._mixing(node, f"'{name}' reads a sort's permutation or group counts as data")
+        return self._mixing(node, f"'{name}' reads token positions or group counts as data")
 
     def _sorted_gather(self, node: fx.Node) -> Optional[Any]:
         """``x[perm // r]``: x's rows in S's order; ``y[inverse]`` (y sorted rows): y's rows in token order."""

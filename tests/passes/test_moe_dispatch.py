@@ -66,9 +66,23 @@ CROSSED_COMBINE = routed(lambda routing, e: routing == e, lambda rows: rows.flip
 TOKEN_MIXING_ROUTE = routed(lambda routing, e: (routing == e).cumsum(0) <= 3, lambda rows: rows)
 
 
+class PositionsAsData(MoE):
+    """Adds each selected row's position (its token index) to its output: on a subset of the rows the positions
+    are other numbers (before 2026-12-05 this was gated, the positions taken for per-row data)."""
+
+    def _dispatch(self, x, top_p, top_i):
+        flat, routing = x.reshape(-1, x.shape[-1]), top_i.reshape(-1, top_i.shape[-1])
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, _ = torch.where(routing == e)
+            out.index_add_(0, rows, expert(flat[rows]) + rows[:, None].to(flat.dtype))
+        return out.view_as(x)
+
+
 @pytest.mark.parametrize("moe, reason", [
     (CROSSED_COMBINE, "'index_add' of values other than selected rows added back to their tokens"),
     (TOKEN_MIXING_ROUTE, "'cumsum' along the token axis"),
+    (PositionsAsData, "'getitem' reads token positions or group counts as data"),
 ])
 def test_dispatch_that_is_not_per_token_stays_dense(moe, reason):
     cap = analysed(1, moe=moe)

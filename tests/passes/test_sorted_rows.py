@@ -27,7 +27,7 @@ def analysed(moe=None, batch=1, dynamic=False):
 
 
 def test_sorted_rows_and_order_values_are_told_apart():
-    """Before: '{sort}' along the token axis made the MoE token-mixing. After: the sort's keys and every row
+    """Before: 'sort' along the token axis made the MoE token-mixing. After: the sort's keys and every row
     computed from them in its order carry ``by = sort``; its permutation, the inverse, the counts and offsets are
     order values; the rows put back by the inverse are in token order again."""
     cap = analysed()
@@ -39,7 +39,7 @@ def test_sorted_rows_and_order_values_are_told_apart():
     assert order == {"getitem", "div", "histc", "cumsum", "empty_like", "arange", "call_function"}  # (set_items)
     assert all(infos[n].axis.by is sort for n in moe.nodes if infos[n].axis.order)
     grouped = [n for n in moe.nodes if op_name(n) == "grouped_mm"]
-    assert len(grouped) == 3 and all(infos[n].axis.by is sort and not infos[n].axis.order for n in grouped)
+    assert len(grouped) == 2 and all(infos[n].axis.by is sort and not infos[n].axis.order for n in grouped)
     assert infos[moe.exit].axis.by is None and all(infos[n].kind is Kind.ROW for n in moe.nodes)
 
 
@@ -56,15 +56,13 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
 
     class Grouped(MoE):
         def _grouped(self, x, top_p, top_i):
-            flat, k, experts = x.reshape(-1, x.shape[-1]), top_i.shape[-1], len(self.experts)
+            flat, k, experts = x.reshape(-1, x.shape[-1]), top_i.shape[-1], self.cfg.n_experts
             ids, perm = torch.sort((top_i if keys == "ids" else top_p).reshape(-1), descending=descending)
             histogram_range = {"min": 0, "max": experts - 1} if histogram is None else histogram
             offsets = torch.histc(ids.float(), bins=experts, **histogram_range)
             offsets = offsets.cumsum(0).int()
-            weight = torch.stack([e.gate_proj.weight.t() for e in self.experts])
-            out = F.silu(grouped_mm(flat[perm // k], weight, offsets))
-            down = torch.stack([e.down_proj.weight[:, :out.shape[-1]].t() for e in self.experts])
-            out = grouped_mm(out, down, offsets) * top_p.reshape(-1)[perm, None]
+            gate, up = grouped_mm(flat[perm // k], self.experts.gate_up, offsets).chunk(2, dim=-1)
+            out = grouped_mm(F.silu(gate) * up, self.experts.down, offsets) * top_p.reshape(-1)[perm, None]
             if positions_as_data:
                 out = out + perm.unsqueeze(-1)
             inverse = torch.empty_like(perm)
@@ -81,9 +79,9 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
     (grouped(histogram={}), "'histc' of keys that are not provably indices inside its range"),
     (grouped(keys="weights"), "'histc' of keys that are not provably indices inside its range"),
     # put back by the permutation, not its inverse: a token receives another one's row
-    (grouped(restore="permutation"), "'getitem' reads a sort's permutation or group counts as data"),
+    (grouped(restore="permutation"), "'getitem' reads token positions or group counts as data"),
     # a row's position in the sorted order depends on the other rows' keys
-    (grouped(positions_as_data=True), "'unsqueeze' reads a sort's permutation or group counts as data"),
+    (grouped(positions_as_data=True), "'unsqueeze' reads token positions or group counts as data"),
 ])
 def test_sorted_rows_that_are_not_per_token_stay_dense(moe, reason):
     cap = analysed(moe)

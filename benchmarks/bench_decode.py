@@ -82,9 +82,11 @@ def default_workload(batch: int, **_) -> Workload:
 
 
 # --ffn of the reference model: its FFN, or an MoE of 8 SwiGLU experts of half its width, top 2 (the FFN's FLOPs
-# per row, 4x its weights), every expert on every row or each on the rows routed to it
+# per row, 4x its weights), every expert on every row, each on the rows routed to it, or on the rows sorted by
+# expert in grouped products (transformers 5's default experts)
 FFNS = {"swiglu": {}, "moe": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768),
-        "moe-dispatch": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768, moe_routing="dispatch")}
+        "moe-dispatch": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768, moe_routing="dispatch"),
+        "moe-grouped": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768, moe_routing="grouped")}
 
 
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
@@ -512,8 +514,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="--model reference: attention as one SDPA call or written by hand (softmax(q k^T) v)")
     parser.add_argument("--ffn", choices=sorted(FFNS), default="swiglu",
                         help="--model reference: its FFN, or an MoE (8 experts, top 2) computing every expert on "
-                             "every row or dispatching each expert's rows (torch.where, index_add_: OLMoE's and "
-                             "LLaDA-MoE's form; traced with torch._dynamo.config.capture_dynamic_output_shape_ops)")
+                             "every row, dispatching each expert's rows (torch.where, index_add_: OLMoE's and "
+                             "LLaDA-MoE's form; traced with torch._dynamo.config.capture_dynamic_output_shape_ops) "
+                             "or sorting the rows by expert for grouped products (transformers 5's grouped_mm)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--threshold", type=float, default=0.99, help="dyllm saliency threshold")
@@ -558,6 +561,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def cold_compiles() -> None:
+    """Inductor's caches off: a cache hit would make one mode's compile look free."""
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
     if args.log_compiles:
@@ -567,9 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         logging.getLogger("dyllm_compile").setLevel(logging.INFO)
     if args.ffn == "moe-dispatch":  # else Dynamo breaks the graph at each expert's torch.where
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    if not args.warm_compile_cache:  # a cache hit would make one mode's compile look free
-        torch._inductor.config.fx_graph_cache = False
-        torch._functorch.config.enable_autograd_cache = False
+    if not args.warm_compile_cache:
+        cold_compiles()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     configs = PRESETS[args.preset] if args.preset else [(args.model, args.batch, args.confidence_threshold)]

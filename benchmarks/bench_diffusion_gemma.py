@@ -9,7 +9,8 @@ with ``token_changes="any"``; no self-conditioning). Random weights make
 the salient sets say nothing about accuracy, and at threshold 0.99 these grow to every row by the last layer:
 rows at a lower threshold show what the rewritten step runs at trained-model-like salient fractions. Each mode's
 step is timed over ``--repeats`` passes of ``--calls`` steps after a first pass that compiles (its time is the
-``first_pass_s`` column). CSV: ``benchmarks/results/diffusion_gemma_<device>.csv``, and a plot of the speedups.
+``first_pass_s`` column; each mode compiles cold). CSV: ``benchmarks/results/diffusion_gemma_<device>.csv``, and a
+plot of the speedups.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import time
 from typing import Optional, Sequence
 
 import torch
+from torch._inductor.utils import fresh_cache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import machine_facts, write_csv  # noqa: E402
+from bench_decode import cold_compiles, machine_facts, write_csv  # noqa: E402
 
 from dyllm_compile.models.diffusion_gemma import diffusion_gemma_like  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes  # noqa: E402
@@ -69,14 +71,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     for experts in args.experts:
         _, step = diffusion_gemma_like(args.hidden, args.layers, args.vocab, args.canvas, args.prompt, experts)
         torch._dynamo.reset()
-        inductor, first = _time(torch.compile(step), args)
+        with fresh_cache():  # each mode compiles cold (bench_decode.run_config)
+            inductor, first = _time(torch.compile(step), args)
         rows.append(dict(mode="inductor", threshold="", ms_per_step=1e3 * inductor, first_pass_s=first,
                          experts=experts))
         for threshold in args.thresholds:
             torch._dynamo.reset()
             before = last_serial()
             options = {"threshold": threshold, "token_changes": "any"}  # the steps re-noise rows, no mask id
-            ms, first = _time(torch.compile(step, backend="dyllm", options=options), args)
+            with fresh_cache():
+                ms, first = _time(torch.compile(step, backend="dyllm", options=options), args)
             used = [r for r in runtimes(before) if r.stats.dense_calls or r.stats.sparse_calls]
             stats = used[0].stats if used else None
             reasons = "; ".join(r for runtime in used for r in runtime.plan.reasons) if used else "compiled dense"
@@ -127,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parser.parse_args(argv)
     args.experts = args.experts.split(",")
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
+    cold_compiles()  # first_pass_s compares compiles
     rows = run(args)
     write_csv(rows, args.out, FIELDS)
     plot(rows, os.path.splitext(args.out)[0] + "_speedup.png")

@@ -14,7 +14,8 @@ from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, Deepsee
                           GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
                           MixtralConfig, MixtralForCausalLM, MptConfig, MptForCausalLM, OlmoeConfig,
-                          OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, PretrainedConfig, Qwen2Config,
+                          OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, PhimoeConfig, PhimoeForCausalLM,
+                          PretrainedConfig, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -73,6 +74,9 @@ MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "qwen2_moe": lambda: (Qwen2MoeForCausalLM, Qwen2MoeConfig(num_key_value_heads=2, num_experts=4,
                                                               num_experts_per_tok=2, moe_intermediate_size=32,
                                                               shared_expert_intermediate_size=64, **SMALL), True),
+    # routed by two masked maxima (sparsemixer), their indices concatenated: the sorted keys
+    "phimoe": lambda: (PhimoeForCausalLM, PhimoeConfig(num_key_value_heads=2, num_local_experts=4,
+                                                       num_experts_per_tok=2, **SMALL), True),
     # group-limited routing (the top groups' experts only: a scatter and a broadcast mask per row), a shared expert
     "deepseek_v3_moe": lambda: (DeepseekV3ForCausalLM, DeepseekV3Config(
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,

@@ -11,8 +11,8 @@ branch. What stops the growth becomes the branch's input: the residual stream re
 attention context, a token-mixing op (e.g. a conv over tokens), a per-position table.
 
 Roles: a branch fed by an attention context is the attention output projection (recorded, not gated); one that
-produces a graph output is the lm_head; one with top-k routing is an MoE FFN; any other with matmul FLOPs is an
-FFN. q/k/v chains are grown the same way from each site's q, k and v.
+produces a graph output is the lm_head; one with top-k routing or a grouped product is an MoE FFN; any other with
+matmul FLOPs is an FFN. q/k/v chains are grown the same way from each site's q, k and v.
 
 Invariant: every node of a branch or chain is row-wise, and only the branch exit is used outside it, so
 running it on gathered rows and scattering the exit is exactly the dense computation on those rows.
@@ -287,7 +287,7 @@ def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool)
         region.role, region.reason = "attn_out", "attention output projection stays dense (every row's residual moves)"
     elif is_output:
         region.role = "lm_head"
-    elif any(op_name(n) == "topk" for n in region.nodes):
+    elif any(op_name(n) == "topk" or op_name(n) in GROUPED_MM for n in region.nodes):  # routed, or grouped by expert
         region.role = "moe"
     if region.flops == 0 and region.role != "attn_out":
         region.role, region.reason = "light", "no matmul work to save"

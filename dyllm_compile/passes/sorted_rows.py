@@ -200,11 +200,14 @@ class SortedRows:
 
 def index_bound(node: Any) -> Optional[int]:
     """``D`` when ``node`` holds indices along a dim of static size ``D`` (``topk(x, k)[1]``, ``argmax``;
-    through views and casts), so each is in ``[0, D)``; else None."""
+    through views, casts and concatenations), so each is in ``[0, D)``; else None."""
     while isinstance(node, fx.Node) and (op_name(node) in CASTS or op_name(node) in ("view", "reshape", "flatten")):
         node = node.args[0]
     if not isinstance(node, fx.Node):
         return None
+    if op_name(node) in ("cat", "concat", "stack"):  # indices of several picks side by side (Phi-MoE's top 2)
+        bounds = [index_bound(part) for part in node.args[0]]
+        return None if not bounds or None in bounds else max(bounds)
     if op_name(node) == "getitem" and node.args[1] == 1 and op_name(node.args[0]) in _INDEX_RESULTS:
         node = node.args[0]
     elif op_name(node) not in _INDEX_OPS:

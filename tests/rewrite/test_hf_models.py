@@ -84,8 +84,8 @@ def test_hf_moe_grouped_mm_experts_threshold_one_equals_dense(name, dynamic):
     grouped product per projection, the inverse permutation. Each layer's MoE is gated (before, the sort kept it
     dense); DeepSeek-V3's group-limited router too (before, its broadcast group mask, ``expand`` from size 1, and
     its ``bool`` cast had no rule), and Phi-MoE's, whose expert ids are two maxima's indices concatenated (before,
-    not known to be indices inside the histogram's range). ``dynamic``: the inverse permutation's ``arange`` as long as a symbolic batch
-    times the rows."""
+    not known to be indices inside the histogram's range). ``dynamic``: the inverse permutation's ``arange`` as long
+    as a symbolic batch times the rows."""
     _moe_equals_dense(name, "grouped_mm", (), dynamic)
 
 

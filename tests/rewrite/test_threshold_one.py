@@ -72,12 +72,14 @@ def test_threshold_one_equals_dense_with_capacity_buckets(name, symbolic):
 
 
 @pytest.mark.inductor
-def test_threshold_one_equals_dense_inductor_moe_dispatch():
+@pytest.mark.parametrize("routing", ["dispatch", "grouped"])
+def test_threshold_one_equals_dense_inductor_moe(routing):
     """An MoE that dispatches each expert's rows with torch.where (gated; its selections' sizes data-dependent
-    inside the variants' own data-dependent row counts), through Inductor's C++ code."""
+    inside the variants' own data-dependent row counts), or sorts them by expert (a sort, a histogram, an opaque
+    grouped product, the inverse permutation's arange sized by the row count), through Inductor's C++ code."""
     torch._dynamo.reset()
     before = last_serial()
-    model = llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch")
+    model = llada_like("tiny", init_std=0.2, ffn="moe", moe_routing=routing)
     compiled = torch.compile(model, backend="dyllm", options={"threshold": 1.0})
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.inference_mode():
         for ids in unmasking(torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)), 6, 127, 3):

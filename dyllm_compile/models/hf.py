@@ -15,6 +15,9 @@ import transformers
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+# transformers 4 copies into a remote-code checkpoint's module cache only the files this one imports, not what they
+# import in turn: transformer.py's grouped product op is imported here so that a loaded checkpoint finds it.
+from .grouped_mm import grouped_mm  # noqa: F401
 from .transformer import DiffusionTransformer, Rotary, TransformerConfig
 
 _TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, FalconConfig,
-                          FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
+from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, Ernie4_5_MoeConfig,
+                          Ernie4_5_MoeForCausalLM, FalconConfig, FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM,
+                          Glm4MoeConfig, Glm4MoeForCausalLM, GPT2Config, GPT2LMHeadModel, GraniteMoeConfig,
+                          GraniteMoeForCausalLM,
                           GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
                           MixtralConfig, MixtralForCausalLM, MptConfig, MptForCausalLM, OlmoeConfig,
@@ -74,6 +76,16 @@ MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "qwen2_moe": lambda: (Qwen2MoeForCausalLM, Qwen2MoeConfig(num_key_value_heads=2, num_experts=4,
                                                               num_experts_per_tok=2, moe_intermediate_size=32,
                                                               shared_expert_intermediate_size=64, **SMALL), True),
+    "granitemoe": lambda: (GraniteMoeForCausalLM, GraniteMoeConfig(num_key_value_heads=2, num_local_experts=4,
+                                                                   num_experts_per_tok=2, **SMALL), True),
+    # sigmoid routing with a per-expert bias, a shared expert
+    "glm4_moe": lambda: (Glm4MoeForCausalLM, Glm4MoeConfig(num_key_value_heads=2, n_routed_experts=4,
+                                                           num_experts_per_tok=2, moe_intermediate_size=32,
+                                                           first_k_dense_replace=0, n_group=1, topk_group=1,
+                                                           **SMALL), True),
+    "ernie4_5_moe": lambda: (Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig(num_key_value_heads=2, moe_num_experts=4,
+                                                                         moe_k=2, moe_intermediate_size=32,
+                                                                         moe_layer_start_index=0, **SMALL), True),
     # routed by two masked maxima (sparsemixer), their indices concatenated: the sorted keys
     "phimoe": lambda: (PhimoeForCausalLM, PhimoeConfig(num_key_value_heads=2, num_local_experts=4,
                                                        num_experts_per_tok=2, **SMALL), True),

@@ -58,7 +58,8 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         sizes = _spelled_out(node)                      # as the region has
         sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         like = node.args[:1] if name in LIKE_FACTORIES else ()
-        listed = isinstance(node.args[len(like)], (list, tuple)) or len(_sizes(node)) != len(sizes)
+        # a whole size node's dims go back as one list, so that what follows it (full's value) keeps its place
+        listed = isinstance(node.args[len(like)], (list, tuple)) or _whole_size(node) is not None
         node.args = (*like, tuple(sizes), *node.args[len(like) + 1:]) if listed else (*like, *sizes)
     elif name in _SIZED:
         sizes = _spelled_out(node)

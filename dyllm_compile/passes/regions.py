@@ -65,12 +65,10 @@ def node_flops(node: fx.Node) -> int:
         return 0
     numel = hint(prod(out.shape))
     # operands by position or keyword (transformers 5 calls conv1d(x, weight=...))
-    if name in ("linear", "matmul"):
+    if name in ("linear", "matmul") or name in GROUPED_MM:  # (a grouped product: each row times one group's weight)
         return 2 * numel * hint(tensor_value(arg(node, 0, "input")).shape[-1])
     if name == "addmm":
         return 2 * numel * hint(tensor_value(arg(node, 1, "mat1")).shape[-1])
-    if name in GROUPED_MM:  # each row times one group's weight
-        return 2 * numel * hint(tensor_value(arg(node, 0, "input")).shape[-1])
     if name == "sdpa":
         k = tensor_value(arg(node, 1, "key"))
         q = tensor_value(arg(node, 0, "query"))

@@ -10,6 +10,14 @@ Patterns matched:
 - ``flex_attention`` (a higher-order op): recorded as a site that stays dense, since its score_mod and
   block_mask may mix tokens in ways the cached-attention op does not model.
 
+Before the softmax, hand-written sites may shift the logits by their row max (``x - x.max(-1, keepdim=True)``: the
+softmax does not see it) and append an **attention sink**: ``softmax(cat([scores, s], dim=-1))[..., :-1] @ v``
+(or the sink first and ``[..., 1:]``), ``s`` a logit per query row and head that attends to nothing (GPT-OSS).
+Granite-SWA writes the same function after the softmax, ``(softmax(scores) @ v) * sigmoid(logsumexp(scores, -1) -
+s)[..., None]``: the site's context is then that product. The site records ``s`` as its ``sinks``; the pass turns
+it into ``dyllm::sdpa_with_sinks``
+(:mod:`~dyllm_compile.ops.attention_sinks`), which ``find_attention_sites`` reads like SDPA.
+
 Keys and values may extend the site's own rows by a **prefix**: ``k = cat([P_k, K], dim=tokens)`` (or ``[K, P_k]``),
 possibly head-repeated after (``repeat_kv``), likewise ``v``, where ``K`` holds q's token count and ``P_k`` is
 computed from none of the graph inputs q is computed from: a block-diffusion decoder attending to the prompt's
@@ -28,7 +36,7 @@ from typing import Any, Optional
 
 from torch import fx
 
-from .graph_utils import arg, op_name, same_size, tensor_value
+from .graph_utils import arg, example_value, index_position, normalize_dim, op_name, same_size, tensor_value
 from .head_repeat import repeated_heads_source
 
 #: ``node.meta`` key of a hand-written site's context node: why it stays as written
@@ -62,6 +70,17 @@ class AttentionSite:
     prefix_k: Optional[fx.Node] = None
     prefix_v: Optional[fx.Node] = None
     prefix_first: bool = True
+    # an attention sink: one more logit per query row (broadcastable to [B, H, R, 1]) that attends to nothing
+    sinks: Optional[fx.Node] = None
+    # "manual": the scores as the softmax reads them, without a sink column or a row-max shift
+    scores: Optional[fx.Node] = None
+    # the sinks come from ``context * sigmoid(logsumexp(scores) - s)``: broadcastable to [B, H, R], no last dim of 1
+    sinks_lse: bool = False
+
+    @property
+    def label(self) -> str:
+        """How reports name the site's attention: its kind, or hand-written (now SDPA), with sinks or not."""
+        return ("hand-written" if self.hand_written else self.kind) + ("+sinks" if self.sinks is not None else "")
 
     @property
     def heads(self) -> int:
@@ -99,7 +118,7 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
 def _sdpa_site(node: fx.Node) -> AttentionSite:
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     site = AttentionSite(node, "sdpa", q, k, v, mask=arg(node, 3, "attn_mask"),
-                         hand_written=node.meta.get(FROM_HAND_WRITTEN, False))
+                         hand_written=node.meta.get(FROM_HAND_WRITTEN, False), sinks=node.kwargs.get("sinks"))
     if arg(node, 5, "is_causal", False):
         site.dense_reason = "causal attention: a diffusion LM is bidirectional"
     return site
@@ -121,7 +140,15 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     if value is None or dim not in (-1, value.dim() - 1):
         return None
     internal = [softmax]
-    node = softmax.args[0]
+    node = _unshifted(softmax.args[0], internal)
+    sinks = None
+    if op_name(node) == "cat":
+        found = _sink_column(node)
+        if found is None:
+            return None
+        internal.append(node)
+        node, sinks, sink_first = found
+    scores_read = node
     mask = None
     while isinstance(node, fx.Node) and op_name(node) in _SCORE_OPS:
         internal.append(node)
@@ -136,6 +163,11 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
         return None
     internal.append(node)
     probs = softmax
+    if sinks is not None:  # the sink's column is dropped right after the softmax
+        probs = next(iter(softmax.users)) if len(softmax.users) == 1 else None
+        if probs is None or not _drops_sink(probs, softmax, sink_first):
+            return None
+        internal.append(probs)
     while len(probs.users) == 1 and op_name(next(iter(probs.users))) in _PROB_OPS:
         probs = next(iter(probs.users))
         internal.append(probs)
@@ -147,9 +179,129 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
             break
     if context is None:
         return None
+    sinks_lse = False
+    if sinks is None:  # a sink applied after the softmax, from the logsumexp of the logits it reads
+        gated = _lse_gate(softmax.args[0], context)
+        if gated is not None:
+            internal.append(context)
+            context, sinks, gate_nodes = gated
+            internal += gate_nodes
+            sinks_lse = True
     (q, k), einsum = scores, op_name(node) == "einsum"
     return AttentionSite(context, "manual", q, k, v, k_transposed=not einsum, mask=mask, internal=internal,
-                         dense_reason=context.meta.get(HAND_WRITTEN_REASON, ""))
+                         dense_reason=context.meta.get(HAND_WRITTEN_REASON, ""), sinks=sinks, scores=scores_read,
+                         sinks_lse=sinks_lse)
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _lse_gate(logits: Any, context: fx.Node) -> Optional[tuple[fx.Node, Any, list[fx.Node]]]:
+    """(the gated context, the sink, the gate's nodes) where ``context`` is multiplied by the share of the mass a sink
+    ``s`` leaves, computed from the logits the softmax reads: ``context * sigmoid(logsumexp(logits, -1) - s)[..., None]``
+    (Granite-SWA's form of attention sinks; casts anywhere, the singleton dim by ``unsqueeze`` or indexing); None
+    when the graph does not do that."""
+    if not isinstance(logits, fx.Node):
+        return None
+    lse = next((u for u in logits.users if op_name(u) == "logsumexp"), None)
+    ndim = tensor_value(logits).dim() if tensor_value(logits) is not None else 0
+    if (lse is None or arg(lse, 2, "keepdim", False) or not isinstance(arg(lse, 1, "dim"), (int, list, tuple))
+            or [normalize_dim(d, ndim) for d in _dims(arg(lse, 1, "dim"))] != [ndim - 1]):
+        return None
+    chain, node = [lse], lse
+    steps = iter(("sub", "sigmoid", "unsqueeze", "mul"))
+    step = next(steps)
+    sink = None
+    while (user := _only_user(node)) is not None:
+        name = op_name(user)
+        if name in CASTS:
+            chain.append(user)
+            node = user
+            continue
+        if name != step and not (step == "unsqueeze" and _indexes_new_last_dim(user, node)):
+            return None
+        if step == "sub":
+            if len(user.args) != 2 or user.args[0] is not node or not isinstance(user.args[1], fx.Node):
+                return None
+            sink = user.args[1]
+        elif step == "unsqueeze" and name == "unsqueeze" and arg(user, 1, "dim") not in (-1, ndim - 1):
+            return None
+        elif step == "mul":
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if other is not context or _only_user(context) is not user:
+                return None
+            return user, sink, chain
+        chain.append(user)
+        node, step = user, next(steps)
+    return None
+
+
+def _dims(dim: Any) -> list:
+    return list(dim) if isinstance(dim, (list, tuple)) else [dim]
+
+
+def _indexes_new_last_dim(node: fx.Node, source: fx.Node) -> bool:
+    """``source[..., None]``: a singleton dim appended by indexing."""
+    return (op_name(node) == "getitem" and node.args[0] is source and isinstance(node.args[1], tuple)
+            and node.args[1][-1] is None and all(e is Ellipsis for e in node.args[1][:-1]))
+
+
+def _unshifted(node: Any, internal: list[fx.Node]) -> Any:
+    """The softmax's input without casts and without a shift by its own row max (``x - x.max(-1,
+    keepdim=True).values`` or ``amax``: the softmax does not see it); the stripped nodes go to ``internal``."""
+    while isinstance(node, fx.Node):
+        if op_name(node) in CASTS:
+            internal.append(node)
+            node = node.args[0]
+            continue
+        if op_name(node) != "sub" or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+            return node
+        x, shift = node.args
+        reduced = shift.args[0] if op_name(shift) == "getitem" and shift.args[1] == 0 else shift
+        value = tensor_value(x)
+        if (op_name(reduced) not in ("max", "amax") or reduced.args[0] is not x or value is None
+                or not arg(reduced, 2, "keepdim", False)
+                or normalize_dim(arg(reduced, 1, "dim", 0), value.dim()) != value.dim() - 1):
+            return node
+        internal.extend(dict.fromkeys((node, shift, reduced)))
+        node = x
+    return node
+
+
+def _sink_column(cat: fx.Node) -> Optional[tuple[fx.Node, fx.Node, bool]]:
+    """(the scores, the sink, whether the sink comes first) of ``cat([scores, sink], dim=-1)`` whose sink part
+    has a last dim of 1; None for any other concatenation."""
+    parts, value = arg(cat, 0, "tensors"), tensor_value(cat)
+    if (value is None or not isinstance(parts, (list, tuple)) or len(parts) != 2
+            or not all(isinstance(p, fx.Node) and tensor_value(p) is not None for p in parts)
+            or normalize_dim(arg(cat, 1, "dim", 0), value.dim()) != value.dim() - 1):
+        return None
+    single = [same_size(tensor_value(p).shape[-1], 1) for p in parts]
+    if single == [False, True]:
+        return parts[0], parts[1], False
+    if single == [True, False]:
+        return parts[1], parts[0], True
+    return None
+
+
+def _drops_sink(node: fx.Node, softmax: fx.Node, sink_first: bool) -> bool:
+    """Whether ``node`` is ``softmax[..., :-1]`` (``[..., 1:]`` when the sink comes first): the probabilities
+    without the sink's column, every other dim whole."""
+    if op_name(node) != "getitem" or node.args[0] is not softmax or not isinstance(node.args[1], tuple):
+        return False
+    index, ndim = node.args[1], tensor_value(softmax).dim()
+    last = index_position(list(index), ndim, ndim - 1)
+    full = slice(None, None, None)
+    if last is None or any(e is not Ellipsis and e != full for i, e in enumerate(index) if i != last):
+        return False
+    cut, scores = index[last], tensor_value(softmax).shape[-1] - 1
+    if not isinstance(cut, slice) or cut.step not in (None, 1):
+        return False
+    start, stop = (example_value(e) if isinstance(e, fx.Node) else e for e in (cut.start, cut.stop))
+    if sink_first:
+        return start == 1 and stop is None
+    return start in (None, 0) and (stop == -1 or (stop is not None and same_size(stop, scores)))
 
 
 def _product(node: Any, out: str, left: str, right: str) -> Optional[tuple[Any, Any]]:

@@ -34,6 +34,7 @@ _ALIASES = {
     "itruediv": "div",
     "_unsafe_view": "view",
     "scaled_dot_product_attention": "sdpa",
+    "sdpa_with_sinks": "sdpa",  # dyllm's SDPA with attention sinks (ops/attention_sinks.py): its ``sinks`` kwarg
     "bmm": "matmul",
     "mm": "matmul",
 }

@@ -15,7 +15,10 @@ q's and k's last dims) by, in this order,
 and ``kT`` the keys transposed over their last two dims (any other operand of a matmul is transposed back). It
 becomes ``sdpa(q', k, v, attn_mask=the masks' sum in additive form, scale=the numbers' product)``, ``q'`` being
 ``q`` times the tensor factors, with casts of q and k stripped where they only made them differ from v's dtype
-(SDPA accumulates in fp32 either way).
+(SDPA accumulates in fp32 either way). A site with an attention sink (``softmax(cat([scores, s], -1))[..., :-1]``,
+:mod:`~dyllm_compile.passes.attention_sites`) becomes ``dyllm::sdpa_with_sinks`` with the same operands and
+``sinks=s`` (taken before an ``expand`` that only broadcasts it). A shift of the logits by their row max before the
+softmax is dropped like a shift by a number.
 
 Invariant: the result is the same function of the graph's inputs up to floating-point rounding, including rows
 whose every key is masked by a finite fill (an absorbing fill makes ``score + fill`` equal ``fill`` exactly; a
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..ops.attention_sinks import sdpa_with_sinks
 from .attention_sites import CASTS, FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
 from .graph_utils import arg, example_value, normalize_dim, op_name, same_size, tensor_value
@@ -67,6 +71,7 @@ class _Recipe:
     added: list[fx.Node] = field(default_factory=list)  # tensors added to the scores
     filled: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (m, the scores are filled where m holds)
     fill: Optional[float] = None  # what they are filled with: -inf, or a finite absorbing value
+    sinks: Optional[fx.Node] = None  # the sink logits, before any broadcast to the scores' shape
     dropped: list[fx.Node] = field(default_factory=list)  # the pattern's nodes, erased once unused
 
 
@@ -101,16 +106,29 @@ def _recipe(site: AttentionSite) -> Union[_Recipe, str]:
     if dropout is not None and arg(dropout, 2, "training", True) and arg(dropout, 1, "p", 0.5) != 0:
         return "attention dropout in training mode"
     recipe = _Recipe(site, site.q, site.k, site.k_transposed, site.v, 1.0, dropped=[context, *site.internal])
+    if site.sinks is not None:
+        recipe.sinks = _unbroadcast(site.sinks, recipe.dropped)
     return _read_scores(recipe, pattern) or _read_operands(recipe) or recipe
+
+
+def _unbroadcast(node: fx.Node, dropped: list[fx.Node]) -> fx.Node:
+    """``node`` before the ``expand`` calls that only broadcast it (GPT-OSS expands its per-head sinks to the scores'
+    shape), and casts among them: the op broadcasts the sinks and casts them to the scores' dtype itself."""
+    while op_name(node) in CASTS | {"expand"} and len(node.users) == 1 and isinstance(node.args[0], fx.Node):
+        source, value = tensor_value(node.args[0]), tensor_value(node)
+        if source is None or source.dim() != value.dim():
+            break
+        dropped.append(node)
+        node = node.args[0]
+    return node
 
 
 def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
     """Reads the ops from the scores' product to the softmax into ``recipe``'s scale, factors and masks; or says
     why they are not a scale followed by additive masks."""
-    softmax = recipe.site.internal[0]
     scores = next(n for n in recipe.site.internal if op_name(n) in ("matmul", "einsum"))
     chain = []  # (op, its operand on the chain, its other operands), from the softmax back to the product
-    node = softmax.args[0]
+    node = recipe.site.scores
     while node is not scores:
         on_chain = next((a for a in node.args if a is scores or a in pattern), None)
         if on_chain is None:
@@ -250,7 +268,13 @@ def _replace(graph: fx.Graph, recipe: _Recipe, copies: dict[fx.Node, fx.Node]) -
     mask = functools.reduce(lambda a, b: emit(operator.add, a, b), terms) if terms else None
     if mask is not None and tensor_value(mask).dtype != dtype:
         mask = emit(torch.Tensor.to, mask, dtype)
-    out = emit(F.scaled_dot_product_attention, q, k, mapped(recipe.v), attn_mask=mask, scale=recipe.scale)
+    if recipe.sinks is None:
+        out = emit(F.scaled_dot_product_attention, q, k, mapped(recipe.v), attn_mask=mask, scale=recipe.scale)
+    else:
+        sinks = mapped(recipe.sinks)
+        if recipe.site.sinks_lse:  # a logit per row of the context, not per score column: give it the key dim
+            sinks = emit(torch.unsqueeze, sinks, -1)
+        out = emit(sdpa_with_sinks, q, k, mapped(recipe.v), sinks=sinks, attn_mask=mask, scale=recipe.scale)
     out.meta[FROM_HAND_WRITTEN] = True
     context.replace_all_uses_with(out)
     erase_unused(graph, (copies[n] for n in recipe.dropped))

@@ -87,6 +87,60 @@ def x_transformers(q, k, v, mask):
     return torch.einsum("bhij,bhjd->bhid", scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), v)
 
 
+def gpt_oss(q, k, v, sinks, mask):
+    """GPT-OSS: a learned sink logit per head concatenated to the scores, the row max subtracted, the softmax in the
+    scores' dtype, the sink's column dropped."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+    column = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+    logits = torch.cat([scores, column], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    return torch.matmul(F.dropout(probs, p=0.1, training=False).to(v.dtype), v)
+
+
+def flint(q, k, v, sinks):
+    """Flint: fp32 scores, the sink expanded to the scores' leading dims, no shift."""
+    scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * 0.3
+    column = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.matmul(F.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1].to(v.dtype), v)
+
+
+def sink_first(q, k, v, sinks):
+    """A sink logit per row and head given whole ([B, H, N, 1]), its column first and dropped as ``[:, :, :, 1:]``,
+    the shift by ``amax``."""
+    logits = torch.cat([sinks, q @ k.transpose(-1, -2) * 0.3], dim=3)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    return torch.softmax(logits, dim=-1)[:, :, :, 1:] @ v
+
+
+def row_max_shift(q, k, v):
+    """No sink: a shift by the row max only, which the softmax does not see."""
+    scores = q @ k.transpose(-1, -2) * 0.3
+    return torch.softmax(scores - scores.max(-1, keepdim=True)[0], dim=-1) @ v
+
+
+def granite_swa(q, k, v, sinks, mask):
+    """Granite-SWA: the sink applied after the softmax, as the share of the mass it leaves, in fp32."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+    gate = (torch.logsumexp(scores, dim=-1) - sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+    out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return out * gate.unsqueeze(-1).to(out.dtype)
+
+
+def lse_gate_indexed(q, k, v, sinks):
+    """The same with a sink per row ([B, H, N]), the gate first in the product and its dim added by indexing."""
+    scores = q @ k.transpose(-1, -2) * 0.3
+    return torch.sigmoid(scores.logsumexp(-1) - sinks)[..., None] * (scores.softmax(-1) @ v)
+
+
+SINKS = {
+    "granite_swa": (granite_swa, lambda: (*qkv(), torch.randn(H), torch.where(padding_mask(), 0.0, LOWEST))),
+    "lse_gate_indexed": (lse_gate_indexed, lambda: (*qkv(), torch.randn(B, H, N))),
+    "gpt_oss": (gpt_oss, lambda: (*qkv(), torch.randn(H), torch.where(padding_mask(), 0.0, LOWEST))),
+    "flint": (flint, lambda: (*qkv(), torch.randn(H))),
+    "sink_first": (sink_first, lambda: (*qkv(), torch.randn(B, H, N, 1))),
+}
+
 ACCEPTED = {
     "llama_eager": (llama_eager, lambda: (*qkv(), torch.zeros(B, 1, N, N))),
     "bert": (bert, lambda: (*qkv(), torch.where(padding_mask(), 0.0, LOWEST))),
@@ -97,6 +151,8 @@ ACCEPTED = {
     "keys_given_transposed": (keys_given_transposed, lambda: (qkv()[0], qkv()[1].transpose(-2, -1), qkv()[2])),
     "per_head_scale": (per_head_scale, lambda: (*qkv(), torch.rand(H, 1, 1) + 0.5)),
     "x_transformers": (x_transformers, lambda: (*qkv(), padding_mask())),
+    "row_max_shift": (row_max_shift, qkv),
+    **SINKS,
 }
 
 
@@ -109,9 +165,9 @@ def test_hand_written_attention_becomes_sdpa(name):
     after = ops(new)
     assert "softmax" in before and "sdpa" not in before
     assert new is not gm and ops(gm) == before  # a copy: Dynamo's graph is as it was
-    assert after.count("sdpa") == 1 and "softmax" not in after and not {"matmul", "einsum"} & set(after), after
+    assert after.count("sdpa") == 1 and not {"softmax", "logsumexp", "matmul", "einsum"} & set(after), after
     (site,) = find_attention_sites(new.graph)
-    assert site.kind == "sdpa" and site.hand_written
+    assert site.kind == "sdpa" and site.hand_written and (site.sinks is not None) == (name in SINKS)
     assert_same_function(gm, new, inputs)
 
 
@@ -126,6 +182,24 @@ def test_graph_before_and_after():
     q, k, v, mask = (inputs[f"l_{name}_"] for name in ("q", "k", "v", "mask"))
     assert ops(new) == ["sdpa"]
     assert sdpa.args == (q, k, v) and sdpa.kwargs == {"attn_mask": mask, "scale": 1 / math.sqrt(D)}
+
+
+def test_attention_sink_graph_before_and_after():
+    """GPT-OSS's form, op by op: scores, sink column, shift, softmax, the column dropped, dropout, cast and product
+    become one ``dyllm::sdpa_with_sinks`` whose ``sinks`` is the per-head logit as reshaped, before its broadcast
+    (the op broadcasts it), with the mask and the scale as SDPA would take them."""
+    gm, inputs = traced(gpt_oss, *SINKS["gpt_oss"][1]())
+    assert ops(gm) == ["transpose", "matmul", "mul", "add", "reshape", "expand", "cat", "max", "getitem", "sub",
+                       "softmax", "getitem", "dropout", "to", "matmul"]
+    new = sdpa_from_hand_written(gm)
+    assert ops(new) == ["reshape", "sdpa"]
+    (node,) = [n for n in new.graph.nodes if op_name(n) == "sdpa"]
+    placeholders = {n.name: n for n in new.graph.nodes if n.op == "placeholder"}
+    q, k, v, mask = (placeholders[f"l_{name}_"] for name in ("q", "k", "v", "mask"))
+    assert node.target is torch.ops.dyllm.sdpa_with_sinks.default and node.args == (q, k, v)
+    assert node.kwargs == {"sinks": next(n for n in new.graph.nodes if op_name(n) == "reshape"), "attn_mask": mask,
+                           "scale": D ** -0.5}
+    assert_same_function(gm, new, inputs)
 
 
 def test_gptj_scale_tensor_moves_to_queries():
@@ -214,6 +288,25 @@ def mask_from_scores(q, k, v):
     return torch.softmax(scores.masked_fill(scores < 0, float("-inf")), dim=-1) @ v
 
 
+def sink_from_scores(q, k, v):
+    """A "sink" computed from the scores themselves: they are read outside the attention's pattern."""
+    scores = q @ k.transpose(-1, -2)
+    return torch.softmax(torch.cat([scores, scores.mean(-1, keepdim=True)], dim=-1), dim=-1)[..., :-1] @ v
+
+
+def lse_gate_context_returned(q, k, v, sinks):
+    """The sink-free context is returned too: the logsumexp reads the scores outside a sink's pattern."""
+    scores = q @ k.transpose(-1, -2)
+    context = scores.softmax(-1) @ v
+    return context * torch.sigmoid(scores.logsumexp(-1) - sinks)[..., None], context
+
+
+def lse_gate_inverted(q, k, v, sinks):
+    """sigmoid(s - logsumexp): the sink's share, not the share it leaves."""
+    scores = q @ k.transpose(-1, -2)
+    return (scores.softmax(-1) @ v) * torch.sigmoid(sinks - scores.logsumexp(-1)).unsqueeze(-1)
+
+
 REFUSED = {
     "non_absorbing_fill": (non_absorbing_fill, lambda: (*qkv(), ~padding_mask()),
                            "fills the scores with -1e+09, which is neither -inf nor below -1e+30"),
@@ -223,7 +316,32 @@ REFUSED = {
     "soft_capped": (soft_capped, qkv, "(tanh) on the scores is not a scale or an additive mask"),
     "per_key_scale": (per_key_scale, lambda: (*qkv(), torch.rand(N)), "varies along the keys"),
     "mask_from_scores": (mask_from_scores, qkv, "'scores' (scores or probabilities) is also used outside"),
+    "sink_from_scores": (sink_from_scores, qkv, "(scores or probabilities) is also used outside"),
+    "lse_gate_context_returned": (lse_gate_context_returned, lambda: (*qkv(), torch.randn(H, 1)),
+                                  "(scores or probabilities) is also used outside"),
+    "lse_gate_inverted": (lse_gate_inverted, lambda: (*qkv(), torch.randn(H, 1)),
+                          "(scores or probabilities) is also used outside"),
 }
+
+
+def sink_column_kept(q, k, v, sinks):
+    """The sink's probability is not dropped but multiplies a value row of its own: not attention with a sink."""
+    probs = torch.softmax(torch.cat([q @ k.transpose(-1, -2), sinks], dim=-1), dim=-1)
+    return probs @ torch.cat([v, torch.ones_like(v[:, :, :1])], dim=2)
+
+
+def two_columns(q, k, v, extra):
+    """Two extra logits, one dropped: the other still takes mass, so it is no sink."""
+    probs = torch.softmax(torch.cat([q @ k.transpose(-1, -2), extra], dim=-1), dim=-1)
+    return probs[..., :-2] @ v
+
+
+@pytest.mark.parametrize("fn, extra", [(sink_column_kept, (B, H, N, 1)), (two_columns, (B, H, N, 2))])
+def test_extra_logits_that_are_not_a_sink_are_no_site(fn, extra):
+    """Anything but one column concatenated to the scores and dropped right after the softmax is not attention:
+    no site is found (the graph then stays dense, its reason named: tests/passes/test_hf_attention.py)."""
+    gm, _ = traced(fn, *qkv(), torch.randn(extra))
+    assert find_attention_sites(gm.graph) == [] and sdpa_from_hand_written(gm) is gm
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

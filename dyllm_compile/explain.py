@@ -58,8 +58,7 @@ class Report:
             kv_heads = int(tensor_value(cut_head_repeat(chains["k"], graph.infos).exit).shape[1])
             rows.append(LayerRow(
                 layer=site.layer,
-                attention=("hand-written" if site.hand_written else site.kind)
-                + (" (dense)" if site.dense_reason else ""),
+                attention=site.label + (" (dense)" if site.dense_reason else ""),
                 heads=site.heads,
                 kv_heads=kv_heads,
                 gated=[_label(p) for p in parts if gated(p)],
@@ -90,11 +89,12 @@ class Report:
             # columns as wide as their longest entry (an LFM2 layer gates three branches besides q, k, v)
             wide_gated = max([34] + [len(", ".join(row.gated)) + 2 for row in rows])
             wide_dense = max([24] + [len(", ".join(row.dense)) + 2 for row in rows])
-            lines.append(f"{'layer':<7}{'attention':<12}{'heads':>6}{'kv':>4}  {'gated':<{wide_gated}}"
+            wide_attention = max([12] + [len(row.attention) + 1 for row in rows])
+            lines.append(f"{'layer':<7}{'attention':<{wide_attention}}{'heads':>6}{'kv':>4}  {'gated':<{wide_gated}}"
                          f"{'dense':<{wide_dense}}{'share':>9}")
             for row in rows:
                 name = "head" if row.layer < 0 else str(row.layer)
-                lines.append(f"{name:<7}{row.attention:<12}{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
+                lines.append(f"{name:<7}{row.attention:<{wide_attention}}{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
                              f"{', '.join(row.gated):<{wide_gated}}{', '.join(row.dense):<{wide_dense}}"
                              f"{100 * row.share:>8.1f}%")
             for reason in graph.dense_reasons:

@@ -67,7 +67,7 @@ class GraphAnalysis:
                     f"hidden-state input that changed")
         if not self.sites:
             return f"dyllm: graph {self.graph_id}: nothing to gate ({'; '.join(self.dense_reasons)})"
-        kinds = Counter("hand-written sdpa" if s.hand_written else s.kind for s in self.sites)
+        kinds = Counter(s.label for s in self.sites)
         share = self.gated_flops / max(1, self.total_flops)
         mixing = f", {len(self.mixing)} other token-mixing values tested per call" if self.mixing else ""
         return (

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 from ..config import DyllmConfig
+from ..ops.attention_sinks import with_sinks
 from ..ops.cached_attention import cached_attention_or_dense, default_scale  # registers dyllm::cached_attention
 from ..policies import Policy, PolicyHook, resolve
 from ..runtime import rows
@@ -161,6 +162,9 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                     plan.gated_q = True
                     regions.append(chains["q"])
                     region_caches[id(chains["q"])] = plan.caches["q"]
+            # The softmax statistics: exact mode's running ones; with a sink, what gates every row's context
+            # (ops/attention_sinks.py), the rows outside the queried ones included
+            if config.attention_mode == "exact" or site.sinks is not None:
                 plan.caches["m"] = add_cache(f"L{site.layer}.m", None)
                 plan.caches["l"] = add_cache(f"L{site.layer}.l", None)
         plan.caches["c"] = add_cache(f"L{site.layer}.c", site.node)
@@ -287,6 +291,9 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
         return SitePlan(site, False, "the keys' prefix carries the token axis")
     if any(not same_size(tensor_value(n).shape[0], q.shape[0]) for n in prefix):  # no guard on a symbolic batch
         return SitePlan(site, False, "the keys' prefix is broadcast over the batch")
+    problem = _sinks_problem(site, infos)
+    if problem:
+        return SitePlan(site, False, problem)
     scale = arg(site.node, 6, "scale")
     if isinstance(scale, fx.Node):
         # A float attribute Dynamo made a 0-d input (``dynamic=True``: transformers 5's ``self.scaling``): its
@@ -295,6 +302,19 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
             return SitePlan(site, False, f"the attention scale '{scale.name}' is computed in the graph")
         return SitePlan(site, True, scale=scale)
     return SitePlan(site, True, scale=float(scale) if scale is not None else default_scale(q.shape[-1]))
+
+
+def _sinks_problem(site: AttentionSite, infos) -> str:
+    """Why the site's attention sinks cannot gate its cached context: they must broadcast to [B, H, N, 1], and where
+    they carry the token axis, it must be the queries'."""
+    if site.sinks is None:
+        return ""
+    value, axis = tensor_value(site.sinks), infos[site.sinks].axis
+    if value is None or value.dim() != 4 or not same_size(value.shape[-1], 1):
+        return "the attention sinks are not [batch, heads, rows, 1]"
+    if axis is not None and axis != infos[site.q].axis:
+        return "the attention sinks' rows are not the queries' rows"
+    return ""
 
 
 def _plan_values(plan: SitePlan, chains: dict[str, Region], graph: fx.Graph) -> SitePlan:
@@ -438,7 +458,7 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             b.outputs = node.args[0]
             continue
         site = by_node.get(node)
-        if exact and site is not None and site.cached:
+        if site is not None and site.cached and (exact or site.site.sinks is not None):
             s = site.site
             q, k, v = b.env[s.q], b.env[site.kv["k"].exit], b.env[site.kv["v"].exit]
             everyone = b.call(rows.all_rows, q, 2)
@@ -447,12 +467,15 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
                                                                                       _mask(b, s)])
             out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, q, zero, zero, flags, mask,
                          _scale(b, site), "exact", plan.config.recompute_share, *positions)
-            b.env[node] = b.item(out, 0)
-            stats[site.caches["m"]], stats[site.caches["l"]] = b.item(out, 1), b.item(out, 2)
+            context, m, l = (b.item(out, i) for i in range(3))
+            stats[site.caches["m"]], stats[site.caches["l"]] = m, l
+            if s.sinks is not None:  # the cache holds the sink-free context, which the cached attention updates
+                stats[site.caches["c"]] = context
+                context = b.call(with_sinks, context, m, l, b.env[s.sinks])
+            b.env[node] = context
             continue
         b.env[node] = b.copy(node)
-    extra = [stats[i] if spec.node is None else b.env[spec.node]
-             for i, spec in enumerate(plan.caches)]
+    extra = [stats[i] if i in stats else b.env[spec.node] for i, spec in enumerate(plan.caches)]
     return b.finish(extra)
 
 
@@ -631,6 +654,9 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             salient = b.call(operator.or_, salient, forced_rows[site.site.layer])
         elif "after_attention" in policy.hooks():
             salient = hook("after_attention", site.site.layer, 2, salient, context, c_old)
+        if site.cached and site.site.sinks is not None:  # saliency compared the sink-free contexts, as cached
+            context = b.call(with_sinks, context, new_cache[site.caches["m"]], new_cache[site.caches["l"]],
+                             b.env[site.site.sinks])
         b.env[node] = context
         fractions.append(b.call(rows.salient_fraction, salient))
     extra = [new_cache[i] for i in range(len(plan.caches))]
@@ -773,7 +799,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
     out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
                  _scale(b, site), plan.config.attention_mode, plan.config.recompute_share, *extra)
-    if exact:
+    if "m" in site.caches:  # exact mode's running statistics, or what a sink gates every row's context with
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))
     return put(c_cache, b.item(out, 0))

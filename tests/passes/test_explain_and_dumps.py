@@ -57,6 +57,16 @@ def test_explain_names_why_sites_stay_dense(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_explain_names_attention_with_sinks():
+    """Hand-written attention with a sink per head is one attention node, cached, its q/k/v projections gated."""
+    entry = ZOO["sinks"]
+    report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False)
+    rows = report.layers(report.graphs[0])
+    assert [r.attention for r in rows[:2]] == ["hand-written+sinks"] * 2
+    assert rows[0].gated == ["q proj", "k proj", "v proj", "ffn"]
+    assert re.search(r"\n0\s+hand-written\+sinks\s+4\s+2\s+q proj", report.table())
+
+
 def test_explain_validates_options():
     with pytest.raises(ValueError, match="unknown dyllm option"):
         dyllm_compile.explain(ZOO["llada"].build(), *ZOO["llada"].inputs(1, 8), bogus=1)
@@ -75,7 +85,7 @@ def test_backend_logs_summary_and_dumps_graphs_before_and_after_each_pass(tmp_pa
     compiled = torch.compile(model, backend="dyllm", options={"lowering": "eager", "debug_dir": str(tmp_path)})
     with caplog.at_level(logging.INFO, logger="dyllm_compile"), torch.inference_mode():
         torch.testing.assert_close(compiled(*entry.inputs(1, 12)), model(*entry.inputs(1, 12)))
-    assert any("2 attention sites (2 hand-written sdpa)" in m and "'ffn': 2" in m for m in caplog.messages)
+    assert any("2 attention sites (2 hand-written)" in m and "'ffn': 2" in m for m in caplog.messages)
     (graph_dir,) = list(tmp_path.iterdir())
     dumps = sorted(p.name for p in graph_dir.iterdir())
     assert dumps == ["00_in_place_writes.after.txt", "00_in_place_writes.before.txt",

@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import transformers
 from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, Ernie4_5_MoeConfig,
                           Ernie4_5_MoeForCausalLM, FalconConfig, FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           Glm4MoeConfig, Glm4MoeForCausalLM, GPT2Config, GPT2LMHeadModel, GraniteMoeConfig,
-                          GraniteMoeForCausalLM,
-                          GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM, ModernBertConfig, ModernBertForMaskedLM,
-                          MixtralConfig, MixtralForCausalLM, MptConfig, MptForCausalLM, OlmoeConfig,
-                          OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, PhimoeConfig, PhimoeForCausalLM,
-                          PretrainedConfig, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          GraniteMoeForCausalLM, GPTJConfig, GPTJForCausalLM, GptOssConfig, GptOssForCausalLM,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Lfm2Config, Lfm2ForCausalLM,
+                          ModernBertConfig, ModernBertForMaskedLM, MixtralConfig, MixtralForCausalLM, MptConfig,
+                          MptForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, PhimoeConfig,
+                          PhimoeForCausalLM, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
@@ -50,7 +50,12 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         num_key_value_heads=4, first_k_dense_replace=2, **SMALL), True),
 }
-EAGER = {"llama_eager", "gptj", "mpt", "gemma2"}
+if hasattr(transformers, "GraniteSWAConfig"):  # transformers 5
+    # attention sinks applied after the softmax, out * sigmoid(logsumexp(scores) - s) (hand-written attention only),
+    # full and sliding-window layers
+    ARCHITECTURES["granite_swa"] = lambda: (transformers.GraniteSWAForCausalLM, transformers.GraniteSWAConfig(
+        num_key_value_heads=2, **SMALL), True)
+EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "gpt_oss", "granite_swa"}
 
 #: Architectures whose attention stays dense (and why), built like the others.
 DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
@@ -94,6 +99,11 @@ MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         num_key_value_heads=4, first_k_dense_replace=0, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
         topk_group=1, moe_intermediate_size=32, **SMALL), True),
+    # attention sinks (a learned logit per head, in hand-written attention only), sliding-window and full layers,
+    # experts with clamped SwiGLU and biases
+    "gpt_oss": lambda: (GptOssForCausalLM, GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2), True),
 }
 
 

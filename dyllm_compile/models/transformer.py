@@ -49,6 +49,10 @@ class TransformerConfig:
     moe_routing: str = "dense"
     attention: str = "sdpa"  # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums)
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
+    # attention sinks, with hand-written attention: one more softmax logit per row and head that attends to nothing,
+    # concatenated to the scores and dropped after the softmax (GPT-OSS): "none" | "head" (a learned logit per
+    # head) | "row" (projected from each row's attention input)
+    sinks: str = "none"
     qkv_bias: bool = False
     fused_qkv: bool = False  # one projection for q, k and v, split three ways (LLaDA's att_proj)
     mlp_bias: bool = False
@@ -79,6 +83,8 @@ class TransformerConfig:
             "moe_capacity only with dense routing": self.moe_capacity is None or self.moe_routing == "dense",
             "attention in (sdpa, manual, einsum)": self.attention in ("sdpa", "manual", "einsum"),
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
+            "sinks in (none, head, row)": self.sinks in ("none", "head", "row"),
+            "sinks only with attention in (manual, einsum)": self.sinks == "none" or self.attention != "sdpa",
             "positions in (rope, learned)": self.positions in ("rope", "learned"),
             "rope_table in (cached, computed)": self.rope_table in ("cached", "computed"),
             "0 < rotary_fraction <= 1": 0 < self.rotary_fraction <= 1,
@@ -188,6 +194,10 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = make_norm(cfg, hd)
             self.k_norm = make_norm(cfg, hd)
+        if cfg.sinks == "head":  # spread, so that heads differ in how much mass their sink takes
+            self.sinks = nn.Parameter(torch.linspace(-1.0, 2.0, cfg.n_heads))
+        elif cfg.sinks == "row":
+            self.sink_proj = nn.Linear(cfg.d_model, cfg.n_heads)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, N, heads, head_dim], k and v [B, N, kv_heads, head_dim]; q and k normed with ``qk_norm``."""
@@ -228,13 +238,25 @@ class Attention(nn.Module):
                 scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / math.sqrt(cfg.head_dim)
             if mask is not None:
                 scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
-            probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+            if cfg.sinks == "none":
+                probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+            else:  # as GPT-OSS writes it: the sink's column concatenated, the row max subtracted, the column dropped
+                logits = torch.cat([scores, self.sink_logits(x, scores)], dim=-1).float()
+                logits = logits - logits.max(dim=-1, keepdim=True).values
+                probs = F.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
             out = torch.matmul(probs, v) if cfg.attention == "manual" else torch.einsum("bhij,bhjd->bhid", probs, v)
         elif cfg.gqa == "enable_gqa" and n_rep > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, cfg.d_model))
+
+
+    def sink_logits(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """[B, heads, N, 1]: each row's sink logit per head."""
+        if self.cfg.sinks == "head":
+            return self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        return self.sink_proj(x).transpose(1, 2).unsqueeze(-1).to(scores.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -3,7 +3,8 @@
 Written against the model's modules, independently of the compiler: rows are selected with masks (every row
 computed, then ``where(salient, fresh, cached)``), attention per DESIGN.md section 2: paper mode
 ``c_old + softmax(q K^T)(V - V_old)`` for rows outside S_in; exact mode dense attention with the cached query
-for rows outside S_in.
+for rows outside S_in. With attention sinks, the context cached and compared is the sink-free one; the layer's
+output scales it by ``sigmoid(logsumexp(q K^T) - sink)``, the share of the mass the sink leaves (docs/rewrite.md).
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ class Oracle:
                     cos = F.cosine_similarity(c.transpose(1, 2).flatten(2), c_old.transpose(1, 2).flatten(2), dim=-1)
                     salient = salient | (cos < self.threshold)
             layer_fractions.append(salient.float().mean().item())
+            if cfg.sinks != "none":  # the sink takes its share of each row's softmax mass from the cached context
+                lse = torch.logsumexp(torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(cfg.head_dim), -1)
+                if queried is not None:  # rows not queried keep their share too
+                    lse = torch.where(_rows(queried, 3, 2), lse, self.caches[f"{i}.lse"])
+                self.caches[f"{i}.lse"] = lse
+                c = c * torch.sigmoid(lse - a.sink_logits(x, lse[..., None])[..., 0].float())[..., None]
             o = a.o_proj(c.transpose(1, 2).reshape(b, n, cfg.d_model))
             if self.output_projection == "salient":
                 o, _ = self._keep(f"{i}.o", o, salient, 1, dense)

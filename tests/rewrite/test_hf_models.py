@@ -4,7 +4,8 @@ BERT (post-LN, learned positions, masked LM), ModernBERT (one fused q/k/v projec
 GeGLU) and decoder architectures called with a full 4-d mask (bidirectional, as Dream runs its Qwen2 layers):
 Qwen2, GPT-2 (Conv1D as addmm), GPT-NeoX and Falcon (parallel attention and MLP summed before the residual),
 Phi-3 (a fused projection sliced three ways), and hand-written ("eager") attention: Llama's, GPT-J's (q and k cast
-to fp32, scores divided by a tensor), MPT's (ALiBi bias, padding filled with the lowest float). None is known to
+to fp32, scores divided by a tensor), MPT's (ALiBi bias, padding filled with the lowest float), Granite-SWA's
+(attention sinks applied after the softmax; transformers 5). None is known to
 the compiler: each site is found from the graph and cached, no site stays dense, and every layer's FFN is gated."""
 
 import importlib.util
@@ -84,8 +85,9 @@ def test_hf_moe_grouped_mm_experts_threshold_one_equals_dense(name, dynamic):
     grouped product per projection, the inverse permutation. Each layer's MoE is gated (before, the sort kept it
     dense); DeepSeek-V3's group-limited router too (before, its broadcast group mask, ``expand`` from size 1, and
     its ``bool`` cast had no rule), and Phi-MoE's, whose expert ids are two maxima's indices concatenated (before,
-    not known to be indices inside the histogram's range). ``dynamic``: the inverse permutation's ``arange`` as long
-    as a symbolic batch times the rows."""
+    not known to be indices inside the histogram's range). GPT-OSS's attention, hand-written with a sink per head,
+    is cached (before, no site was found and nothing in the graph was gated). ``dynamic``: the inverse
+    permutation's ``arange`` as long as a symbolic batch times the rows."""
     _moe_equals_dense(name, "grouped_mm", (), dynamic)
 
 

@@ -17,13 +17,16 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # SDPA before the analysis, its products as matmuls or as einsums; the oracle computes attention its own way, so
 # it checks that replacement too); an MoE dispatching each expert's rows; an MoE on rows sorted by expert
 # (grouped products, the inverse permutation); q/k norms on the heads folded into the rows (in the k chain and
-# exact mode's q chain).
+# exact mode's q chain); attention sinks (GPT-OSS's, a logit per head; and one projected from each row), which
+# scale each row's cached sink-free context.
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
                 "moe_dispatch": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch"),
                 "moe_grouped": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="grouped"),
-                "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows")}
+                "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows"),
+                "sinks": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2, sinks="head"),
+                "row_sinks": lambda: llada_like("tiny", init_std=0.2, attention="einsum", sinks="row")}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
@@ -138,6 +141,20 @@ def test_query_pruning_matches_oracle(arch, mode, batch):
     assert list(runtime.sparse_fns) and {key[:2] for key in runtime.sparse_fns} == {(None, None)}
     assert runtime.stats.sparse_compiles == 1
     assert runtime.stats.rows_computed < 0.8 * runtime.stats.rows_dense
+
+
+@pytest.mark.parametrize("arch", ["sinks", "row_sinks"])
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_attention_sinks_with_query_pruning_match_oracle(arch, mode):
+    """With query pruning, rows not queried keep their sink's share of the mass (the cached softmax statistics
+    it is computed from, kept in paper mode too) as well as their context."""
+    options = {"attention_mode": mode, "query_pruning_period": 4, "mask_token_id": MASK}
+    lock, oracle = _run(arch, 3, options, dict(mode=mode, threshold=0.99, query_pruning_period=4))
+    assert lock.steps == 16
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert runtime.plan.prunes_queries and all(site.cached and site.site.sinks is not None
+                                               for site in runtime.plan.sites)
+    assert {spec.name for spec in runtime.plan.caches} >= {"L0.c", "L0.m", "L0.l", "L1.c", "L1.m", "L1.l"}
 
 
 def test_query_pruning_buckets_match_oracle():

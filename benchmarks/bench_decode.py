@@ -92,9 +92,12 @@ FFNS = {"swiglu": {}, "moe": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
                        attention: str = "sdpa", ffn: str = "swiglu", **_) -> Workload:
     shape = dict(d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511)
-    model = llada_like("tiny", attention=attention, **{**shape, **FFNS[ffn]})
+    # "sinks": hand-written attention with a learned sink logit per head (GPT-OSS's form)
+    forms = {"sdpa": {}, "manual": dict(attention="manual"), "sinks": dict(attention="manual", sinks="head")}
+    model = llada_like("tiny", **{**shape, **forms[attention], **FFNS[ffn]})
     prompts = torch.randint(1, 511, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
-    name = ("llada-like 4L d512" + (", hand-written attention" if attention == "manual" else "")
+    name = ("llada-like 4L d512" + {"sdpa": "", "manual": ", hand-written attention",
+                                    "sinks": ", hand-written attention with a sink per head"}[attention]
             + ("" if ffn == "swiglu" else f", {ffn} (8 experts, top 2)"))
     return Workload(name, model, prompts, gen_length, block_length, gen_length, "random")
 
@@ -510,8 +513,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=None,
                         help=f"--model llada/dream: prompt tokens (default {FULL_SIZE_TOKENS} in all with the 256 "
                              "generated)")
-    parser.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
-                        help="--model reference: attention as one SDPA call or written by hand (softmax(q k^T) v)")
+    parser.add_argument("--attention", choices=("sdpa", "manual", "sinks"), default="sdpa",
+                        help="--model reference: attention as one SDPA call, written by hand (softmax(q k^T) v), or "
+                             "written by hand with a learned sink logit per head (GPT-OSS's form)")
     parser.add_argument("--ffn", choices=sorted(FFNS), default="swiglu",
                         help="--model reference: its FFN, or an MoE (8 experts, top 2) computing every expert on "
                              "every row, dispatching each expert's rows (torch.where, index_add_: OLMoE's and "

@@ -1,5 +1,6 @@
 """torch.library custom ops of dyllm-compile, each with its fake impl and plain-torch reference."""
 
+from .attention_sinks import sdpa_with_sinks, sdpa_with_sinks_reference
 from .cached_attention import MODES, cached_attention, cached_attention_reference
 
-__all__ = ["MODES", "cached_attention", "cached_attention_reference"]
+__all__ = ["MODES", "cached_attention", "cached_attention_reference", "sdpa_with_sinks", "sdpa_with_sinks_reference"]

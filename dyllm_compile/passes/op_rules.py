@@ -325,21 +325,18 @@ class Rules(SortedRows):
         return self._row(axis.dim, axis)
 
     def _reduction(self, node: fx.Node, out: Any) -> Info:
-        x = node.args[0]
-        value, axis = tensor_value(x), self.axis_of(x)
-        name = op_name(node)
-        dim = arg(node, 2, "dim") if name == "norm" else arg(node, 1, "dim", arg(node, 1, "axis"))
-        if axis is None or dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        name, axis = op_name(node), self.axis_of(node.args[0])
+        dims = _reduced_dims(node)
+        if axis is None or dims is None:
             return self._mixing(node, f"'{name}' over all dims")
-        dims = {normalize_dim(d, value.dim()) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
-        if not all(isinstance(d, int) for d in dims):
+        if not dims:
             return self._mixing(node, f"'{name}' over an unknown dim")
         if axis.dim in dims:
             return self._mixing(node, f"'{name}' over the token axis")
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        keepdim = isinstance(outs[0], torch.Tensor) and outs[0].dim() == value.dim()
-        shift = 0 if keepdim else sum(1 for d in dims if d < axis.dim)
-        return self._row(axis.dim - shift, axis)
+        kept = _kept_dims(node, dims)
+        if kept is None:
+            return self._mixing(node, f"'{name}' returns no tensor")
+        return self._row(kept.index(axis.dim), axis)
 
     def _view(self, node: fx.Node, out: torch.Tensor) -> Info:
         x = node.args[0]
@@ -619,6 +616,10 @@ class Rules(SortedRows):
         if name in ("cat", "concat", "concatenate"):
             dim = normalize_dim(arg(node, 1, "dim", 0), out.dim())
             return [] if dim == axis.dim else [(t, axis) for t in node.args[0]]
+        if name in REDUCTIONS:  # over other dims (a weighted sum of hyper-connection streams): the kept dim
+            dims = _reduced_dims(node)
+            kept = _kept_dims(node, dims) if dims else None
+            return [(node.args[0], dataclasses.replace(axis, dim=kept[axis.dim]))] if kept else []
         dims = self._dim_map(node, name)
         if dims is not None:
             inverse = {o: i for i, o in dims.items()}
@@ -734,3 +735,25 @@ def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[d
         mapping[i] = (o, True)
         i, o = i + 1, o + 1
     return mapping
+
+
+def _reduced_dims(node: fx.Node) -> Optional[set]:
+    """The input dims a reduction reduces: None over all dims; an empty set when one is not an integer."""
+    value = tensor_value(node.args[0])
+    dim = arg(node, 2, "dim") if op_name(node) == "norm" else arg(node, 1, "dim", arg(node, 1, "axis"))
+    if value is None or dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return None
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    return {normalize_dim(d, value.dim()) for d in dims} if all(isinstance(d, int) for d in dims) else set()
+
+
+def _kept_dims(node: fx.Node, dims: set) -> Optional[list[int]]:
+    """For each output dim of a reduction over ``dims``, the input dim it is (None where the output is not a
+    tensor)."""
+    value, out = tensor_value(node.args[0]), example_value(node)
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(first, torch.Tensor):
+        return None
+    if first.dim() == value.dim():  # keepdim
+        return list(range(value.dim()))
+    return [d for d in range(value.dim()) if d not in dims]

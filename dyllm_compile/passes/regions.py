@@ -190,6 +190,17 @@ def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node],
     return [n for n in exit.graph.nodes if n in region]
 
 
+def whole_tuples(nodes: list[fx.Node], exit: fx.Node) -> list[fx.Node]:
+    """``nodes`` (a grown region) without the results of a tuple op (``chunk``, ``split``, ``max`` with a dim)
+    whose op is not in it: where the op's other results are used outside, the result becomes the region's input,
+    a tensor computed for every row as a gathered input must be, not the tuple. So a hyper-connection's mixing
+    weights, split into those that read the streams and those that write a branch back, leave the attention's
+    chains and the FFN their own part."""
+    members = set(nodes)
+    return [n for n in nodes if n is exit or op_name(n) != "getitem" or n.args[0] in members
+            or not isinstance(example_value(n.args[0]), (tuple, list))]
+
+
 def build_region(role: str, exit: fx.Node, nodes: list[fx.Node], infos: dict[fx.Node, Info]) -> Region:
     members = set(nodes)
     token_inputs, other_inputs = [], []
@@ -226,7 +237,7 @@ def find_regions(
         if infos[exit].kind is not Kind.ROW:
             continue
         blocked = spine.merges if is_output else spine.merges | set(spine.nodes)
-        nodes = grow(exit, infos, blocked)
+        nodes = whole_tuples(grow(exit, infos, blocked), exit)
         region = build_region("ffn", exit, nodes, infos)
         region.layer = layer_of(exit)
         _assign_role(region, attention_nodes, is_output)
@@ -322,7 +333,7 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
         if which not in grown:
             chains[which] = build_region(which, start, [], infos)
             continue
-        chain = build_region(which, start, grown[which], infos)
+        chain = build_region(which, start, whole_tuples(grown[which], start), infos)
         chain.layer = site.layer
         chain.gated = which in ("k", "v") and chain.flops > 0 and not site.dense_reason
         chains[which] = chain

@@ -55,7 +55,7 @@ if hasattr(transformers, "GraniteSWAConfig"):  # transformers 5
     # full and sliding-window layers
     ARCHITECTURES["granite_swa"] = lambda: (transformers.GraniteSWAForCausalLM, transformers.GraniteSWAConfig(
         num_key_value_heads=2, **SMALL), True)
-EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "gpt_oss", "granite_swa"}
+EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "gpt_oss", "granite_swa", "hy_v4", "diffllama", "deepseek_v4"}
 
 #: Architectures whose attention stays dense (and why), built like the others.
 DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
@@ -107,6 +107,27 @@ MOE: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
 }
 
 
+if hasattr(transformers, "HYV4Config"):  # transformers 5
+    # hyper-connections (four residual streams per row, mixed into each branch and written back), attention sinks,
+    # a sparse-attention indexer (its top-k keys: all of them at this length), latent attention, shared experts
+    MOE["hy_v4"] = lambda: (transformers.HYV4ForCausalLM, transformers.HYV4Config(
+        num_key_value_heads=2, mlp_layer_types=["sparse", "sparse"], layer_types=["indexed_attention"] * 2,
+        indexer_types=["full", "shared"], n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_head_dim=8,
+        index_n_heads=2, index_topk=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
+
+#: Attention sites that share what they read: DiffLlama's differential attention, in transformers 5 two sites per
+#: layer on one q and one k, each with half of the values (one projection split between them).
+SHARED_READS: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
+    "diffllama": lambda: (transformers.DiffLlamaForCausalLM, transformers.DiffLlamaConfig(
+        num_key_value_heads=2, **SMALL), True),
+}
+if hasattr(transformers, "DeepseekV4Config"):  # transformers 5
+    # hyper-connections whose streams are mixed by a Sinkhorn-projected matrix, compressed sparse attention with
+    # sinks (an FFN region whose exit is the query chain's: one cache per value)
+    SHARED_READS["deepseek_v4"] = lambda: (transformers.DeepseekV4ForCausalLM, transformers.DeepseekV4Config(
+        num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
+
 #: Token mixing other than attention: LFM2's layers are gated short convolutions over the tokens or attention.
 HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "lfm2": lambda: (Lfm2ForCausalLM, Lfm2Config(num_key_value_heads=2, layer_types=["conv", "full_attention"],
@@ -117,7 +138,7 @@ HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
 def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention; an MoE's ``experts`` implementation) and its forward:
     token ids -> logits."""
-    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **HYBRID}[name]()
+    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **SHARED_READS, **HYBRID}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
     if name in MOE:
         config._experts_implementation = experts  # transformers 5 (MOE's comment); 4 reads no such field

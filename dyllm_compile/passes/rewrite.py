@@ -136,6 +136,19 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         caches.append(CacheSpec(unique, node))
         return len(caches) - 1
 
+    # The k, v and q caches by the value they hold. Two sites that read one value (DiffLlama's two attentions per
+    # layer share their keys and queries) share its cache and its chain, which runs once, on the first site's
+    # S_in: a row's value changes only with the input both sites read, and the second site's S_in holds the first's.
+    by_value: dict[fx.Node, int] = {}
+
+    def value_cache(name: str, node: fx.Node, chain: Optional[Region]) -> int:
+        if node not in by_value:
+            by_value[node] = add_cache(name, node)
+            if chain is not None:
+                regions.append(chain)
+                region_caches[id(chain)] = by_value[node]
+        return by_value[node]
+
     sites = []
     for site, chains in zip(analysis.sites, analysis.chains):
         if site.layer in config.dense_layers:
@@ -150,18 +163,13 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             reasons.append(f"layer {site.layer}: attention computed densely ({plan.reason})")
         if plan.cached:
             for which in ("k", "v"):
-                regions.append(plan.kv[which])
-                plan.caches[which] = region_caches[id(plan.kv[which])] = add_cache(
-                    f"L{site.layer}.{which}", plan.kv[which].exit)
+                plan.caches[which] = value_cache(f"L{site.layer}.{which}", plan.kv[which].exit, plan.kv[which])
             if config.attention_mode == "exact":
-                plan.caches["q"] = add_cache(f"L{site.layer}.q", site.q)
                 # Rows outside S_in keep their cached q: the q chain runs on S_in only, like k and v (with query
                 # pruning too: a pruned site then gathers its queried rows' q from the cache).
-                if (chains["q"].nodes and chains["q"].exit is site.q
-                        and not _region_problem(chains["q"], infos, batch)):
-                    plan.gated_q = True
-                    regions.append(chains["q"])
-                    region_caches[id(chains["q"])] = plan.caches["q"]
+                plan.gated_q = bool(chains["q"].nodes and chains["q"].exit is site.q
+                                    and not _region_problem(chains["q"], infos, batch))
+                plan.caches["q"] = value_cache(f"L{site.layer}.q", site.q, chains["q"] if plan.gated_q else None)
             # The softmax statistics: exact mode's running ones; with a sink, what gates every row's context
             # (ops/attention_sinks.py), the rows outside the queried ones included
             if config.attention_mode == "exact" or site.sinks is not None:
@@ -191,6 +199,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     for region in analysis.gated_regions:
         reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(
             region, infos, batch)
+        if region.exit in by_value:  # one value, one cache (the sparse graph emits a value's region once)
+            reason = "its output is an attention's q, k or v, cached with that chain"
         if reason:
             reasons.append(f"layer {region.layer}: {region.role} region computed densely ({reason})")
             continue

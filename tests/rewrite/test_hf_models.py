@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from hf_builders import ARCHITECTURES, MOE, build
+from hf_builders import ARCHITECTURES, MOE, SHARED_READS, build
 
 MASK = 127
 
@@ -39,6 +39,32 @@ def test_hf_model_threshold_one_equals_dense(name):
     assert len(runtime.plan.sites) == 2 and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
     assert [r.layer for r in runtime.plan.regions if r.role == "ffn"] == [0, 1]
     assert {r.role for r in runtime.plan.regions} >= {"k", "v", "q", "lm_head"}
+
+
+@pytest.mark.parametrize("name", list(SHARED_READS))
+def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
+    """DiffLlama's two attentions per layer read one q and one k and each half of one value projection: each site
+    is cached, the shared queries in one cache (their chain runs once; before, a second chain with the same exit
+    was never emitted), each half of the values from its own result of the split (before, both sites stayed
+    dense). Each site repeats the shared keys over the heads itself, so each caches its repeated keys. DeepSeek-V4's hyper-connections mix the streams with a Sinkhorn-projected matrix; an FFN region
+    the analysis finds ends at a query: it stays dense, named, and the query is cached with its chain (before,
+    the sparse variant failed to build and the graph fell back to plain lowering)."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model, forward = build(name)
+    compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 6:] = MASK
+    with torch.inference_mode():
+        for call in range(4):
+            expected, got = forward(ids.clone()), compiled(ids.clone())
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            ids[:, 6 + 2 * call: 8 + 2 * call] = torch.randint(3, 120, (2, 2))
+    (runtime,) = runtimes(before)
+    assert runtime.stats.sparse_calls == 3 and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
+    caches = [s.caches for s in runtime.plan.sites]
+    if name == "diffllama" and len(caches) == 4:  # transformers 5 (4 doubles the values in one attention)
+        assert all(a["q"] == b["q"] and a["v"] != b["v"] for a, b in (caches[0:2], caches[2:4]))
 
 
 def test_cache_keeps_a_value_the_model_writes_into_later():

@@ -66,6 +66,10 @@ class TransformerConfig:
     rotary_fraction: float = 1.0
     parallel_residual: bool = False
     token_conv: int = 0  # >0: depthwise conv over tokens of this width at the start of the FFN branch
+    # >0: hyper-connections, this many residual streams per row ([B, N, streams, D]); each branch reads its input as
+    # a learned per-row mix of the streams and writes its output back into each with a per-row weight
+    # (DeepSeek-V4's form without the Sinkhorn projection, as HunYuan-V4 writes it)
+    hyper_connections: int = 0
     init_std: float = 0.02
     seed: int = 0
 
@@ -91,6 +95,8 @@ class TransformerConfig:
             "not (parallel_residual and norm_position == post)": not (
                 self.parallel_residual and self.norm_position == "post"
             ),
+            "hyper_connections only pre-LN, sequential": not self.hyper_connections or (
+                self.norm_position == "pre" and not self.parallel_residual),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -360,6 +366,27 @@ class MoE(nn.Module):
         return out[inverse].view(-1, k, x.shape[-1]).sum(dim=1).to(x.dtype).view_as(x)
 
 
+class HyperConnection(nn.Module):
+    """Per-row weights over the residual streams ``[B, N, streams, D]``, from all of them: ``read`` mixes the
+    streams into one branch input, ``write`` adds a branch output back into each stream with a weight of its own
+    (with ``writes=False``, a final read only)."""
+
+    def __init__(self, cfg: TransformerConfig, writes: bool = True) -> None:
+        super().__init__()
+        self.streams = cfg.hyper_connections
+        self.fn = nn.Linear(self.streams * cfg.d_model, (2 if writes else 1) * self.streams)
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(the branch input [B, N, D], the write weights [B, N, streams] or None)"""
+        # one split into the read and the write weights, as HunYuan-V4 writes it
+        read, *write = torch.sigmoid(self.fn(streams.flatten(2))).split(self.streams, dim=-1)
+        return (read.unsqueeze(-1) * streams).sum(dim=2), (write[0] if write else None)
+
+    @staticmethod
+    def write(streams: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return streams + weights.unsqueeze(-1) * out.unsqueeze(-2)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -368,6 +395,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = make_norm(cfg, cfg.d_model)
         self.ffn = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}[cfg.ffn](cfg)
+        if cfg.hyper_connections:
+            self.attn_hc, self.ffn_hc = HyperConnection(cfg), HyperConnection(cfg)
         if cfg.token_conv:
             self.conv = nn.Conv1d(
                 cfg.d_model, cfg.d_model, cfg.token_conv, padding=cfg.token_conv // 2, groups=cfg.d_model
@@ -379,6 +408,11 @@ class Block(nn.Module):
         return self.ffn(x)
 
     def forward(self, x, rope, mask) -> torch.Tensor:
+        if self.cfg.hyper_connections:  # x: the streams
+            branch_input, weights = self.attn_hc(x)
+            x = HyperConnection.write(x, weights, self.attn(self.attn_norm(branch_input), rope, mask))
+            branch_input, weights = self.ffn_hc(x)
+            return HyperConnection.write(x, weights, self.ffn_branch(self.ffn_norm(branch_input)))
         if self.cfg.norm_position == "post":
             x = self.attn_norm(x + self.attn(x, rope, mask))
             return self.ffn_norm(x + self.ffn_branch(x))
@@ -404,6 +438,8 @@ class DiffusionTransformer(nn.Module):
         else:
             self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.hyper_connections:
+            self.final_hc = HyperConnection(cfg, writes=False)
         self.final_norm = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters(cfg.seed)
@@ -431,6 +467,10 @@ class DiffusionTransformer(nn.Module):
                 mask = attention_mask.to(h.dtype)
             else:
                 mask = attention_mask.bool()[:, None, None, :]
+        if self.cfg.hyper_connections:
+            h = h.unsqueeze(2).expand(-1, -1, self.cfg.hyper_connections, -1).contiguous()
         for layer in self.layers:
             h = layer(h, rope, mask)
+        if self.cfg.hyper_connections:
+            h, _ = self.final_hc(h)
         return self.lm_head(self.final_norm(h))

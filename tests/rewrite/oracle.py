@@ -124,9 +124,13 @@ class Oracle:
         rope = m.rotary(n, h.dtype)
         rep = cfg.n_heads // cfg.n_kv_heads
         layer_fractions = []
+        streams = cfg.hyper_connections
+        if streams:  # h: the residual streams, each branch reading a mix of them and writing into each
+            h = h.unsqueeze(2).expand(-1, -1, streams, -1).contiguous()
         for i, layer in enumerate(m.layers):
             a = layer.attn
-            x = layer.attn_norm(h)
+            branch_input, weights = layer.attn_hc(h) if streams else (h, None)
+            x = layer.attn_norm(branch_input)
             q, k, v = (t.transpose(1, 2) for t in a.project(x))
             q, k = apply_rotary(q, *rope, cfg.rotary_dim), apply_rotary(k, *rope, cfg.rotary_dim)
             # K/V cached per kv head (GQA: before the repetition), as the policies see the values.
@@ -169,12 +173,18 @@ class Oracle:
             o = a.o_proj(c.transpose(1, 2).reshape(b, n, cfg.d_model))
             if self.output_projection == "salient":
                 o, _ = self._keep(f"{i}.o", o, salient, 1, dense)
-            h = h + o
+            h = h + (weights.unsqueeze(-1) * o.unsqueeze(-2) if streams else o)
             salient = self._branch(i, f"{i}.ffn", h, salient, dense)  # a branch's input: the residual stream read
-            f, _ = self._keep(f"{i}.ffn", layer.ffn(layer.ffn_norm(h)), salient, 1, dense)
+            if streams:  # the FFN's branch from the streams it reads to what it writes back: its weights too
+                branch_input, weights = layer.ffn_hc(h)
+                branch = weights.unsqueeze(-1) * layer.ffn(layer.ffn_norm(branch_input)).unsqueeze(-2)
+            else:
+                branch = layer.ffn(layer.ffn_norm(h))
+            f, _ = self._keep(f"{i}.ffn", branch, salient, 1, dense)
             h = h + f
         salient = self._branch(len(m.layers) - 1, "logits", h, salient, dense)
-        logits, _ = self._keep("logits", m.lm_head(m.final_norm(h)), salient, 1, dense)
+        logits, _ = self._keep("logits", m.lm_head(m.final_norm(m.final_hc(h)[0] if streams else h)), salient, 1,
+                               dense)
         if not dense:
             self.fractions.append(layer_fractions)
         return logits.clone()

@@ -18,7 +18,8 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # it checks that replacement too); an MoE dispatching each expert's rows; an MoE on rows sorted by expert
 # (grouped products, the inverse permutation); q/k norms on the heads folded into the rows (in the k chain and
 # exact mode's q chain); attention sinks (GPT-OSS's, a logit per head; and one projected from each row), which
-# scale each row's cached sink-free context.
+# scale each row's cached sink-free context; hyper-connections (residual streams per row, each branch reading a mix
+# of them and writing its output back into each: the FFN's cached branch is what it writes back).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
@@ -26,7 +27,8 @@ MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True
                 "moe_grouped": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="grouped"),
                 "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows"),
                 "sinks": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2, sinks="head"),
-                "row_sinks": lambda: llada_like("tiny", init_std=0.2, attention="einsum", sinks="row")}
+                "row_sinks": lambda: llada_like("tiny", init_std=0.2, attention="einsum", sinks="row"),
+                "hyper_connections": lambda: llada_like("tiny", init_std=0.2, hyper_connections=4)}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")

@@ -94,7 +94,8 @@ class Report:
                          f"{'dense':<{wide_dense}}{'share':>9}")
             for row in rows:
                 name = "head" if row.layer < 0 else str(row.layer)
-                lines.append(f"{name:<7}{row.attention:<{wide_attention}}{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
+                lines.append(f"{name:<7}{row.attention:<{wide_attention}}"
+                             f"{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
                              f"{', '.join(row.gated):<{wide_gated}}{', '.join(row.dense):<{wide_dense}}"
                              f"{100 * row.share:>8.1f}%")
             for reason in graph.dense_reasons:

@@ -198,10 +198,10 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _lse_gate(logits: Any, context: fx.Node) -> Optional[tuple[fx.Node, Any, list[fx.Node]]]:
-    """(the gated context, the sink, the gate's nodes) where ``context`` is multiplied by the share of the mass a sink
-    ``s`` leaves, computed from the logits the softmax reads: ``context * sigmoid(logsumexp(logits, -1) - s)[..., None]``
-    (Granite-SWA's form of attention sinks; casts anywhere, the singleton dim by ``unsqueeze`` or indexing); None
-    when the graph does not do that."""
+    """(the gated context, the sink, the gate's nodes) where ``context`` is multiplied by the share of the mass a
+    sink ``s`` leaves, computed from the logits the softmax reads:
+    ``context * sigmoid(logsumexp(logits, -1) - s)[..., None]`` (Granite-SWA's form of attention sinks; casts
+    anywhere, the singleton dim by ``unsqueeze`` or indexing); None when the graph does not do that."""
     if not isinstance(logits, fx.Node):
         return None
     lse = next((u for u in logits.users if op_name(u) == "logsumexp"), None)

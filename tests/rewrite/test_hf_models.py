@@ -43,12 +43,13 @@ def test_hf_model_threshold_one_equals_dense(name):
 
 @pytest.mark.parametrize("name", list(SHARED_READS))
 def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
-    """DiffLlama's two attentions per layer read one q and one k and each half of one value projection: each site
-    is cached, the shared queries in one cache (their chain runs once; before, a second chain with the same exit
-    was never emitted), each half of the values from its own result of the split (before, both sites stayed
-    dense). Each site repeats the shared keys over the heads itself, so each caches its repeated keys. DeepSeek-V4's hyper-connections mix the streams with a Sinkhorn-projected matrix; an FFN region
-    the analysis finds ends at a query: it stays dense, named, and the query is cached with its chain (before,
-    the sparse variant failed to build and the graph fell back to plain lowering)."""
+    """DiffLlama's two attentions per layer read one q and one k and each half of one value projection: each site is
+    cached, the shared queries in one cache (their chain runs once; before, a second chain with the same exit was
+    never emitted), each half of the values from its own result of the split (before, both sites stayed dense).
+    Each site repeats the shared keys over the heads itself, so each caches its repeated keys. DeepSeek-V4's
+    hyper-connections mix the streams with a Sinkhorn-projected matrix; an FFN region the analysis finds ends at a
+    query: it stays dense, named, and the query is cached with its chain (before, the sparse variant failed to
+    build and the graph fell back to plain lowering)."""
     torch._dynamo.reset()
     before = last_serial()
     model, forward = build(name)

@@ -255,8 +255,8 @@ def _unshifted(node: Any, internal: list[fx.Node]) -> Any:
             internal.append(node)
             node = node.args[0]
             continue
-        if op_name(node) != "sub" or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
-            return node
+        if op_name(node) != "sub" or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+            return node  # (a shift by a number is the hand-written pass's to read)
         x, shift = node.args
         reduced = shift.args[0] if op_name(shift) == "getitem" and shift.args[1] == 0 else shift
         value = tensor_value(x)

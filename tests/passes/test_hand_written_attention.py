@@ -113,6 +113,11 @@ def sink_first(q, k, v, sinks):
     return torch.softmax(logits, dim=-1)[:, :, :, 1:] @ v
 
 
+def number_shift(q, k, v):
+    """A shift by a number right before the softmax (which does not see it)."""
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.3 - 2.0, dim=-1) @ v
+
+
 def row_max_shift(q, k, v):
     """No sink: a shift by the row max only, which the softmax does not see."""
     scores = q @ k.transpose(-1, -2) * 0.3
@@ -151,6 +156,7 @@ ACCEPTED = {
     "keys_given_transposed": (keys_given_transposed, lambda: (qkv()[0], qkv()[1].transpose(-2, -1), qkv()[2])),
     "per_head_scale": (per_head_scale, lambda: (*qkv(), torch.rand(H, 1, 1) + 0.5)),
     "x_transformers": (x_transformers, lambda: (*qkv(), padding_mask())),
+    "number_shift": (number_shift, qkv),
     "row_max_shift": (row_max_shift, qkv),
     **SINKS,
 }

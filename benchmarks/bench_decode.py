@@ -90,15 +90,16 @@ FFNS = {"swiglu": {}, "moe": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768
 
 
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
-                       attention: str = "sdpa", ffn: str = "swiglu", **_) -> Workload:
+                       attention: str = "sdpa", ffn: str = "swiglu", hyper_connections: int = 0, **_) -> Workload:
     shape = dict(d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511)
     # "sinks": hand-written attention with a learned sink logit per head (GPT-OSS's form)
     forms = {"sdpa": {}, "manual": dict(attention="manual"), "sinks": dict(attention="manual", sinks="head")}
-    model = llada_like("tiny", **{**shape, **forms[attention], **FFNS[ffn]})
+    model = llada_like("tiny", hyper_connections=hyper_connections, **{**shape, **forms[attention], **FFNS[ffn]})
     prompts = torch.randint(1, 511, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
     name = ("llada-like 4L d512" + {"sdpa": "", "manual": ", hand-written attention",
                                     "sinks": ", hand-written attention with a sink per head"}[attention]
-            + ("" if ffn == "swiglu" else f", {ffn} (8 experts, top 2)"))
+            + ("" if ffn == "swiglu" else f", {ffn} (8 experts, top 2)")
+            + (f", {hyper_connections} residual streams" if hyper_connections else ""))
     return Workload(name, model, prompts, gen_length, block_length, gen_length, "random")
 
 
@@ -494,7 +495,8 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
     if name == "default":
         return default_workload(batch)
     if name == "reference":
-        return reference_workload(batch, attention=args.attention, ffn=args.ffn)
+        return reference_workload(batch, attention=args.attention, ffn=args.ffn,
+                                  hyper_connections=args.hyper_connections)
     if name == "tiny":
         model = llada_like("tiny")
         prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
@@ -516,6 +518,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--attention", choices=("sdpa", "manual", "sinks"), default="sdpa",
                         help="--model reference: attention as one SDPA call, written by hand (softmax(q k^T) v), or "
                              "written by hand with a learned sink logit per head (GPT-OSS's form)")
+    parser.add_argument("--hyper-connections", type=int, default=0,
+                        help="--model reference: this many residual streams per row, each branch reading a learned "
+                             "mix of them and writing its output back into each (DeepSeek-V4's hyper-connections)")
     parser.add_argument("--ffn", choices=sorted(FFNS), default="swiglu",
                         help="--model reference: its FFN, or an MoE (8 experts, top 2) computing every expert on "
                              "every row, dispatching each expert's rows (torch.where, index_add_: OLMoE's and "
@@ -560,6 +565,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--attention applies to --model reference")
     if args.ffn != "swiglu" and (args.preset is not None or args.model != "reference"):
         parser.error("--ffn applies to --model reference")
+    if args.hyper_connections and (args.hyper_connections < 0 or args.preset is not None
+                                   or args.model != "reference"):
+        parser.error("--hyper-connections takes a positive count and applies to --model reference")
     if args.prompt_length is not None and (args.prompt_length < 1 or not full_size):
         parser.error("--prompt-length takes a positive count and applies to --model llada/dream or --preset gpu")
     return args

@@ -158,7 +158,12 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             if plan.cached:
                 plan.kv = {which: cut_head_repeat(chains[which], infos) for which in ("k", "v")}
             if plan.cached and "before_attention" in hooks:
-                plan = _plan_values(plan, plan.kv, analysis.gm.graph)
+                if any(plan.kv[which].exit in by_value for which in ("k", "v")):
+                    # the hook runs where the shared chain does, once, for one site's rows and layer
+                    plan = SitePlan(site, False, "the policy reads values before attention, and this site's k/v "
+                                    "chain is an earlier site's")
+                else:
+                    plan = _plan_values(plan, plan.kv, analysis.gm.graph)
         if plan.reason:
             reasons.append(f"layer {site.layer}: attention computed densely ({plan.reason})")
         if plan.cached:

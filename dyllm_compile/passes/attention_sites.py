@@ -36,7 +36,8 @@ from typing import Any, Optional
 
 from torch import fx
 
-from .graph_utils import arg, example_value, index_position, normalize_dim, op_name, same_size, tensor_value
+from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, reduced_dims, same_size,
+                          tensor_value)
 from .head_repeat import repeated_heads_source
 
 #: ``node.meta`` key of a hand-written site's context node: why it stays as written
@@ -164,12 +165,12 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     internal.append(node)
     probs = softmax
     if sinks is not None:  # the sink's column is dropped right after the softmax
-        probs = next(iter(softmax.users)) if len(softmax.users) == 1 else None
+        probs = _only_user(softmax)
         if probs is None or not _drops_sink(probs, softmax, sink_first):
             return None
         internal.append(probs)
-    while len(probs.users) == 1 and op_name(next(iter(probs.users))) in _PROB_OPS:
-        probs = next(iter(probs.users))
+    while (user := _only_user(probs)) is not None and op_name(user) in _PROB_OPS:
+        probs = user
         internal.append(probs)
     context = v = None
     for user in probs.users:  # P V: matmul(probs, v) or einsum("...ij,...je->...ie")
@@ -206,8 +207,7 @@ def _lse_gate(logits: Any, context: fx.Node) -> Optional[tuple[fx.Node, Any, lis
         return None
     lse = next((u for u in logits.users if op_name(u) == "logsumexp"), None)
     ndim = tensor_value(logits).dim() if tensor_value(logits) is not None else 0
-    if (lse is None or arg(lse, 2, "keepdim", False) or not isinstance(arg(lse, 1, "dim"), (int, list, tuple))
-            or [normalize_dim(d, ndim) for d in _dims(arg(lse, 1, "dim"))] != [ndim - 1]):
+    if lse is None or arg(lse, 2, "keepdim", False) or reduced_dims(lse) != {ndim - 1}:
         return None
     chain, node = [lse], lse
     steps = iter(("sub", "sigmoid", "unsqueeze", "mul"))
@@ -237,10 +237,6 @@ def _lse_gate(logits: Any, context: fx.Node) -> Optional[tuple[fx.Node, Any, lis
     return None
 
 
-def _dims(dim: Any) -> list:
-    return list(dim) if isinstance(dim, (list, tuple)) else [dim]
-
-
 def _indexes_new_last_dim(node: fx.Node, source: fx.Node) -> bool:
     """``source[..., None]``: a singleton dim appended by indexing."""
     return (op_name(node) == "getitem" and node.args[0] is source and isinstance(node.args[1], tuple)
@@ -261,8 +257,7 @@ def _unshifted(node: Any, internal: list[fx.Node]) -> Any:
         reduced = shift.args[0] if op_name(shift) == "getitem" and shift.args[1] == 0 else shift
         value = tensor_value(x)
         if (op_name(reduced) not in ("max", "amax") or reduced.args[0] is not x or value is None
-                or not arg(reduced, 2, "keepdim", False)
-                or normalize_dim(arg(reduced, 1, "dim", 0), value.dim()) != value.dim() - 1):
+                or not arg(reduced, 2, "keepdim", False) or reduced_dims(reduced) != {value.dim() - 1}):
             return node
         internal.extend(dict.fromkeys((node, shift, reduced)))
         node = x

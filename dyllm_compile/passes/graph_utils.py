@@ -167,6 +167,17 @@ def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+def reduced_dims(node: fx.Node) -> Optional[set]:
+    """The input dims a reduction (``sum``, ``max``, ``logsumexp``, ``norm``, ...) reduces, normalized: None over all
+    dims; an empty set when one is not an integer."""
+    value = tensor_value(node.args[0])
+    dim = arg(node, 2, "dim") if op_name(node) == "norm" else arg(node, 1, "dim", arg(node, 1, "axis"))
+    if value is None or dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return None
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    return {normalize_dim(d, value.dim()) for d in dims} if all(isinstance(d, int) for d in dims) else set()
+
+
 def index_position(index: list, ndim: int, dim: int) -> Optional[int]:
     """Which entry of an indexing tuple addresses input dim ``dim`` (None: inside an Ellipsis or absent)."""
     consumed = sum(1 for e in index if e is not None and e is not Ellipsis)

@@ -19,8 +19,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, prod, same_size, tensor_args,
-                          tensor_value)
+from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, prod, reduced_dims, same_size,
+                          tensor_args, tensor_value)
 from .in_place_writes import set_items
 from .sorted_rows import SORTS, SortedRows
 
@@ -326,7 +326,7 @@ class Rules(SortedRows):
 
     def _reduction(self, node: fx.Node, out: Any) -> Info:
         name, axis = op_name(node), self.axis_of(node.args[0])
-        dims = _reduced_dims(node)
+        dims = reduced_dims(node)
         if axis is None or dims is None:
             return self._mixing(node, f"'{name}' over all dims")
         if not dims:
@@ -617,7 +617,7 @@ class Rules(SortedRows):
             dim = normalize_dim(arg(node, 1, "dim", 0), out.dim())
             return [] if dim == axis.dim else [(t, axis) for t in node.args[0]]
         if name in REDUCTIONS:  # over other dims (a weighted sum of hyper-connection streams): the kept dim
-            dims = _reduced_dims(node)
+            dims = reduced_dims(node)
             kept = _kept_dims(node, dims) if dims else None
             return [(node.args[0], dataclasses.replace(axis, dim=kept[axis.dim]))] if kept else []
         dims = self._dim_map(node, name)
@@ -735,16 +735,6 @@ def getitem_dims(src: torch.Tensor, out: torch.Tensor, index: Any) -> Optional[d
         mapping[i] = (o, True)
         i, o = i + 1, o + 1
     return mapping
-
-
-def _reduced_dims(node: fx.Node) -> Optional[set]:
-    """The input dims a reduction reduces: None over all dims; an empty set when one is not an integer."""
-    value = tensor_value(node.args[0])
-    dim = arg(node, 2, "dim") if op_name(node) == "norm" else arg(node, 1, "dim", arg(node, 1, "axis"))
-    if value is None or dim is None or (isinstance(dim, (list, tuple)) and not dim):
-        return None
-    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
-    return {normalize_dim(d, value.dim()) for d in dims} if all(isinstance(d, int) for d in dims) else set()
 
 
 def _kept_dims(node: fx.Node, dims: set) -> Optional[list[int]]:

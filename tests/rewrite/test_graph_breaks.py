@@ -201,3 +201,54 @@ def test_two_feed_forwards_in_a_graph_without_attention_get_caches_of_their_own(
     (runtime,) = runtimes(before)
     assert runtime.stats.sparse_calls == 2
     assert [spec.name for spec in runtime.plan.caches] == ["L0.ffn", "L0.ffn_1"]
+
+
+class BranchOnMaskContents(torch.nn.Module):
+    """The reference model called as LLaDA's published forward calls its layers: the key mask becomes an additive
+    bias only ``if 0.0 in attention_mask`` (a branch on a tensor's contents, before the layers), and the head is
+    called from the same frame. Dynamo cannot resume inside that branch's ``Tensor.__contains__``: by default the
+    frame runs eagerly and only the modules it calls compile, each as a graph of its own (the head's ``nn.Linear``
+    not at all). With ``capture_scalar_outputs`` the break falls at the branch itself, and everything after it
+    (every layer and the head) is one graph."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask=None):
+        m = self.model
+        h = m.embed(ids)
+        if attention_mask is not None and 0.0 in attention_mask:
+            attention_mask = (1.0 - attention_mask.float()[:, None, None, :]) * torch.finfo(torch.float32).min
+        else:
+            attention_mask = None
+        rope = m.rotary(ids.shape[1], h.dtype)
+        for layer in m.layers:
+            h = layer(h, rope, attention_mask)
+        return m.lm_head(m.final_norm(h))
+
+
+def test_a_branch_on_the_mask_contents_with_captured_scalars_gates_every_layer_and_the_head():
+    """The recipe docs/rewrite.md ("Graph breaks") gives for LLaDA's published code with padded prompts: the graph
+    after the branch takes the embeddings (a float hidden state from the graph before it, whose changed rows are
+    compared exactly) and the mask; every site is cached, each layer's FFN and the head are gated, and at threshold
+    1 each call equals the model."""
+    model = llada_like("tiny", init_std=0.2)
+    prompts = [torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 6)]
+    before = last_serial()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        wrapped = _compiled(BranchOnMaskContents(model), threshold=1.0)
+
+        def lockstep(x, attention_mask=None):
+            expected = BranchOnMaskContents(model)(x, attention_mask)
+            torch.testing.assert_close(wrapped(x, attention_mask), expected, rtol=1e-5, atol=1e-5)
+            return expected
+
+        with torch.inference_mode():
+            generate(lockstep, prompts, pad_token_id=1, **KW)
+    (runtime,) = [r for r in runtimes(before) if r.plan.sites]
+    assert runtime.stats.sparse_calls >= 14
+    layers = len(model.layers)
+    assert len(runtime.plan.sites) == layers and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
+    roles = sorted((r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "lm_head"))
+    assert roles == sorted([("ffn", i) for i in range(layers)] + [("lm_head", layers - 1)])

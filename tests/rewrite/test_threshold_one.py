@@ -48,6 +48,45 @@ def test_threshold_one_equals_dense_inductor(name):
     _compare(name, 2, "inductor", calls=3, tol=1e-4)
 
 
+def _bf16_errors(device: str) -> tuple[float, float]:
+    """Worst logit error against the fp32 model over a short decode, of the model in bf16 run eagerly and of its
+    dyllm compile at threshold 1 (Inductor)."""
+    torch._dynamo.reset()
+    before = last_serial()
+    entry = ZOO["llada"]
+    reference = entry.build().to(device)
+    model = entry.build().to(device, torch.bfloat16)
+    compiled = torch.compile(model, backend="dyllm", options={"threshold": 1.0})
+    eager = dyllm = 0.0
+    with torch.inference_mode():
+        for args in decode_inputs(entry, 2, prompt=6, response=10, calls=4):
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            expected = reference(*args)
+            eager = max(eager, (model(*args).float() - expected).abs().max().item())
+            dyllm = max(dyllm, (compiled(*args).float() - expected).abs().max().item())
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.sparse_calls == 3 and all(s.cached for s in runtime.plan.sites)
+    return eager, dyllm
+
+
+@pytest.mark.inductor
+def test_threshold_one_in_bf16_is_as_close_to_fp32_as_dense():
+    """In bf16 the sparse variant's products run on other shapes (gathered rows, the changed rows' keys) than
+    dense's, so its rounding differs and ``allclose`` at fp32 tolerances cannot hold: measured instead against the
+    fp32 model, its error stays that of dense bf16 (a stale cache or a row left out would be off by the logits'
+    own scale). On the published LLaDA code (tiny config, GQA), the same measure: eager 0.012, Inductor 0.010,
+    dyllm 0.012 (docs/rewrite.md, "Graph breaks")."""
+    eager, dyllm = _bf16_errors("cpu")
+    assert 0 < dyllm <= 2 * eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_threshold_one_in_bf16_is_as_close_to_fp32_as_dense_cuda():
+    eager, dyllm = _bf16_errors("cuda")
+    assert 0 < dyllm <= 2 * eager
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("row_counts", ["auto", "unbacked"])  # auto: capacity buckets on CUDA

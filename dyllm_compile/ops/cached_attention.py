@@ -20,6 +20,7 @@ only, ``attn_mask`` still covers all N, and a query row is salient when ``salien
   Rows whose removed mass exceeds ``recompute_share`` of their denominator recompute exactly, since removing
   most of a sum cancels badly. Where recomputing every row is cheaper than the update (``RECOMPUTE_WORK``, small
   problems on CPU) the op does that: the same dense attention, with the exact row max and denominator.
+- a query row whose every key is masked: context 0, statistics (-inf, 0), in both modes, as SDPA returns it.
 
 This file is the plain-torch reference: the CPU implementation and the oracle for the Triton kernels, which are
 the CUDA implementation (``kernels/``).
@@ -87,7 +88,22 @@ def _attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att
     recomputes every row."""
     p, m, l = _exp_scores(q, k, attn_mask, scale, in_place)
     c = torch.matmul(p, v.float())
-    return (c.div_(l[..., None]) if in_place else c / l[..., None]).to(q.dtype), m, l
+    c = c.div_(l[..., None]) if in_place else c / l[..., None]
+    return _no_key_rows(c, m, l, q.dtype, in_place)
+
+
+def _no_key_rows(c: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype, in_place: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The results in ``dtype``, rows whose every key is masked (row max -inf) set to context 0 and denominator 0:
+    what SDPA returns for them (and the Triton kernels), where the arithmetic above gives NaN (``-inf - -inf``).
+    Such rows occur where a mask hides padded queries from every key (Dream's generation builds its padded batches'
+    mask as ``key_mask[:, None, :, None] & key_mask[:, None, None, :]``); the NaN would reach every row of the next
+    layer through the padded rows' values (a masked column's weight is 0, and 0 * NaN is NaN). The statistics stay
+    (-inf, 0), so an incremental update of such a row finds no mass and recomputes it, as the kernels do."""
+    empty = m.isneginf()
+    if in_place:
+        return c.masked_fill_(empty[..., None], 0.0).to(dtype), m, l.masked_fill_(empty, 0.0)
+    return c.masked_fill(empty[..., None], 0.0).to(dtype), m, l.masked_fill(empty, 0.0)
 
 
 #: Exact mode recomputes every row when each of the two dense products (scores, weighted values) takes at most
@@ -137,7 +153,8 @@ def cached_attention_reference(
         rows = salient_q.any(dim=0).nonzero().flatten()
         exact = torch.matmul(p.index_select(2, rows), v.float()) / l.index_select(2, rows)[..., None]
         _put_rows(c, rows, exact, _picked(salient_q, rows))
-        return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
+        c, m, l = _no_key_rows(c, m, l, q.dtype)
+        return c.contiguous(), m.contiguous(), l.contiguous()
     if _recomputes(q, k):
         return _attention_with_stats(q, k, v, attn_mask, scale)
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
@@ -225,7 +242,8 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
         pick = _picked(use_exact, rows)
         for target, fresh in ((c, c_rows), (m, m_rows), (l, l_rows)):
             _put_rows(target, rows, fresh, pick)
-    return c.to(q.dtype).contiguous(), m.contiguous(), l.contiguous()
+    c, m, l = _no_key_rows(c, m, l, q.dtype)
+    return c.contiguous(), m.contiguous(), l.contiguous()
 
 
 # The reference is the op's implementation on every device but CUDA, where kernels/ registers the Triton kernels.

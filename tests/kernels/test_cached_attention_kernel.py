@@ -56,9 +56,11 @@ def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
         k_old = torch.where(changed, shared, k)
     v_old = torch.where(changed, rnd(b, g, n, d), v)
     attn_mask = None
-    if mask == "padding":
+    if mask in ("padding", "no_keys"):
         attn_mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
         attn_mask[-1, ..., : n // 3] = False
+        if mask == "no_keys":  # the padded rows see no key either: their context is zero, as SDPA's
+            attn_mask = attn_mask & attn_mask.transpose(-1, -2)
     elif mask == "additive":
         attn_mask = rnd(1, 1, n, n)
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
@@ -118,7 +120,7 @@ def test_exact_kernel_matches_reference_fp32(salient, n, heads):
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("mask", ["padding", "additive"])
+@pytest.mark.parametrize("mask", ["padding", "additive", "no_keys"])
 @pytest.mark.parametrize("salient", ["one", "some"])
 def test_kernels_match_reference_with_masks(mode, mask, salient):
     _compare(mode, 2, 4, 2, 45, 32, salient, mask, torch.float32)

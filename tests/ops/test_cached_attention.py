@@ -10,7 +10,9 @@ _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
 B_H_N_D = [(1, 4, 13, 8), (3, 4, 13, 8)]
 GQA = [1, 2, 4]  # query heads per kv head
-MASKS = [None, "padding", "additive"]
+# "no_keys": the padded rows are hidden from every key too (Dream's padded batches): rows with no key, which SDPA
+# returns as zeros
+MASKS = [None, "padding", "additive", "no_keys"]
 SALIENT = ["none", "one", "some", "all"]
 
 
@@ -39,6 +41,8 @@ def _mask(kind, b, h, n, gen):
     bool_mask = keep[:, None, None, :]
     if kind == "padding":
         return bool_mask
+    if kind == "no_keys":
+        return bool_mask & keep[:, None, :, None]
     return torch.where(bool_mask, torch.randn(b, 1, n, n, generator=gen) * 0.5, float("-inf"))
 
 

@@ -135,3 +135,33 @@ def _moe_equals_dense(name, experts, dense_layers, dynamic):
         assert not gated and any("materialize_symint" in reason for reason in runtime.plan.reasons)
         return
     assert gated == ([] if dense_layers else [("moe", 0), ("moe", 1)])
+
+
+@pytest.mark.parametrize("mode", ["exact", "paper"])
+def test_padded_rows_hidden_from_every_key_equal_dense(mode):
+    """Dream's generation utilities mask a padded batch as ``key[:, None, :, None] & key[:, None, None, :]``: a padded
+    row sees no key at all, and SDPA returns zeros for it. Before, the cached op returned NaN there (``-inf - -inf``
+    in its softmax), from the first (dense) call on, and the NaN reached every row through the padded rows' values
+    in the next layer. Now those rows are zeros in both modes and every call equals the model (threshold 1)."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model, _ = build("qwen2")
+    key = torch.ones(2, 16, dtype=torch.bool)
+    key[1, :5] = False  # the second prompt left-padded by five
+    mask = key[:, None, :, None] & key[:, None, None, :]
+
+    def forward(ids):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    compiled = torch.compile(forward, backend="dyllm",
+                             options={"lowering": "aot_eager", "threshold": 1.0, "attention_mode": mode})
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 8:] = MASK
+    with torch.inference_mode():
+        for call in range(4):
+            expected, got = forward(ids.clone()), compiled(ids.clone())
+            assert not expected.isnan().any()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            ids[:, 8 + 2 * call: 10 + 2 * call] = torch.randint(3, 120, (2, 2))
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.sparse_calls == 3 and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons

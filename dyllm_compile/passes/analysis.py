@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import fx
 
 from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, same_size, tensor_value
+from .flex_attention import sdpa_from_flex
 from .fused_layers import FUSED_REASON, unfuse_layers
 from .hand_written_attention import sdpa_from_hand_written
 from .in_place_writes import functionalize_writes
@@ -83,9 +84,8 @@ class _GraphReplacing(DyllmPass):
     only lets later passes see more: if it fails, the graph stays as it was, with a warning."""
 
     what = ""
-
-    def edit(self, gm: fx.GraphModule) -> fx.GraphModule:
-        raise NotImplementedError
+    #: gm -> gm or an edited copy of it
+    edit: Callable[[fx.GraphModule], fx.GraphModule]
 
     def __call__(self, state: GraphAnalysis) -> None:
         try:
@@ -110,21 +110,20 @@ class FunctionalizeWrites(DyllmPass):
 class UnfuseLayers(_GraphReplacing):
     """Fused encoder layers (``nn.TransformerEncoderLayer``'s fast path) become the ops they compute."""
 
-    name = "fused_layers"
-    what = "unfusing fused encoder layers"
-
-    def edit(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return unfuse_layers(gm)
+    name, what, edit = "fused_layers", "unfusing fused encoder layers", staticmethod(unfuse_layers)
 
 
 class HandWrittenAttention(_GraphReplacing):
     """Hand-written attention that computes SDPA's function becomes one SDPA node."""
 
-    name = "hand_written_attention"
-    what = "replacing hand-written attention by SDPA"
+    name, what = "hand_written_attention", "replacing hand-written attention by SDPA"
+    edit = staticmethod(sdpa_from_hand_written)
 
-    def edit(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return sdpa_from_hand_written(gm)
+
+class FlexAttention(_GraphReplacing):
+    """flex_attention that only masks becomes one SDPA node with the mask its block mask applies."""
+
+    name, what, edit = "flex_attention", "replacing flex_attention by SDPA", staticmethod(sdpa_from_flex)
 
 
 class FindAttentionSites(DyllmPass):
@@ -211,8 +210,8 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(), FindAttentionSites(),
-                   InferTokenAxes(), FindRegions())
+ANALYSIS_PASSES = (FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(), FlexAttention(),
+                   FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 
 def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:

@@ -7,8 +7,9 @@ Patterns matched:
   and whose output reaches, through casts and dropout only, the left operand of a second matmul (or einsum).
   The analysis first replaces those that are SDPA by an SDPA node
   (:mod:`~dyllm_compile.passes.hand_written_attention`); the others carry the reason they are not;
-- ``flex_attention`` (a higher-order op): recorded as a site that stays dense, since its score_mod and
-  block_mask may mix tokens in ways the cached-attention op does not model.
+- ``flex_attention`` (a higher-order op): the analysis first replaces one that only masks by SDPA with its mask
+  (:mod:`~dyllm_compile.passes.flex_attention`); the others are recorded as sites that stay dense, with the reason
+  (a score_mod that changes the scores, a read of the log-sum-exp).
 
 Before the softmax, hand-written sites may shift the logits by their row max (``x - x.max(-1, keepdim=True)``: the
 softmax does not see it) and append an **attention sink**: ``softmax(cat([scores, s], dim=-1))[..., :-1] @ v``
@@ -43,6 +44,8 @@ from .head_repeat import repeated_heads_source
 #: ``node.meta`` key of a hand-written site's context node: why it stays as written
 #: (:mod:`~dyllm_compile.passes.hand_written_attention`).
 HAND_WRITTEN_REASON = "dyllm_hand_written_reason"
+#: ``node.meta`` key of a flex_attention node: why it stays as written (:mod:`~dyllm_compile.passes.flex_attention`).
+FLEX_REASON = "dyllm_flex_reason"
 #: ``node.meta`` key of an SDPA node that replaced hand-written attention.
 FROM_HAND_WRITTEN = "dyllm_from_hand_written"
 
@@ -132,7 +135,7 @@ def _flex_site(node: fx.Node) -> Optional[AttentionSite]:
         return None
     internal = [node] + [u for i, u in results.items() if i != 0]
     return AttentionSite(results[0], "flex", node.args[0], node.args[1], node.args[2], internal=internal,
-                         dense_reason="flex_attention: score_mod / block_mask are opaque to the rewrite")
+                         dense_reason=node.meta.get(FLEX_REASON, "flex_attention: not replaced by SDPA"))
 
 
 def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import DyllmConfig
 from ..ops.attention_sinks import with_sinks
@@ -115,7 +116,11 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                and same_size(tensor_value(n).shape[infos[n].axis.dim], tokens)]
     if not sources:
         raise NotRewritable("no graph input carries the tokens on a batch-first layout")
-    batch = tensor_value(sources[0]).shape[0]
+    # A [1, N] input broadcast over the batch (position ids a graph break made an input, ahead of the hidden
+    # states) is a table, compared whole: the batch is that of the inputs with more than one row, if any.
+    batch = next((b for b in (tensor_value(n).shape[0] for n in sources) if not statically_known_true(b == 1)),
+                 tensor_value(sources[0]).shape[0])
+    sources = [n for n in sources if same_size(tensor_value(n).shape[0], batch)]
     policy = resolve(config.policy)
     hooks = policy.hooks()
     reasons: list[str] = []

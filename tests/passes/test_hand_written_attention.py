@@ -394,7 +394,7 @@ def test_a_failing_replacement_leaves_the_graph_as_written(monkeypatch, caplog):
     def broken(gm):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(analysis_module, "sdpa_from_hand_written", broken)
+    monkeypatch.setattr(analysis_module.HandWrittenAttention, "edit", staticmethod(broken))
     gm, _ = traced(bert, *ACCEPTED["bert"][1]())
     with caplog.at_level(logging.WARNING, logger="dyllm_compile"):
         result = analysis_module.analyze(gm)

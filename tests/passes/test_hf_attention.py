@@ -52,13 +52,14 @@ def test_llama_sites_regions_and_chains(implementation):
         assert_region_runs_on_rows(cap, region)
 
 
-def test_llama_flex_attention_sites_stay_dense():
+def test_llama_flex_attention_sites_become_sdpa():
+    """transformers' flex_attention: its score_mod returns the score (no soft-capping), its block mask comes from
+    the padding mask: each site becomes SDPA with the mask the block mask applies (before: two dense flex sites,
+    no k/v chain gated)."""
     graphs = capture(_llama("flex_attention"), (torch.randint(0, 128, (1, 12)),), dynamic=False)
     sites = [s for cap in graphs for s in cap.analysis.sites]
-    assert [s.kind for s in sites] == ["flex", "flex"]
-    reasons = [r for cap in graphs for r in cap.analysis.dense_reasons]
-    assert sum("flex_attention" in r for r in reasons) == 2
-    assert not any(c["k"].gated for cap in graphs for c in cap.analysis.chains)
+    assert [(s.kind, s.dense_reason) for s in sites] == [("sdpa", ""), ("sdpa", "")]
+    assert all(c["k"].gated and c["v"].gated for cap in graphs for c in cap.analysis.chains)
 
 
 def test_opaque_attention_kernel_is_named():

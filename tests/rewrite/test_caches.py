@@ -171,7 +171,7 @@ def test_caches_and_pieces_get_the_layouts_they_were_compiled_for(piecewise, mon
     compiled code failed its input stride assertion; now the runtime stores caches contiguous and a piece's input
     that came in another layout is copied, each logged once. (A hand-written site stays dense here because the
     pass that would make it SDPA is switched off, as it was before that pass existed.)"""
-    monkeypatch.setattr(analysis, "sdpa_from_hand_written", lambda gm: gm)
+    monkeypatch.setattr(analysis.HandWrittenAttention, "edit", staticmethod(lambda gm: gm))
     torch._dynamo.reset()
     before = last_serial()
     entry = ZOO["manual_attention"]

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from hf_builders import ARCHITECTURES, MOE, SHARED_READS, build
+from hf_builders import ARCHITECTURES, MOE, SHARED_READS, SMALL, build
 
 MASK = 127
 
@@ -165,3 +165,31 @@ def test_padded_rows_hidden_from_every_key_equal_dense(mode):
             ids[:, 8 + 2 * call: 10 + 2 * call] = torch.randint(3, 120, (2, 2))
     (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
     assert runtime.stats.sparse_calls == 3 and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
+
+
+def test_llama_flex_attention_with_a_padded_batch_equals_dense():
+    """Llama through transformers' flex_attention, a left-padded batch of two: the mask's block mask is built
+    outside the graph (a graph break), so the position ids [1, N] come in ahead of the hidden states. Each site is
+    SDPA with the block mask's mask, cached; every call equals the model (threshold 1). Before, the sites stayed
+    dense; and with the sites found, the batch was read from the position ids (1), so every region stayed dense
+    ("its output is not batch-first")."""
+    torch._dynamo.reset()
+    before = last_serial()
+    config = transformers.LlamaConfig(num_key_value_heads=2, use_cache=False, **SMALL)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "flex_attention"
+    key = torch.ones(2, 16, dtype=torch.long)
+    key[1, :3] = 0
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 8:] = MASK
+    with torch.inference_mode():
+        for call in range(4):
+            expected = model(ids.clone(), attention_mask=key).logits
+            torch.testing.assert_close(compiled(ids.clone(), attention_mask=key).logits, expected, rtol=1e-5,
+                                       atol=1e-5)
+            ids[:, 8 + 2 * call: 10 + 2 * call] = torch.randint(3, 120, (2, 2))
+    layers = [r for r in runtimes(before) if r.plan.sites]
+    assert layers and all(s.cached for r in layers for s in r.plan.sites)
+    assert sum(r.stats.sparse_calls for r in layers) >= 2 and not any(r.plan.reasons for r in layers)

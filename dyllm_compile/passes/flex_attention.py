@@ -1,0 +1,150 @@
+"""Turns ``flex_attention`` that only masks into ``scaled_dot_product_attention`` with the mask it applies.
+
+Pattern: the ``flex_attention`` higher-order op Dynamo records, ``flex_attention(q, k, v, score_mod, block_mask,
+scale, kernel_options, score_mod_buffers, mask_mod_buffers)``, whose ``score_mod`` returns the score unchanged
+(transformers' flex integration without soft-capping, or no ``score_mod`` at all), whose block mask covers q's and
+k's token counts, and whose other results (log-sum-exp, row max) nothing reads. It becomes
+``sdpa(q, k, v, attn_mask=M, scale=scale, enable_gqa=q and k's head counts differ)``, ``M`` the boolean mask the
+block mask defines (:func:`block_mask_dense`): a (query, key) pair attends where its tile is one of the block
+mask's full tiles, or one of its partial tiles and ``mask_mod`` allows it. Then the rest of the analysis reads the
+site as SDPA, and the rewrite caches it (before, a flex site stayed dense: only the layers' FFNs were gated).
+
+Invariant: the same function of the graph's inputs up to floating-point rounding, rows whose every key is masked
+included (zeros in both). ``M`` is computed from the block mask's tensors and ``mask_mod``'s buffers alone, so the
+runtime compares it like any mask input. Anything else stays as written, the site dense, with the reason recorded
+on the op node (``FLEX_REASON``): a score modification (soft-capping, ALiBi, relative biases), a read of the
+log-sum-exp, a block mask of other lengths. The graph Dynamo handed over is never edited: a graph with a site to
+replace is copied first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.nn.attention.flex_attention import create_mask
+
+from .attention_sites import FLEX_REASON
+from .graph_edit import Emitter, copy_graph, erase_unused, module_of
+from .graph_utils import example_value, op_name, tensor_value
+
+# The block mask as the op takes it (``BlockMask.as_tuple()``): the sequence lengths first, then the partial
+# tiles' counts and indices and the full tiles', ...; the tile sizes and mask_mod last. The fields between changed
+# across torch versions; these did not.
+_Q_LEN, _KV_LEN, _KV_COUNT, _KV_INDICES, _FULL_COUNT, _FULL_INDICES = range(6)
+_Q_TILE, _KV_TILE, _MASK_MOD = -3, -2, -1
+
+
+def block_mask_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                     full_kv_num_blocks: Optional[torch.Tensor], full_kv_indices: Optional[torch.Tensor],
+                     q_len: int, kv_len: int, q_tile: int, kv_tile: int, mask_mod: Callable,
+                     *buffers: torch.Tensor) -> torch.Tensor:
+    """The boolean mask [B', H', q_len, kv_len] a block mask applies (B', H' its own batch and head dims): full tiles
+    attend throughout, partial tiles where ``mask_mod(b, h, q, kv, *buffers)`` allows, other tiles nowhere."""
+    rows = torch.arange(q_len, device=kv_indices.device) // q_tile
+    cols = torch.arange(kv_len, device=kv_indices.device) // kv_tile
+
+    def tokens(count: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        tiles = _tiles(count, indices)
+        return tiles.index_select(-2, rows).index_select(-1, cols)
+
+    b, h = kv_num_blocks.shape[:2]
+    allowed = create_mask(lambda bi, hi, qi, ki: mask_mod(bi, hi, qi, ki, *buffers), b, h, q_len, kv_len,
+                          kv_indices.device)
+    mask = tokens(kv_num_blocks, kv_indices) & allowed
+    if full_kv_num_blocks is not None:
+        mask = mask | tokens(full_kv_num_blocks, full_kv_indices)
+    return mask
+
+
+def _tiles(count: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """[..., query tiles, key tiles] bool from a block mask's ordered form: each query tile's first ``count`` entries
+    of ``indices`` are its key tiles (the rest of the row is padding)."""
+    key_tiles = indices.shape[-1]
+    listed = torch.arange(key_tiles, device=indices.device) < count.unsqueeze(-1)
+    # Unlisted entries write into one column past the end, cut off after.
+    target = torch.where(listed, indices.long(), key_tiles)
+    tiles = torch.zeros(*indices.shape[:-1], key_tiles + 1, dtype=torch.bool, device=indices.device)
+    return tiles.scatter(-1, target, True)[..., :key_tiles]
+
+
+def sdpa_from_flex(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy of it with every flex_attention that only masks replaced by SDPA with that mask. The others
+    keep a reason on their node (``FLEX_REASON``)."""
+    found = []
+    for node in gm.graph.nodes:
+        if op_name(node) == "hop.flex_attention":
+            why = _refusal(gm, node)
+            if why:
+                node.meta[FLEX_REASON] = why
+            else:
+                found.append(node)
+    if not found:
+        return gm
+    graph, copies = copy_graph(gm)
+    masks: dict[tuple, fx.Node] = {}  # one mask for the sites that share a block mask (every layer, usually)
+    for node in found:
+        _replace(gm, graph, copies[node], masks)
+    return module_of(gm, graph)
+
+
+def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Why ``node`` cannot become SDPA, or ''."""
+    q, k, v, score_mod, block_mask = node.args[:5]
+    if not _returns_the_score(gm, score_mod):
+        return "flex_attention: its score_mod changes the scores (soft-capping, a bias), which SDPA cannot take"
+    if any(op_name(u) != "getitem" or (u.args[1] != 0 and u.users) for u in node.users):
+        return "flex_attention: its log-sum-exp is read"
+    values = [tensor_value(t) for t in (q, k, v)]
+    if any(t is None or t.dim() != 4 for t in values):
+        return "flex_attention: q, k, v are not [batch, heads, tokens, dim]"
+    if (block_mask[_Q_LEN], block_mask[_KV_LEN]) != (values[0].shape[-2], values[1].shape[-2]):
+        return "flex_attention: its block mask covers other lengths than q's and k's"
+    return ""
+
+
+def _returns_the_score(gm: fx.GraphModule, score_mod: Any) -> bool:
+    """Whether ``score_mod`` (a get_attr of its graph) returns its first argument, the score, unchanged."""
+    if not isinstance(score_mod, fx.Node) or score_mod.op != "get_attr":
+        return False
+    graph = getattr(gm.get_submodule(score_mod.target), "graph", None)
+    if graph is None:
+        return False
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    out = graph.output_node().args[0]
+    out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+    return bool(placeholders) and out is placeholders[0]
+
+
+def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tuple, fx.Node]) -> None:
+    q, k, v, score_mod, block_mask, scale = node.args[:6]
+    buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
+    context = next(u for u in node.users if u.args[1] == 0)
+    emit = Emitter(graph, node)
+    operands = (block_mask[_KV_COUNT], block_mask[_KV_INDICES], block_mask[_FULL_COUNT], block_mask[_FULL_INDICES],
+                block_mask[_Q_LEN], block_mask[_KV_LEN], block_mask[_Q_TILE], block_mask[_KV_TILE],
+                block_mask[_MASK_MOD], *buffers)
+    mask = masks.get(operands)
+    if mask is None:
+        mask = masks[operands] = _emit_mask(gm, graph, node, operands)
+    gqa = tensor_value(q).shape[1] != tensor_value(k).shape[1]
+    out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
+               **({"enable_gqa": True} if gqa else {}))
+    context.replace_all_uses_with(out)
+    erase_unused(graph, [context, *node.users, node, score_mod])
+
+
+def _emit_mask(gm: fx.GraphModule, graph: fx.Graph, before: fx.Node, operands: tuple) -> fx.Node:
+    """A ``block_mask_dense`` node; its example value computed with the mask_mod's module itself (the get_attr
+    node has no example value of its own)."""
+    with graph.inserting_before(before):
+        node = graph.call_function(block_mask_dense, operands)
+    mask_mod = gm.get_submodule(operands[8].target)
+    values = [mask_mod if i == 8 else example_value(x) for i, x in enumerate(operands)]
+    fake_mode = next((t.fake_mode for t in values if hasattr(t, "fake_mode")), None)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        node.meta["example_value"] = block_mask_dense(*values)
+    return node

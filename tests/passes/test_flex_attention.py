@@ -1,0 +1,144 @@
+"""flex_attention that only masks becomes SDPA with the mask its block mask applies (passes/flex_attention.py)."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+
+from dyllm_compile.passes.analysis import analyze
+from dyllm_compile.passes.flex_attention import block_mask_dense
+from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
+
+N, TILE = 24, 8  # three tiles of eight tokens
+
+
+def _block_causal(b, h, q, kv):
+    return (q // TILE) >= (kv // TILE)
+
+
+def _sliding(b, h, q, kv):
+    return (q - kv).abs() <= 5
+
+
+def _dense(block_mask: BlockMask) -> torch.Tensor:
+    t = block_mask.as_tuple()
+    return block_mask_dense(t[2], t[3], t[4], t[5], t[0], t[1], t[-3], t[-2], t[-1])
+
+
+@pytest.mark.parametrize("mask_mod", [_block_causal, _sliding])
+@pytest.mark.parametrize("batch,heads", [(None, None), (2, 3)])
+def test_block_mask_dense_is_the_mask_mod_where_the_tiles_come_from_it(mask_mod, batch, heads):
+    """A block mask built from ``mask_mod``: full tiles where it holds throughout, partial where it holds somewhere;
+    the dense mask equals ``mask_mod`` itself (torch's ``create_mask``)."""
+    block_mask = create_block_mask(mask_mod, batch, heads, N, N, device="cpu", BLOCK_SIZE=TILE)
+    want = create_mask(mask_mod, batch, heads, N, N, device="cpu")
+    assert torch.equal(_dense(block_mask), want)
+
+
+def test_block_mask_dense_follows_the_tiles_over_mask_mod():
+    """Tiles listed by hand: unlisted tiles attend nowhere whatever ``mask_mod`` says, full tiles everywhere, partial
+    tiles where ``mask_mod`` allows (torch's ``to_dense`` gives the tiles)."""
+    partial = torch.tensor([[[[1, 0, 0], [0, 2, 0], [0, 0, 0]]]], dtype=torch.int32)  # kv tile ids per query tile
+    block_mask = BlockMask.from_kv_blocks(torch.tensor([[[1, 2, 0]]], dtype=torch.int32), partial,
+                                          torch.tensor([[[0, 0, 1]]], dtype=torch.int32),
+                                          torch.tensor([[[0, 0, 0], [0, 0, 0], [2, 0, 0]]]).int()[None],
+                                          BLOCK_SIZE=TILE, mask_mod=_sliding)
+    tiles = block_mask.to_dense().bool()  # [1, 1, 3, 3]: partial or full
+    full = torch.zeros(3, 3, dtype=torch.bool)
+    full[2, 2] = True
+    by_token = lambda t: t.repeat_interleave(TILE, -2).repeat_interleave(TILE, -1)  # noqa: E731
+    sliding = create_mask(_sliding, 1, 1, N, N, device="cpu")
+    want = (by_token(tiles & ~full) & sliding) | by_token(full)
+    got = _dense(block_mask)
+    assert torch.equal(got, want) and not torch.equal(got, sliding)
+
+
+class FlexLayer(torch.nn.Module):
+    """Self-attention through flex_attention and an MLP, with a block-causal mask as block diffusion uses (or a
+    soft-capping score_mod, which SDPA cannot take)."""
+
+    def __init__(self, softcap=False, heads=4, kv_heads=2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        d = 32
+        self.heads, self.kv_heads, self.softcap = heads, kv_heads, softcap
+        self.embed = torch.nn.Parameter(torch.randn(64, d, generator=gen))
+        self.qkv = torch.nn.Parameter(torch.randn(d + 2 * d * kv_heads // heads, d, generator=gen) * 0.3)
+        self.out = torch.nn.Parameter(torch.randn(d, d, generator=gen) * 0.3)
+        self.up = torch.nn.Parameter(torch.randn(4 * d, d, generator=gen) * 0.3)
+        self.down = torch.nn.Parameter(torch.randn(d, 4 * d, generator=gen) * 0.3)
+        self.head = torch.nn.Parameter(torch.randn(64, d, generator=gen) * 0.3)
+
+    def forward(self, ids, block_mask):
+        x = torch.nn.functional.embedding(ids, self.embed)
+        b, n, d = x.shape
+        kv = d * self.kv_heads // self.heads
+        q, k, v = (x @ self.qkv.T).split([d, kv, kv], dim=-1)
+        q, k, v = (t.view(b, n, -1, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        score_mod = (lambda s, bi, hi, qi, ki: 5.0 * torch.tanh(s / 5.0)) if self.softcap else None
+        a = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+        x = x + a.transpose(1, 2).reshape(b, n, d) @ self.out.T
+        x = x + torch.relu(x @ self.up.T) @ self.down.T
+        return x @ self.head.T
+
+
+def _graphs(model, *args):
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.inference_mode():
+        torch.compile(model, backend=backend, fullgraph=True)(*args)
+    return graphs
+
+
+def test_graph_before_and_after():
+    """Before: one ``flex_attention`` node (its score_mod a graph returning the score, its block mask's tensors
+    inputs). After: ``block_mask_dense`` of those tensors and the mask_mod, then SDPA with that mask; the analysis
+    finds an SDPA site with its k/v chains and the FFN gated."""
+    block_mask = create_block_mask(_block_causal, None, None, N, N, device="cpu", BLOCK_SIZE=TILE)
+    (gm,) = _graphs(FlexLayer(), torch.randint(0, 64, (2, N)), block_mask)
+    before = [op_name(n) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "hop.flex_attention" in before and "sdpa" not in before
+    analysis = analyze(gm)
+    after = [n for n in analysis.gm.graph.nodes if n.op == "call_function"]
+    names = [op_name(n) for n in after]
+    assert "hop.flex_attention" not in names and names.count("sdpa") == 1
+    mask = next(n for n in after if n.target is block_mask_dense)
+    sdpa = next(n for n in after if op_name(n) == "sdpa")
+    assert sdpa.kwargs["attn_mask"] is mask and sdpa.kwargs["enable_gqa"]
+    assert [s.kind for s in analysis.sites] == ["sdpa"] and not analysis.sites[0].dense_reason
+    assert [r.role for r in analysis.gated_regions] == ["ffn", "lm_head"]
+    assert analysis.chains[0]["k"].gated and analysis.chains[0]["v"].gated
+
+
+def test_a_score_mod_keeps_the_site_dense_with_its_reason():
+    block_mask = create_block_mask(_block_causal, None, None, N, N, device="cpu", BLOCK_SIZE=TILE)
+    (gm,) = _graphs(FlexLayer(softcap=True), torch.randint(0, 64, (2, N)), block_mask)
+    analysis = analyze(gm)
+    assert [s.kind for s in analysis.sites] == ["flex"]
+    assert "score_mod changes the scores" in analysis.sites[0].dense_reason
+
+
+@pytest.mark.parametrize("mode", ["exact", "paper"])
+def test_block_causal_flex_model_at_threshold_one_equals_dense(mode):
+    """A block-diffusion-style mask (each block attends to itself and the blocks before it), batch 2: each call of
+    the compiled model equals the model (threshold 1), its site cached."""
+    model = FlexLayer()
+    block_mask = create_block_mask(_block_causal, None, None, N, N, device="cpu", BLOCK_SIZE=TILE)
+    torch._dynamo.reset()
+    before = last_serial()
+    compiled = torch.compile(model, backend="dyllm",
+                             options={"lowering": "aot_eager", "threshold": 1.0, "attention_mode": mode})
+    ids = torch.randint(0, 60, (2, N), generator=torch.Generator().manual_seed(3))
+    ids[:, 8:] = 63
+    with torch.inference_mode():
+        for call in range(4):
+            expected = model(ids.clone(), block_mask)  # logits up to ~70: fp32 rounding of the scores' sums
+            torch.testing.assert_close(compiled(ids.clone(), block_mask), expected, rtol=1e-5, atol=1e-4)
+            ids[:, 8 + 3 * call: 11 + 3 * call] = torch.randint(0, 60, (2, 3))
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.sparse_calls == 3 and [s.cached for s in runtime.plan.sites] == [True]

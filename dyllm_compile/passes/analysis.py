@@ -210,7 +210,7 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(), FlexAttention(),
+ANALYSIS_PASSES = (FlexAttention(), FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(),
                    FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 

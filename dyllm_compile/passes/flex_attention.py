@@ -9,6 +9,11 @@ block mask defines (:func:`block_mask_dense`): a (query, key) pair attends where
 mask's full tiles, or one of its partial tiles and ``mask_mod`` allows it. Then the rest of the analysis reads the
 site as SDPA, and the rewrite caches it (before, a flex site stayed dense: only the layers' FFNs were gated).
 
+A block mask built inside the graph (``create_block_mask`` in the forward, or flex's own full mask when none is
+given) also computes the query tiles' index (for the backward pass) by writing into fresh tensors under ``vmap``,
+writes the in_place_writes pass cannot follow (the whole graph would stay dense): once the op is replaced nothing
+reads them, and they are erased with what only they read (:func:`_drop_unread`). So this pass runs first.
+
 Invariant: the same function of the graph's inputs up to floating-point rounding, rows whose every key is masked
 included (zeros in both). ``M`` is computed from the block mask's tensors and ``mask_mod``'s buffers alone, so the
 runtime compares it like any mask input. Anything else stays as written, the site dense, with the reason recorded
@@ -20,6 +25,7 @@ replace is copied first.
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,13 +35,18 @@ from torch.nn.attention.flex_attention import create_mask
 
 from .attention_sites import FLEX_REASON
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
-from .graph_utils import example_value, op_name, tensor_value
+from .graph_utils import example_value, is_impure, op_name, tensor_value
 
 # The block mask as the op takes it (``BlockMask.as_tuple()``): the sequence lengths first, then the partial
 # tiles' counts and indices and the full tiles', ...; the tile sizes and mask_mod last. The fields between changed
 # across torch versions; these did not.
 _Q_LEN, _KV_LEN, _KV_COUNT, _KV_INDICES, _FULL_COUNT, _FULL_INDICES = range(6)
 _Q_TILE, _KV_TILE, _MASK_MOD = -3, -2, -1
+#: Tiles this large are flex's full mask when none is given (one tile, lengths 1 x 1): its one-element dense mask
+#: broadcasts over every query and key.
+_NO_OP_TILE = 1 << 30
+_FACTORIES = frozenset("new_zeros new_ones new_empty new_full zeros ones empty full zeros_like ones_like empty_like "
+                       "full_like".split())
 
 
 def block_mask_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -101,7 +112,8 @@ def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
     values = [tensor_value(t) for t in (q, k, v)]
     if any(t is None or t.dim() != 4 for t in values):
         return "flex_attention: q, k, v are not [batch, heads, tokens, dim]"
-    if (block_mask[_Q_LEN], block_mask[_KV_LEN]) != (values[0].shape[-2], values[1].shape[-2]):
+    lengths = (block_mask[_Q_LEN], block_mask[_KV_LEN]) == (values[0].shape[-2], values[1].shape[-2])
+    if not lengths and min(block_mask[_Q_TILE], block_mask[_KV_TILE]) < _NO_OP_TILE:
         return "flex_attention: its block mask covers other lengths than q's and k's"
     return ""
 
@@ -134,7 +146,64 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
     out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
                **({"enable_gqa": True} if gqa else {}))
     context.replace_all_uses_with(out)
+    read = _ancestors(node)
     erase_unused(graph, [context, *node.users, node, score_mod])
+    _drop_unread(graph, read)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _drop_unread(graph: fx.Graph, candidates: set[fx.Node]) -> None:
+    """Erases the nodes among ``candidates`` (what the replaced op read) that nothing reads now: pure ones, and
+    writes into tensors made in the graph by a factory that nothing else reads (a fresh tensor is seen only through
+    its readers); then ``vmap`` levels left empty. Nothing outside what the op read is touched."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed([n for n in graph.nodes if n in candidates]):
+            writes = {u for u in n.users if u.target is operator.setitem and u.args[0] is n}
+            # read only by the writes into it, or by values made only for those writes (``dense.new_ones(())``)
+            if writes and op_name(n) in _FACTORIES and all(u in writes or set(u.users) <= writes for u in n.users):
+                for w in writes:
+                    candidates.update(w.all_input_nodes)
+                    graph.erase_node(w)
+            if not n.users and n.op in ("call_function", "call_method") and not is_impure(n):
+                candidates.update(n.all_input_nodes)  # what only it read is unread now
+                candidates.discard(n)
+                graph.erase_node(n)
+                changed = True
+    _drop_empty_vmap_levels(graph)
+
+
+def _name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _drop_empty_vmap_levels(graph: fx.Graph) -> None:
+    """Erases ``vmap`` levels opened and closed around nothing (and the decompositions' load before them): kept by
+    :func:`~dyllm_compile.passes.graph_utils.is_impure` otherwise."""
+    changed = True
+    while changed:
+        changed = False
+        nodes = list(graph.nodes)
+        for a, b in zip(nodes, nodes[1:]):
+            if _name(a) == "_vmap_increment_nesting" and _name(b) == "_vmap_decrement_nesting":
+                before = a.prev
+                graph.erase_node(b)
+                graph.erase_node(a)
+                if _name(before) == "lazy_load_decompositions":
+                    graph.erase_node(before)
+                changed = True
+                break
 
 
 def _emit_mask(gm: fx.GraphModule, graph: fx.Graph, before: fx.Node, operands: tuple) -> fx.Node:

@@ -194,3 +194,14 @@ def index_position(index: list, ndim: int, dim: int) -> Optional[int]:
             return position
         current += 1
     return None
+
+
+#: Calls that open and close a ``vmap`` level in a Dynamo graph (``torch.vmap`` in the model, or in flex_attention's
+#: mask construction): no users, and not marked side-effectful by torch.fx, so its dead-code elimination drops them
+#: and leaves the level's batched tensors outside any level ("escaped from inside a function being vmapped").
+VMAP_LEVEL_CALLS = frozenset(("_vmap_increment_nesting", "_vmap_decrement_nesting", "lazy_load_decompositions"))
+
+
+def is_impure(node: fx.Node) -> bool:
+    """``Node.is_impure``, and the calls that open or close a vmap level: for ``eliminate_dead_code``."""
+    return node.is_impure() or getattr(node.target, "__name__", None) in VMAP_LEVEL_CALLS

@@ -36,7 +36,7 @@ from ..runtime import rows
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
 from .graph_edit import drop_unbacked_bindings
-from .graph_utils import arg, hint, op_name, same_size, size_checks, tensor_value
+from .graph_utils import arg, hint, is_impure, op_name, same_size, size_checks, tensor_value
 from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
@@ -460,7 +460,7 @@ class _Builder:
         self.graph.output((*user, *extra))
         gm = fx.GraphModule(self.plan.analysis.gm, self.graph)
         drop_unbacked_bindings(gm.graph)  # a variant is lowered in fake modes of its own
-        gm.graph.eliminate_dead_code()  # after owning: call_module purity checks need the module
+        gm.graph.eliminate_dead_code(is_impure)  # after owning: call_module purity checks need the module
         gm.graph.lint()
         gm.recompile()
         return gm

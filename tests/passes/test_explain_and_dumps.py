@@ -78,7 +78,7 @@ def test_pass_uuids_identify_pass_sources():
 
 
 def test_backend_logs_summary_and_dumps_graphs_before_and_after_each_pass(tmp_path, caplog):
-    """On the zoo's hand-written attention, so that the first pass (which replaces it by SDPA) shows in its dumps."""
+    """On the zoo's hand-written attention, so that the pass that replaces it by SDPA shows in its dumps."""
     torch._dynamo.reset()
     entry = ZOO["manual_attention"]
     model = entry.build()
@@ -88,26 +88,27 @@ def test_backend_logs_summary_and_dumps_graphs_before_and_after_each_pass(tmp_pa
     assert any("2 attention sites (2 hand-written)" in m and "'ffn': 2" in m for m in caplog.messages)
     (graph_dir,) = list(tmp_path.iterdir())
     dumps = sorted(p.name for p in graph_dir.iterdir())
-    assert dumps == ["00_in_place_writes.after.txt", "00_in_place_writes.before.txt",
-                     "01_fused_layers.after.txt", "01_fused_layers.before.txt",
-                     "02_hand_written_attention.after.txt", "02_hand_written_attention.before.txt",
-                     "03_attention_sites.after.txt", "03_attention_sites.before.txt", "04_token_axes.after.txt",
-                     "04_token_axes.before.txt", "05_regions.after.txt", "05_regions.before.txt", "explain.txt"]
+    assert dumps == ["00_flex_attention.after.txt", "00_flex_attention.before.txt",
+                     "01_in_place_writes.after.txt", "01_in_place_writes.before.txt",
+                     "02_fused_layers.after.txt", "02_fused_layers.before.txt",
+                     "03_hand_written_attention.after.txt", "03_hand_written_attention.before.txt",
+                     "04_attention_sites.after.txt", "04_attention_sites.before.txt", "05_token_axes.after.txt",
+                     "05_token_axes.before.txt", "06_regions.after.txt", "06_regions.before.txt", "explain.txt"]
 
     def count(name, pattern):
         return len(re.findall(pattern, (graph_dir / name).read_text()))
 
     # Each pass's work appears in its "after" dump and not before it.
-    assert count("02_hand_written_attention.before.txt", r" softmax ") == 2
-    assert count("02_hand_written_attention.before.txt", r" sdpa ") == 0
-    assert count("02_hand_written_attention.after.txt", r" softmax ") == 0
-    assert count("02_hand_written_attention.after.txt", r" sdpa ") == 2
-    assert count("03_attention_sites.before.txt", r"attention\(sdpa\)") == 0
-    assert count("03_attention_sites.after.txt", r"attention\(sdpa\)") == 2
-    assert count("04_token_axes.before.txt", "row-wise") == 0
-    assert count("04_token_axes.after.txt", "token-mixing") >= 2
-    assert count("05_regions.before.txt", r"\.ffn\*") == 0
-    assert count("05_regions.after.txt", r"L0\.ffn\*") > 5 and count("05_regions.after.txt", r" merge") == 4
+    assert count("03_hand_written_attention.before.txt", r" softmax ") == 2
+    assert count("03_hand_written_attention.before.txt", r" sdpa ") == 0
+    assert count("03_hand_written_attention.after.txt", r" softmax ") == 0
+    assert count("03_hand_written_attention.after.txt", r" sdpa ") == 2
+    assert count("04_attention_sites.before.txt", r"attention\(sdpa\)") == 0
+    assert count("04_attention_sites.after.txt", r"attention\(sdpa\)") == 2
+    assert count("05_token_axes.before.txt", "row-wise") == 0
+    assert count("05_token_axes.after.txt", "token-mixing") >= 2
+    assert count("06_regions.before.txt", r"\.ffn\*") == 0
+    assert count("06_regions.after.txt", r"L0\.ffn\*") > 5 and count("06_regions.after.txt", r" merge") == 4
     assert "lm_head" in (graph_dir / "explain.txt").read_text()
 
 

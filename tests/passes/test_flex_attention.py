@@ -1,5 +1,7 @@
 """flex_attention that only masks becomes SDPA with the mask its block mask applies (passes/flex_attention.py)."""
 
+import operator
+
 import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
@@ -142,3 +144,56 @@ def test_block_causal_flex_model_at_threshold_one_equals_dense(mode):
             ids[:, 8 + 3 * call: 11 + 3 * call] = torch.randint(0, 60, (2, 3))
     (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
     assert runtime.stats.sparse_calls == 3 and [s.cached for s in runtime.plan.sites] == [True]
+
+
+class MaskInTheForward(FlexLayer):
+    """The block mask built in the forward (``create_block_mask``: vmap over ``mask_mod``, and the query tiles'
+    index for the backward written into fresh tensors under vmap), or none given (flex's full mask, built alike)."""
+
+    def __init__(self, built: bool):
+        super().__init__()
+        self.built = built
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        mask = create_block_mask(_block_causal, None, None, n, n, device="cpu", BLOCK_SIZE=TILE) if self.built else None
+        return super().forward(ids, mask)
+
+
+def _vmap_levels(gm) -> str:
+    return "".join({"_vmap_increment_nesting": "(", "_vmap_decrement_nesting": ")"}.get(
+        getattr(n.target, "__name__", ""), "") for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_block_mask_built_in_the_graph_leaves_no_write_behind(built):
+    """Before: the writes under vmap that build the query tiles' index kept the whole graph dense ("in-place
+    'setitem' into 'dense_mask'"). After the replacement nothing reads them: they are erased with their vmap levels;
+    the levels that build the mask the rewrite reads stay, balanced."""
+    (gm,) = _graphs(MaskInTheForward(built), torch.randint(0, 64, (2, N)))
+    assert any(n.target is operator.setitem for n in gm.graph.nodes)
+    analysis = analyze(gm)
+    assert not analysis.dense_reasons and [s.kind for s in analysis.sites] == ["sdpa"]
+    assert not any(n.target is operator.setitem for n in analysis.gm.graph.nodes)
+    levels = _vmap_levels(analysis.gm)
+    assert len(levels) < len(_vmap_levels(gm)) and levels == "(" * (len(levels) // 2) + ")" * (len(levels) // 2)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_block_mask_built_in_the_graph_at_threshold_one_equals_dense(built):
+    """The variants keep the vmap levels that build the mask: torch.fx's dead-code elimination took the calls that
+    open and close a level (no users, not marked side-effectful) for dead, and the variant failed to compile
+    ("escaped from inside a function being vmapped"), falling back to the graph without the rewrite."""
+    model = MaskInTheForward(built)
+    torch._dynamo.reset()
+    before = last_serial()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
+    ids = torch.randint(0, 60, (2, N), generator=torch.Generator().manual_seed(4))
+    ids[:, 8:] = 63
+    with torch.inference_mode():
+        for call in range(3):
+            torch.testing.assert_close(compiled(ids.clone()), model(ids.clone()), rtol=1e-5, atol=1e-4)
+            ids[:, 8 + 3 * call: 11 + 3 * call] = torch.randint(0, 60, (2, 3))
+    (runtime,) = runtimes(before)
+    assert runtime.stats.fallback is None and runtime.stats.sparse_calls == 2
+    assert [s.cached for s in runtime.plan.sites] == [True]

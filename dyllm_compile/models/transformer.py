@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .grouped_mm import grouped_mm
 
@@ -47,7 +48,9 @@ class TransformerConfig:
     # each projection one grouped product over the experts' stacked weights, the rows put back by the inverse
     # permutation (transformers 5's default experts)
     moe_routing: str = "dense"
-    attention: str = "sdpa"  # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums)
+    # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums) | "flex" (flex_attention; a
+    # key-padding mask becomes its block mask)
+    attention: str = "sdpa"
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
     # attention sinks, with hand-written attention: one more softmax logit per row and head that attends to nothing,
     # concatenated to the scores and dropped after the softmax (GPT-OSS): "none" | "head" (a learned logit per
@@ -85,7 +88,7 @@ class TransformerConfig:
             "moe_routing in (dense, dispatch, grouped)": self.moe_routing in ("dense", "dispatch", "grouped"),
             "qk_norm_layout in (heads, rows)": self.qk_norm_layout in ("heads", "rows"),
             "moe_capacity only with dense routing": self.moe_capacity is None or self.moe_routing == "dense",
-            "attention in (sdpa, manual, einsum)": self.attention in ("sdpa", "manual", "einsum"),
+            "attention in (sdpa, manual, einsum, flex)": self.attention in ("sdpa", "manual", "einsum", "flex"),
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
             "sinks in (none, head, row)": self.sinks in ("none", "head", "row"),
             "sinks only with attention in (manual, einsum)": self.sinks == "none" or self.attention != "sdpa",
@@ -251,6 +254,8 @@ class Attention(nn.Module):
                 logits = logits - logits.max(dim=-1, keepdim=True).values
                 probs = F.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
             out = torch.matmul(probs, v) if cfg.attention == "manual" else torch.einsum("bhij,bhjd->bhid", probs, v)
+        elif cfg.attention == "flex":
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=n_rep > 1)
         elif cfg.gqa == "enable_gqa" and n_rep > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
@@ -463,7 +468,9 @@ class DiffusionTransformer(nn.Module):
             rope = self.rotary(n, h.dtype)
         mask = None
         if attention_mask is not None:
-            if attention_mask.is_floating_point():
+            if self.cfg.attention == "flex":
+                mask = _key_block_mask(attention_mask, n)
+            elif attention_mask.is_floating_point():
                 mask = attention_mask.to(h.dtype)
             else:
                 mask = attention_mask.bool()[:, None, None, :]
@@ -474,3 +481,11 @@ class DiffusionTransformer(nn.Module):
         if self.cfg.hyper_connections:
             h, _ = self.final_hc(h)
         return self.lm_head(self.final_norm(h))
+
+
+def _key_block_mask(attention_mask: torch.Tensor, n: int):
+    """flex_attention's block mask for a key-padding mask [B, N] (1 = real token); an additive mask has no such form."""
+    if attention_mask.is_floating_point() or attention_mask.dim() != 2:
+        raise ValueError("attention='flex' takes a key-padding mask [batch, tokens] of 0/1 or bool")
+    keep = attention_mask.bool()
+    return create_block_mask(lambda b, h, q, kv: keep[b, kv], keep.shape[0], None, n, n, device=keep.device)

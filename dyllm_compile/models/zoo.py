@@ -59,6 +59,8 @@ def _entries() -> list[ZooEntry]:
                  description="a learned attention sink per head (GPT-OSS), hand-written attention, GQA"),
         ZooEntry("row_sinks", llada_config("tiny", attention="einsum", sinks="row", **tiny),
                  description="attention sinks projected from each row, einsum attention"),
+        ZooEntry("flex", llada_config("tiny", attention="flex", n_kv_heads=2, **tiny),
+                 description="flex_attention, its full mask built in the graph, GQA"),
         ZooEntry("hyper_connections", llada_config("tiny", hyper_connections=4, **tiny),
                  description="four residual streams mixed per row into each branch and written back (DeepSeek-V4)"),
         ZooEntry("additive_mask", llada_config("tiny", **tiny), mask="additive",

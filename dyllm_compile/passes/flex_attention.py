@@ -35,7 +35,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 from .attention_sites import FLEX_REASON
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
-from .graph_utils import example_value, is_impure, op_name, tensor_value
+from .graph_utils import example_value, is_impure, op_name, same_size, tensor_value
 
 # The block mask as the op takes it (``BlockMask.as_tuple()``): the sequence lengths first, then the partial
 # tiles' counts and indices and the full tiles', ...; the tile sizes and mask_mod last. The fields between changed
@@ -112,7 +112,8 @@ def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
     values = [tensor_value(t) for t in (q, k, v)]
     if any(t is None or t.dim() != 4 for t in values):
         return "flex_attention: q, k, v are not [batch, heads, tokens, dim]"
-    lengths = (block_mask[_Q_LEN], block_mask[_KV_LEN]) == (values[0].shape[-2], values[1].shape[-2])
+    lengths = same_size(block_mask[_Q_LEN], values[0].shape[-2]) and same_size(block_mask[_KV_LEN],
+                                                                                values[1].shape[-2])
     if not lengths and min(block_mask[_Q_TILE], block_mask[_KV_TILE]) < _NO_OP_TILE:
         return "flex_attention: its block mask covers other lengths than q's and k's"
     return ""

@@ -197,3 +197,28 @@ def test_a_block_mask_built_in_the_graph_at_threshold_one_equals_dense(built):
     (runtime,) = runtimes(before)
     assert runtime.stats.fallback is None and runtime.stats.sparse_calls == 2
     assert [s.cached for s in runtime.plan.sites] == [True]
+
+
+def test_the_reference_model_through_flex_with_a_padded_batch_equals_dense():
+    """The in-repo model with ``attention="flex"``, decoding two prompts of different lengths: the key mask becomes
+    a block mask in the forward (``mask_mod`` reads the mask, a buffer of the op), and each call equals the model at
+    threshold 1, every site cached."""
+    from dyllm_compile.generate import generate
+    from dyllm_compile.models import llada_like
+
+    model = llada_like("tiny", init_std=0.2, attention="flex", n_kv_heads=2)
+    prompts = [torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 5)]
+    torch._dynamo.reset()
+    before = last_serial()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
+
+    def lockstep(x, attention_mask=None):
+        expected = model(x, attention_mask)
+        torch.testing.assert_close(compiled(x, attention_mask), expected, rtol=1e-5, atol=1e-5)
+        return expected
+
+    with torch.inference_mode():
+        generate(lockstep, prompts, pad_token_id=1, mask_token_id=127, gen_length=8, steps=8, block_length=8)
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    assert runtime.stats.fallback is None and runtime.stats.sparse_calls == 7
+    assert len(runtime.plan.sites) == 2 and all(s.cached for s in runtime.plan.sites)

@@ -19,7 +19,8 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # (grouped products, the inverse permutation); q/k norms on the heads folded into the rows (in the k chain and
 # exact mode's q chain); attention sinks (GPT-OSS's, a logit per head; and one projected from each row), which
 # scale each row's cached sink-free context; hyper-connections (residual streams per row, each branch reading a mix
-# of them and writing its output back into each: the FFN's cached branch is what it writes back).
+# of them and writing its output back into each: the FFN's cached branch is what it writes back); flex_attention
+# (replaced by SDPA with the mask its block mask applies, the full mask built in the graph).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
@@ -28,7 +29,8 @@ MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True
                 "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows"),
                 "sinks": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2, sinks="head"),
                 "row_sinks": lambda: llada_like("tiny", init_std=0.2, attention="einsum", sinks="row"),
-                "hyper_connections": lambda: llada_like("tiny", init_std=0.2, hyper_connections=4)}
+                "hyper_connections": lambda: llada_like("tiny", init_std=0.2, hyper_connections=4),
+                "flex": lambda: llada_like("tiny", init_std=0.2, attention="flex", n_kv_heads=2)}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")

@@ -166,7 +166,8 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 def _drop_unread(graph: fx.Graph, candidates: set[fx.Node]) -> None:
     """Erases the nodes among ``candidates`` (what the replaced op read) that nothing reads now: pure ones, and
     writes into tensors made in the graph by a factory that nothing else reads (a fresh tensor is seen only through
-    its readers); then ``vmap`` levels left empty. Nothing outside what the op read is touched."""
+    its readers); then ``vmap`` levels left empty. Nothing else is touched: no node the op did not read, no write
+    into memory that was not made for the op."""
     changed = True
     while changed:
         changed = False

@@ -48,6 +48,8 @@ HAND_WRITTEN_REASON = "dyllm_hand_written_reason"
 FLEX_REASON = "dyllm_flex_reason"
 #: ``node.meta`` key of an SDPA node that replaced hand-written attention.
 FROM_HAND_WRITTEN = "dyllm_from_hand_written"
+#: ``node.meta`` key of an SDPA node that replaced flex_attention.
+FROM_FLEX = "dyllm_from_flex"
 
 # Ops allowed between the scores matmul and the softmax (scale, mask, casts), and after the softmax.
 # tanh: Gemma-2's soft-capping, s -> c * tanh(s / c) (found, so that the rest of the layer is still gated).
@@ -69,6 +71,7 @@ class AttentionSite:
     dense_reason: str = ""  # non-empty: the site is recognised but must stay dense
     layer: int = -1
     hand_written: bool = False  # an SDPA node that replaced hand-written attention
+    from_flex: bool = False  # an SDPA node that replaced flex_attention
     # keys and values beyond the site's own rows (module docstring): the prefix's k and v, and whether it comes
     # before the own rows in the keys' order
     prefix_k: Optional[fx.Node] = None
@@ -83,8 +86,10 @@ class AttentionSite:
 
     @property
     def label(self) -> str:
-        """How reports name the site's attention: its kind, or hand-written (now SDPA), with sinks or not."""
-        return ("hand-written" if self.hand_written else self.kind) + ("+sinks" if self.sinks is not None else "")
+        """How reports name the site's attention: its kind, or what SDPA replaced (hand-written, flex), with sinks or
+        not."""
+        origin = "hand-written" if self.hand_written else "flex" if self.from_flex else self.kind
+        return origin + ("+sinks" if self.sinks is not None else "")
 
     @property
     def heads(self) -> int:
@@ -122,7 +127,8 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
 def _sdpa_site(node: fx.Node) -> AttentionSite:
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     site = AttentionSite(node, "sdpa", q, k, v, mask=arg(node, 3, "attn_mask"),
-                         hand_written=node.meta.get(FROM_HAND_WRITTEN, False), sinks=node.kwargs.get("sinks"))
+                         hand_written=node.meta.get(FROM_HAND_WRITTEN, False), sinks=node.kwargs.get("sinks"),
+                         from_flex=node.meta.get(FROM_FLEX, False))
     if arg(node, 5, "is_causal", False):
         site.dense_reason = "causal attention: a diffusion LM is bidirectional"
     return site

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.nn.attention.flex_attention import create_mask
 
-from .attention_sites import FLEX_REASON
+from .attention_sites import FLEX_REASON, FROM_FLEX
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
 from .graph_utils import example_value, is_impure, op_name, same_size, tensor_value
 
@@ -146,6 +146,7 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
     gqa = tensor_value(q).shape[1] != tensor_value(k).shape[1]
     out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
                **({"enable_gqa": True} if gqa else {}))
+    out.meta[FROM_FLEX] = True
     context.replace_all_uses_with(out)
     read = _ancestors(node)
     erase_unused(graph, [context, *node.users, node, score_mod])

@@ -112,7 +112,7 @@ def test_graph_before_and_after():
     mask = next(n for n in after if n.target is block_mask_dense)
     sdpa = next(n for n in after if op_name(n) == "sdpa")
     assert sdpa.kwargs["attn_mask"] is mask and sdpa.kwargs["enable_gqa"]
-    assert [s.kind for s in analysis.sites] == ["sdpa"] and not analysis.sites[0].dense_reason
+    assert [(s.kind, s.label) for s in analysis.sites] == [("sdpa", "flex")] and not analysis.sites[0].dense_reason
     assert [r.role for r in analysis.gated_regions] == ["ffn", "lm_head"]
     assert analysis.chains[0]["k"].gated and analysis.chains[0]["v"].gated
 

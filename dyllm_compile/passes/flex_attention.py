@@ -96,9 +96,12 @@ def sdpa_from_flex(gm: fx.GraphModule) -> fx.GraphModule:
     if not found:
         return gm
     graph, copies = copy_graph(gm)
+    nodes = [copies[n] for n in found]
+    read = _ancestors(nodes)  # once for every site: each layer's reaches back through the layers before it
     masks: dict[tuple, fx.Node] = {}  # one mask for the sites that share a block mask (every layer, usually)
-    for node in found:
-        _replace(gm, graph, copies[node], masks)
+    for node in nodes:
+        _replace(gm, graph, node, masks)
+    _drop_unread(graph, read)
     return module_of(gm, graph)
 
 
@@ -148,14 +151,13 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
                **({"enable_gqa": True} if gqa else {}))
     out.meta[FROM_FLEX] = True
     context.replace_all_uses_with(out)
-    read = _ancestors(node)
     erase_unused(graph, [context, *node.users, node, score_mod])
-    _drop_unread(graph, read)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Every node ``nodes`` read, directly or through others."""
     seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
+    stack = [a for n in nodes for a in n.all_input_nodes]
     while stack:
         n = stack.pop()
         if n not in seen:
@@ -165,10 +167,10 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def _drop_unread(graph: fx.Graph, candidates: set[fx.Node]) -> None:
-    """Erases the nodes among ``candidates`` (what the replaced op read) that nothing reads now: pure ones, and
+    """Erases the nodes among ``candidates`` (what the replaced ops read) that nothing reads now: pure ones, and
     writes into tensors made in the graph by a factory that nothing else reads (a fresh tensor is seen only through
-    its readers); then ``vmap`` levels left empty. Nothing else is touched: no node the op did not read, no write
-    into memory that was not made for the op."""
+    its readers); then ``vmap`` levels left empty. Nothing else is touched: no node the ops did not read, no write
+    into memory that was not made for them."""
     changed = True
     while changed:
         changed = False

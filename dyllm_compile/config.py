@@ -58,7 +58,8 @@ class DyllmConfig:
     threshold: float = _knob(
         0.99,
         "Saliency threshold tau: a row is salient when the cosine of its attention context with the cached "
-        "one is below tau (a row that came in salient stays salient). 1.0 recomputes every row (equals dense).",
+        "one is below tau (a row that came in salient stays salient; a context zero at both calls, a padded row "
+        "that sees no key, counts as unchanged). 1.0 recomputes every row (equals dense).",
         kind=float, low=0.0, high=1.0, low_open=True,
     )
     attention_mode: str = _knob(

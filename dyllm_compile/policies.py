@@ -174,9 +174,14 @@ def lowest_fraction(score: torch.Tensor, fraction: float, allowed: Optional[torc
 
 
 def row_cosine(fresh: torch.Tensor, cached: torch.Tensor, axis: int) -> torch.Tensor:
-    """[B, N]: per row (tokens on ``axis``, every other dim flattened together), the cosine of fresh vs cached."""
+    """[B, N]: per row (tokens on ``axis``, every other dim flattened together), the cosine of fresh vs cached.
+
+    Two zero rows count as unchanged (1): their cosine is undefined and ``F.cosine_similarity`` gives 0, which made
+    a row with no context at either call (a padded row that sees no key) salient at every call."""
     rows = fresh.movedim(axis, 1).flatten(2).float()
-    return F.cosine_similarity(rows, cached.movedim(axis, 1).flatten(2).float(), dim=-1)
+    old = cached.movedim(axis, 1).flatten(2).float()
+    both_zero = (rows == 0).all(dim=-1) & (old == 0).all(dim=-1)
+    return F.cosine_similarity(rows, old, dim=-1).masked_fill(both_zero, 1.0)
 
 
 class DllmCache(Policy):

@@ -21,6 +21,14 @@ from dyllm_compile.models.transformer import DiffusionTransformer, apply_rotary,
 from dyllm_compile.runtime.graph_runtime import forced_masks
 
 
+def _context_cosine(c: torch.Tensor, c_old: torch.Tensor) -> torch.Tensor:
+    """[B, N]: the cosine of each row's context [B, H, N, D] (heads together) with its previous value; a row that
+    is zero at both calls (it saw no key) is unchanged, 1."""
+    new, old = c.transpose(1, 2).flatten(2), c_old.transpose(1, 2).flatten(2)
+    unchanged = (new == 0).all(-1) & (old == 0).all(-1)
+    return F.cosine_similarity(new, old, dim=-1).masked_fill(unchanged, 1.0)
+
+
 def _rows(s: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[0], shape[axis] = s.shape
@@ -161,8 +169,7 @@ class Oracle:
                 elif self.threshold >= 1.0:
                     salient = torch.ones_like(salient)
                 else:
-                    cos = F.cosine_similarity(c.transpose(1, 2).flatten(2), c_old.transpose(1, 2).flatten(2), dim=-1)
-                    salient = salient | (cos < self.threshold)
+                    salient = salient | (_context_cosine(c, c_old) < self.threshold)
             layer_fractions.append(salient.float().mean().item())
             if cfg.sinks != "none":  # the sink takes its share of each row's softmax mass from the cached context
                 lse = torch.logsumexp(torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(cfg.head_dim), -1)

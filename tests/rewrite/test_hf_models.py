@@ -167,6 +167,32 @@ def test_padded_rows_hidden_from_every_key_equal_dense(mode):
     assert runtime.stats.sparse_calls == 3 and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
 
 
+def test_padded_rows_that_see_no_key_are_not_salient():
+    """Below threshold 1, a padded row that sees no key has context zero at every call: unchanged, so not salient
+    (before, the cosine of two zero vectors, 0, made each such row salient in every layer at every call). A call
+    that changes no token then recomputes no row of either prompt; the padded prompt's pad rows included."""
+    torch._dynamo.reset()
+    before = last_serial()
+    model, _ = build("qwen2")
+    key = torch.ones(2, 16, dtype=torch.bool)
+    key[1, :5] = False
+    mask = key[:, None, :, None] & key[:, None, None, :]
+
+    def forward(ids):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", "threshold": 0.9})
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 8:] = MASK
+    with torch.inference_mode():
+        first = compiled(ids.clone())
+        again = compiled(ids.clone())
+    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
+    fractions = runtime.stats.history[-1]  # [sites, B] of the sparse call
+    assert fractions.shape[1] == 2 and (fractions == 0).all(), fractions
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
+
+
 def test_llama_flex_attention_with_a_padded_batch_equals_dense():
     """Llama through transformers' flex_attention, a left-padded batch of two: the mask's block mask is built
     outside the graph (a graph break), so the position ids [1, N] come in ahead of the hidden states. Each site is

@@ -1,13 +1,16 @@
-"""Turns ``flex_attention`` that only masks into ``scaled_dot_product_attention`` with the mask it applies.
+"""Turns ``flex_attention`` that masks or adds a bias into ``scaled_dot_product_attention`` with that mask.
 
 Pattern: the ``flex_attention`` higher-order op Dynamo records, ``flex_attention(q, k, v, score_mod, block_mask,
 scale, kernel_options, score_mod_buffers, mask_mod_buffers)``, whose ``score_mod`` returns the score unchanged
-(transformers' flex integration without soft-capping, or no ``score_mod`` at all), whose block mask covers q's and
-k's token counts, and whose other results (log-sum-exp, row max) nothing reads. It becomes
-``sdpa(q, k, v, attn_mask=M, scale=scale, enable_gqa=q and k's head counts differ)``, ``M`` the boolean mask the
-block mask defines (:func:`block_mask_dense`): a (query, key) pair attends where its tile is one of the block
-mask's full tiles, or one of its partial tiles and ``mask_mod`` allows it. Then the rest of the analysis reads the
-site as SDPA, and the rewrite caches it (before, a flex site stayed dense: only the layers' FFNs were gated).
+(transformers' flex integration without soft-capping, or no ``score_mod`` at all) or the score plus terms that do
+not read it (``score + f(b, h, q, kv)``: ALiBi, relative position biases, through any chain of additions and
+subtractions), whose block mask covers q's and k's token counts, and whose other results (log-sum-exp, row max)
+nothing reads. It becomes ``sdpa(q, k, v, attn_mask=M, scale=scale, enable_gqa=q and k's head counts differ)``,
+``M`` the boolean mask the block mask defines (:func:`block_mask_dense`): a (query, key) pair attends where its
+tile is one of the block mask's full tiles, or one of its partial tiles and ``mask_mod`` allows it; with a bias,
+``M`` is the float mask holding the bias where that mask attends and -inf elsewhere (:func:`score_bias_mask`, in
+fp32 as flex computes it). Then the rest of the analysis reads the site as SDPA, and the rewrite caches it (before,
+a flex site stayed dense: only the layers' FFNs were gated).
 
 A block mask built inside the graph (``create_block_mask`` in the forward, or flex's own full mask when none is
 given) also computes the query tiles' index (for the backward pass) by writing into fresh tensors under ``vmap``,
@@ -15,11 +18,11 @@ writes the in_place_writes pass cannot follow (the whole graph would stay dense)
 reads them, and they are erased with what only they read (:func:`_drop_unread`). So this pass runs first.
 
 Invariant: the same function of the graph's inputs up to floating-point rounding, rows whose every key is masked
-included (zeros in both). ``M`` is computed from the block mask's tensors and ``mask_mod``'s buffers alone, so the
+included (zeros in both). ``M`` is computed from the block mask's tensors and the mods' buffers alone, so the
 runtime compares it like any mask input. Anything else stays as written, the site dense, with the reason recorded
-on the op node (``FLEX_REASON``): a score modification (soft-capping, ALiBi, relative biases), a read of the
-log-sum-exp, a block mask of other lengths. The graph Dynamo handed over is never edited: a graph with a site to
-replace is copied first.
+on the op node (``FLEX_REASON``): a score modification other than a bias (soft-capping), a bias over a dynamic
+size, a read of the log-sum-exp, a block mask of other lengths. The graph Dynamo handed over is never edited: a
+graph with a site to replace is copied first.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.nn.attention.flex_attention import create_mask
+from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+from torch.nn.attention.flex_attention import _vmap_for_bhqkv, create_mask
 
 from .attention_sites import FLEX_REASON, FROM_FLEX
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
@@ -71,6 +75,22 @@ def block_mask_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     return mask
 
 
+def score_bias_mask(mask: torch.Tensor, score_mod: Callable, batch: Optional[int], heads: Optional[int],
+                    q_len: int, kv_len: int, *buffers: torch.Tensor) -> torch.Tensor:
+    """The float mask [batch, heads, q_len, kv_len] (fp32) of an additive ``score_mod`` under the boolean ``mask``:
+    ``score_mod(0, b, h, q, kv, *buffers)`` (its terms without the score) where ``mask`` attends, -inf elsewhere.
+    ``batch`` or ``heads`` None: the terms do not read that index (one entry broadcasts)."""
+    # As torch's create_mask evaluates a score_mod (which returns only where it is -inf): vmapped over the four
+    # indices, a buffer indexed by one of them read through aten.index.
+    device = mask.device
+    score = torch.zeros(batch or 1, heads or 1, q_len, kv_len, device=device)
+    indices = [torch.arange(n, device=device) for n in (batch or 1, heads or 1, q_len, kv_len)]
+    with TransformGetItemToIndex():
+        bias = _vmap_for_bhqkv(lambda s, b, h, q, kv: score_mod(s, b, h, q, kv, *buffers), prefix=(0,))(
+            score, *indices)
+    return torch.where(mask, bias.float(), float("-inf"))
+
+
 def _tiles(count: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """[..., query tiles, key tiles] bool from a block mask's ordered form: each query tile's first ``count`` entries
     of ``indices`` are its key tiles (the rest of the row is padding)."""
@@ -108,31 +128,78 @@ def sdpa_from_flex(gm: fx.GraphModule) -> fx.GraphModule:
 def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
     """Why ``node`` cannot become SDPA, or ''."""
     q, k, v, score_mod, block_mask = node.args[:5]
-    if not _returns_the_score(gm, score_mod):
-        return "flex_attention: its score_mod changes the scores (soft-capping, a bias), which SDPA cannot take"
+    form = _score_form(gm, score_mod)
+    if form is None:
+        return ("flex_attention: its score_mod changes the scores other than by adding terms that do not read them "
+                "(soft-capping), which SDPA cannot take")
     if any(op_name(u) != "getitem" or (u.args[1] != 0 and u.users) for u in node.users):
         return "flex_attention: its log-sum-exp is read"
     values = [tensor_value(t) for t in (q, k, v)]
     if any(t is None or t.dim() != 4 for t in values):
         return "flex_attention: q, k, v are not [batch, heads, tokens, dim]"
-    lengths = same_size(block_mask[_Q_LEN], values[0].shape[-2]) and same_size(block_mask[_KV_LEN],
-                                                                                values[1].shape[-2])
+    # symbolic lengths are graph values (their SymInts recorded on them)
+    lengths = (same_size(example_value(block_mask[_Q_LEN]), values[0].shape[-2])
+               and same_size(example_value(block_mask[_KV_LEN]), values[1].shape[-2]))
     if not lengths and min(block_mask[_Q_TILE], block_mask[_KV_TILE]) < _NO_OP_TILE:
         return "flex_attention: its block mask covers other lengths than q's and k's"
+    if form == "bias" and not all(n is None or isinstance(n, (int, fx.Node)) for n in _bias_sizes(gm, node)):
+        return ("flex_attention: its score_mod adds a bias over a dynamic size that no block mask gives (a dynamic "
+                "batch its terms read, or no block mask)")
     return ""
 
 
-def _returns_the_score(gm: fx.GraphModule, score_mod: Any) -> bool:
-    """Whether ``score_mod`` (a get_attr of its graph) returns its first argument, the score, unchanged."""
-    if not isinstance(score_mod, fx.Node) or score_mod.op != "get_attr":
-        return False
-    graph = getattr(gm.get_submodule(score_mod.target), "graph", None)
+def _score_form(gm: fx.GraphModule, score_mod: Any) -> Optional[str]:
+    """``"score"`` when ``score_mod`` (a get_attr of its graph) returns its first argument, the score, unchanged;
+    ``"bias"`` when it returns the score plus terms that do not read it (a chain of ``add``/``sub`` whose every
+    other operand is independent of the score, the score never subtracted); None otherwise."""
+    graph = _mod_graph(gm, score_mod)
     if graph is None:
-        return False
+        return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return None
+    score = placeholders[0]
     out = graph.output_node().args[0]
     out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
-    return bool(placeholders) and out is placeholders[0]
+    reads_score = _descendants(score)
+    node = out
+    while node is not score:
+        if not isinstance(node, fx.Node) or node.kwargs or op_name(node) not in ("add", "sub") or len(node.args) != 2:
+            return None
+        through = [a for a in node.args if isinstance(a, fx.Node) and a in reads_score]
+        if len(through) != 1 or (op_name(node) == "sub" and through[0] is not node.args[0]):
+            return None
+        node = through[0]
+    return "score" if out is score else "bias"
+
+
+def _mod_graph(gm: fx.GraphModule, mod: Any) -> Optional[fx.Graph]:
+    if not isinstance(mod, fx.Node) or mod.op != "get_attr":
+        return None
+    return getattr(gm.get_submodule(mod.target), "graph", None)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _bias_sizes(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """(batch, heads, q_len, kv_len) of an additive score_mod's bias: batch and heads None where its terms do not
+    read that index (the score_mod's second and third arguments), else q's; the lengths the block mask's (graph
+    values where they are symbolic) unless it is flex's full mask, else q's and k's."""
+    q, k, _, score_mod, block_mask = node.args[:5]
+    index_b, index_h = [n for n in _mod_graph(gm, score_mod).nodes if n.op == "placeholder"][1:3]
+    b, h, q_len, _ = tensor_value(q).shape
+    kv_len = tensor_value(k).shape[-2]
+    if min(block_mask[_Q_TILE], block_mask[_KV_TILE]) < _NO_OP_TILE:
+        q_len, kv_len = block_mask[_Q_LEN], block_mask[_KV_LEN]
+    return b if index_b.users else None, h if index_h.users else None, q_len, kv_len
 
 
 def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tuple, fx.Node]) -> None:
@@ -145,7 +212,15 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
                 block_mask[_MASK_MOD], *buffers)
     mask = masks.get(operands)
     if mask is None:
-        mask = masks[operands] = _emit_mask(gm, graph, node, operands)
+        mask = masks[operands] = _emit_mask(gm, graph, node, block_mask_dense, operands)
+    if _score_form(gm, score_mod) == "bias":
+        score_buffers = tuple(node.args[7]) if len(node.args) > 7 else ()
+        operands = (mask, score_mod, *_bias_sizes(gm, node), *score_buffers)
+        # score_mods of one source are alike but each layer has its own copy: keyed by their code
+        key = (mask, gm.get_submodule(score_mod.target).code, *operands[2:])
+        if key not in masks:
+            masks[key] = _emit_mask(gm, graph, node, score_bias_mask, operands)
+        mask = masks[key]
     gqa = tensor_value(q).shape[1] != tensor_value(k).shape[1]
     out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
                **({"enable_gqa": True} if gqa else {}))
@@ -211,14 +286,14 @@ def _drop_empty_vmap_levels(graph: fx.Graph) -> None:
                 break
 
 
-def _emit_mask(gm: fx.GraphModule, graph: fx.Graph, before: fx.Node, operands: tuple) -> fx.Node:
-    """A ``block_mask_dense`` node; its example value computed with the mask_mod's module itself (the get_attr
-    node has no example value of its own)."""
+def _emit_mask(gm: fx.GraphModule, graph: fx.Graph, before: fx.Node, build: Callable, operands: tuple) -> fx.Node:
+    """A ``build(*operands)`` node (``block_mask_dense``, ``score_bias_mask``); its example value computed with the
+    mask_mod's or score_mod's module itself (a get_attr node has no example value of its own)."""
     with graph.inserting_before(before):
-        node = graph.call_function(block_mask_dense, operands)
-    mask_mod = gm.get_submodule(operands[8].target)
-    values = [mask_mod if i == 8 else example_value(x) for i, x in enumerate(operands)]
+        node = graph.call_function(build, operands)
+    values = [operator.attrgetter(x.target)(gm) if isinstance(x, fx.Node) and x.op == "get_attr" else example_value(x)
+              for x in operands]
     fake_mode = next((t.fake_mode for t in values if hasattr(t, "fake_mode")), None)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        node.meta["example_value"] = block_mask_dense(*values)
+        node.meta["example_value"] = build(*values)
     return node

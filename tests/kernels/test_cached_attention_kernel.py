@@ -63,6 +63,11 @@ def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
             attn_mask = attn_mask & attn_mask.transpose(-1, -2)
     elif mask == "additive":
         attn_mask = rnd(1, 1, n, n)
+    elif mask == "head_bias":  # what a flex score_mod's bias becomes: ALiBi per head, -inf where a tile masks
+        slopes = 2.0 ** -torch.arange(1, h + 1, dtype=torch.float32)
+        position = torch.arange(n, dtype=torch.float32)
+        attn_mask = slopes[:, None, None] * (position - position[:, None])  # [H, N, N]: slope * (kv - q)
+        attn_mask = attn_mask.masked_fill(position // 8 < position[:, None] // 8, float("-inf"))[None]
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     q, k, v, k_old, v_old = (cast(t) for t in (q, k, v, k_old, v_old))
     attn_mask = None if attn_mask is None else attn_mask.to(device)
@@ -120,7 +125,7 @@ def test_exact_kernel_matches_reference_fp32(salient, n, heads):
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("mask", ["padding", "additive", "no_keys"])
+@pytest.mark.parametrize("mask", ["padding", "additive", "no_keys", "head_bias"])
 @pytest.mark.parametrize("salient", ["one", "some"])
 def test_kernels_match_reference_with_masks(mode, mask, salient):
     _compare(mode, 2, 4, 2, 45, 32, salient, mask, torch.float32)

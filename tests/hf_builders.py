@@ -116,6 +116,13 @@ if hasattr(transformers, "HYV4Config"):  # transformers 5
         q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_head_dim=8,
         index_n_heads=2, index_topk=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
 
+if hasattr(transformers, "ErgoConfig"):  # transformers 5
+    # each (token, slot) row its own input row (repeat_interleave), unit weights from ``new_ones`` through the
+    # sort, a learned RMSNorm per expert on each routed row, then the routing weights; a shared expert
+    MOE["ergo"] = lambda: (transformers.ErgoForCausalLM, transformers.ErgoConfig(
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_layer_types=["sparse", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
+
 #: Attention sites that share what they read: DiffLlama's differential attention, in transformers 5 two sites per
 #: layer on one q and one k, each with half of the values (one projection split between them).
 SHARED_READS: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {

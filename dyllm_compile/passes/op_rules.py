@@ -473,7 +473,19 @@ class Rules(SortedRows):
                 kept = [d for d in kept if (mapping.get(d) or (0, False))[1]]
             if len(kept) == 1:
                 return self._row(kept[0], Axis(kept[0]))
-        return NONE
+        return self._constant_rows(node, out)
+
+    def _constant_rows(self, node: fx.Node, out: torch.Tensor) -> Info:
+        """``x.new_ones(sizes)`` (``new_zeros``, ``new_full``) of a row-wise ``x`` with exactly one dim as long as
+        x's token dim: every entry the same constant, so any number of rows of it is what the dense graph holds
+        for those rows; it takes x's token axis there, and a region makes it as long as its own rows (Ergo's
+        experts pass ``hidden_states.new_ones(...)`` as every routed row's weight)."""
+        source = self.axis_of(node.args[0]) if op_name(node) in ("new_ones", "new_zeros", "new_full") else None
+        if source is None or source.by is not None or source.order:
+            return NONE
+        rows = tensor_value(node.args[0]).shape[source.dim]
+        dims = [d for d, size in enumerate(out.shape) if same_size(size, rows)]
+        return self._row(dims[0], dataclasses.replace(source, dim=dims[0])) if len(dims) == 1 else NONE
 
     def _set_items(self, node: fx.Node) -> Info:
         """``set_items(x, index, value)`` (``x[index] = value``, out of place: passes/in_place_writes.py) with a

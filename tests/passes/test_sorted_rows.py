@@ -43,16 +43,23 @@ def test_sorted_rows_and_order_values_are_told_apart():
     assert infos[moe.exit].axis.by is None and all(infos[n].kind is Kind.ROW for n in moe.nodes)
 
 
-@pytest.mark.parametrize("batch, dynamic", [(3, False), (3, True)])
-def test_region_with_a_batch_folded_in_runs_on_rows(batch, dynamic):
-    cap = analysed(batch=batch, dynamic=dynamic)
+@pytest.mark.parametrize("batch, dynamic, moe", [(3, False, None), (3, True, None), (3, False, "unit_weights"),
+                                                (3, True, "unit_weights")])
+def test_region_with_a_batch_folded_in_runs_on_rows(batch, dynamic, moe):
+    """Gathered rows (5 of each element's) through the region equal the dense values on them; with Ergo's unit
+    weights too, their factory sized for the region's rows."""
+    cap = analysed(grouped(unit_weights="rows") if moe else None, batch=batch, dynamic=dynamic)
     (moe,) = [r for r in cap.analysis.regions if r.role == "moe"]
     assert moe.gated
     assert_region_runs_on_rows(cap, moe, rows=5)
 
 
-def grouped(descending=False, histogram=None, keys="ids", restore="inverse", positions_as_data=False):
-    """A sorted-rows MoE (one grouped product per expert's projection) with one part changed."""
+def grouped(descending=False, histogram=None, keys="ids", restore="inverse", positions_as_data=False,
+            unit_weights=None):
+    """A sorted-rows MoE (one grouped product per expert's projection) with one part changed. ``unit_weights``:
+    as Ergo's experts, each (token, slot) row its own input row (``repeat_interleave``), weighted by
+    ``rows.new_ones(...)`` in the sorted order and by the routing weights after the rows are put back ("rows"), or
+    with those ones also contracted with every row ("contracted": a sum over the rows)."""
 
     class Grouped(MoE):
         def _grouped(self, x, top_p, top_i):
@@ -61,13 +68,24 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
             histogram_range = {"min": 0, "max": experts - 1} if histogram is None else histogram
             offsets = torch.histc(ids.float(), bins=experts, **histogram_range)
             offsets = offsets.cumsum(0).int()
-            gate, up = grouped_mm(flat[perm // k], self.experts.gate_up, offsets).chunk(2, dim=-1)
-            out = grouped_mm(F.silu(gate) * up, self.experts.down, offsets) * top_p.reshape(-1)[perm, None]
+            if unit_weights:
+                rows = flat.repeat_interleave(k, dim=0)
+                ones = rows.new_ones((rows.shape[0], 1)).reshape(-1)
+                gate, up = grouped_mm(rows[perm], self.experts.gate_up, offsets).chunk(2, dim=-1)
+                out = grouped_mm(F.silu(gate) * up, self.experts.down, offsets) * ones[perm, None]
+                if unit_weights == "contracted":
+                    out = out + ones[perm] @ out
+            else:
+                gate, up = grouped_mm(flat[perm // k], self.experts.gate_up, offsets).chunk(2, dim=-1)
+                out = grouped_mm(F.silu(gate) * up, self.experts.down, offsets) * top_p.reshape(-1)[perm, None]
             if positions_as_data:
                 out = out + perm.unsqueeze(-1)
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.shape[0])
-            return out[inverse if restore == "inverse" else perm].view(-1, k, x.shape[-1]).sum(1).view_as(x)
+            out = out[inverse if restore == "inverse" else perm].view(-1, k, x.shape[-1])
+            if unit_weights:
+                out = out * top_p.reshape(-1, k, 1)
+            return out.sum(1).view_as(x)
     return Grouped
 
 
@@ -82,6 +100,10 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
     (grouped(restore="permutation"), "'getitem' reads token positions or group counts as data"),
     # a row's position in the sorted order depends on the other rows' keys
     (grouped(positions_as_data=True), "'unsqueeze' reads token positions or group counts as data"),
+    # Ergo's experts: ones as each routed row's weight (before, "'getitem' reads token positions..." made it dense)
+    (grouped(unit_weights="rows"), None),
+    # the ones contracted with the rows: a sum over every row
+    (grouped(unit_weights="contracted"), "no row-wise rule for op 'matmul (1-D)'"),
 ])
 def test_sorted_rows_that_are_not_per_token_stay_dense(moe, reason):
     cap = analysed(moe)

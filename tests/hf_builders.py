@@ -135,6 +135,14 @@ if hasattr(transformers, "DeepseekV4Config"):  # transformers 5
     SHARED_READS["deepseek_v4"] = lambda: (transformers.DeepseekV4ForCausalLM, transformers.DeepseekV4Config(
         num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
 
+#: Llama-4's MoE: every expert takes a copy of every token (``x.repeat(experts, 1)``) weighted by its routing score,
+#: a batched product per expert, the copies summed; a shared expert beside; q and k rotated as complex numbers.
+TILED_EXPERTS: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
+    "llama4": lambda: (transformers.Llama4ForCausalLM, transformers.Llama4TextConfig(
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True),
+}
+
 #: Token mixing other than attention: LFM2's layers are gated short convolutions over the tokens or attention.
 HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "lfm2": lambda: (Lfm2ForCausalLM, Lfm2Config(num_key_value_heads=2, layer_types=["conv", "full_attention"],
@@ -145,7 +153,8 @@ HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
 def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention; an MoE's ``experts`` implementation) and its forward:
     token ids -> logits."""
-    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **SHARED_READS, **HYBRID}[name]()
+    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **SHARED_READS, **TILED_EXPERTS,
+                              **HYBRID}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
     if name in MOE:
         config._experts_implementation = experts  # transformers 5 (MOE's comment); 4 reads no such field

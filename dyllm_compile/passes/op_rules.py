@@ -166,6 +166,8 @@ class Rules(SortedRows):
             return self._index_add(node)
         if name == "repeat_interleave":
             return self._repeat_interleave(node)
+        if name == "repeat":
+            return self._repeat(node)
         if node.target is set_items:
             return self._set_items(node)
         if name == "copy" and node.op == "call_function":  # aten.copy(self, src): src in self's shape
@@ -361,6 +363,19 @@ class Rules(SortedRows):
         if normalize_dim(dim, tensor_value(x).dim()) != axis.dim:
             return self._row(axis.dim, axis)
         return Info(Kind.ROW, dataclasses.replace(axis, trail=axis.trail * repeats))
+
+    def _repeat(self, node: fx.Node) -> Info:
+        """``x.repeat(*sizes)``: x tiled, new dims first. Along the token dim, ``r`` whole copies of every row one
+        after another: ``r`` times the leading rows (Llama-4's ``x.repeat(experts, 1)``, a copy of every token per
+        expert); along other dims, the axis where it was."""
+        x = node.args[0]
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        sizes = [example_value(size) for size in sizes]
+        axis = self.axis_of(x)
+        if axis.by is not None or axis.order or not all(isinstance(s, (int, torch.SymInt)) for s in sizes):
+            return self._mixing(node, "'repeat' of rows in a data-dependent order or by data-dependent counts")
+        offset = len(sizes) - tensor_value(x).dim()
+        return self._row(axis.dim + offset, dataclasses.replace(axis, lead=axis.lead * sizes[axis.dim + offset]))
 
     def _getitem(self, node: fx.Node) -> Info:
         src, index = node.args
@@ -571,8 +586,12 @@ class Rules(SortedRows):
         if name in ("expand", "expand_as"):  # dims right-aligned; the ones of size 1 broadcast (to any size)
             offset = out.dim() - nd
             return {i: i + offset for i in range(nd) if same_size(x.shape[i], out.shape[i + offset])}
-        if name in ("squeeze", "repeat"):
+        if name == "squeeze":
             return _size_preserving_map(x.shape, out.shape)
+        if name == "view_as_complex":  # [..., 2] (real, imaginary) -> [...] complex: complex RoPE (Llama-4)
+            return {i: i for i in range(nd - 1)}
+        if name == "view_as_real":  # [...] complex -> [..., 2]
+            return {i: i for i in range(nd)}
         return None
 
     # ---- backward ------------------------------------------------------------------------------------------

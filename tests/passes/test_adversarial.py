@@ -73,6 +73,19 @@ def test_token_mixing_op_stays_out_of_regions(name, dynamic):
     _check(cap, op)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_tiled_rows_read_in_pairs_stay_dense(dynamic):
+    """Every row tiled twice (``repeat``: whole copies of the rows one after another, as Llama-4 feeds its experts),
+    then two rows' features read as one row: tokens 2i and 2i + 1 meet. The tiling is row-wise (more leading rows),
+    the pairing is not: the view is token-mixing, and the FFN after it runs densely (no token axis is left)."""
+    def paired(h):
+        tiled = h.reshape(-1, 32).repeat(2, 1).view(-1, 64)
+        return (tiled[:, :32] + tiled[:, 32:]).reshape(h.shape)
+
+    (cap,) = capture(MixingFFN(paired).eval(), (torch.randint(0, 64, (2, 10)),), dynamic=dynamic)
+    _check(cap, "view")
+
+
 def test_moe_with_expert_capacity_routes_densely():
     model = DiffusionTransformer(TransformerConfig(n_layers=1, ffn="moe", moe_capacity=3)).eval()
     (cap,) = capture(model, (torch.randint(0, 100, (1, 12)),))
@@ -82,18 +95,32 @@ def test_moe_with_expert_capacity_routes_densely():
 # Row-wise ops that look like layout changes across rows: each stays inside the FFN region. A per-row value
 # broadcast over a group of features (DeepSeek-V3's group mask, ``expand`` from size 1: before 2026-12-05 the
 # broadcast dim was taken for a moved token axis), and a ``bool`` cast (no rule before).
+# Before 2026-12-05 (third change), ``repeat`` along the rows (Llama-4's experts' input: a copy of every token per
+# expert) and complex RoPE (``view_as_complex`` / ``view_as_real``) had no rule and kept Llama-4's MoE dense.
+_ROTATION = torch.polar(torch.ones(16), torch.linspace(0.0, 3.0, 16))
+
+
+def _complex_rotation(h):
+    pairs = torch.view_as_complex(h.float().reshape(*h.shape[:-1], 16, 2))
+    return torch.view_as_real(pairs * _ROTATION).flatten(-2)
+
+
 ROW_WISE = {
-    "broadcast_group_value": lambda h: h * h.amax(-1, keepdim=True).unsqueeze(-1).expand(-1, -1, 4, 8).reshape(h.shape),
-    "bool_mask": lambda h: h.masked_fill(~(h > 0).bool(), 0.0),
+    "broadcast_group_value": (lambda h: h * h.amax(-1, keepdim=True).unsqueeze(-1).expand(-1, -1, 4, 8).reshape(
+        h.shape), "expand"),
+    "bool_mask": (lambda h: h.masked_fill(~(h > 0).bool(), 0.0), "bool"),
+    "tiled_rows": (lambda h: h.reshape(-1, 32).repeat(3, 1).view(3, -1, 32).sum(0).view_as(h), "repeat"),
+    "complex_rotation": (_complex_rotation, "view_as_complex"),
 }
 
 
 @pytest.mark.parametrize("name", list(ROW_WISE))
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_row_wise_op_stays_in_the_region(name, dynamic):
-    (cap,) = capture(MixingFFN(ROW_WISE[name]).eval(), (torch.randint(0, 64, (2, 10)),), dynamic=dynamic)
+    mix, op = ROW_WISE[name]
+    (cap,) = capture(MixingFFN(mix).eval(), (torch.randint(0, 64, (2, 10)),), dynamic=dynamic)
     a = cap.analysis
     assert [r.role for r in a.gated_regions] == ["ffn", "lm_head"] and not a.dense_reasons
     ffn = a.gated_regions[0]
-    assert {"expand", "bool"} & set(cap.ops(ffn.nodes))
+    assert op in cap.ops(ffn.nodes)
     assert_region_runs_on_rows(cap, ffn, rows=5)

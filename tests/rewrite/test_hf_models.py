@@ -63,6 +63,17 @@ def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
         assert all(a["q"] == b["q"] and a["v"] != b["v"] for a, b in (caches[0:2], caches[2:4]))
 
 
+def test_llama4_tiled_experts_and_complex_rotation_threshold_one_equals_dense():
+    """Llama-4's MoE feeds every expert a copy of every token (``x.repeat(experts, 1)``: whole copies of the rows,
+    more leading rows) and rotates q and k as complex numbers (``view_as_complex`` / ``view_as_real``). Before,
+    neither had a rule: each layer's MoE stayed dense (the first "an input folds batch and tokens together") and the
+    rotations were token mixing tested at every call. Now every site is cached and each layer's MoE gated."""
+    runtime = _threshold_one_runtime("llama4")
+    assert len(runtime.plan.sites) == 2 and all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
+    assert [(r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "moe")] == [("moe", 0), ("moe", 1)]
+    assert not runtime.plan.mixing  # no token mixing left to test at each call (the rotations were)
+
+
 def test_cache_keeps_a_value_the_model_writes_into_later():
     """Falcon's ``mlp_output += attention_output`` writes into the FFN's output, the value the FFN cache keeps.
     Once, the cache held the sum (on a later call, rows that keep their cached FFN output would have added the

@@ -49,19 +49,19 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "deepseek_v3": lambda: (DeepseekV3ForCausalLM, DeepseekV3Config(
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         num_key_value_heads=4, first_k_dense_replace=2, **SMALL), True),
+    # soft-capped scores, c * tanh(scores / c) before the mask (hand-written attention only): Gemma-2's, and
+    # VaultGemma's (Gemma-2's attention without its sliding-window layers)
+    "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
+    "vault_gemma": lambda: (transformers.VaultGemmaForCausalLM, transformers.VaultGemmaConfig(
+        num_key_value_heads=2, head_dim=16, **SMALL), True),
 }
 if hasattr(transformers, "GraniteSWAConfig"):  # transformers 5
     # attention sinks applied after the softmax, out * sigmoid(logsumexp(scores) - s) (hand-written attention only),
     # full and sliding-window layers
     ARCHITECTURES["granite_swa"] = lambda: (transformers.GraniteSWAForCausalLM, transformers.GraniteSWAConfig(
         num_key_value_heads=2, **SMALL), True)
-EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "gpt_oss", "granite_swa", "hy_v4", "diffllama", "deepseek_v4"}
-
-#: Architectures whose attention stays dense (and why), built like the others.
-DENSE_ATTENTION: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
-    # Gemma-2's soft-capping, c * tanh(scores / c), is not SDPA
-    "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
-}
+EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "vault_gemma", "gpt_oss", "granite_swa", "hy_v4", "diffllama",
+         "deepseek_v4"}
 
 #: MoE blocks. OLMoE's, in transformers 4 (LLaDA-MoE's modeling code copies it), Dynamo traces whole only with
 #: ``capture_dynamic_output_shape_ops`` (its dispatch is ``torch.where`` over each expert's rows); the others'
@@ -153,8 +153,7 @@ HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
 def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention; an MoE's ``experts`` implementation) and its forward:
     token ids -> logits."""
-    cls, config, full_mask = {**ARCHITECTURES, **DENSE_ATTENTION, **MOE, **SHARED_READS, **TILED_EXPERTS,
-                              **HYBRID}[name]()
+    cls, config, full_mask = {**ARCHITECTURES, **MOE, **SHARED_READS, **TILED_EXPERTS, **HYBRID}[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
     if name in MOE:
         config._experts_implementation = experts  # transformers 5 (MOE's comment); 4 reads no such field

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .exact_attention import cached_attention_exact
-from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, dot, head_tile, prepare_launch, program_tile,
+from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, dot, head_tile, prepare_launch, program_tile, scores,
                     softmax_pass, tile_candidates)
 
 
@@ -35,9 +35,9 @@ from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, dot, head_tile, prepare
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _paper_kernel(
     q_ptr, k_ptr, v_ptr, vo_ptr, co_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale, softcap,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b, h, rows, row_ok, pos, q_at, q_ok, kv_base, mask_base = program_tile(
         pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_D, BLOCK_M, HAS_POS)
@@ -46,7 +46,8 @@ def _paper_kernel(
     any_salient = tl.max(salient.to(tl.int32), axis=0) > 0
 
     m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k,
-                                 scale, any_salient, D, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES)
+                                 scale, softcap, any_salient, D, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KIND, TENSOR_CORES,
+                                 SOFTCAP)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     delta = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -59,7 +60,7 @@ def _paper_kernel(
         k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
         v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0)
         vo = tl.load(vo_ptr + kv_at, mask=kv_ok, other=0.0)
-        s = dot(q, tl.trans(k), TENSOR_CORES) * scale
+        s = scores(q, k, scale, softcap, TENSOR_CORES, SOFTCAP)
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         p = tl.where(col_ok[None, :], tl.exp(s - m_safe[:, None]), 0.0)
         delta += dot(p, v, TENSOR_CORES) - dot(p, vo, TENSOR_CORES)
@@ -77,21 +78,23 @@ def cached_attention_paper(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor, c_old: torch.Tensor,
     salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
     queried: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
-    num_warps: int = 4, tensor_cores: Optional[bool] = None,
+    num_warps: int = 4, tensor_cores: Optional[bool] = None, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paper-mode cached attention with the Triton kernel; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32). The tiles
     are the autotuner's unless ``block_m``, ``block_n`` (and ``num_warps``) fix them."""
     q, k, v, v_old, c_old = (t.contiguous() for t in (q, k, v, v_old, c_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, num_warps, tensor_cores)
-    launch.run(_paper_kernel, q, k, v, v_old, c_old, *launch.row_args, *launch.outputs, *launch.sizes, scale)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, num_warps, tensor_cores, softcap)
+    launch.run(_paper_kernel, q, k, v, v_old, c_old, *launch.row_args, *launch.outputs, *launch.sizes, scale,
+               softcap)
     return launch.outputs
 
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
-                        recompute_share, queried=None, **tiling):
+                        recompute_share, queried=None, softcap=0.0, **tiling):
     """The op's CUDA implementation: the kernel of the mode. ``tiling`` (``block_m``, ``block_n``, ``num_warps``)
     is for benchmarks that time fixed tiles; the op leaves them to the kernels' autotuners."""
     if mode == "paper":
-        return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried, **tiling)
+        return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried,
+                                      softcap=softcap, **tiling)
     return cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,
-                                  recompute_share, queried, **tiling)
+                                  recompute_share, queried, softcap=softcap, **tiling)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, compact, dot, head_tile, positions, prepare_launch,
-                    program_tile, softmax_pass, tile_candidates)
+                    program_tile, scores, softmax_pass, tile_candidates)
 
 
 # Many rows per program: the update's work per row is small (the changed columns only)
@@ -39,10 +39,10 @@ from .tiles import (TUNED_ON, UNSPECIALIZED, apply_mask, compact, dot, head_tile
 def _update_kernel(
     q_ptr, k_ptr, v_ptr, ko_ptr, vo_ptr, co_ptr, mo_ptr, lo_ptr, sal_ptr, cols_ptr, count_ptr, mask_ptr, pos_ptr,
     c_ptr, m_ptr, l_ptr, unstable_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale, share,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale, softcap, share,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr,
-    TENSOR_CORES: tl.constexpr,
+    TENSOR_CORES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b, h, rows, row_ok, pos, q_at, q_ok, kv_base, mask_base = program_tile(
         pos_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sm_b, sm_h, H, R, GROUP, D, BLOCK_D, BLOCK_M, HAS_POS)
@@ -70,8 +70,8 @@ def _update_kernel(
             zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             bias = apply_mask(zero, mask_ptr, mask_base, pos, cols, row_ok, live, sm_q, sm_k, MASK_KIND)
             bias = tl.where(live[None, :], bias, float("-inf"))
-            s_new = dot(q, tl.trans(k_new), TENSOR_CORES) * scale + bias
-            s_old = dot(q, tl.trans(k_old), TENSOR_CORES) * scale + bias
+            s_new = scores(q, k_new, scale, softcap, TENSOR_CORES, SOFTCAP) + bias
+            s_old = scores(q, k_old, scale, softcap, TENSOR_CORES, SOFTCAP) + bias
             m_new = tl.maximum(m_run, tl.max(s_new, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_run - m_safe)
@@ -108,9 +108,9 @@ def _update_kernel(
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _recompute_kernel(
     q_ptr, k_ptr, v_ptr, order_ptr, redo_count_ptr, mask_ptr, pos_ptr, c_ptr, m_ptr, l_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sm_b, sm_h, sm_q, sm_k, B, H, R, N, GROUP, scale, softcap,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_POS: tl.constexpr, TENSOR_CORES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # The program's row block indexes the batch element's compacted list of rows to recompute.
     b, h, slots, _, _, _, _, kv_base, mask_base = program_tile(
@@ -123,8 +123,8 @@ def _recompute_kernel(
         q_at, q_ok = head_tile(b * sq_b + h * sq_h, rows, row_ok, sq_n, D, BLOCK_D)
         q = tl.load(q_ptr + q_at, mask=q_ok, other=0.0)
         m_i, l_i, acc = softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q,
-                                     sm_k, scale, True, D, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KIND,
-                                     TENSOR_CORES)
+                                     sm_k, scale, softcap, True, D, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KIND,
+                                     TENSOR_CORES, SOFTCAP)
         c = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(c_ptr + q_at, c.to(c_ptr.dtype.element_ty), mask=q_ok)
         stat = (b * H + h) * R + rows
@@ -137,18 +137,18 @@ def cached_attention_exact(
     c_old: torch.Tensor, m_old: torch.Tensor, l_old: torch.Tensor, salient_in: torch.Tensor,
     attn_mask: Optional[torch.Tensor], scale: float, recompute_share: float,
     queried: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
-    num_warps: int = 4, tensor_cores: Optional[bool] = None,
+    num_warps: int = 4, tensor_cores: Optional[bool] = None, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode cached attention with the Triton kernels; (c [B,H,R,D] in q's dtype, m, l [B,H,R] fp32). The
     tiles are the autotuners' unless ``block_m``, ``block_n`` (and ``num_warps``) fix them for both kernels."""
     q, k, v, k_old, v_old, c_old = (t.contiguous() for t in (q, k, v, k_old, v_old, c_old))
     m_old, l_old = (t.float().contiguous() for t in (m_old, l_old))
-    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, num_warps, tensor_cores)
+    launch = prepare_launch(q, k, salient_in, attn_mask, queried, block_m, block_n, num_warps, tensor_cores, softcap)
     unstable = torch.empty(q.shape[:-1], dtype=torch.uint8, device=q.device)  # the kernel writes every row
     launch.run(_update_kernel, q, k, v, k_old, v_old, c_old, m_old, l_old, *launch.row_args, *launch.outputs,
-               unstable, *launch.sizes, scale, recompute_share)
+               unstable, *launch.sizes, scale, softcap, recompute_share)
     salient_q = launch.salient if queried is None else launch.salient.index_select(1, queried)
     # Rows to redo: salient, or unstable in any head (then recomputed in all, as the reference does)
     launch.run(_recompute_kernel, q, k, v, *compact(salient_q, unstable), launch.mask, launch.pos, *launch.outputs,
-               *launch.sizes, scale)
+               *launch.sizes, scale, softcap)
     return launch.outputs

@@ -77,9 +77,22 @@ def dot(a, b, TENSOR_CORES: tl.constexpr):
 
 
 @triton.jit
-def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k, scale,
+def scores(q, k, scale, softcap, TENSOR_CORES: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``q k^T * scale`` [rows, cols] in fp32; with ``SOFTCAP``, soft-capped: ``softcap * tanh(s / softcap)``."""
+    s = dot(q, tl.trans(k), TENSOR_CORES) * scale
+    if SOFTCAP:
+        # tanh from exp (no tanh in every Triton version's tl): sign(x) (1 - e^-2|x|) / (1 + e^-2|x|), no overflow
+        x = s / softcap
+        e = tl.exp(-2.0 * tl.abs(x))
+        s = softcap * tl.where(x < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
+    return s
+
+
+@triton.jit
+def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, row_ok, sm_q, sm_k, scale, softcap,
                  with_values, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, TENSOR_CORES: tl.constexpr):
+                 BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, TENSOR_CORES: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     """Attention of the query tile ``q [BLOCK_M, BLOCK_D]`` (in the inputs' dtype) over all N keys, one
     online-softmax loop: the row max ``m``, denominator ``l`` (relative to ``m``) and, when ``with_values`` (a
     per-program scalar), the unnormalised numerator ``acc = sum_j exp(s_j - m) v_j``."""
@@ -91,7 +104,7 @@ def softmax_pass(q, k_ptr, v_ptr, kv_base, sk_n, N, mask_ptr, mask_base, pos, ro
         col_ok = cols < N
         kv_at, kv_ok = head_tile(kv_base, cols, col_ok, sk_n, D, BLOCK_D)
         k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
-        s = dot(q, tl.trans(k), TENSOR_CORES) * scale
+        s = scores(q, k, scale, softcap, TENSOR_CORES, SOFTCAP)
         s = apply_mask(s, mask_ptr, mask_base, pos, cols, row_ok, col_ok, sm_q, sm_k, MASK_KIND)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -215,9 +228,10 @@ def compact(flags: torch.Tensor, any_of: Optional[torch.Tensor] = None) -> tuple
 
 def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    queried: Optional[torch.Tensor], block_m: Optional[int] = None, block_n: Optional[int] = None,
-                   num_warps: int = 4, tensor_cores: Optional[bool] = None) -> Launch:
+                   num_warps: int = 4, tensor_cores: Optional[bool] = None, softcap: float = 0.0) -> Launch:
     """Compacts each batch element's changed key columns (its salient rows, whose keys and values are new) on the
-    device, broadcasts the mask and allocates the results. ``q`` and ``k`` must be contiguous. ``block_m`` and
+    device, broadcasts the mask and allocates the results (``softcap``: whether the kernels soft-cap the scores, a
+    compiled variant of its own). ``q`` and ``k`` must be contiguous. ``block_m`` and
     ``block_n`` (with ``num_warps``) fix the tiles, for benchmarks; by default the kernels' autotuners pick them."""
     if (block_m is None) != (block_n is None):
         raise ValueError(f"block_m and block_n go together (got {block_m}, {block_n}): both fix the tiles, neither "
@@ -235,7 +249,7 @@ def prepare_launch(q: torch.Tensor, k: torch.Tensor, salient_in: torch.Tensor, a
         sizes=(q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mask_strides,
                b, h, r, n, h // k.shape[1]),
         meta=dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), MASK_KIND=kind, HAS_POS=queried is not None,
-                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores),
+                  TENSOR_CORES=q.is_cuda if tensor_cores is None else tensor_cores, SOFTCAP=bool(softcap)),
         programs=(b * h, r),
         tiles=None if block_m is None else dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps),
     )

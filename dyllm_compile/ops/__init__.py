@@ -2,5 +2,7 @@
 
 from .attention_sinks import sdpa_with_sinks, sdpa_with_sinks_reference
 from .cached_attention import MODES, cached_attention, cached_attention_reference
+from .soft_capping import sdpa_softcap, sdpa_softcap_reference
 
-__all__ = ["MODES", "cached_attention", "cached_attention_reference", "sdpa_with_sinks", "sdpa_with_sinks_reference"]
+__all__ = ["MODES", "cached_attention", "cached_attention_reference", "sdpa_softcap", "sdpa_softcap_reference",
+           "sdpa_with_sinks", "sdpa_with_sinks_reference"]

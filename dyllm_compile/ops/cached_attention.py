@@ -4,7 +4,7 @@ Contract (shapes: B batch, H query heads, G kv heads with H % G == 0, N tokens, 
 
     cached_attention(q [B,H,R,D], k [B,G,N,D], v [B,G,N,D], k_old, v_old, c_old [B,H,R,D],
                      m_old [B,H,R], l_old [B,H,R], salient_in [B,N] bool, attn_mask, scale, mode,
-                     recompute_share, queried=None) -> (c [B,H,R,D], m [B,H,R], l [B,H,R])
+                     recompute_share, queried=None, softcap=0.0) -> (c [B,H,R,D], m [B,H,R], l [B,H,R])
 
 ``k, v`` are this step's keys/values (the caches after the salient rows were rewritten), ``k_old, v_old`` the
 previous step's; they differ only on rows in ``salient_in``. ``c_old, m_old, l_old`` are the previous context and
@@ -21,6 +21,8 @@ only, ``attn_mask`` still covers all N, and a query row is salient when ``salien
   most of a sum cancels badly. Where recomputing every row is cheaper than the update (``RECOMPUTE_WORK``, small
   problems on CPU) the op does that: the same dense attention, with the exact row max and denominator.
 - a query row whose every key is masked: context 0, statistics (-inf, 0), in both modes, as SDPA returns it.
+- ``softcap`` > 0: every score (after ``scale``, before the mask) is soft-capped, ``softcap * tanh(s / softcap)``
+  (Gemma-2's attention), in both modes and in the statistics; 0 leaves the scores as they are.
 
 This file is the plain-torch reference: the CPU implementation and the oracle for the Triton kernels, which are
 the CUDA implementation (``kernels/``).
@@ -54,13 +56,16 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min_(_EXP_FLOOR).exp_()
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
+            softcap: float = 0.0) -> torch.Tensor:
     # The scale goes on the operand with fewer rows: one pass over a few gathered rows, not over every query (a
     # choice made without a guard where the traced row count is data-dependent).
     if statically_known_true(q.shape[-2] < k.shape[-2]):
         s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
     else:
         s = torch.matmul(q.float(), (k.float() * scale).transpose(-1, -2))
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
@@ -70,10 +75,10 @@ def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
 
 
 def _exp_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
-                in_place: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                in_place: bool = True, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``exp(scores - m)`` [B, H, R, N] with the row max ``m`` and the row sum ``l`` (fp32). ``in_place=False``
     for code that is traced into a graph rather than run: no mutation for the tracer to functionalize."""
-    s = _scores(q, k, attn_mask, scale)
+    s = _scores(q, k, attn_mask, scale, softcap)
     m = s.amax(dim=-1)
     if in_place:
         p = _exp_(s.sub_(m[..., None]))
@@ -83,10 +88,11 @@ def _exp_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tens
 
 
 def _attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                          scale: float, in_place: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          scale: float, in_place: bool = True, softcap: float = 0.0
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense attention of every query row with its exact row max and denominator: the op's result when it
     recomputes every row."""
-    p, m, l = _exp_scores(q, k, attn_mask, scale, in_place)
+    p, m, l = _exp_scores(q, k, attn_mask, scale, in_place, softcap)
     c = torch.matmul(p, v.float())
     c = c.div_(l[..., None]) if in_place else c / l[..., None]
     return _no_key_rows(c, m, l, q.dtype, in_place)
@@ -135,6 +141,7 @@ def cached_attention_reference(
     mode: str,
     recompute_share: float,
     queried: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     heads = q.shape[1]
     k, v, k_old, v_old = (_expand_kv(t, heads) for t in (k, v, k_old, v_old))
@@ -143,7 +150,7 @@ def cached_attention_reference(
         salient_q = salient_in.index_select(1, queried)
         attn_mask = _mask_slice(attn_mask, -2, queried)
     if mode == "paper":
-        p, m, l = _exp_scores(q, k, attn_mask, scale)  # [B,H,R,N] fp32
+        p, m, l = _exp_scores(q, k, attn_mask, scale, softcap=softcap)  # [B,H,R,N] fp32
         # V changed only on salient rows (union over the batch): P (V - V_old) needs those columns only, and
         # the exact context only the salient rows. Normalising the few columns' weights instead of P avoids an
         # [R, N] pass, and the batched matmul adds into c_old in one pass over the context.
@@ -156,9 +163,9 @@ def cached_attention_reference(
         c, m, l = _no_key_rows(c, m, l, q.dtype)
         return c.contiguous(), m.contiguous(), l.contiguous()
     if _recomputes(q, k):
-        return _attention_with_stats(q, k, v, attn_mask, scale)
+        return _attention_with_stats(q, k, v, attn_mask, scale, softcap=softcap)
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
-                  recompute_share)
+                  recompute_share, softcap)
 
 
 def _add_products(c: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, in_place: bool = False
@@ -194,7 +201,8 @@ def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor
     return attn_mask.index_select(dim, index)
 
 
-def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale, recompute_share):
+def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale, recompute_share,
+           softcap):
     """Exact mode for the whole batch: incremental for unchanged queries, exact attention for the others.
 
     The incremental update runs over the union of the batch's changed columns; a column that changed for some
@@ -211,7 +219,7 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
         j = cols.numel()
         # The new and old keys of the changed columns in one product: scores [B, H, N, 2|J|], new ones first.
         keys = torch.cat([k.index_select(2, cols), k_old.index_select(2, cols)], dim=2)
-        s = _scores(q, keys, _mask_slice(attn_mask, -1, torch.cat([cols, cols])), scale)
+        s = _scores(q, keys, _mask_slice(attn_mask, -1, torch.cat([cols, cols])), scale, softcap)
         own = _picked(salient_in, cols)  # [B, 1, |J|]
         own = None if own is None else own[:, None]
         s_new = s[..., :j] if own is None else s[..., :j].masked_fill(~own, float("-inf"))
@@ -237,7 +245,8 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
         c, m, l = c.clone(), m.clone(), l.clone()
     rows = use_exact.any(dim=0).nonzero().flatten()
     if rows.numel():
-        p, m_rows, l_rows = _exp_scores(q.index_select(2, rows), k, _mask_slice(attn_mask, -2, rows), scale)
+        p, m_rows, l_rows = _exp_scores(q.index_select(2, rows), k, _mask_slice(attn_mask, -2, rows), scale,
+                                        softcap=softcap)
         c_rows = torch.matmul(p, v.float()).div_(l_rows[..., None])
         pick = _picked(use_exact, rows)
         for target, fresh in ((c, c_rows), (m, m_rows), (l, l_rows)):
@@ -252,13 +261,13 @@ cached_attention = torch.library.custom_op("dyllm::cached_attention", mutates_ar
 
 @cached_attention.register_fake
 def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode, recompute_share,
-      queried=None):
+      queried=None, softcap=0.0):
     stats = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
 def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
-                              recompute_share, queried=None):
+                              recompute_share, queried=None, softcap=0.0):
     """What the rewritten graphs call at each cached site (same contract as the op): the op, or where the shapes
     being traced prove that exact mode recomputes every row (``RECOMPUTE_WORK``), that dense attention as plain
     torch ops, which the lowering compiles with the rest of the graph (Inductor fuses it into its kernels)
@@ -270,9 +279,9 @@ def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salien
         attn_mask = attn_mask if queried is None else _mask_slice(attn_mask, -2, queried)
         # Out of place: this code is traced, and the tracer would have to functionalize every in-place op.
         return _attention_with_stats(q, _expand_kv(k, heads), _expand_kv(v, heads), attn_mask, scale,
-                                     in_place=False)
+                                     in_place=False, softcap=softcap)
     return torch.ops.dyllm.cached_attention.default(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in,
-                                                    attn_mask, scale, mode, recompute_share, queried)
+                                                    attn_mask, scale, mode, recompute_share, queried, softcap)
 
 
 def default_scale(head_dim: int) -> float:

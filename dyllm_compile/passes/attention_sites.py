@@ -83,13 +83,15 @@ class AttentionSite:
     scores: Optional[fx.Node] = None
     # the sinks come from ``context * sigmoid(logsumexp(scores) - s)``: broadcastable to [B, H, R], no last dim of 1
     sinks_lse: bool = False
+    # soft-capped scores, ``softcap * tanh(s / softcap)`` (``dyllm::sdpa_softcap``); 0: none
+    softcap: float = 0.0
 
     @property
     def label(self) -> str:
         """How reports name the site's attention: its kind, or what SDPA replaced (hand-written, flex), with sinks or
-        not."""
+        soft-capped scores or neither."""
         origin = "hand-written" if self.hand_written else "flex" if self.from_flex else self.kind
-        return origin + ("+sinks" if self.sinks is not None else "")
+        return origin + ("+sinks" if self.sinks is not None else "") + ("+softcap" if self.softcap else "")
 
     @property
     def heads(self) -> int:
@@ -128,7 +130,7 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     site = AttentionSite(node, "sdpa", q, k, v, mask=arg(node, 3, "attn_mask"),
                          hand_written=node.meta.get(FROM_HAND_WRITTEN, False), sinks=node.kwargs.get("sinks"),
-                         from_flex=node.meta.get(FROM_FLEX, False))
+                         from_flex=node.meta.get(FROM_FLEX, False), softcap=node.kwargs.get("softcap", 0.0))
     if arg(node, 5, "is_causal", False):
         site.dense_reason = "causal attention: a diffusion LM is bidirectional"
     return site

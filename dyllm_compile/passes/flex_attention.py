@@ -1,4 +1,4 @@
-"""Turns ``flex_attention`` that masks or adds a bias into ``scaled_dot_product_attention`` with that mask.
+"""Turns ``flex_attention`` that masks, adds a bias or soft-caps into SDPA (or its soft-capped form) with that mask.
 
 Pattern: the ``flex_attention`` higher-order op Dynamo records, ``flex_attention(q, k, v, score_mod, block_mask,
 scale, kernel_options, score_mod_buffers, mask_mod_buffers)``, whose ``score_mod`` returns the score unchanged
@@ -9,8 +9,10 @@ nothing reads. It becomes ``sdpa(q, k, v, attn_mask=M, scale=scale, enable_gqa=q
 ``M`` the boolean mask the block mask defines (:func:`block_mask_dense`): a (query, key) pair attends where its
 tile is one of the block mask's full tiles, or one of its partial tiles and ``mask_mod`` allows it; with a bias,
 ``M`` is the float mask holding the bias where that mask attends and -inf elsewhere (:func:`score_bias_mask`, in
-fp32 as flex computes it). Then the rest of the analysis reads the site as SDPA, and the rewrite caches it (before,
-a flex site stayed dense: only the layers' FFNs were gated).
+fp32 as flex computes it). A ``score_mod`` that soft-caps the score, ``a * tanh(score * b)`` (transformers' flex
+integration for Gemma-2: ``c * tanh(score / c)``), becomes ``dyllm::sdpa_softcap(q, k, v, softcap=a,
+attn_mask=M, scale=scale * a * b)`` (:mod:`~dyllm_compile.ops.soft_capping`). Then the rest of the analysis reads
+the site as SDPA, and the rewrite caches it (before, a flex site stayed dense: only the layers' FFNs were gated).
 
 A block mask built inside the graph (``create_block_mask`` in the forward, or flex's own full mask when none is
 given) also computes the query tiles' index (for the backward pass) by writing into fresh tensors under ``vmap``,
@@ -20,9 +22,9 @@ reads them, and they are erased with what only they read (:func:`_drop_unread`).
 Invariant: the same function of the graph's inputs up to floating-point rounding, rows whose every key is masked
 included (zeros in both). ``M`` is computed from the block mask's tensors and the mods' buffers alone, so the
 runtime compares it like any mask input. Anything else stays as written, the site dense, with the reason recorded
-on the op node (``FLEX_REASON``): a score modification other than a bias (soft-capping), a bias over a dynamic
-size, a read of the log-sum-exp, a block mask of other lengths. The graph Dynamo handed over is never edited: a
-graph with a site to replace is copied first.
+on the op node (``FLEX_REASON``): any other score modification (a cap with a bias, a cap by a tensor), a bias over
+a dynamic size, a soft-cap under a scale that is not a number, a read of the log-sum-exp, a block mask of other
+lengths. The graph Dynamo handed over is never edited: a graph with a site to replace is copied first.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch import fx
 from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 from torch.nn.attention.flex_attention import _vmap_for_bhqkv, create_mask
 
+from ..ops.soft_capping import sdpa_softcap
 from .attention_sites import FLEX_REASON, FROM_FLEX
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
 from .graph_utils import example_value, is_impure, op_name, same_size, tensor_value
@@ -131,7 +134,9 @@ def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
     form = _score_form(gm, score_mod)
     if form is None:
         return ("flex_attention: its score_mod changes the scores other than by adding terms that do not read them "
-                "(soft-capping), which SDPA cannot take")
+                "or soft-capping them by numbers, which SDPA cannot take")
+    if form == "softcap" and not isinstance(node.args[5], (int, float)):
+        return "flex_attention: it soft-caps scores under a scale that is not a number"
     if any(op_name(u) != "getitem" or (u.args[1] != 0 and u.users) for u in node.users):
         return "flex_attention: its log-sum-exp is read"
     values = [tensor_value(t) for t in (q, k, v)]
@@ -151,7 +156,8 @@ def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
 def _score_form(gm: fx.GraphModule, score_mod: Any) -> Optional[str]:
     """``"score"`` when ``score_mod`` (a get_attr of its graph) returns its first argument, the score, unchanged;
     ``"bias"`` when it returns the score plus terms that do not read it (a chain of ``add``/``sub`` whose every
-    other operand is independent of the score, the score never subtracted); None otherwise."""
+    other operand is independent of the score, the score never subtracted); ``"softcap"`` for ``a * tanh(score * b)``
+    (:func:`_softcap`); None otherwise."""
     graph = _mod_graph(gm, score_mod)
     if graph is None:
         return None
@@ -159,8 +165,9 @@ def _score_form(gm: fx.GraphModule, score_mod: Any) -> Optional[str]:
     if not placeholders:
         return None
     score = placeholders[0]
-    out = graph.output_node().args[0]
-    out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+    out = _mod_output(graph)
+    if _softcap(graph) is not None:
+        return "softcap"
     reads_score = _descendants(score)
     node = out
     while node is not score:
@@ -171,6 +178,33 @@ def _score_form(gm: fx.GraphModule, score_mod: Any) -> Optional[str]:
             return None
         node = through[0]
     return "score" if out is score else "bias"
+
+
+def _mod_output(graph: fx.Graph) -> Any:
+    out = graph.output_node().args[0]
+    return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+
+def _softcap(graph: fx.Graph) -> Optional[tuple[float, float]]:
+    """``(a, b)`` where the score_mod's ``graph`` returns ``a * tanh(score * b)`` (``b`` also as a division by
+    ``1 / b``), both positive numbers; else None."""
+    def number_times(node: Any, name: str) -> Optional[tuple[fx.Node, float]]:
+        """(x, f) for ``x * f`` / ``f * x`` (and ``x / (1 / f)`` where ``name`` allows a division)."""
+        if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2 or op_name(node) not in ("mul", name):
+            return None
+        x, f = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not isinstance(x, fx.Node) or f <= 0:
+            return None
+        if op_name(node) == "div":
+            return (x, 1.0 / f) if node.args[0] is x else None
+        return x, float(f)
+
+    score = next(n for n in graph.nodes if n.op == "placeholder")
+    outer = number_times(_mod_output(graph), "mul")
+    if outer is None or op_name(outer[0]) != "tanh" or len(outer[0].args) != 1:
+        return None
+    inner = number_times(outer[0].args[0], "div")
+    return (outer[1], inner[1]) if inner is not None and inner[0] is score else None
 
 
 def _mod_graph(gm: fx.GraphModule, mod: Any) -> Optional[fx.Graph]:
@@ -222,8 +256,12 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
             masks[key] = _emit_mask(gm, graph, node, score_bias_mask, operands)
         mask = masks[key]
     gqa = tensor_value(q).shape[1] != tensor_value(k).shape[1]
-    out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
-               **({"enable_gqa": True} if gqa else {}))
+    capped = _softcap(_mod_graph(gm, score_mod))
+    if capped is not None:  # a * tanh(s * b) with s = q k^T * scale: a * tanh(q k^T * (scale * a * b) / a)
+        out = emit(sdpa_softcap, q, k, v, softcap=capped[0], attn_mask=mask, scale=scale * capped[0] * capped[1])
+    else:
+        out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
+                   **({"enable_gqa": True} if gqa else {}))
     out.meta[FROM_FLEX] = True
     context.replace_all_uses_with(out)
     erase_unused(graph, [context, *node.users, node, score_mod])

@@ -35,6 +35,7 @@ _ALIASES = {
     "_unsafe_view": "view",
     "scaled_dot_product_attention": "sdpa",
     "sdpa_with_sinks": "sdpa",  # dyllm's SDPA with attention sinks (ops/attention_sinks.py): its ``sinks`` kwarg
+    "sdpa_softcap": "sdpa",  # dyllm's SDPA with soft-capped scores (ops/soft_capping.py): its ``softcap`` kwarg
     "bmm": "matmul",
     "mm": "matmul",
 }

@@ -11,14 +11,17 @@ q's and k's last dims) by, in this order,
   ``masked_fill(m, fill)`` and ``where(m, scores, fill)`` with an absorbing ``fill`` (-inf, or a value below -1e30
   such as HF's ``finfo.min``, which absorbs any score it is added to; fp16 masks have no such value);
 - casts anywhere;
+- soft-capping before the masks, ``c * tanh(scores * a)`` (Gemma-2: ``tanh(scores / c) * c``), numbers on both
+  sides of the ``tanh``;
 
 and ``kT`` the keys transposed over their last two dims (any other operand of a matmul is transposed back). It
 becomes ``sdpa(q', k, v, attn_mask=the masks' sum in additive form, scale=the numbers' product)``, ``q'`` being
 ``q`` times the tensor factors, with casts of q and k stripped where they only made them differ from v's dtype
-(SDPA accumulates in fp32 either way). A site with an attention sink (``softmax(cat([scores, s], -1))[..., :-1]``,
-:mod:`~dyllm_compile.passes.attention_sites`) becomes ``dyllm::sdpa_with_sinks`` with the same operands and
-``sinks=s`` (taken before an ``expand`` that only broadcasts it). A shift of the logits by their row max before the
-softmax is dropped like a shift by a number.
+(SDPA accumulates in fp32 either way). Soft-capped scores become ``dyllm::sdpa_softcap`` with ``softcap=c`` and
+``scale=a * c`` (:mod:`~dyllm_compile.ops.soft_capping`). A site with an attention sink
+(``softmax(cat([scores, s], -1))[..., :-1]``, :mod:`~dyllm_compile.passes.attention_sites`) becomes
+``dyllm::sdpa_with_sinks`` with the same operands and ``sinks=s`` (taken before an ``expand`` that only broadcasts
+it). A shift of the logits by their row max before the softmax is dropped like a shift by a number.
 
 Invariant: the result is the same function of the graph's inputs up to floating-point rounding, including rows
 whose every key is masked by a finite fill (an absorbing fill makes ``score + fill`` equal ``fill`` exactly; a
@@ -26,10 +29,10 @@ row filled with -inf throughout has no defined result in either: NaN as written,
 else stays as written and the site dense, with the reason recorded on its context node (``HAND_WRITTEN_REASON``):
 a finite fill that does not absorb (``-1e9``: a fully masked row would average the values uniformly in one and
 not the other), scaling after masking, scores or probabilities read elsewhere (as a mask computed from the
-scores reads them), training-mode dropout, any other op on the scores (Gemma-2's ``tanh`` soft-capping). The
-graph Dynamo handed over is never edited: a graph with a site to replace is copied first. Inductor's
-``fuse_attention`` patterns make the same replacement in its dense lowering; here it comes first, so that the
-rewrite sees one attention op and caches hand-written attention like SDPA.
+scores reads them), training-mode dropout, any other op on the scores, a soft-cap after masking, of shifted
+scores, by a tensor or with a sink. The graph Dynamo handed over is never edited: a graph with a site to replace
+is copied first. Inductor's ``fuse_attention`` patterns make the same replacement in its dense lowering; here it
+comes first, so that the rewrite sees one attention op and caches hand-written attention like SDPA.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..ops.attention_sinks import sdpa_with_sinks
+from ..ops.soft_capping import sdpa_softcap
 from .attention_sites import CASTS, FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
 from .graph_utils import arg, example_value, normalize_dim, op_name, same_size, tensor_value
@@ -72,6 +76,7 @@ class _Recipe:
     filled: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (m, the scores are filled where m holds)
     fill: Optional[float] = None  # what they are filled with: -inf, or a finite absorbing value
     sinks: Optional[fx.Node] = None  # the sink logits, before any broadcast to the scores' shape
+    softcap: Optional[float] = None  # soft-capped scores: the numbers after the tanh (before it: into ``scale``)
     dropped: list[fx.Node] = field(default_factory=list)  # the pattern's nodes, erased once unused
 
 
@@ -135,12 +140,24 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
             return f"'{node.name}' takes the scores as a keyword argument"
         chain.append((node, on_chain, [a for a in node.args if a is not on_chain]))
         node = on_chain
-    masking = False
+    masking = shifted = False
     for node, on_chain, others in reversed(chain):  # from the product towards the softmax
         name = op_name(node)
         if name in CASTS:
             continue
         (other,) = others if len(others) == 1 else (None,)
+        if name == "tanh":
+            problem = _softcap_problem(node, recipe, masking, shifted)
+            if problem:
+                return problem
+            recipe.softcap = 1.0  # the numbers after it multiply into the cap
+            continue
+        if name in ("mul", "div") and recipe.softcap is not None and not masking:
+            if not isinstance(other, (int, float)) or isinstance(other, bool) or (
+                    name == "div" and node.args[0] is not on_chain):
+                return f"'{node.name}' scales soft-capped scores by other than a number"
+            recipe.softcap *= other if name == "mul" else 1.0 / other
+            continue
         if name in ("mul", "div") and len(others) == 1 and not masking:
             if name == "div" and node.args[0] is not on_chain:
                 return f"'{node.name}' divides by the scores"
@@ -152,7 +169,8 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
                 continue
             return f"'{node.name}' scales the scores by a tensor that varies along the keys"
         if name in ("add", "sub") and isinstance(other, (int, float)) and not isinstance(other, bool):
-            continue  # a shift: the softmax does not see it
+            shifted = shifted or recipe.softcap is None  # the softmax does not see it; a tanh after it would
+            continue
         if name in ("mul", "div"):
             return f"'{node.name}' scales the scores after masking them"
         masking = True
@@ -174,6 +192,23 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
             return problem
         recipe.filled.append((mask, where_true))
         recipe.fill = -math.inf if fill == -math.inf else _ABSORBING
+    if recipe.softcap is not None:
+        if recipe.softcap <= 0:
+            return f"the scores are soft-capped at {recipe.softcap:g}, not a positive cap"
+        recipe.scale *= recipe.softcap  # c * tanh(s * a) = c * tanh(s * (a * c) / c)
+    return ""
+
+
+def _softcap_problem(node: fx.Node, recipe: _Recipe, masking: bool, shifted: bool) -> str:
+    """Why the ``tanh`` at ``node`` is not a soft-cap of the scores ``dyllm::sdpa_softcap`` computes."""
+    if shifted:
+        return f"'{node.name}' (tanh) soft-caps shifted scores"
+    if masking:
+        return f"'{node.name}' (tanh) soft-caps the scores after masking them"
+    if recipe.softcap is not None:
+        return f"'{node.name}' (tanh) caps the scores a second time"
+    if recipe.sinks is not None:
+        return f"'{node.name}' (tanh) soft-caps scores that have an attention sink"
     return ""
 
 
@@ -268,7 +303,9 @@ def _replace(graph: fx.Graph, recipe: _Recipe, copies: dict[fx.Node, fx.Node]) -
     mask = functools.reduce(lambda a, b: emit(operator.add, a, b), terms) if terms else None
     if mask is not None and tensor_value(mask).dtype != dtype:
         mask = emit(torch.Tensor.to, mask, dtype)
-    if recipe.sinks is None:
+    if recipe.softcap is not None:
+        out = emit(sdpa_softcap, q, k, mapped(recipe.v), softcap=recipe.softcap, attn_mask=mask, scale=recipe.scale)
+    elif recipe.sinks is None:
         out = emit(F.scaled_dot_product_attention, q, k, mapped(recipe.v), attn_mask=mask, scale=recipe.scale)
     else:
         sinks = mapped(recipe.sinks)

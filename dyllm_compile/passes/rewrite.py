@@ -486,7 +486,7 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             (k, v, k_old, v_old, flags, mask), positions = _attention_operands(b, s, [k, v, k, v, everyone,
                                                                                       _mask(b, s)])
             out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, q, zero, zero, flags, mask,
-                         _scale(b, site), "exact", plan.config.recompute_share, *positions)
+                         _scale(b, site), "exact", plan.config.recompute_share, *(positions or [None]), s.softcap)
             context, m, l = (b.item(out, i) for i in range(3))
             stats[site.caches["m"]], stats[site.caches["l"]] = m, l
             if s.sinks is not None:  # the cache holds the sink-free context, which the cached attention updates
@@ -818,7 +818,8 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
                cache_in[site.caches["v"]], salient, _mask(b, s)])
     extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
     out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
-                 _scale(b, site), plan.config.attention_mode, plan.config.recompute_share, *extra)
+                 _scale(b, site), plan.config.attention_mode, plan.config.recompute_share, *(extra or [None]),
+                 s.softcap)
     if "m" in site.caches:  # exact mode's running statistics, or what a sink gates every row's context with
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

@@ -85,24 +85,30 @@ def _rows(tensors, queried):
     return q, k, v, k_old, v_old, c_old, m_old, l_old
 
 
-def _compare(mode, b, h, g, n, d, salient, mask, dtype, device=KERNEL_DEVICE, queried=None, tensor_cores=None):
+def _compare(mode, b, h, g, n, d, salient, mask, dtype, device=KERNEL_DEVICE, queried=None, tensor_cores=None,
+             softcap=0.0):
     tensors, sal, attn_mask = _case(b, h, g, n, d, salient, mask, dtype, device)
     queried = None if queried is None else torch.tensor(queried, device=device)
     q, k, v, k_old, v_old, c_old, m_old, l_old = _rows(tensors, queried)
     scale = default_scale(d)
+    if softcap:  # the previous step's context and statistics as the capped scores give them
+        c_old, m_old, l_old = _attention_with_stats(tensors[0], _expand_kv(k_old, h), _expand_kv(v_old, h), attn_mask,
+                                                    scale, softcap=softcap)
+        q, k, v, k_old, v_old, c_old, m_old, l_old = _rows((*tensors[:5], c_old, m_old, l_old), queried)
     want = cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, scale, mode, 0.5,
-                                      queried)
+                                      queried, softcap)
     if mode == "paper":
         got = cached_attention_paper(q, k, v, v_old, c_old, sal, attn_mask, scale, queried,
-                                     tensor_cores=tensor_cores)
+                                     tensor_cores=tensor_cores, softcap=softcap)
     else:
         got = cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, scale, 0.5,
-                                     queried, tensor_cores=tensor_cores)
+                                     queried, tensor_cores=tensor_cores, softcap=softcap)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=atol, rtol=rtol)
     if mode == "exact":  # and exact mode's contract itself: dense attention of the (cached) queries
         full_q = tensors[0]
-        dense = _attention_with_stats(full_q, _expand_kv(k, h), _expand_kv(v, h), attn_mask, scale)[0]
+        dense = _attention_with_stats(full_q, _expand_kv(k, h), _expand_kv(v, h), attn_mask, scale,
+                                      softcap=softcap)[0]
         dense = dense if queried is None else dense.index_select(2, queried)
         torch.testing.assert_close(got[0].float(), dense.float(), atol=atol, rtol=rtol)
     for got_stat, want_stat in zip(got[1:], want[1:]):
@@ -129,6 +135,15 @@ def test_exact_kernel_matches_reference_fp32(salient, n, heads):
 @pytest.mark.parametrize("salient", ["one", "some"])
 def test_kernels_match_reference_with_masks(mode, mask, salient):
     _compare(mode, 2, 4, 2, 45, 32, salient, mask, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("mask", [None, "no_keys"])
+@pytest.mark.parametrize("salient", ["some", "dominant"])
+def test_kernels_match_reference_with_soft_capped_scores(mode, mask, salient):
+    """Gemma-2's soft-capped scores (``softcap * tanh(s / softcap)``, before the mask), in every score the kernels
+    compute: the softmax pass, paper mode's changed columns, exact mode's update and recomputed rows."""
+    _compare(mode, 2, 4, 2, 41, 16, salient, mask, torch.float32, softcap=1.5)
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])

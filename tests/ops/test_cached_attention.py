@@ -64,7 +64,7 @@ def _dense(q, k, v, mask):
                                           attn_mask=mask)
 
 
-def _step(shape, rep, mask_kind, salient_kind, seed=0):
+def _step(shape, rep, mask_kind, salient_kind, seed=0, softcap=0.0):
     """A previous step (dense) and a new one where the salient rows' q, k, v changed."""
     gen = torch.Generator().manual_seed(seed)
     b, h, n, d = shape
@@ -76,7 +76,7 @@ def _step(shape, rep, mask_kind, salient_kind, seed=0):
     everyone = torch.ones(b, n, dtype=torch.bool)
     stats = torch.zeros(b, h, n)
     c0, m0, l0 = cached_attention(q0, k0, v0, k0, v0, torch.zeros_like(q0), stats, stats, everyone, mask,
-                                  d ** -0.5, "exact", 0.5)
+                                  d ** -0.5, "exact", 0.5, None, softcap)
     rows = salient[:, None, :, None]
     q1 = torch.where(rows, torch.randn(b, h, n, d, generator=gen), q0)
     k1 = torch.where(rows, torch.randn(b, g, n, d, generator=gen), k0)
@@ -110,6 +110,40 @@ def test_paper_mode_formula(rep, mask_kind, salient_kind):
     torch.testing.assert_close(c1, expected, rtol=1e-5, atol=1e-5)
     if salient_kind in ("none", "all"):  # nothing changed / everything recomputed: both equal dense
         torch.testing.assert_close(c1, dense if salient_kind == "all" else t["c0"], rtol=1e-5, atol=1e-5)
+
+
+def _dense_capped(q, k, v, mask, softcap):
+    """Attention with soft-capped scores written out: ``softcap * tanh(q k^T / sqrt(d) / softcap)``, then the mask."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = softcap * torch.tanh(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(-1).nan_to_num(0.0)  # rows with no key: zeros
+    return probs @ v
+
+
+@pytest.mark.parametrize("mode,route", MODE_ROUTES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("salient_kind", ["none", "some", "all"])
+def test_soft_capped_scores(mode, route, mask_kind, salient_kind, monkeypatch):
+    """``softcap``: each score capped before the mask, in both modes and both exact routes: exact mode equals the
+    soft-capped dense attention, paper mode its formula over the capped weights; the cap is not a no-op here."""
+    _force_route(monkeypatch, route)
+    cap = 1.5
+    t = _step((2, 4, 13, 8), 2, mask_kind, salient_kind, softcap=cap)
+    torch.testing.assert_close(t["c0"], _dense_capped(t["q0"], t["k0"], t["v0"], t["mask"], cap), rtol=1e-5,
+                               atol=1e-5)
+    c1, _, _ = cached_attention(t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"],
+                                t["salient"], t["mask"], t["d"] ** -0.5, mode, 0.5, None, cap)
+    dense = _dense_capped(t["q1"], t["k1"], t["v1"], t["mask"], cap)
+    if mode == "exact":
+        expected = dense
+    else:
+        propagated = t["c0"] + (dense - _dense_capped(t["q1"], t["k1"], t["v0"], t["mask"], cap))
+        expected = torch.where(t["salient"][:, None, :, None], dense, propagated)
+    torch.testing.assert_close(c1, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dense, _dense(t["q1"], t["k1"], t["v1"], t["mask"]), atol=1e-3)
 
 
 @pytest.mark.parametrize("mode,route", MODE_ROUTES)

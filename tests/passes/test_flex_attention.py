@@ -8,6 +8,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 
 from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.passes.flex_attention import block_mask_dense, score_bias_mask
+from dyllm_compile.ops import sdpa_softcap
 from dyllm_compile.passes.attention_sites import FLEX_REASON
 from dyllm_compile.passes.graph_utils import is_symbolic, op_name, tensor_value
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
@@ -96,6 +97,7 @@ SCORE_MODS = {
     "batch_bias": lambda layer: lambda s, b, h, q, kv: s - 0.1 * (q - kv).abs() + layer.bias[b] - 1.0,
     "minus_score": lambda layer: lambda s, b, h, q, kv: 1.0 - s,
     "score_twice": lambda layer: lambda s, b, h, q, kv: s + 0.5 * s,
+    "capped_then_biased": lambda layer: lambda s, b, h, q, kv: 5.0 * torch.tanh(s / 5.0) + layer.slopes[h],
 }
 
 
@@ -132,9 +134,10 @@ def test_graph_before_and_after():
     assert analysis.chains[0]["k"].gated and analysis.chains[0]["v"].gated
 
 
-@pytest.mark.parametrize("score_mod", ["softcap", "minus_score", "score_twice"])
-def test_a_score_mod_other_than_a_bias_keeps_the_site_dense_with_its_reason(score_mod):
-    """Soft-capping, the score subtracted, the score read twice: not the score plus terms independent of it."""
+@pytest.mark.parametrize("score_mod", ["minus_score", "score_twice", "capped_then_biased"])
+def test_a_score_mod_other_than_a_bias_or_a_cap_keeps_the_site_dense_with_its_reason(score_mod):
+    """The score subtracted, the score read twice, a cap and a bias together: neither the score plus terms
+    independent of it nor a soft-cap by numbers."""
     block_mask = create_block_mask(_block_causal, None, None, N, N, device="cpu", BLOCK_SIZE=TILE)
     (gm,) = _graphs(FlexLayer(score_mod), torch.randint(0, 64, (2, N)), block_mask)
     analysis = analyze(gm)
@@ -163,6 +166,38 @@ def test_score_bias_mask_with_sdpa_is_flex_attention(score_mod, mask_mod):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_mod", [_block_causal, None])
+def test_sdpa_softcap_is_flex_attention_with_a_capping_score_mod(mask_mod):
+    """Soft-capping as a score_mod (``5 tanh(s / 5)``) under the block-causal mask or none, grouped heads: the
+    soft-capped op with the block mask's dense mask computes what flex_attention computes."""
+    mod = SCORE_MODS["softcap"](None)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, heads, N, 8, generator=gen) * 3 for heads in (4, 2, 2))
+    block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, N, N, device="cpu",
+                                                                   BLOCK_SIZE=TILE)
+    want = flex_attention(q, k, v, score_mod=mod, block_mask=block_mask, enable_gqa=True)
+    allowed = torch.ones(1, 1, N, N, dtype=torch.bool) if block_mask is None else _dense(block_mask)
+    got = sdpa_softcap(q, k, v, softcap=5.0, attn_mask=allowed, scale=8 ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    uncapped = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    assert not torch.allclose(got, uncapped, atol=1e-3)
+
+
+def test_graph_before_and_after_with_a_cap():
+    """Before: flex_attention whose score_mod is ``5 * tanh(score / 5)``. After: ``dyllm::sdpa_softcap`` with
+    ``softcap`` 5 and flex's scale (times 5 and 1 / 5), the block mask's dense mask; a cached "flex+softcap" site."""
+    block_mask = create_block_mask(_block_causal, None, None, N, N, device="cpu", BLOCK_SIZE=TILE)
+    (gm,) = _graphs(FlexLayer("softcap"), torch.randint(0, 64, (2, N)), block_mask)
+    analysis = analyze(gm)
+    after = [n for n in analysis.gm.graph.nodes if n.op == "call_function"]
+    assert "hop.flex_attention" not in [op_name(n) for n in after]
+    (node,) = [n for n in after if n.target is sdpa_softcap]
+    assert node.kwargs["softcap"] == 5.0 and node.kwargs["scale"] == pytest.approx(8 ** -0.5)
+    assert node.kwargs["attn_mask"].target is block_mask_dense
+    assert [(s.kind, s.label, s.softcap) for s in analysis.sites] == [("sdpa", "flex+softcap", 5.0)]
+    assert not analysis.sites[0].dense_reason
+
+
 @pytest.mark.parametrize("score_mod,sizes", [("alibi", (None, 4, N, N)), ("batch_bias", (2, None, N, N))])
 def test_graph_before_and_after_with_a_bias(score_mod, sizes):
     """Before: flex_attention with a score_mod adding terms to the score. After: ``score_bias_mask`` of the block
@@ -182,7 +217,7 @@ def test_graph_before_and_after_with_a_bias(score_mod, sizes):
 
 
 @pytest.mark.parametrize("mode,score_mod", [("exact", "none"), ("paper", "none"), ("exact", "alibi"),
-                                            ("paper", "batch_bias")])
+                                            ("paper", "batch_bias"), ("exact", "softcap"), ("paper", "softcap")])
 def test_block_causal_flex_model_at_threshold_one_equals_dense(mode, score_mod):
     """A block-diffusion-style mask (each block attends to itself and the blocks before it), batch 2, with no
     score_mod or one that adds a bias: each call of the compiled model equals the model (threshold 1), its site

@@ -113,6 +113,13 @@ def sink_first(q, k, v, sinks):
     return torch.softmax(logits, dim=-1)[:, :, :, 1:] @ v
 
 
+def gemma2(q, k, v, mask):
+    """Gemma-2's eager attention: the scaled scores divided by the cap, tanh, times the cap, then the additive mask."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+    scores = torch.tanh(scores / 50.0) * 50.0 + mask
+    return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def number_shift(q, k, v):
     """A shift by a number right before the softmax (which does not see it)."""
     return torch.softmax(q @ k.transpose(-1, -2) * 0.3 - 2.0, dim=-1) @ v
@@ -157,6 +164,7 @@ ACCEPTED = {
     "per_head_scale": (per_head_scale, lambda: (*qkv(), torch.rand(H, 1, 1) + 0.5)),
     "x_transformers": (x_transformers, lambda: (*qkv(), padding_mask())),
     "number_shift": (number_shift, qkv),
+    "gemma2": (gemma2, lambda: (*[t * 8 for t in qkv()], torch.where(padding_mask(), 0.0, LOWEST))),
     "row_max_shift": (row_max_shift, qkv),
     **SINKS,
 }
@@ -206,6 +214,28 @@ def test_attention_sink_graph_before_and_after():
     assert node.kwargs == {"sinks": next(n for n in new.graph.nodes if op_name(n) == "reshape"), "attn_mask": mask,
                            "scale": D ** -0.5}
     assert_same_function(gm, new, inputs)
+
+
+def test_soft_capping_graph_before_and_after():
+    """Gemma-2's form, op by op: the product, its scale, the division by the cap, tanh, the cap, the mask, the fp32
+    softmax and the context's product become one ``dyllm::sdpa_softcap`` with ``softcap`` the number after the tanh
+    and ``scale`` the numbers before it times the cap (``c * tanh(s * a) = c * tanh(s * (a c) / c)``). The scores are
+    large here (q and k scaled by 8): the cap changes the result, which the new graph still computes."""
+    tensors = ACCEPTED["gemma2"][1]()
+    gm, inputs = traced(gemma2, *tensors)
+    assert ops(gm) == ["transpose", "matmul", "mul", "div", "tanh", "mul", "add", "softmax", "to", "matmul"]
+    new = sdpa_from_hand_written(gm)
+    assert ops(new) == ["sdpa"]
+    (node,) = [n for n in new.graph.nodes if op_name(n) == "sdpa"]
+    placeholders = {n.name: n for n in new.graph.nodes if n.op == "placeholder"}
+    q, k, v, mask = (placeholders[f"l_{name}_"] for name in ("q", "k", "v", "mask"))
+    assert node.target is torch.ops.dyllm.sdpa_softcap.default and node.args == (q, k, v)
+    assert node.kwargs == {"softcap": 50.0, "attn_mask": mask, "scale": pytest.approx(D ** -0.5)}
+    (site,) = find_attention_sites(new.graph)
+    assert site.softcap == 50.0 and site.label == "hand-written+softcap"
+    assert_same_function(gm, new, inputs)
+    uncapped = F.scaled_dot_product_attention(*tensors[:3], attn_mask=tensors[3])
+    assert not torch.allclose(gemma2(*tensors), uncapped, atol=1e-3)
 
 
 def test_gptj_scale_tensor_moves_to_queries():
@@ -280,9 +310,19 @@ def training_dropout(q, k, v):
     return F.dropout(torch.softmax(q @ k.transpose(-2, -1), dim=-1), p=0.1, training=True) @ v
 
 
-def soft_capped(q, k, v):
-    """Gemma-2's soft-capping: not an additive mask."""
-    return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0, dim=-1) @ v
+def capped_after_masking(q, k, v, mask):
+    """tanh over the masked scores: the mask's -inf would become -cap, a finite logit."""
+    return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * 0.2 + mask) * 5.0, dim=-1) @ v
+
+
+def capped_shifted(q, k, v):
+    """A shift before the tanh changes what it caps: not a shift the softmax ignores."""
+    return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * 0.2 + 1.0) * 5.0, dim=-1) @ v
+
+
+def capped_by_a_tensor(q, k, v, cap):
+    """A cap per head (a tensor after the tanh): the op takes one number."""
+    return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * 0.2) * cap, dim=-1) @ v
 
 
 def per_key_scale(q, k, v, scale):
@@ -319,7 +359,11 @@ REFUSED = {
     "scaled_after_masking": (scaled_after_masking, lambda: (*qkv(), torch.zeros(B, 1, N, N)), "after masking"),
     "probabilities_returned": (probabilities_returned, qkv, "also used outside the attention"),
     "training_dropout": (training_dropout, qkv, "dropout in training mode"),
-    "soft_capped": (soft_capped, qkv, "(tanh) on the scores is not a scale or an additive mask"),
+    "capped_after_masking": (capped_after_masking, lambda: (*qkv(), torch.where(padding_mask(), 0.0, -math.inf)),
+                             "soft-caps the scores after masking them"),
+    "capped_shifted": (capped_shifted, qkv, "soft-caps shifted scores"),
+    "capped_by_a_tensor": (capped_by_a_tensor, lambda: (*qkv(), torch.rand(H, 1, 1) + 1.0),
+                           "scales soft-capped scores by other than a number"),
     "per_key_scale": (per_key_scale, lambda: (*qkv(), torch.rand(N)), "varies along the keys"),
     "mask_from_scores": (mask_from_scores, qkv, "'scores' (scores or probabilities) is also used outside"),
     "sink_from_scores": (sink_from_scores, qkv, "(scores or probabilities) is also used outside"),

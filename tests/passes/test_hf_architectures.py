@@ -9,7 +9,8 @@
 - Falcon and Phi-3: a fused projection sliced (not split) into q, k and v: the sliced value is in all three
   chains.
 - Gemma-2: soft-capped scores. Before: no attention site was found (``tanh`` between the scores and the softmax),
-  so nothing was gated. After: the sites are found and stay dense with their reason; the FFNs are gated.
+  so nothing was gated; then the sites stayed dense with their reason. After: each site is one
+  ``dyllm::sdpa_softcap`` (hand_written_attention), cached with its cap.
 """
 
 import pytest
@@ -39,14 +40,17 @@ def test_sites_chains_and_regions(name):
         assert_region_runs_on_rows(cap, region)
 
 
-def test_soft_capped_attention_is_found_and_stays_dense():
-    """Gemma-2 soft-caps its scores (c * tanh(s / c)), which SDPA cannot express. Before: no site was found, so
-    nothing in the graph was gated. After: each site is found and stays dense with its reason, and the FFN and
-    lm_head are still gated (on the rows whose attention context changed)."""
-    (cap,) = capture(build("gemma2")[1], (torch.randint(3, 120, (2, 12)),), dynamic=False)
+@pytest.mark.parametrize("name", ["gemma2", "vault_gemma"])
+def test_soft_capped_attention_is_one_op_with_its_cap(name):
+    """Gemma-2 soft-caps its scores (``tanh(scores / c) * c`` before the mask), which SDPA cannot express: each site
+    becomes ``dyllm::sdpa_softcap`` with the config's cap (before 2026-12-05, third change: found, dense with the
+    reason "(tanh) on the scores is not a scale or an additive mask"), with its k/v chains, FFN and lm_head gated."""
+    model, forward = build(name)
+    (cap,) = capture(forward, (torch.randint(3, 120, (2, 12)),), dynamic=False)
     a = cap.analysis
-    assert [(s.kind, s.layer) for s in a.sites] == [("manual", 0), ("manual", 1)]
-    assert all("(tanh) on the scores is not a scale or an additive mask" in s.dense_reason for s in a.sites)
+    assert [(s.kind, s.layer, s.softcap, s.dense_reason) for s in a.sites] == [
+        ("sdpa", layer, model.config.attn_logit_softcapping, "") for layer in (0, 1)]
+    assert all(s.label == "hand-written+softcap" for s in a.sites)
     assert [(r.role, r.layer) for r in a.gated_regions] == [("ffn", 0), ("ffn", 1), ("lm_head", 1)]
     for region in a.gated_regions:
         assert_region_runs_on_rows(cap, region)

@@ -56,6 +56,9 @@ class TransformerConfig:
     # concatenated to the scores and dropped after the softmax (GPT-OSS): "none" | "head" (a learned logit per
     # head) | "row" (projected from each row's attention input)
     sinks: str = "none"
+    # > 0: the scores soft-capped before the mask, softcap * tanh(scores / softcap) (Gemma-2's attention; with
+    # attention in (manual, einsum) as it writes it, or flex as a score_mod)
+    softcap: float = 0.0
     qkv_bias: bool = False
     fused_qkv: bool = False  # one projection for q, k and v, split three ways (LLaDA's att_proj)
     mlp_bias: bool = False
@@ -92,6 +95,8 @@ class TransformerConfig:
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
             "sinks in (none, head, row)": self.sinks in ("none", "head", "row"),
             "sinks only with attention in (manual, einsum)": self.sinks == "none" or self.attention != "sdpa",
+            "softcap >= 0, only with attention in (manual, einsum, flex), not with sinks": self.softcap >= 0 and (
+                not self.softcap or (self.attention != "sdpa" and self.sinks == "none")),
             "positions in (rope, learned)": self.positions in ("rope", "learned"),
             "rope_table in (cached, computed)": self.rope_table in ("cached", "computed"),
             "0 < rotary_fraction <= 1": 0 < self.rotary_fraction <= 1,
@@ -245,6 +250,8 @@ class Attention(nn.Module):
                 scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(cfg.head_dim)
             else:
                 scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / math.sqrt(cfg.head_dim)
+            if cfg.softcap:
+                scores = torch.tanh(scores / cfg.softcap) * cfg.softcap
             if mask is not None:
                 scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
             if cfg.sinks == "none":
@@ -255,7 +262,9 @@ class Attention(nn.Module):
                 probs = F.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
             out = torch.matmul(probs, v) if cfg.attention == "manual" else torch.einsum("bhij,bhjd->bhid", probs, v)
         elif cfg.attention == "flex":
-            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=n_rep > 1)
+            cap = cfg.softcap
+            score_mod = (lambda s, b, h, qi, ki: cap * torch.tanh(s / cap)) if cap else None
+            out = flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=n_rep > 1)
         elif cfg.gqa == "enable_gqa" and n_rep > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:

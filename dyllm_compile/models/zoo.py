@@ -61,6 +61,8 @@ def _entries() -> list[ZooEntry]:
                  description="attention sinks projected from each row, einsum attention"),
         ZooEntry("flex", llada_config("tiny", attention="flex", n_kv_heads=2, **tiny),
                  description="flex_attention, its full mask built in the graph, GQA"),
+        ZooEntry("softcap", llada_config("tiny", attention="manual", n_kv_heads=2, softcap=0.5, **tiny),
+                 description="scores soft-capped before the mask (Gemma-2), hand-written attention, GQA"),
         ZooEntry("hyper_connections", llada_config("tiny", hyper_connections=4, **tiny),
                  description="four residual streams mixed per row into each branch and written back (DeepSeek-V4)"),
         ZooEntry("additive_mask", llada_config("tiny", **tiny), mask="additive",

@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.types import Number
 
 MODES = ("paper", "exact")
 
@@ -64,7 +65,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
         s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
     else:
         s = torch.matmul(q.float(), (k.float() * scale).transpose(-1, -2))
-    if softcap:
+    if isinstance(softcap, torch.SymFloat) or softcap:  # (a cap read from an input: no guard on its value)
         s = torch.tanh(s / softcap) * softcap
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -137,12 +138,14 @@ def cached_attention_reference(
     l_old: torch.Tensor,
     salient_in: torch.Tensor,
     attn_mask: Optional[torch.Tensor],
-    scale: float,
+    scale: Number,
     mode: str,
     recompute_share: float,
     queried: Optional[torch.Tensor] = None,
-    softcap: float = 0.0,
+    softcap: Number = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # scale and softcap are Scalars in the schema, not floats: a graph compiled with dynamic shapes reads them from
+    # an input (``.item()`` of a float attribute Dynamo made dynamic), a SymFloat that a float argument would guard
     heads = q.shape[1]
     k, v, k_old, v_old = (_expand_kv(t, heads) for t in (k, v, k_old, v_old))
     salient_q = salient_in  # [B, R]: which query rows are salient

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 _LIBRARY = torch.library.Library("dyllm", "FRAGMENT")
-_LIBRARY.define("sdpa_softcap(Tensor query, Tensor key, Tensor value, *, float softcap, Tensor? attn_mask=None, "
+_LIBRARY.define("sdpa_softcap(Tensor query, Tensor key, Tensor value, *, Scalar softcap, Tensor? attn_mask=None, "
                 "float? scale=None) -> Tensor")
 
 

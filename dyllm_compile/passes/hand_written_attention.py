@@ -77,6 +77,9 @@ class _Recipe:
     fill: Optional[float] = None  # what they are filled with: -inf, or a finite absorbing value
     sinks: Optional[fx.Node] = None  # the sink logits, before any broadcast to the scores' shape
     softcap: Optional[float] = None  # soft-capped scores: the numbers after the tanh (before it: into ``scale``)
+    # a cap read from a 0-d input (``.item()``: a float attribute Dynamo made dynamic), by which the scores are
+    # divided before the tanh (a q factor) and multiplied after it
+    cap_node: Optional[fx.Node] = None
     dropped: list[fx.Node] = field(default_factory=list)  # the pattern's nodes, erased once unused
 
 
@@ -153,6 +156,9 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
             recipe.softcap = 1.0  # the numbers after it multiply into the cap
             continue
         if name in ("mul", "div") and recipe.softcap is not None and not masking:
+            if name == "mul" and recipe.cap_node is None and isinstance(example_value(other), torch.SymFloat):
+                recipe.cap_node = other
+                continue
             if not isinstance(other, (int, float)) or isinstance(other, bool) or (
                     name == "div" and node.args[0] is not on_chain):
                 return f"'{node.name}' scales soft-capped scores by other than a number"
@@ -192,7 +198,12 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
             return problem
         recipe.filled.append((mask, where_true))
         recipe.fill = -math.inf if fill == -math.inf else _ABSORBING
-    if recipe.softcap is not None:
+    if recipe.cap_node is not None:  # c * tanh(s * a / c) with c an input: softcap c, scale a
+        inside = (operator.truediv, recipe.cap_node)
+        if inside not in recipe.q_factors or recipe.softcap != 1.0:
+            return f"the scores are soft-capped by '{recipe.cap_node.name}' without being divided by it first"
+        recipe.q_factors.remove(inside)
+    elif recipe.softcap is not None:
         if recipe.softcap <= 0:
             return f"the scores are soft-capped at {recipe.softcap:g}, not a positive cap"
         recipe.scale *= recipe.softcap  # c * tanh(s * a) = c * tanh(s * (a * c) / c)
@@ -304,7 +315,8 @@ def _replace(graph: fx.Graph, recipe: _Recipe, copies: dict[fx.Node, fx.Node]) -
     if mask is not None and tensor_value(mask).dtype != dtype:
         mask = emit(torch.Tensor.to, mask, dtype)
     if recipe.softcap is not None:
-        out = emit(sdpa_softcap, q, k, mapped(recipe.v), softcap=recipe.softcap, attn_mask=mask, scale=recipe.scale)
+        cap = recipe.softcap if recipe.cap_node is None else mapped(recipe.cap_node)
+        out = emit(sdpa_softcap, q, k, mapped(recipe.v), softcap=cap, attn_mask=mask, scale=recipe.scale)
     elif recipe.sinks is None:
         out = emit(F.scaled_dot_product_attention, q, k, mapped(recipe.v), attn_mask=mask, scale=recipe.scale)
     else:

@@ -314,14 +314,21 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
     problem = _sinks_problem(site, infos)
     if problem:
         return SitePlan(site, False, problem)
+    if isinstance(site.softcap, fx.Node) and not _read_from_input(site.softcap):
+        return SitePlan(site, False, f"the soft-cap '{site.softcap.name}' is computed in the graph")
     scale = arg(site.node, 6, "scale")
     if isinstance(scale, fx.Node):
         # A float attribute Dynamo made a 0-d input (``dynamic=True``: transformers 5's ``self.scaling``): its
         # ``.item()`` is a constant in each variant, which the runtime keys by its value (scalar_inputs)
-        if not (scale.op == "call_method" and scale.target == "item" and scale.args[0].op == "placeholder"):
+        if not _read_from_input(scale):
             return SitePlan(site, False, f"the attention scale '{scale.name}' is computed in the graph")
         return SitePlan(site, True, scale=scale)
     return SitePlan(site, True, scale=float(scale) if scale is not None else default_scale(q.shape[-1]))
+
+
+def _read_from_input(node: fx.Node) -> bool:
+    """``node`` is ``x.item()`` of a graph input: a constant in each variant (``scalar_inputs``)."""
+    return node.op == "call_method" and node.target == "item" and node.args[0].op == "placeholder"
 
 
 def _sinks_problem(site: AttentionSite, infos) -> str:
@@ -486,7 +493,8 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             (k, v, k_old, v_old, flags, mask), positions = _attention_operands(b, s, [k, v, k, v, everyone,
                                                                                       _mask(b, s)])
             out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, q, zero, zero, flags, mask,
-                         _scale(b, site), "exact", plan.config.recompute_share, *(positions or [None]), s.softcap)
+                         _scale(b, site), "exact", plan.config.recompute_share, *(positions or [None]),
+                         _softcap(b, s))
             context, m, l = (b.item(out, i) for i in range(3))
             stats[site.caches["m"]], stats[site.caches["l"]] = m, l
             if s.sinks is not None:  # the cache holds the sink-free context, which the cached attention updates
@@ -772,6 +780,10 @@ def _scale(b: _Builder, site: SitePlan) -> Any:
     return b.env[site.scale] if isinstance(site.scale, fx.Node) else site.scale
 
 
+def _softcap(b: _Builder, site: AttentionSite) -> Any:
+    return b.env[site.softcap] if isinstance(site.softcap, fx.Node) else site.softcap
+
+
 def _attention_operands(b: _Builder, site: AttentionSite, operands: list) -> tuple[list, list]:
     """The op's (k, v, k_old, v_old, changed-key flags, mask) from the site's own ones, and the query rows'
     positions among the keys (the op's ``queried``, none for self-attention): with a prefix, the keys are the own
@@ -819,7 +831,7 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
     out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
                  _scale(b, site), plan.config.attention_mode, plan.config.recompute_share, *(extra or [None]),
-                 s.softcap)
+                 _softcap(b, s))
     if "m" in site.caches:  # exact mode's running statistics, or what a sink gates every row's context with
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

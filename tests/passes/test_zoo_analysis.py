@@ -36,6 +36,7 @@ def test_one_site_one_ffn_per_layer_and_lm_head(name, batch, dynamic):
     # hand-written attention and flex_attention arrive as SDPA, the hand-written marked so
     assert {(s.kind, s.hand_written) for s in a.sites} == {("sdpa", entry.config.attention in ("manual", "einsum"))}
     assert all((s.sinks is not None) == (entry.config.sinks != "none") for s in a.sites)
+    assert all(bool(s.softcap) == bool(entry.config.softcap) for s in a.sites)  # (dynamic: an input's .item())
     assert all(s.heads == entry.config.n_heads for s in a.sites)
     ffn_role = "moe" if entry.config.ffn == "moe" else "ffn"
     gated = [(r.role, r.layer) for r in a.gated_regions]

@@ -29,6 +29,14 @@ def _context_cosine(c: torch.Tensor, c_old: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(new, old, dim=-1).masked_fill(unchanged, 1.0)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Attention over every key; with ``softcap``, the scores capped first: ``softcap * tanh(s / softcap)``."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = softcap * torch.tanh(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) / softcap)
+    return scores.softmax(-1) @ v
+
+
 def _rows(s: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[0], shape[axis] = s.shape
@@ -150,10 +158,10 @@ class Oracle:
             v_old = None if v_old is None else repeat_kv(v_old, rep)
             if self.mode == "exact":
                 q, _ = self._keep(f"{i}.q", q, salient, 2, dense)
-            c = F.scaled_dot_product_attention(q, k, v)
+            c = _attention(q, k, v, cfg.softcap)
             if not dense and self.mode == "paper":
                 c_prev = self.caches[f"{i}.c"]
-                delta = c - F.scaled_dot_product_attention(q, k, v_old)  # softmax(q K^T)(V - V_old)
+                delta = c - _attention(q, k, v_old, cfg.softcap)  # softmax(q K^T)(V - V_old)
                 c = torch.where(_rows(salient, 4, 2), c, c_prev + delta)
             c_old = self.caches.get(f"{i}.c")
             if queried is not None:

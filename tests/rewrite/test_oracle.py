@@ -20,7 +20,8 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # exact mode's q chain); attention sinks (GPT-OSS's, a logit per head; and one projected from each row), which
 # scale each row's cached sink-free context; hyper-connections (residual streams per row, each branch reading a mix
 # of them and writing its output back into each: the FFN's cached branch is what it writes back); flex_attention
-# (replaced by SDPA with the mask its block mask applies, the full mask built in the graph).
+# (replaced by SDPA with the mask its block mask applies, the full mask built in the graph); soft-capped scores
+# (Gemma-2's, hand-written or as a flex score_mod: dyllm::sdpa_softcap, the cap passed to the cached attention).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
@@ -30,7 +31,9 @@ MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True
                 "sinks": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2, sinks="head"),
                 "row_sinks": lambda: llada_like("tiny", init_std=0.2, attention="einsum", sinks="row"),
                 "hyper_connections": lambda: llada_like("tiny", init_std=0.2, hyper_connections=4),
-                "flex": lambda: llada_like("tiny", init_std=0.2, attention="flex", n_kv_heads=2)}
+                "flex": lambda: llada_like("tiny", init_std=0.2, attention="flex", n_kv_heads=2),
+                "softcap": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2, softcap=0.5),
+                "flex_softcap": lambda: llada_like("tiny", init_std=0.2, attention="flex", softcap=0.5)}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
@@ -104,6 +107,21 @@ def test_symbolic_batch_folded_into_rows_matches_oracle(arch, row_counts):
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert [r.layer for r in runtime.plan.regions if r.role == "moe"] == [0, 1] and not runtime.plan.reasons
+
+
+@pytest.mark.parametrize("mode", ["paper", "exact"])
+def test_soft_cap_read_from_an_input_matches_oracle(mode, monkeypatch):
+    """Compiled with dynamic shapes, the cap is a float attribute Dynamo reads from an input (``.item()``, divided by
+    before the tanh and multiplied by after it): the site is still one soft-capped op, its cap each variant's
+    constant, and the op (the incremental route, forced) takes it as a Scalar (before, the dense variant failed
+    on the op's float argument and the graph fell back to plain lowering)."""
+    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
+    lock, oracle = _run("softcap", 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5},
+                        dict(mode=mode, force_salient=0.3, seed=5), dynamic=True)
+    assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert runtime.stats.fallback is None and not runtime.plan.reasons
+    assert all(s.cached and isinstance(s.site.softcap, torch.fx.Node) for s in runtime.plan.sites)
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -3,8 +3,13 @@ attention ``scaling``) as the attention's scale: the site is cached with the sca
 constant it is at that call (the runtime keys variants by it), and dense calls run through a variant too.
 
 Before, the plan took the scale for a number (``float`` of a node: the analysis failed, the graph compiled dense),
-and a dense variant compiled with the scale as an input failed on SDPA's guard on it."""
+and a dense variant compiled with the scale as an input failed on SDPA's guard on it; then, where the dense variant
+calls ``dyllm::cached_attention`` (exact mode, sizes past ``RECOMPUTE_WORK``), on the op's ``float scale``: a scale
+read from an input is a SymFloat, which a float argument guards on. The op takes Scalars now (its soft-cap too)."""
 
+import importlib
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +34,11 @@ class ScaledAttention(nn.Module):
         return self.head(h + self.ffn(torch.relu(h)))
 
 
-def test_a_scale_read_from_an_input_is_each_variant_constant():
+@pytest.mark.parametrize("route", ["recompute", "incremental"])
+def test_a_scale_read_from_an_input_is_each_variant_constant(route, monkeypatch):
+    """``incremental``: the variants call the op (at these sizes exact mode would trace its dense form instead)."""
+    if route == "incremental":
+        monkeypatch.setattr(importlib.import_module("dyllm_compile.ops.cached_attention"), "RECOMPUTE_WORK", 0)
     torch._dynamo.reset()
     model = ScaledAttention().eval()
     before = last_serial()

@@ -43,7 +43,8 @@ def test_threshold_one_equals_dense_with_salient_output_projection(name):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("name", ["llada", "dream", "manual_attention", "sinks", "hyper_connections", "flex"])
+@pytest.mark.parametrize("name", ["llada", "dream", "manual_attention", "sinks", "hyper_connections", "flex",
+                                  "softcap"])
 def test_threshold_one_equals_dense_inductor(name):
     _compare(name, 2, "inductor", calls=3, tol=1e-4)
 

@@ -89,17 +89,22 @@ FFNS = {"swiglu": {}, "moe": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768
         "moe-grouped": dict(ffn="moe", n_experts=8, moe_top_k=2, d_ffn=768, moe_routing="grouped")}
 
 
+#: --attention: the reference model's attention (its config) and how results name it. "sinks": hand-written with a
+#: learned sink logit per head (GPT-OSS's form); "softcap": hand-written with Gemma-2's soft-capped scores.
+ATTENTION_FORMS = {"sdpa": ({}, ""), "manual": (dict(attention="manual"), ", hand-written attention"),
+                   "sinks": (dict(attention="manual", sinks="head"), ", hand-written attention with a sink per head"),
+                   "softcap": (dict(attention="manual", softcap=50.0),
+                               ", hand-written attention with soft-capped scores (50)"),
+                   "flex": (dict(attention="flex"), ", flex_attention")}
+
+
 def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 192, block_length: int = 32,
                        attention: str = "sdpa", ffn: str = "swiglu", hyper_connections: int = 0, **_) -> Workload:
     shape = dict(d_model=512, n_layers=4, n_heads=8, d_ffn=1536, vocab_size=512, mask_token_id=511)
-    # "sinks": hand-written attention with a learned sink logit per head (GPT-OSS's form); "flex": flex_attention
-    forms = {"sdpa": {}, "manual": dict(attention="manual"), "sinks": dict(attention="manual", sinks="head"),
-             "flex": dict(attention="flex")}
-    model = llada_like("tiny", hyper_connections=hyper_connections, **{**shape, **forms[attention], **FFNS[ffn]})
+    form, label = ATTENTION_FORMS[attention]
+    model = llada_like("tiny", hyper_connections=hyper_connections, **{**shape, **form, **FFNS[ffn]})
     prompts = torch.randint(1, 511, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
-    name = ("llada-like 4L d512" + {"sdpa": "", "manual": ", hand-written attention",
-                                    "sinks": ", hand-written attention with a sink per head",
-                                    "flex": ", flex_attention"}[attention]
+    name = ("llada-like 4L d512" + label
             + ("" if ffn == "swiglu" else f", {ffn} (8 experts, top 2)")
             + (f", {hyper_connections} residual streams" if hyper_connections else ""))
     return Workload(name, model, prompts, gen_length, block_length, gen_length, "random")
@@ -517,10 +522,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=None,
                         help=f"--model llada/dream: prompt tokens (default {FULL_SIZE_TOKENS} in all with the 256 "
                              "generated)")
-    parser.add_argument("--attention", choices=("sdpa", "manual", "sinks", "flex"), default="sdpa",
+    parser.add_argument("--attention", choices=tuple(ATTENTION_FORMS), default="sdpa",
                         help="--model reference: attention as one SDPA call, written by hand (softmax(q k^T) v), "
-                             "written by hand with a learned sink logit per head (GPT-OSS's form), or through "
-                             "flex_attention (its full mask)")
+                             "written by hand with a learned sink logit per head (GPT-OSS's form) or with Gemma-2's "
+                             "soft-capped scores (cap 50), or through flex_attention (its full mask)")
     parser.add_argument("--hyper-connections", type=int, default=0,
                         help="--model reference: this many residual streams per row, each branch reading a learned "
                              "mix of them and writing its output back into each (DeepSeek-V4's hyper-connections)")

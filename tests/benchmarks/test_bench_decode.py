@@ -150,6 +150,9 @@ def test_attention_applies_to_the_reference_model_only(bench, argv, capsys):
     args = bench.parse_args(["--model", "reference", "--attention", "sinks"])
     work = bench.make_workload("reference", 1, args, "cpu", torch.float32)
     assert (work.model.cfg.attention, work.model.cfg.sinks) == ("manual", "head") and "sink per head" in work.name
+    args = bench.parse_args(["--model", "reference", "--attention", "softcap"])
+    work = bench.make_workload("reference", 1, args, "cpu", torch.float32)
+    assert (work.model.cfg.attention, work.model.cfg.softcap) == ("manual", 50.0) and "soft-capped" in work.name
     args = bench.parse_args(["--model", "reference", "--attention", "flex"])
     work = bench.make_workload("reference", 1, args, "cpu", torch.float32)
     assert work.model.cfg.attention == "flex" and "flex_attention" in work.name

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import fx
 
@@ -83,8 +83,9 @@ class AttentionSite:
     scores: Optional[fx.Node] = None
     # the sinks come from ``context * sigmoid(logsumexp(scores) - s)``: broadcastable to [B, H, R], no last dim of 1
     sinks_lse: bool = False
-    # soft-capped scores, ``softcap * tanh(s / softcap)`` (``dyllm::sdpa_softcap``); 0: none
-    softcap: float = 0.0
+    # soft-capped scores, ``softcap * tanh(s / softcap)`` (``dyllm::sdpa_softcap``); 0: none. A node where the cap is
+    # read from an input (``.item()``: a float attribute Dynamo made dynamic)
+    softcap: Union[float, fx.Node] = 0.0
 
     @property
     def label(self) -> str:

@@ -71,6 +71,13 @@ def op_name(node: fx.Node) -> Optional[str]:
 _DUNDERS = frozenset("eq ne lt le gt ge and or xor invert neg add sub mul truediv floordiv pow matmul".split())
 
 
+def listed_args(node: fx.Node) -> list:
+    """The arguments after a method's tensor, given as one list (``x.view([a, b])``) or spread out
+    (``x.view(a, b)``): the sizes of a view or a repeat, the dims of a permute."""
+    rest = node.args[1:]
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+
 def example_value(node: Any) -> Any:
     """The fake value Dynamo recorded for ``node`` (tensor, SymInt, tuple...), or the constant itself."""
     if isinstance(node, fx.Node):

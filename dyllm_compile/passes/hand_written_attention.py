@@ -51,7 +51,7 @@ from ..ops.attention_sinks import sdpa_with_sinks
 from ..ops.soft_capping import sdpa_softcap
 from .attention_sites import CASTS, FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
-from .graph_utils import arg, example_value, normalize_dim, op_name, same_size, tensor_value
+from .graph_utils import arg, example_value, listed_args, normalize_dim, op_name, same_size, tensor_value
 
 #: A finite fill at least this large absorbs every score below 1e22 (half an ulp of 1e30 in fp32, the widest dtype
 #: SDPA computes scores in): ``score + fill`` equals the fill, so filling and adding agree on every row, a row
@@ -281,7 +281,7 @@ def _swaps_last_two(node: fx.Node, ndim: int) -> bool:
 
 
 def _permutes_last_two(node: fx.Node, ndim: int) -> bool:
-    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    dims = listed_args(node)
     if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
         return False
     dims = [normalize_dim(d, ndim) for d in dims]

@@ -19,8 +19,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, prod, reduced_dims, same_size,
-                          tensor_args, tensor_value)
+from .graph_utils import (arg, example_value, index_position, listed_args, normalize_dim, op_name, prod, reduced_dims,
+                          same_size, tensor_args, tensor_value)
 from .in_place_writes import set_items
 from .sorted_rows import SORTS, SortedRows
 
@@ -369,8 +369,7 @@ class Rules(SortedRows):
         after another: ``r`` times the leading rows (Llama-4's ``x.repeat(experts, 1)``, a copy of every token per
         expert); along other dims, the axis where it was."""
         x = node.args[0]
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        sizes = [example_value(size) for size in sizes]
+        sizes = [example_value(size) for size in listed_args(node)]
         axis = self.axis_of(x)
         if axis.by is not None or axis.order or not all(isinstance(s, (int, torch.SymInt)) for s in sizes):
             return self._mixing(node, "'repeat' of rows in a data-dependent order or by data-dependent counts")
@@ -577,8 +576,7 @@ class Rules(SortedRows):
         if name == "t":
             return {0: 1, 1: 0} if nd == 2 else {0: 0}
         if name == "permute":
-            perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            perm = [normalize_dim(p, nd) for p in perm]
+            perm = [normalize_dim(p, nd) for p in listed_args(node)]
             return {p: o for o, p in enumerate(perm)}
         if name == "unsqueeze":
             d = normalize_dim(node.args[1], nd + 1)

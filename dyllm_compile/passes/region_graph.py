@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .graph_utils import example_value, index_position, op_name, tensor_value
+from .graph_utils import example_value, index_position, listed_args, op_name, tensor_value
 from .in_place_writes import set_items
 from .op_rules import FACTORIES, LIKE_FACTORIES, Info
 from .regions import Region
@@ -100,8 +100,7 @@ def _sizes(node: fx.Node) -> list[Any]:
         return list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else list(node.args)
     if op_name(node) in LIKE_FACTORIES:  # x.new_empty(sizes) or x.new_empty(*sizes)
         return list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
-    return list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(
-        node.args[1:])
+    return listed_args(node)
 
 
 def _whole_size(node: fx.Node) -> Optional[fx.Node]:

@@ -145,7 +145,7 @@ def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
     # symbolic lengths are graph values (their SymInts recorded on them)
     lengths = (same_size(example_value(block_mask[_Q_LEN]), values[0].shape[-2])
                and same_size(example_value(block_mask[_KV_LEN]), values[1].shape[-2]))
-    if not lengths and min(block_mask[_Q_TILE], block_mask[_KV_TILE]) < _NO_OP_TILE:
+    if not lengths and not _full_mask(block_mask):
         return "flex_attention: its block mask covers other lengths than q's and k's"
     if form == "bias" and not all(n is None or isinstance(n, (int, fx.Node)) for n in _bias_sizes(gm, node)):
         return ("flex_attention: its score_mod adds a bias over a dynamic size that no block mask gives (a dynamic "
@@ -178,6 +178,11 @@ def _score_form(gm: fx.GraphModule, score_mod: Any) -> Optional[str]:
             return None
         node = through[0]
     return "score" if out is score else "bias"
+
+
+def _full_mask(block_mask: tuple) -> bool:
+    """Whether ``block_mask`` is flex's full mask (:data:`_NO_OP_TILE`), whose lengths are 1 x 1, not q's and k's."""
+    return min(block_mask[_Q_TILE], block_mask[_KV_TILE]) >= _NO_OP_TILE
 
 
 def _mod_output(graph: fx.Graph) -> Any:
@@ -231,7 +236,7 @@ def _bias_sizes(gm: fx.GraphModule, node: fx.Node) -> tuple:
     index_b, index_h = [n for n in _mod_graph(gm, score_mod).nodes if n.op == "placeholder"][1:3]
     b, h, q_len, _ = tensor_value(q).shape
     kv_len = tensor_value(k).shape[-2]
-    if min(block_mask[_Q_TILE], block_mask[_KV_TILE]) < _NO_OP_TILE:
+    if not _full_mask(block_mask):
         q_len, kv_len = block_mask[_Q_LEN], block_mask[_KV_LEN]
     return b if index_b.users else None, h if index_h.users else None, q_len, kv_len
 
@@ -247,7 +252,8 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
     mask = masks.get(operands)
     if mask is None:
         mask = masks[operands] = _emit_mask(gm, graph, node, block_mask_dense, operands)
-    if _score_form(gm, score_mod) == "bias":
+    form = _score_form(gm, score_mod)
+    if form == "bias":
         score_buffers = tuple(node.args[7]) if len(node.args) > 7 else ()
         operands = (mask, score_mod, *_bias_sizes(gm, node), *score_buffers)
         # score_mods of one source are alike but each layer has its own copy: keyed by their code
@@ -256,9 +262,9 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
             masks[key] = _emit_mask(gm, graph, node, score_bias_mask, operands)
         mask = masks[key]
     gqa = tensor_value(q).shape[1] != tensor_value(k).shape[1]
-    capped = _softcap(_mod_graph(gm, score_mod))
-    if capped is not None:  # a * tanh(s * b) with s = q k^T * scale: a * tanh(q k^T * (scale * a * b) / a)
-        out = emit(sdpa_softcap, q, k, v, softcap=capped[0], attn_mask=mask, scale=scale * capped[0] * capped[1])
+    if form == "softcap":  # a * tanh(s * b) with s = q k^T * scale: a * tanh(q k^T * (scale * a * b) / a)
+        a, b = _softcap(_mod_graph(gm, score_mod))
+        out = emit(sdpa_softcap, q, k, v, softcap=a, attn_mask=mask, scale=scale * a * b)
     else:
         out = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale,
                    **({"enable_gqa": True} if gqa else {}))

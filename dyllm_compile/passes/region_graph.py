@@ -88,8 +88,8 @@ def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:
     if (axis is None or axis.selected or not isinstance(axis.fold, torch.SymInt)
             or hasattr(fx.Graph, "materialize_symint")):
         return
-    if name in FACTORIES or name in LIKE_FACTORIES or (name in _SIZED and _whole_size(node) is None
-                                                       and _sizes(node)[axis.dim] != -1):
+    if name == "arange" or name in FACTORIES or name in LIKE_FACTORIES or (
+            name in _SIZED and _whole_size(node) is None and _sizes(node)[axis.dim] != -1):
         raise RegionNotRelocatable(f"'{name}' sizes rows with a symbolic batch folded in (computing that size "
                                    "in the rewritten graph needs torch.fx.Graph.materialize_symint, torch >= 2.13)")
 

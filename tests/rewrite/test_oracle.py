@@ -102,6 +102,9 @@ def test_symbolic_batch_folded_into_rows_matches_oracle(arch, row_counts):
     """Compiled with dynamic shapes at batch 3, the MoE folds a symbolic batch into the rows it dispatches
     (``x.reshape(-1, D)``: [s0, s1, D] -> [s0 * s1, D]) or sorts (the inverse permutation's ``arange`` as long
     as the rows), and is gated all the same."""
+    if arch == "moe_grouped" and not hasattr(torch.fx.Graph, "materialize_symint"):
+        pytest.skip("torch 2.11 cannot size the sorted rows' arange in the rewritten graph: the MoE stays dense, "
+                    "named (tests/passes/test_sorted_rows.py checks the refusal)")
     lock, oracle = _run(arch, 3, {"force_salient": 0.3, "seed": 5, "row_counts": row_counts},
                         dict(mode="exact", force_salient=0.3, seed=5), dynamic=True)
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9

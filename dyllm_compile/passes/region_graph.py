@@ -22,6 +22,10 @@ from .regions import Region
 
 _SIZED = frozenset(("view", "reshape", "expand"))
 
+#: Whether a rewritten graph can compute a row count with a symbolic batch folded in (``rows * s0``) from the
+#: graph's input sizes: ``fx.Graph.materialize_symint``, torch >= 2.13. Without it such a region stays dense.
+SIZES_SYMBOLIC_FOLDS = hasattr(fx.Graph, "materialize_symint")
+
 
 class RegionNotRelocatable(ValueError):
     """The region holds an op whose token-count argument cannot be re-targeted to K rows."""
@@ -85,8 +89,7 @@ def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:
     axis = infos[node].axis
     if (name == "arange" and (axis is None or not axis.order)) or (name in LIKE_FACTORIES and axis is None):
         raise RegionNotRelocatable(f"'{name}' builds a token-sized tensor inside the region")
-    if (axis is None or axis.selected or not isinstance(axis.fold, torch.SymInt)
-            or hasattr(fx.Graph, "materialize_symint")):
+    if axis is None or axis.selected or not isinstance(axis.fold, torch.SymInt) or SIZES_SYMBOLIC_FOLDS:
         return
     if name == "arange" or name in FACTORIES or name in LIKE_FACTORIES or (
             name in _SIZED and _whole_size(node) is None and _sizes(node)[axis.dim] != -1):

@@ -10,7 +10,8 @@ from torch import fx
 
 from dyllm_compile.passes.analysis import GraphAnalysis, analyze
 from dyllm_compile.passes.graph_utils import hint, op_name
-from dyllm_compile.passes.region_graph import RegionNotRelocatable, check_relocatable, extract_region
+from dyllm_compile.passes.region_graph import (SIZES_SYMBOLIC_FOLDS, RegionNotRelocatable, check_relocatable,
+                                               extract_region)
 from dyllm_compile.passes.regions import Region
 
 
@@ -73,14 +74,14 @@ def capture(model, inputs: tuple, dynamic: Optional[bool] = None) -> list[Captur
 
 def assert_region_runs_on_rows(cap: Captured, region: Region, rows: int = 3, seed: int = 0) -> None:
     """The region re-emitted for K gathered rows equals the dense values on those rows; on a torch that cannot
-    size rows with a symbolic batch folded in (2.11), such a region is refused, with that reason, as the rewrite
+    size rows with a symbolic batch folded in (< 2.13), such a region is refused, with that reason, as the rewrite
     keeps it dense."""
     infos = cap.analysis.infos
     try:
         for node in region.nodes:
             check_relocatable(node, infos)
     except RegionNotRelocatable as err:
-        assert not hasattr(fx.Graph, "materialize_symint") and "materialize_symint" in str(err), err
+        assert not SIZES_SYMBOLIC_FOLDS and "materialize_symint" in str(err), err
         return
     env = cap.values()
     sub = extract_region(cap.gm, region, infos, gathered=True)

@@ -31,8 +31,8 @@ from bench_decode import machine_facts, profiled, write_csv  # noqa: E402
 from bench_rows import timed  # noqa: E402
 from roofline import attention_cost, measure_machine  # noqa: E402
 
-from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_kv,  # noqa: E402
-                                                cached_attention_reference)
+from dyllm_compile.ops.cached_attention import (_attention_with_stats, cached_attention_reference,  # noqa: E402
+                                                repeat_kv_heads)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["device", "torch", "triton", "dtype", "batch", "heads", "kv_heads", "tokens", "head_dim",
@@ -56,7 +56,8 @@ def step_inputs(batch: int, heads: int, kv_heads: int, n: int, d: int, fraction:
     k = torch.where(changed, rnd(batch, kv_heads, n, d), k_old)
     v = torch.where(changed, rnd(batch, kv_heads, n, d), v_old)
     scale = d ** -0.5
-    c_old, m_old, l_old = _attention_with_stats(q, _expand_kv(k_old, heads), _expand_kv(v_old, heads), None, scale)
+    c_old, m_old, l_old = _attention_with_stats(q, repeat_kv_heads(k_old, heads), repeat_kv_heads(v_old, heads),
+                                                None, scale)
     return q, k, v, k_old, v_old, c_old, m_old, l_old, salient, None, scale
 
 

@@ -40,8 +40,11 @@ from torch.types import Number
 MODES = ("paper", "exact")
 
 
-def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+def repeat_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys or values ``[..., G, N, D]`` of grouped-query attention repeated to ``heads`` query heads: each kv head
+    serves ``heads / G`` consecutive query heads (SDPA's ``enable_gqa``); ``x`` itself where ``G == heads``."""
+    groups = x.shape[-3]
+    return x if groups == heads else x.repeat_interleave(heads // groups, dim=-3)
 
 
 # exp of arguments below about -87 underflows into float32's subnormal range, which x86 vector exp handles on a
@@ -147,7 +150,7 @@ def cached_attention_reference(
     # scale and softcap are Scalars in the schema, not floats: a graph compiled with dynamic shapes reads them from
     # an input (``.item()`` of a float attribute Dynamo made dynamic), a SymFloat that a float argument would guard
     heads = q.shape[1]
-    k, v, k_old, v_old = (_expand_kv(t, heads) for t in (k, v, k_old, v_old))
+    k, v, k_old, v_old = (repeat_kv_heads(t, heads) for t in (k, v, k_old, v_old))
     salient_q = salient_in  # [B, R]: which query rows are salient
     if queried is not None:
         salient_q = salient_in.index_select(1, queried)
@@ -281,7 +284,7 @@ def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salien
         heads = q.shape[1]
         attn_mask = attn_mask if queried is None else _mask_slice(attn_mask, -2, queried)
         # Out of place: this code is traced, and the tracer would have to functionalize every in-place op.
-        return _attention_with_stats(q, _expand_kv(k, heads), _expand_kv(v, heads), attn_mask, scale,
+        return _attention_with_stats(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), attn_mask, scale,
                                      in_place=False, softcap=softcap)
     return torch.ops.dyllm.cached_attention.default(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in,
                                                     attn_mask, scale, mode, recompute_share, queried, softcap)

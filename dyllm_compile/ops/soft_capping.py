@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .cached_attention import repeat_kv_heads
+
 _LIBRARY = torch.library.Library("dyllm", "FRAGMENT")
 _LIBRARY.define("sdpa_softcap(Tensor query, Tensor key, Tensor value, *, Scalar softcap, Tensor? attn_mask=None, "
                 "float? scale=None) -> Tensor")
@@ -27,9 +29,7 @@ def sdpa_softcap_reference(query: torch.Tensor, key: torch.Tensor, value: torch.
     """The op's definition in plain torch: the scores and their cap in the inputs' dtype, the softmax in fp32 (as
     Gemma-2's eager attention computes them)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if key.shape[-3] != query.shape[-3]:  # grouped heads: each kv head serves H / G query heads
-        heads = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(heads, dim=-3), value.repeat_interleave(heads, dim=-3)
+    key, value = repeat_kv_heads(key, query.shape[-3]), repeat_kv_heads(value, query.shape[-3])
     scores = torch.tanh(torch.matmul(query, key.transpose(-2, -1)) * (scale / softcap)) * softcap
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask

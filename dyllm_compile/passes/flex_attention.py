@@ -42,7 +42,7 @@ from torch.nn.attention.flex_attention import _vmap_for_bhqkv, create_mask
 from ..ops.soft_capping import sdpa_softcap
 from .attention_sites import FLEX_REASON, FROM_FLEX
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
-from .graph_utils import example_value, is_impure, op_name, same_size, tensor_value
+from .graph_utils import example_value, is_impure, is_number, op_name, same_size, tensor_value
 
 # The block mask as the op takes it (``BlockMask.as_tuple()``): the sequence lengths first, then the partial
 # tiles' counts and indices and the full tiles', ...; the tile sizes and mask_mod last. The fields between changed
@@ -135,7 +135,7 @@ def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
     if form is None:
         return ("flex_attention: its score_mod changes the scores other than by adding terms that do not read them "
                 "or soft-capping them by numbers, which SDPA cannot take")
-    if form == "softcap" and not isinstance(node.args[5], (int, float)):
+    if form == "softcap" and not is_number(node.args[5]):
         return "flex_attention: it soft-caps scores under a scale that is not a number"
     if any(op_name(u) != "getitem" or (u.args[1] != 0 and u.users) for u in node.users):
         return "flex_attention: its log-sum-exp is read"
@@ -198,7 +198,7 @@ def _softcap(graph: fx.Graph) -> Optional[tuple[float, float]]:
         if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2 or op_name(node) not in ("mul", name):
             return None
         x, f = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not isinstance(x, fx.Node) or f <= 0:
+        if not is_number(f) or not isinstance(x, fx.Node) or f <= 0:
             return None
         if op_name(node) == "div":
             return (x, 1.0 / f) if node.args[0] is x else None

@@ -41,6 +41,12 @@ _ALIASES = {
 }
 
 
+def is_number(value: Any) -> bool:
+    """A plain Python int or float as an FX argument (a literal the graph baked in), not a bool: ``x * True``
+    is a mask, not a scale."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def op_name(node: fx.Node) -> Optional[str]:
     """Canonical op name of a call node, or None for ops outside torch / operator."""
     if node.op == "call_method":

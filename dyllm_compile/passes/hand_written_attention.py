@@ -51,7 +51,7 @@ from ..ops.attention_sinks import sdpa_with_sinks
 from ..ops.soft_capping import sdpa_softcap
 from .attention_sites import CASTS, FROM_HAND_WRITTEN, HAND_WRITTEN_REASON, AttentionSite, find_attention_sites
 from .graph_edit import Emitter, copy_graph, erase_unused, module_of
-from .graph_utils import arg, example_value, listed_args, normalize_dim, op_name, same_size, tensor_value
+from .graph_utils import arg, example_value, is_number, listed_args, normalize_dim, op_name, same_size, tensor_value
 
 #: A finite fill at least this large absorbs every score below 1e22 (half an ulp of 1e30 in fp32, the widest dtype
 #: SDPA computes scores in): ``score + fill`` equals the fill, so filling and adding agree on every row, a row
@@ -159,22 +159,21 @@ def _read_scores(recipe: _Recipe, pattern: set[fx.Node]) -> str:
             if name == "mul" and recipe.cap_node is None and isinstance(example_value(other), torch.SymFloat):
                 recipe.cap_node = other
                 continue
-            if not isinstance(other, (int, float)) or isinstance(other, bool) or (
-                    name == "div" and node.args[0] is not on_chain):
+            if not is_number(other) or (name == "div" and node.args[0] is not on_chain):
                 return f"'{node.name}' scales soft-capped scores by other than a number"
             recipe.softcap *= other if name == "mul" else 1.0 / other
             continue
         if name in ("mul", "div") and len(others) == 1 and not masking:
             if name == "div" and node.args[0] is not on_chain:
                 return f"'{node.name}' divides by the scores"
-            if isinstance(other, (int, float)) and not isinstance(other, bool):
+            if is_number(other):
                 recipe.scale *= other if name == "mul" else 1.0 / other
                 continue
             if _moves_to_queries(other, recipe.q):
                 recipe.q_factors.append((operator.mul if name == "mul" else operator.truediv, other))
                 continue
             return f"'{node.name}' scales the scores by a tensor that varies along the keys"
-        if name in ("add", "sub") and isinstance(other, (int, float)) and not isinstance(other, bool):
+        if name in ("add", "sub") and is_number(other):
             shifted = shifted or recipe.softcap is None  # the softmax does not see it; a tanh after it would
             continue
         if name in ("mul", "div"):

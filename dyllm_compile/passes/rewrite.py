@@ -490,11 +490,11 @@ def build_dense(plan: RewritePlan) -> fx.GraphModule:
             q, k, v = b.env[s.q], b.env[site.kv["k"].exit], b.env[site.kv["v"].exit]
             everyone = b.call(rows.all_rows, q, 2)
             zero = b.call(rows.zero_stats, q)
-            (k, v, k_old, v_old, flags, mask), positions = _attention_operands(b, s, [k, v, k, v, everyone,
-                                                                                      _mask(b, s)])
+            (k, v, k_old, v_old, flags, mask), positions = _attention_operands(
+                b, s, [k, v, k, v, everyone, _operand(b, s.mask)])
             out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, q, zero, zero, flags, mask,
-                         _scale(b, site), "exact", plan.config.recompute_share, *(positions or [None]),
-                         _softcap(b, s))
+                         _operand(b, site.scale), "exact", plan.config.recompute_share, *(positions or [None]),
+                         _operand(b, s.softcap))
             context, m, l = (b.item(out, i) for i in range(3))
             stats[site.caches["m"]], stats[site.caches["l"]] = m, l
             if s.sinks is not None:  # the cache holds the sink-free context, which the cached attention updates
@@ -772,16 +772,10 @@ def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: l
     return picked
 
 
-def _mask(b: _Builder, site: AttentionSite) -> Optional[fx.Node]:
-    return b.env[site.mask] if isinstance(site.mask, fx.Node) else None
-
-
-def _scale(b: _Builder, site: SitePlan) -> Any:
-    return b.env[site.scale] if isinstance(site.scale, fx.Node) else site.scale
-
-
-def _softcap(b: _Builder, site: AttentionSite) -> Any:
-    return b.env[site.softcap] if isinstance(site.softcap, fx.Node) else site.softcap
+def _operand(b: _Builder, value: Any) -> Any:
+    """A site's mask, scale or soft cap as the op reads it: the variant's copy of a node, else the value itself (a
+    number, or None)."""
+    return b.env[value] if isinstance(value, fx.Node) else value
 
 
 def _attention_operands(b: _Builder, site: AttentionSite, operands: list) -> tuple[list, list]:
@@ -827,11 +821,11 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
     c_cache = cache_in[site.caches["c"]]
     (k, v, k_old, v_old, flags, mask), positions = _attention_operands(
         b, s, [b.env[site.kv["k"].exit], b.env[site.kv["v"].exit], cache_in[site.caches["k"]],
-               cache_in[site.caches["v"]], salient, _mask(b, s)])
+               cache_in[site.caches["v"]], salient, _operand(b, s.mask)])
     extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
     out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
-                 _scale(b, site), plan.config.attention_mode, plan.config.recompute_share, *(extra or [None]),
-                 _softcap(b, s))
+                 _operand(b, site.scale), plan.config.attention_mode, plan.config.recompute_share, *(extra or [None]),
+                 _operand(b, s.softcap))
     if "m" in site.caches:  # exact mode's running statistics, or what a sink gates every row's context with
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

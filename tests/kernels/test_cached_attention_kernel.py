@@ -14,8 +14,8 @@ import torch
 
 from dyllm_compile.kernels.cached_attention import cached_attention_paper, cuda_implementation
 from dyllm_compile.kernels.exact_attention import cached_attention_exact
-from dyllm_compile.ops.cached_attention import (_attention_with_stats, _expand_kv, cached_attention_reference,
-                                                default_scale)
+from dyllm_compile.ops.cached_attention import (_attention_with_stats, cached_attention_reference, default_scale,
+                                                repeat_kv_heads)
 
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 pytestmark = pytest.mark.kernels
@@ -71,7 +71,7 @@ def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     q, k, v, k_old, v_old = (cast(t) for t in (q, k, v, k_old, v_old))
     attn_mask = None if attn_mask is None else attn_mask.to(device)
-    c_old, m_old, l_old = _attention_with_stats(q, _expand_kv(k_old, h), _expand_kv(v_old, h), attn_mask,
+    c_old, m_old, l_old = _attention_with_stats(q, repeat_kv_heads(k_old, h), repeat_kv_heads(v_old, h), attn_mask,
                                                 default_scale(d))
     return (q, k, v, k_old, v_old, c_old, m_old, l_old), sal.to(device), attn_mask
 
@@ -92,8 +92,8 @@ def _compare(mode, b, h, g, n, d, salient, mask, dtype, device=KERNEL_DEVICE, qu
     q, k, v, k_old, v_old, c_old, m_old, l_old = _rows(tensors, queried)
     scale = default_scale(d)
     if softcap:  # the previous step's context and statistics as the capped scores give them
-        c_old, m_old, l_old = _attention_with_stats(tensors[0], _expand_kv(k_old, h), _expand_kv(v_old, h), attn_mask,
-                                                    scale, softcap=softcap)
+        c_old, m_old, l_old = _attention_with_stats(tensors[0], repeat_kv_heads(k_old, h), repeat_kv_heads(v_old, h),
+                                                    attn_mask, scale, softcap=softcap)
         q, k, v, k_old, v_old, c_old, m_old, l_old = _rows((*tensors[:5], c_old, m_old, l_old), queried)
     want = cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, scale, mode, 0.5,
                                       queried, softcap)
@@ -107,7 +107,7 @@ def _compare(mode, b, h, g, n, d, salient, mask, dtype, device=KERNEL_DEVICE, qu
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=atol, rtol=rtol)
     if mode == "exact":  # and exact mode's contract itself: dense attention of the (cached) queries
         full_q = tensors[0]
-        dense = _attention_with_stats(full_q, _expand_kv(k, h), _expand_kv(v, h), attn_mask, scale,
+        dense = _attention_with_stats(full_q, repeat_kv_heads(k, h), repeat_kv_heads(v, h), attn_mask, scale,
                                       softcap=softcap)[0]
         dense = dense if queried is None else dense.index_select(2, queried)
         torch.testing.assert_close(got[0].float(), dense.float(), atol=atol, rtol=rtol)
@@ -181,14 +181,14 @@ def test_kernels_take_keys_beyond_the_query_rows(mode):
     mask = rnd(1, 1, r, n)
     scale = default_scale(d)
     q, k, v, k_old, v_old, mask, sal = (t.to(KERNEL_DEVICE) for t in (q, k, v, k_old, v_old, mask, sal))
-    c_old, m_old, l_old = _attention_with_stats(q, _expand_kv(k_old, h), _expand_kv(v_old, h), mask, scale)
+    c_old, m_old, l_old = _attention_with_stats(q, repeat_kv_heads(k_old, h), repeat_kv_heads(v_old, h), mask, scale)
     queried = torch.arange(r, device=KERNEL_DEVICE)
     args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, mask, scale)
     want = cached_attention_reference(*args, mode, 0.5, queried)
     got = cuda_implementation(*args, mode, 0.5, queried)
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
     if mode == "exact":
-        dense = _attention_with_stats(q, _expand_kv(k, h), _expand_kv(v, h), mask, scale)[0]
+        dense = _attention_with_stats(q, repeat_kv_heads(k, h), repeat_kv_heads(v, h), mask, scale)[0]
         torch.testing.assert_close(got[0], dense, atol=2e-5, rtol=2e-5)
     for got_stat, want_stat in zip(got[1:], want[1:]):
         torch.testing.assert_close(got_stat, want_stat, atol=STATS_TOLERANCE[0], rtol=STATS_TOLERANCE[1])
@@ -235,7 +235,7 @@ def test_exact_kernel_recomputes_every_row_where_most_columns_changed():
     changed = sal[:, None, :, None]
     k, v = torch.where(changed, k.flip(2), k_old), torch.where(changed, v.flip(2), v_old)
     got = cached_attention_exact(q, k, v, k_old, v_old, c_old, m_old, l_old, sal, None, 0.25, 0.5)
-    dense = _attention_with_stats(q, _expand_kv(k, 4), _expand_kv(v, 4), None, 0.25)
+    dense = _attention_with_stats(q, repeat_kv_heads(k, 4), repeat_kv_heads(v, 4), None, 0.25)
     for got_part, dense_part in zip(got, dense):
         torch.testing.assert_close(got_part[0], dense_part[0], atol=2e-5, rtol=2e-5)  # stats too: recomputed
     torch.testing.assert_close(got[0][1], dense[0][1], atol=2e-5, rtol=2e-5)

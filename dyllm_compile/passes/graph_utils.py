@@ -219,3 +219,16 @@ VMAP_LEVEL_CALLS = frozenset(("_vmap_increment_nesting", "_vmap_decrement_nestin
 def is_impure(node: fx.Node) -> bool:
     """``Node.is_impure``, and the calls that open or close a vmap level: for ``eliminate_dead_code``."""
     return node.is_impure() or getattr(node.target, "__name__", None) in VMAP_LEVEL_CALLS
+
+
+def vmap_batched(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose values are batched tensors of a ``vmap`` level (``torch.vmap`` in the model): what a level's
+    ``_add_batch_dim`` made and everything computed from it, until ``_remove_batch_dim`` takes that level off again.
+    Such a value exists only inside its level: no graph output can carry it (AOTAutograd refuses one), so no call
+    can cache or test it."""
+    levels: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        level = max((levels.get(a, 0) for a in node.all_input_nodes), default=0)
+        name = getattr(node.target, "__name__", None)
+        levels[node] = level + 1 if name == "_add_batch_dim" else level - 1 if name == "_remove_batch_dim" else level
+    return {n for n, level in levels.items() if level > 0}

@@ -23,7 +23,7 @@ from typing import Optional
 from torch import fx
 
 from .attention_sites import AttentionSite
-from .graph_utils import tensor_value
+from .graph_utils import tensor_value, vmap_batched
 from .op_rules import Info, Kind
 from .regions import layer_numbering
 
@@ -42,12 +42,16 @@ def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
     """The mixing points in graph order, and the mixed values read outside that are not tensors (which no test
     can watch: the caller keeps the graph dense)."""
     attention = {s.node for s in sites} | {n for s in sites for n in s.internal}
+    batched = vmap_batched(graph)
     mixed: set[fx.Node] = set()
     for node in graph.nodes:
         info = infos.get(node)
         if node.op not in CALLS or node in attention or info is None:
             continue
-        if info.kind is Kind.MIXING or (info.kind is not Kind.ROW and any(a in mixed for a in node.all_input_nodes)):
+        # a mixed value under vmap cannot be tested where it is read: even row-wise ops on it stay mixed up to the
+        # level's end, whose result, a plain tensor, is the point tested
+        if info.kind is Kind.MIXING or any(a in mixed and (info.kind is not Kind.ROW or a in batched)
+                                           for a in node.all_input_nodes):
             mixed.add(node)
     layer_of = layer_numbering(graph, sites)
     points, untestable = [], []

@@ -35,6 +35,13 @@ def _decode(forward, ids, prompt: int, calls: int, tol: float = 1e-5, **options)
     return runtime
 
 
+def _band(n: int) -> torch.Tensor:
+    """An additive mask by which each token attends to itself and its neighbours: a changed token moves only the
+    rows near it."""
+    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
+    return torch.zeros(1, 1, n, n).masked_fill(distance > 1, float("-inf"))
+
+
 @pytest.mark.parametrize("row_counts, lowering", [
     ("unbacked", "aot_eager"), ("buckets", "aot_eager"),
     pytest.param("buckets", "inductor", marks=pytest.mark.inductor),  # the tests in generated C++
@@ -45,10 +52,8 @@ def test_rows_a_token_conv_moves_are_recomputed(row_counts, lowering):
     capacity buckets, each selection after a test its own)."""
     n = 48  # not the model width (64): the conv output [B, 64, N] keeps one dim of N
     model = llada_like("tiny", init_std=0.2, token_conv=3, n_layers=2)
-    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
-    band = torch.zeros(1, 1, n, n).masked_fill(distance > 1, float("-inf"))
     ids = torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(0))
-    runtime = _decode(lambda x: model(x, band), ids, 12, 9, tol=1e-4 if lowering == "inductor" else 1e-5,
+    runtime = _decode(lambda x: model(x, _band(n)), ids, 12, 9, tol=1e-4 if lowering == "inductor" else 1e-5,
                       threshold=NEARLY_ONE, row_counts=row_counts, lowering=lowering)
     assert len(runtime.plan.mixing) == 2  # one conv per layer
     fractions = runtime.stats.salient_fraction  # the rows near the changed ones, not every row
@@ -76,6 +81,37 @@ def test_a_value_mixed_over_every_token_makes_every_row_salient_when_it_changes(
     runtime = _decode(model, ids, 6, 5)
     ((axis, _),) = runtime.plan.mixing.values()
     assert axis is None and runtime.stats.salient_fraction == [1.0, 1.0]
+
+
+class Vmapped(torch.nn.Module):
+    """``module`` mapped over the batch by ``torch.vmap``, and over the tokens too where ``levels`` is 2."""
+
+    def __init__(self, module: torch.nn.Module, levels: int):
+        super().__init__()
+        self.module, self.levels = module, levels
+
+    def forward(self, x):
+        fn = self.module
+        for _ in range(self.levels):
+            fn = torch.vmap(fn)
+        return fn(x)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_layer_under_vmap_is_tested_where_its_level_ends(levels):
+    """Each FFN runs under ``torch.vmap`` (the analysis has no row-wise rule for its batching calls: mixed). Before,
+    the test was placed on ``_add_batch_dim``'s output, a batched tensor that cannot leave its vmap level: the sparse
+    variant failed to compile ("Cannot access storage of BatchedTensorImpl") and the whole graph ran without the
+    rewrite. Now what is computed under the level stays mixed up to ``_remove_batch_dim``, whose plain tensor is
+    tested per row: no fallback, the attention sites cached, every row the FFNs moved recomputed."""
+    model = llada_like("tiny", init_std=0.2, n_layers=2)
+    for layer in model.layers:
+        layer.ffn = Vmapped(layer.ffn, levels)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    runtime = _decode(lambda x: model(x, _band(24)), ids, 6, 5, threshold=NEARLY_ONE)
+    assert runtime.stats.fallback is None
+    assert [axis for axis, _ in runtime.plan.mixing.values()] == [1, 1]  # one per layer, per row
+    assert min(runtime.stats.salient_fraction) < 1.0
 
 
 def test_moved_rows_by_cosine_by_change_or_all():

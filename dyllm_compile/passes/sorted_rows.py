@@ -200,11 +200,20 @@ class SortedRows:
 
 def index_bound(node: Any) -> Optional[int]:
     """``D`` when ``node`` holds indices along a dim of static size ``D`` (``topk(x, k)[1]``, ``argmax``;
-    through views, casts and concatenations), so each is in ``[0, D)``; else None."""
+    through views, casts and concatenations), so each is in ``[0, D)``; ``D - 1`` for such indices whose last one
+    is replaced by a smaller one (``i.masked_fill(i == D - 1, 0)``); else None."""
     while isinstance(node, fx.Node) and (op_name(node) in CASTS or op_name(node) in ("view", "reshape", "flatten")):
         node = node.args[0]
     if not isinstance(node, fx.Node):
         return None
+    if op_name(node) == "masked_fill":  # the last index replaced by a smaller one (Zaya's skip expert): one less
+        x, mask, value = node.args[:3]
+        bound = index_bound(x)
+        if (bound is None or not isinstance(mask, fx.Node) or op_name(mask) != "eq" or len(mask.args) != 2
+                or mask.args[0] is not x or mask.args[1] != bound - 1 or not isinstance(value, int)
+                or not 0 <= value < bound - 1):
+            return None
+        return bound - 1
     if op_name(node) in ("cat", "concat", "stack"):  # indices of several picks side by side (Phi-MoE's top 2)
         bounds = [index_bound(part) for part in node.args[0]]
         return None if not bounds or None in bounds else max(bounds)

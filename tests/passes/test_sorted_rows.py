@@ -44,26 +44,34 @@ def test_sorted_rows_and_order_values_are_told_apart():
 
 
 @pytest.mark.parametrize("batch, dynamic, moe", [(3, False, None), (3, True, None), (3, False, "unit_weights"),
-                                                (3, True, "unit_weights")])
+                                                (3, True, "unit_weights"), (3, False, "skip")])
 def test_region_with_a_batch_folded_in_runs_on_rows(batch, dynamic, moe):
     """Gathered rows (5 of each element's) through the region equal the dense values on them; with Ergo's unit
-    weights too, their factory sized for the region's rows."""
-    cap = analysed(grouped(unit_weights="rows") if moe else None, batch=batch, dynamic=dynamic)
+    weights too, their factory sized for the region's rows; with Zaya's skip expert."""
+    variants = {None: None, "unit_weights": grouped(unit_weights="rows"), "skip": grouped(skip="last")}
+    cap = analysed(variants[moe], batch=batch, dynamic=dynamic)
     (moe,) = [r for r in cap.analysis.regions if r.role == "moe"]
     assert moe.gated
     assert_region_runs_on_rows(cap, moe, rows=5)
 
 
 def grouped(descending=False, histogram=None, keys="ids", restore="inverse", positions_as_data=False,
-            unit_weights=None):
+            unit_weights=None, skip=None):
     """A sorted-rows MoE (one grouped product per expert's projection) with one part changed. ``unit_weights``:
     as Ergo's experts, each (token, slot) row its own input row (``repeat_interleave``), weighted by
     ``rows.new_ones(...)`` in the sorted order and by the routing weights after the rows are put back ("rows"), or
-    with those ones also contracted with every row ("contracted": a sum over the rows)."""
+    with those ones also contracted with every row ("contracted": a sum over the rows). ``skip``: as Zaya's skip
+    expert, the ``"last"`` (or ``"first"``) id picked computes nothing: its weight 0, its id replaced by 0, one
+    expert fewer counted and multiplied."""
 
     class Grouped(MoE):
         def _grouped(self, x, top_p, top_i):
             flat, k, experts = x.reshape(-1, x.shape[-1]), top_i.shape[-1], self.cfg.n_experts
+            gate_up, down = self.experts.gate_up, self.experts.down
+            if skip:
+                skipped = top_i == (experts - 1 if skip == "last" else 0)
+                top_i, top_p = top_i.masked_fill(skipped, 0), top_p.masked_fill(skipped, 0)
+                experts, gate_up, down = experts - 1, gate_up[:-1], down[:-1]
             ids, perm = torch.sort((top_i if keys == "ids" else top_p).reshape(-1), descending=descending)
             histogram_range = {"min": 0, "max": experts - 1} if histogram is None else histogram
             offsets = torch.histc(ids.float(), bins=experts, **histogram_range)
@@ -71,13 +79,13 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
             if unit_weights:
                 rows = flat.repeat_interleave(k, dim=0)
                 ones = rows.new_ones((rows.shape[0], 1)).reshape(-1)
-                gate, up = grouped_mm(rows[perm], self.experts.gate_up, offsets).chunk(2, dim=-1)
-                out = grouped_mm(F.silu(gate) * up, self.experts.down, offsets) * ones[perm, None]
+                gate, up = grouped_mm(rows[perm], gate_up, offsets).chunk(2, dim=-1)
+                out = grouped_mm(F.silu(gate) * up, down, offsets) * ones[perm, None]
                 if unit_weights == "contracted":
                     out = out + ones[perm] @ out
             else:
-                gate, up = grouped_mm(flat[perm // k], self.experts.gate_up, offsets).chunk(2, dim=-1)
-                out = grouped_mm(F.silu(gate) * up, self.experts.down, offsets) * top_p.reshape(-1)[perm, None]
+                gate, up = grouped_mm(flat[perm // k], gate_up, offsets).chunk(2, dim=-1)
+                out = grouped_mm(F.silu(gate) * up, down, offsets) * top_p.reshape(-1)[perm, None]
             if positions_as_data:
                 out = out + perm.unsqueeze(-1)
             inverse = torch.empty_like(perm)
@@ -104,6 +112,11 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
     (grouped(unit_weights="rows"), None),
     # the ones contracted with the rows: a sum over every row
     (grouped(unit_weights="contracted"), "no row-wise rule for op 'matmul (1-D)'"),
+    # Zaya's skip expert: the last id replaced by 0, so the ids count one expert fewer (before, "'histc' of keys
+    # that are not provably indices inside its range": the bound came from the topk alone)
+    (grouped(skip="last"), None),
+    # the first id replaced: the last one is still there, outside the histogram's range
+    (grouped(skip="first"), "'histc' of keys that are not provably indices inside its range"),
 ])
 def test_sorted_rows_that_are_not_per_token_stay_dense(moe, reason):
     cap = analysed(moe)

@@ -6,18 +6,23 @@ not just what the analysis found row-wise."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from torch import fx
 
 from .config import DyllmConfig
 from .passes.analysis import GraphAnalysis, analyze
 from .passes.graph_utils import tensor_value
 from .passes.head_repeat import cut_head_repeat
+from .passes.op_rules import Kind
 from .passes.regions import Region, distinct_flops, node_flops
 from .passes.rewrite import NotRewritable, plan_rewrite
 
+# The frame's local variable that a recorded module path starts with: "L['self']." or "L['model']."
+_FRAME_LOCAL = re.compile(r"^\w+\[[^]]*\]\.?")
 # Every graph break makes one more graph; tracing many shapes of one model class shares Dynamo's cache.
 _RECOMPILE_LIMIT = 64
 
@@ -72,6 +77,19 @@ class Report:
         rows += [_branch_row(-1, "-", r, gated(r)) for r in graph.regions if r.role == "lm_head"]
         return rows
 
+    def outside(self, graph: GraphAnalysis) -> list[fx.Node]:
+        """The matrix products no region or chain holds, attention's own aside, that are not token mixing (named
+        among the dense reasons): work computed on every row at every call that the table's columns do not show (a
+        projection whose result both a chain and the residual stream read, a hyper-connection's weights, a
+        convolution's input projection)."""
+        if not graph.regions:
+            return []  # nothing found at all: the dense reasons say why
+        held = {n for r in graph.regions for n in r.nodes} | {n for chains in graph.chains for c in chains.values()
+                                                               for n in c.nodes}
+        held |= {s.node for s in graph.sites} | {n for s in graph.sites for n in s.internal}
+        return [n for n in graph.gm.graph.nodes if node_flops(n) and n not in held
+                and not (n in graph.infos and graph.infos[n].kind is Kind.MIXING)]
+
     def gated_flops(self) -> tuple[int, int]:
         """(gated, total) matmul FLOPs over every graph, for the rewrite plan of these options."""
         gated = sum(row.gated_flops for graph in self.graphs for row in self.layers(graph))
@@ -98,6 +116,11 @@ class Report:
                              f"{row.heads or '-':>6}{row.kv_heads or '-':>4}  "
                              f"{', '.join(row.gated):<{wide_gated}}{', '.join(row.dense):<{wide_dense}}"
                              f"{100 * row.share:>8.1f}%")
+            outside = self.outside(graph)
+            if outside:
+                share = sum(node_flops(n) for n in outside) / max(1, total)
+                lines.append(f"  dense, in no region or chain ({100 * share:.1f}% of the FLOPs): "
+                             + ", ".join(f"'{n.name}'{_module_path(n)}" for n in outside))
             for reason in graph.dense_reasons:
                 lines.append(f"  dense: {reason}")
             for point in graph.mixing:
@@ -123,6 +146,16 @@ def _planned(graph: GraphAnalysis, config: DyllmConfig) -> set[tuple[int, str]]:
         return set()
     queried = {(s.site.layer, "q") for s in plan.sites if s.queries is not None}
     return {(r.layer, r.role) for r in plan.regions} | queried
+
+
+def _module_path(node: fx.Node) -> str:
+    """`` (in layers.0.attn.q_proj)``: the module that called ``node`` as Dynamo recorded it, without the frame's
+    local name; '' where none is."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return f" (in {_FRAME_LOCAL.sub('', path)})"
 
 
 def _label(region) -> str:

@@ -149,13 +149,23 @@ HYBRID: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
                                                  block_ff_dim=128, block_auto_adjust_ff_dim=False, **SMALL), True),
 }
 
+#: A state carried from layer to layer beside the residual stream: Zaya's router reads the previous layer's router
+#: state; its experts' last id is a skip expert (replaced by id 0 with weight 0); its attention convolves q and k
+#: over the tokens (compressed convolutional attention).
+CARRIED_STATES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {}
+if hasattr(transformers, "ZayaConfig"):  # transformers 5
+    CARRIED_STATES["zaya"] = lambda: (transformers.ZayaForCausalLM, transformers.ZayaConfig(
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32, router_hidden_size=16,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
+
 
 def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention; an MoE's ``experts`` implementation) and its forward:
     token ids -> logits."""
-    cls, config, full_mask = {**ARCHITECTURES, **MOE, **SHARED_READS, **TILED_EXPERTS, **HYBRID}[name]()
+    every = {**ARCHITECTURES, **MOE, **SHARED_READS, **TILED_EXPERTS, **HYBRID, **CARRIED_STATES}
+    cls, config, full_mask = every[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
-    if name in MOE:
+    if name in MOE or name in CARRIED_STATES:
         config._experts_implementation = experts  # transformers 5 (MOE's comment); 4 reads no such field
     config.use_cache = False
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import dyllm_compile
 import dyllm_compile.backend as backend_mod
 from dyllm_compile.models.zoo import ZOO
 from dyllm_compile.passes.analysis import ANALYSIS_PASSES
+from dyllm_compile.passes.graph_utils import op_name
 
 
 def test_explain_returns_report_and_prints_table(capsys):
@@ -65,6 +66,24 @@ def test_explain_names_attention_with_sinks():
     assert [r.attention for r in rows[:2]] == ["hand-written+sinks"] * 2
     assert rows[0].gated == ["q proj", "k proj", "v proj", "ffn"]
     assert re.search(r"\n0\s+hand-written\+sinks\s+4\s+2\s+q proj", report.table())
+
+
+def test_explain_lists_products_outside_every_region():
+    """A matrix product that no region or chain holds runs on every row at every call, which the table's columns
+    did not show (only the graph's total share): the table lists it with its share of the FLOPs. Hyper-connections:
+    each layer's projection of its read and write weights, one projection split between the residual stream's
+    read and its write-back (docs/analysis.md, "Decisions"). None in the reference model."""
+    entry = ZOO["hyper_connections"]
+    report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False)
+    graph = report.graphs[0]
+    outside = report.outside(graph)
+    assert len(outside) == 2 and all(op_name(n) == "linear" for n in outside)
+    assert not any(n in r.nodes for r in graph.regions for n in outside)
+    assert re.search(r"dense, in no region or chain \(\d+\.\d% of the FLOPs\): "
+                     rf"'{outside[0].name}' \(in layers\.0\.attn_hc\.fn\), '{outside[1].name}' \(in layers\.1\.",
+                     report.table())
+    llada = dyllm_compile.explain(ZOO["llada"].build(), *ZOO["llada"].inputs(1, 12), dynamic=False, verbose=False)
+    assert llada.outside(llada.graphs[0]) == [] and "in no region" not in llada.table()
 
 
 def test_explain_validates_options():

@@ -16,16 +16,16 @@ import transformers
 
 from dyllm_compile.passes.region_graph import SIZES_SYMBOLIC_FOLDS
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from hf_builders import ARCHITECTURES, MOE, SHARED_READS, SMALL, build
+from hf_builders import ARCHITECTURES, CARRIED_STATES, MOE, SHARED_READS, SMALL, build
 
 MASK = 127
 
 
-def _threshold_one_runtime(name):
+def _threshold_one_runtime(name, experts="batched_mm"):
     """Compiles ``name`` at threshold 1, checks four calls (three sparse) against the model, returns the runtime."""
     torch._dynamo.reset()
     before = last_serial()
-    model, forward = build(name)
+    model, forward = build(name, experts)
     compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
     ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
     ids[:, 6:] = MASK
@@ -231,3 +231,16 @@ def test_llama_flex_attention_with_a_padded_batch_equals_dense():
     layers = [r for r in runtimes(before) if r.plan.sites]
     assert layers and all(s.cached for r in layers for s in r.plan.sites)
     assert sum(r.stats.sparse_calls for r in layers) >= 2 and not any(r.plan.reasons for r in layers)
+
+
+@pytest.mark.parametrize("name", list(CARRIED_STATES))
+def test_moe_whose_router_state_reaches_the_next_layer(name):
+    """Zaya (transformers 5), with its default ``grouped_mm`` experts: threshold 1 equals dense; both attention sites
+    are cached, their q and k convolved over the tokens first (mixing points, tested each call); the last layer's
+    MoE is gated, its skip expert's id bounded by ``masked_fill`` (before: "'histc' of keys that are not provably
+    indices inside its range"). The first layer's router also passes its state to the next layer's, so its MoE is
+    no branch off the residual stream: it runs on every row (docs/rewrite.md, "Open"; ``explain`` lists it)."""
+    runtime = _threshold_one_runtime(name, "grouped_mm")
+    assert runtime.stats.fallback is None and [s.cached for s in runtime.plan.sites] == [True, True]
+    assert [(r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "moe")] == [("moe", 1)]
+    assert runtime.plan.mixing

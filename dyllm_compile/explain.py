@@ -16,7 +16,6 @@ from torch import fx
 from .config import DyllmConfig
 from .passes.analysis import GraphAnalysis, analyze
 from .passes.graph_utils import tensor_value
-from .passes.head_repeat import cut_head_repeat
 from .passes.op_rules import Kind
 from .passes.regions import Region, distinct_flops, node_flops
 from .passes.rewrite import NotRewritable, plan_rewrite
@@ -59,8 +58,8 @@ class Report:
             regions = [r for r in graph.regions if r.layer == site.layer and r.role != "lm_head"]
             parts = list(chains.values()) + regions
             attention_flops = node_flops(site.node) + sum(node_flops(n) for n in site.internal)
-            # KV heads as cached: the k chain's exit before any repeat_kv expansion ([B, heads, ...]).
-            kv_heads = int(tensor_value(cut_head_repeat(chains["k"], graph.infos).exit).shape[1])
+            # KV heads as cached: the k chain ends before any repeat_kv expansion ([B, heads, ...]).
+            kv_heads = int(tensor_value(chains["k"].exit).shape[1])
             rows.append(LayerRow(
                 layer=site.layer,
                 attention=site.label + (" (dense)" if site.dense_reason else ""),

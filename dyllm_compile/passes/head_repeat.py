@@ -1,13 +1,14 @@
-"""GQA's head repetition at the end of a k/v chain, so caches can hold the kv heads only.
+"""GQA's head repetition between a site and its keys or values, so caches can hold the kv heads only.
 
-Pattern: a k or v chain that ends by repeating each of ``x [B, G, N, D]``'s heads r times consecutively along dim 1
+Pattern: a site's k or v that repeats each of ``x [B, G, N, D]``'s heads r times consecutively along dim 1
 (Hugging Face ``repeat_kv``: ``x[:, :, None].expand(B, G, r, N, D).reshape(B, G * r, N, D)``, or
-``x.unsqueeze(2)`` / a view inserting the singleton dim; or ``x.repeat_interleave(r, dim=1)``). The chain is cut
-before the repetition: its exit becomes ``x``, the cache holds G heads instead of G * r, and
-``dyllm::cached_attention`` repeats them itself (its contract takes G kv heads).
+``x.unsqueeze(2)`` / a view inserting the singleton dim; or ``x.repeat_interleave(r, dim=1)``). The site's k/v
+chain starts at ``x`` (``regions.find_chains``): its exit is ``x``, the cache holds G heads instead of G * r, and
+``dyllm::cached_attention`` repeats them itself (its contract takes G kv heads). Two sites that repeat one ``x``
+(DiffLlama's two attentions on one key) then share its chain and its cache.
 
-Invariant: a chain is cut only when the shapes prove the tail is exactly that repetition (a singleton dim inserted
-right after the heads, expanded, merged back into the heads); anything else keeps the whole chain.
+Invariant: ``x`` is taken only when the shapes prove the site's k/v is exactly that repetition of it (a singleton
+dim inserted right after the heads, expanded, merged back into the heads); anything else starts at the k/v itself.
 """
 
 from __future__ import annotations
@@ -18,22 +19,8 @@ from typing import Optional
 from torch import fx
 
 from .graph_utils import arg, op_name, same_size, tensor_value
-from .op_rules import Info
-from .regions import Region, build_region
 
 _FULL = slice(None, None, None)
-
-
-def cut_head_repeat(chain: Region, infos: dict[fx.Node, Info]) -> Region:
-    """``chain`` without its trailing head repetition (the same region when it has none)."""
-    source = repeated_heads_source(chain.exit)
-    if source is None or source not in chain.nodes:
-        return chain
-    # Every chain node is an ancestor of the exit; the repetition reads only ``source``, so the nodes up to it
-    # are exactly ``source``'s ancestors in the chain.
-    cut = build_region(chain.role, source, chain.nodes[: chain.nodes.index(source) + 1], infos)
-    cut.layer, cut.gated = chain.layer, chain.gated
-    return cut
 
 
 def repeated_heads_source(node: fx.Node) -> Optional[fx.Node]:

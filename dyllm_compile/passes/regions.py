@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from torch import fx
 
 from .graph_utils import arg, example_value, hint, op_name, prod, size_checks, tensor_value
+from .head_repeat import repeated_heads_source
 from .op_rules import UNARY, Info, Kind
 from .sorted_rows import GROUPED_MM
 
-if TYPE_CHECKING:  # attention_sites reads head_repeat, which reads this module
+if TYPE_CHECKING:  # attention_sites reads this module
     from .attention_sites import AttentionSite
 
 GATED_ROLES = ("ffn", "moe", "lm_head")
@@ -303,6 +304,12 @@ def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool)
     region.gated = region.role in GATED_ROLES
 
 
+def _kv_heads(node: fx.Node, infos: dict[fx.Node, Info]) -> fx.Node:
+    """The row-wise value whose kv heads ``node`` repeats, else ``node``."""
+    source = repeated_heads_source(node)
+    return source if source is not None and infos[source].kind is Kind.ROW else node
+
+
 def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -> dict[str, Region]:
     """q/k/v producer chains of ``site``: row-wise, used only by the attention, back to the shared input.
 
@@ -311,10 +318,12 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
     reads join every chain that reads it, so each chain is still its exit computed whole from the chain's inputs
     (the rewrite emits a node once per row selection, so chains run on the same rows compute the shared part
     once). Only a value projected from the residual stream is shared this way: the normed input of separate
-    projections, and per-position tables (RoPE's cos and sin), stay chain inputs.
+    projections, and per-position tables (RoPE's cos and sin), stay chain inputs. A k or v that repeats its kv
+    heads (GQA's ``repeat_kv``) of a row-wise value is not in its chain: the chain ends at the kv heads
+    (head_repeat).
     """
     blocked = set(spine.nodes)
-    starts = (("q", site.q), ("k", site.k), ("v", site.v))
+    starts = (("q", site.q), ("k", _kv_heads(site.k, infos)), ("v", _kv_heads(site.v, infos)))
     shared: frozenset = frozenset()
     while True:  # sharing a value lets the chains grow past it, to the next one they share (MLA, below)
         grown = {which: grow(start, infos, blocked, shared) for which, start in starts

@@ -37,7 +37,6 @@ from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
 from .graph_edit import drop_unbacked_bindings
 from .graph_utils import arg, hint, is_impure, op_name, same_size, size_checks, tensor_value
-from .head_repeat import cut_head_repeat
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
 from .op_rules import Kind
@@ -161,7 +160,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         else:
             plan = _plan_site(site, chains, infos, batch)
             if plan.cached:
-                plan.kv = {which: cut_head_repeat(chains[which], infos) for which in ("k", "v")}
+                plan.kv = {which: chains[which] for which in ("k", "v")}
             if plan.cached and "before_attention" in hooks:
                 if any(plan.kv[which].exit in by_value for which in ("k", "v")):
                     # the hook runs where the shared chain does, once, for one site's rows and layer

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from dyllm_compile.passes.graph_utils import tensor_value
 from dyllm_compile.passes.region_graph import SIZES_SYMBOLIC_FOLDS
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from hf_builders import ARCHITECTURES, CARRIED_STATES, MOE, SHARED_READS, SMALL, build
@@ -53,7 +54,8 @@ def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
     """DiffLlama's two attentions per layer read one q and one k and each half of one value projection: each site is
     cached, the shared queries in one cache (their chain runs once; before, a second chain with the same exit was
     never emitted), each half of the values from its own result of the split (before, both sites stayed dense).
-    Each site repeats the shared keys over the heads itself, so each caches its repeated keys. DeepSeek-V4's
+    Each site repeats the shared keys over the heads itself: the sites share the keys' chain and cache, kv heads
+    only (before, each cached its repeated keys, all heads, and the key projection ran on every row). DeepSeek-V4's
     hyper-connections mix the streams with a Sinkhorn-projected matrix; an FFN region the analysis finds ends at a
     query: it stays dense, named, and the query is cached with its chain (before, the sparse variant failed to
     build and the graph fell back to plain lowering)."""
@@ -61,7 +63,10 @@ def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
     assert all(s.cached for s in runtime.plan.sites), runtime.plan.reasons
     caches = [s.caches for s in runtime.plan.sites]
     if name == "diffllama" and len(caches) == 4:  # transformers 5 (4 doubles the values in one attention)
-        assert all(a["q"] == b["q"] and a["v"] != b["v"] for a, b in (caches[0:2], caches[2:4]))
+        assert all(a["q"] == b["q"] and a["k"] == b["k"] and a["v"] != b["v"] for a, b in (caches[0:2], caches[2:4]))
+        kv_heads = SHARED_READS[name]()[1].num_key_value_heads
+        assert all(tensor_value(runtime.plan.caches[s.caches["k"]].node).shape[1] == kv_heads
+                   for s in runtime.plan.sites)
 
 
 def test_llama4_tiled_experts_and_complex_rotation_threshold_one_equals_dense():

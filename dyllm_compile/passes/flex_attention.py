@@ -111,27 +111,27 @@ def sdpa_from_flex(gm: fx.GraphModule) -> fx.GraphModule:
     found = []
     for node in gm.graph.nodes:
         if op_name(node) == "hop.flex_attention":
-            why = _refusal(gm, node)
+            form = _score_form(gm, node.args[3])
+            why = _refusal(gm, node, form)
             if why:
                 node.meta[FLEX_REASON] = why
             else:
-                found.append(node)
+                found.append((node, form))
     if not found:
         return gm
     graph, copies = copy_graph(gm)
-    nodes = [copies[n] for n in found]
-    read = _ancestors(nodes)  # once for every site: each layer's reaches back through the layers before it
+    nodes = [(copies[n], form) for n, form in found]
+    read = _ancestors([n for n, _ in nodes])  # once for every site: each layer's reaches back through the others
     masks: dict[tuple, fx.Node] = {}  # one mask for the sites that share a block mask (every layer, usually)
-    for node in nodes:
-        _replace(gm, graph, node, masks)
+    for node, form in nodes:
+        _replace(gm, graph, node, form, masks)
     _drop_unread(graph, read)
     return module_of(gm, graph)
 
 
-def _refusal(gm: fx.GraphModule, node: fx.Node) -> str:
-    """Why ``node`` cannot become SDPA, or ''."""
+def _refusal(gm: fx.GraphModule, node: fx.Node, form: Optional[str]) -> str:
+    """Why ``node``, whose score_mod has ``form`` (:func:`_score_form`), cannot become SDPA, or ''."""
     q, k, v, score_mod, block_mask = node.args[:5]
-    form = _score_form(gm, score_mod)
     if form is None:
         return ("flex_attention: its score_mod changes the scores other than by adding terms that do not read them "
                 "or soft-capping them by numbers, which SDPA cannot take")
@@ -241,7 +241,7 @@ def _bias_sizes(gm: fx.GraphModule, node: fx.Node) -> tuple:
     return b if index_b.users else None, h if index_h.users else None, q_len, kv_len
 
 
-def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tuple, fx.Node]) -> None:
+def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, form: str, masks: dict[tuple, fx.Node]) -> None:
     q, k, v, score_mod, block_mask, scale = node.args[:6]
     buffers = tuple(node.args[8]) if len(node.args) > 8 else ()
     context = next(u for u in node.users if u.args[1] == 0)
@@ -252,7 +252,6 @@ def _replace(gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, masks: dict[tup
     mask = masks.get(operands)
     if mask is None:
         mask = masks[operands] = _emit_mask(gm, graph, node, block_mask_dense, operands)
-    form = _score_form(gm, score_mod)
     if form == "bias":
         score_buffers = tuple(node.args[7]) if len(node.args) > 7 else ()
         operands = (mask, score_mod, *_bias_sizes(gm, node), *score_buffers)

@@ -20,7 +20,7 @@ from .passes.op_rules import Kind
 from .passes.regions import Region, distinct_flops, node_flops
 from .passes.rewrite import NotRewritable, plan_rewrite
 
-# The frame's local variable that a recorded module path starts with: "L['self']." or "L['model']."
+# The frame's variable that a recorded module path starts with: a local ("L['self'].") or a global ("G['model'].")
 _FRAME_LOCAL = re.compile(r"^\w+\[[^]]*\]\.?")
 # Every graph break makes one more graph; tracing many shapes of one model class shares Dynamo's cache.
 _RECOMPILE_LIMIT = 64

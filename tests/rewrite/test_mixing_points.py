@@ -53,7 +53,8 @@ def test_rows_a_token_conv_moves_are_recomputed(row_counts, lowering):
     n = 48  # not the model width (64): the conv output [B, 64, N] keeps one dim of N
     model = llada_like("tiny", init_std=0.2, token_conv=3, n_layers=2)
     ids = torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(0))
-    runtime = _decode(lambda x: model(x, _band(n)), ids, 12, 9, tol=1e-4 if lowering == "inductor" else 1e-5,
+    band = _band(n)
+    runtime = _decode(lambda x: model(x, band), ids, 12, 9, tol=1e-4 if lowering == "inductor" else 1e-5,
                       threshold=NEARLY_ONE, row_counts=row_counts, lowering=lowering)
     assert len(runtime.plan.mixing) == 2  # one conv per layer
     fractions = runtime.stats.salient_fraction  # the rows near the changed ones, not every row
@@ -108,7 +109,8 @@ def test_a_layer_under_vmap_is_tested_where_its_level_ends(levels):
     for layer in model.layers:
         layer.ffn = Vmapped(layer.ffn, levels)
     ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
-    runtime = _decode(lambda x: model(x, _band(24)), ids, 6, 5, threshold=NEARLY_ONE)
+    band = _band(24)
+    runtime = _decode(lambda x: model(x, band), ids, 6, 5, threshold=NEARLY_ONE)
     assert runtime.stats.fallback is None
     assert [axis for axis, _ in runtime.plan.mixing.values()] == [1, 1]  # one per layer, per row
     assert min(runtime.stats.salient_fraction) < 1.0

@@ -277,12 +277,23 @@ class Rules(SortedRows):
         if ax is not None:
             if ax.dim == va.dim() - 1:
                 return self._mixing(node, "matmul contracts the token axis")
-            return self._row(ax.dim + out.dim() - va.dim(), ax)
+            return self._batched_row(node, ax.dim + out.dim() - va.dim(), ax, b, out)
         if bx.dim == vb.dim() - 2:
             return self._mixing(node, "matmul contracts the token axis")
         if bx.dim == vb.dim() - 1:
             return self._row(out.dim() - 1, bx)
-        return self._row(bx.dim + out.dim() - vb.dim(), bx)
+        return self._batched_row(node, bx.dim + out.dim() - vb.dim(), bx, a, out)
+
+    def _batched_row(self, node: fx.Node, at: int, axis: Axis, other: fx.Node, out: torch.Tensor) -> Info:
+        """A matmul row-wise along output dim ``at``, unless the tokens are on a batch dim along which ``other``
+        (carrying no token axis) varies: each row then meets its own slice of a value mixed over the tokens
+        (HunYuan-V4's indexer weights times its relu'd scores), as an elementwise op would."""
+        value = tensor_value(other)
+        aligned = at - (out.dim() - value.dim())
+        if 0 <= aligned < value.dim() - 2 and not same_size(value.shape[aligned], 1):
+            return self._mixing(node, f"operand '{other.name}' varies along the token axis but is not a per-token "
+                                "value")
+        return self._row(at, axis)
 
     def _addmm(self, node: fx.Node) -> Info:
         """``addmm(bias, x, W)`` (GPT-2's Conv1D on ``x.view(-1, D)``): row-wise along x's rows."""

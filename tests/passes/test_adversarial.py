@@ -49,6 +49,10 @@ MIXERS = {
     "argsort_gather": (lambda h: h.gather(1, h.argsort(dim=1)), "gather"),
     "data_dependent_index": (_index_by_data, "getitem"),
     "index_select_tokens": (lambda h: h.index_select(1, torch.arange(h.shape[1] - 1, -1, -1)), "index_select"),
+    # each row times its slice of a value mixed over the tokens, the tokens on a batch dim of the product
+    # (HunYuan-V4's indexer weights times its relu'd scores; before, the product was taken for row-wise)
+    "batched_matmul_with_mixed": (lambda h: (h.unsqueeze(2) @ (torch.relu(h @ h.transpose(1, 2)).sum(-1)[
+        ..., None, None] * torch.eye(h.shape[-1]))).squeeze(2), "matmul"),
 }
 
 

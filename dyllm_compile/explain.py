@@ -158,7 +158,8 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _label(region) -> str:
-    return {"k": "k proj", "v": "v proj", "q": "q proj", "attn_out": "o proj"}.get(region.role, region.role)
+    return {"k": "k proj", "v": "v proj", "q": "q proj", "attn_out": "o proj", "mixer_in": "mixer in"}.get(
+        region.role, region.role)
 
 
 def explain(model: Any, *example_inputs: Any, dynamic: Optional[bool] = None, verbose: bool = True,

@@ -1,5 +1,5 @@
 """The analysis pipeline on one Dynamo graph: in-place writes as data flow -> fused layers unfused -> hand-written
-attention as SDPA -> attention sites -> token axes -> spine, regions and chains."""
+attention as SDPA -> attention sites -> token axes -> spine, regions, chains and mixer inputs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .flex_attention import sdpa_from_flex
 from .fused_layers import FUSED_REASON, unfuse_layers
 from .hand_written_attention import sdpa_from_hand_written
 from .in_place_writes import functionalize_writes
+from .mixer_inputs import find_mixer_inputs
 from .mixing_points import MixingPoint, find_mixing_points
 from .op_rules import Info, Kind
 from .pass_manager import DyllmPass, PassManager
@@ -165,6 +166,9 @@ class FindRegions(DyllmPass):
             return
         state.regions = find_regions(state.gm.graph, state.infos, state.sites, state.spine)
         state.chains = [find_chains(site, state.infos, state.spine) for site in state.sites]
+        taken = {n for r in state.regions for n in r.nodes} | {n for chains in state.chains
+                                                                for c in chains.values() for n in c.nodes}
+        state.regions += find_mixer_inputs(state.gm.graph, state.infos, state.sites, state.spine, taken)
         for region in state.regions:
             if not region.gated and region.role != "attn_out":
                 state.dense_reasons.append(f"layer {region.layer}: {region.role} region ending at "

@@ -1,10 +1,10 @@
 """Extracts a region (or chain) as a standalone GraphModule that runs on any number of rows.
 
 The extracted module takes the region's token-carrying inputs, then its other inputs, then (when re-emitted for
-gathered rows) the row count K, and returns the exit's value. Sizes that spell the token count inside the
-region (view/reshape/expand sizes, full slices of the token axis) are replaced by K, so the same ops run on
-K gathered rows; with K = N it is the dense computation. Running it on rows gathered along each token input's
-axis gives the dense exit's rows: the property the rewrite relies on and the tests check.
+gathered rows) the row count K, and returns the values of its exits (``Region.exits``) as a tuple. Sizes that spell
+the token count inside the region (view/reshape/expand sizes, full slices of the token axis) are replaced by K, so
+the same ops run on K gathered rows; with K = N it is the dense computation. Running it on rows gathered along each
+token input's axis gives the dense exits' rows: the property the rewrite relies on and the tests check.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def extract_region(
         if rows is not None:
             retarget_rows(node, copy, infos, rows)
         env[node] = copy
-    graph.output(env[region.exit])
+    graph.output(tuple(env[x] for x in region.exits))
     return fx.GraphModule(gm, graph)
 
 

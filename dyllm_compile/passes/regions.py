@@ -38,8 +38,8 @@ GATED_ROLES = ("ffn", "moe", "lm_head")
 
 @dataclass
 class Region:
-    role: str  # "ffn" | "moe" | "lm_head" | "attn_out" | "light" | "q" | "k" | "v"
-    exit: fx.Node
+    role: str  # "ffn" | "moe" | "lm_head" | "attn_out" | "mixer_in" | "light" | "q" | "k" | "v"
+    exit: fx.Node  # the last in graph order of the values read outside it
     nodes: list[fx.Node]  # in graph order
     token_inputs: list[fx.Node]
     other_inputs: list[fx.Node]
@@ -47,6 +47,13 @@ class Region:
     layer: int = -1
     gated: bool = False
     reason: str = ""  # why a candidate region stays dense
+    # the other values read outside it, in graph order: the results of a split it holds that other ops read (a
+    # mixer input projection's gate); each is cached like the exit
+    side_exits: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def exits(self) -> list[fx.Node]:
+        return [*self.side_exits, self.exit]
 
     def ops(self) -> list[str]:
         return [op_name(n) or n.op for n in self.nodes]
@@ -85,11 +92,11 @@ def distinct_flops(regions: Sequence[Region]) -> int:
     return sum(node_flops(n) for n in {n for r in regions for n in r.nodes})
 
 
-def _token_inputs(node: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
+def token_inputs_of(node: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if a in infos and infos[a].axis is not None]
 
 
-def _tensor_users(node: fx.Node) -> list[fx.Node]:
+def tensor_users(node: fx.Node) -> list[fx.Node]:
     """The users that read ``node``'s values (not only checks of its sizes)."""
     return [u for u in node.users
             if u.op == "output" or isinstance(example_value(u), (tuple, list))
@@ -101,7 +108,7 @@ def main_output(graph: fx.Graph, infos: dict[fx.Node, Info]) -> Optional[fx.Node
     are not on the residual stream's path."""
     output = next(n for n in graph.nodes if n.op == "output")
     order = {n: i for i, n in enumerate(graph.nodes)}
-    returned = [a for a in _token_inputs(output, infos)]
+    returned = [a for a in token_inputs_of(output, infos)]
     return max(returned, key=order.__getitem__, default=None)
 
 
@@ -153,7 +160,7 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
 def _is_merge(node: fx.Node, infos: dict[fx.Node, Info]) -> bool:
     """Two or more full-width token-carrying operands: a residual add (not a norm's row statistic)."""
     out = tensor_value(node)
-    full = [a for a in _token_inputs(node, infos) if out is not None and tensor_value(a) is not None
+    full = [a for a in token_inputs_of(node, infos) if out is not None and tensor_value(a) is not None
             and tuple(tensor_value(a).shape) == tuple(out.shape)]
     return len(full) >= 2
 
@@ -166,7 +173,7 @@ def _source_leaves(v: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
         if node in seen:
             continue
         seen.add(node)
-        parents = _token_inputs(node, infos)
+        parents = token_inputs_of(node, infos)
         if not parents:
             leaves.append(node)
         work.extend(parents)
@@ -174,21 +181,32 @@ def _source_leaves(v: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
 
 
 def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node],
-         shared: frozenset = frozenset()) -> list[fx.Node]:
+         shared: frozenset = frozenset(), splits: bool = False) -> list[fx.Node]:
     """The largest row-wise region ending at ``exit`` whose nodes are used only inside it (see module doc), or,
-    for the nodes in ``shared``, also outside it."""
+    for the nodes in ``shared``, also outside it. ``splits``: a split (``chunk``, ``split``) one of whose results
+    is in the region joins it with all its results, those read outside becoming the region's side exits."""
     region = {exit}
     changed = True
     while changed:
         changed = False
         for node in list(region):
-            for p in _token_inputs(node, infos):
+            for p in token_inputs_of(node, infos):
                 if p in region or p in blocked or p.op == "placeholder" or infos[p].kind is not Kind.ROW:
                     continue
-                if p in shared or all(u in region for u in _tensor_users(p)):
+                if p in shared or all(u in region for u in tensor_users(p)):
                     region.add(p)
                     changed = True
+                elif splits and _is_row_split(p, infos):
+                    region |= {p, *p.users}
+                    changed = True
     return [n for n in exit.graph.nodes if n in region]
+
+
+def _is_row_split(node: fx.Node, infos: dict[fx.Node, Info]) -> bool:
+    """A tuple of tensors whose every user takes one of them (``getitem``), row-wise."""
+    return (isinstance(example_value(node), (tuple, list)) and bool(node.users)
+            and all(op_name(u) == "getitem" and tensor_value(u) is not None and u in infos
+                    and infos[u].kind is Kind.ROW for u in node.users))
 
 
 def whole_tuples(nodes: list[fx.Node], exit: fx.Node) -> list[fx.Node]:
@@ -227,7 +245,7 @@ def find_regions(
     attention_nodes = {site.node for site in sites}
     exits: list[tuple[fx.Node, bool]] = []  # (exit, is the main output)
     for merge in spine.merges:
-        exits += [(x, False) for operand in _token_inputs(merge, infos) if operand not in spine.nodes
+        exits += [(x, False) for operand in token_inputs_of(merge, infos) if operand not in spine.nodes
                   for x in _summed_branches(operand, infos, attention_nodes, set(spine.nodes))]
     if spine.nodes[-1] not in spine.merges:  # else the graph ends on the residual stream (a graph break)
         exits.append((spine.nodes[-1], True))
@@ -258,7 +276,7 @@ def _off_stream(node: fx.Node, infos: dict[fx.Node, Info], spine: set[fx.Node],
         elif current not in seen:
             seen.add(current)
             if through(current):
-                work.extend(_token_inputs(current, infos))
+                work.extend(token_inputs_of(current, infos))
     return seen, reached
 
 
@@ -281,7 +299,7 @@ def _summed_branches(node: fx.Node, infos: dict[fx.Node, Info], attention: set[f
         sum_node = sum_node.args[0]
     if (op_name(sum_node) == "add" and infos[sum_node].kind is Kind.ROW and _is_merge(sum_node, infos)
             and _reads(sum_node, attention, infos, spine)):
-        return [x for operand in _token_inputs(sum_node, infos)
+        return [x for operand in token_inputs_of(sum_node, infos)
                 for x in _summed_branches(operand, infos, attention, spine)]
     return [node]
 
@@ -331,8 +349,8 @@ def find_chains(site: AttentionSite, infos: dict[fx.Node, Info], spine: Spine) -
         members = {n for nodes in grown.values() for n in nodes}
         # A chain's input inside another chain is shared too (MLA: one projection split into the latent, which
         # k and v are both projected from, and k's rotary part: k's chain holds the split, v's stops at it).
-        more = shared | {t for nodes in grown.values() for node in nodes for t in _token_inputs(node, infos)
-                         if t not in nodes and all(u in members for u in _tensor_users(t))
+        more = shared | {t for nodes in grown.values() for node in nodes for t in token_inputs_of(node, infos)
+                         if t not in nodes and all(u in members for u in tensor_users(t))
                          and _projected_from_stream(t, infos, blocked)}
         if more == shared:
             break

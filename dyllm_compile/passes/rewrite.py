@@ -69,7 +69,7 @@ class RewritePlan:
     config: DyllmConfig
     sites: list[SitePlan]
     regions: list[Region]  # gated regions and k/v chains that run on salient rows
-    region_caches: dict[int, int]  # id(region) -> cache index
+    exit_caches: dict[fx.Node, int]  # each exit of a region in ``regions`` (side exits too) -> its cache index
     input_caches: dict[int, int]  # id(gated region) -> cache index of its input (a policy's at_branch hook)
     caches: list[CacheSpec]
     token_inputs: list[int]  # placeholder positions whose changed rows form layer 0's S_in
@@ -125,7 +125,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     reasons: list[str] = []
     caches: list[CacheSpec] = []
     regions: list[Region] = []
-    region_caches: dict[int, int] = {}
+    exit_caches: dict[fx.Node, int] = {}
     input_caches: dict[int, int] = {}
     queried_regions: set[int] = set()
 
@@ -150,7 +150,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
             by_value[node] = add_cache(name, node)
             if chain is not None:
                 regions.append(chain)
-                region_caches[id(chain)] = by_value[node]
+                exit_caches[node] = by_value[node]
         return by_value[node]
 
     sites = []
@@ -201,21 +201,22 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                 regions.append(out)
                 if plan.queries is not None:
                     queried_regions.add(id(out))
-                region_caches[id(out)] = add_cache(f"L{site.layer}.o", out.exit)
+                exit_caches[out.exit] = add_cache(f"L{site.layer}.o", out.exit)
             elif plan.queries is None:
                 reasons.append(f"layer {site.layer}: output projection computed densely ({problem})")
         sites.append(plan)
     for region in analysis.gated_regions:
         reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(
             region, infos, batch)
-        if region.exit in by_value:  # one value, one cache (the sparse graph emits a value's region once)
+        if any(x in by_value for x in region.exits):  # one value, one cache (its region is emitted once)
             reason = "its output is an attention's q, k or v, cached with that chain"
         if reason:
             reasons.append(f"layer {region.layer}: {region.role} region computed densely ({reason})")
             continue
         regions.append(region)
         name = "head.lm_head" if region.role == "lm_head" else f"L{region.layer}.{region.role}"
-        region_caches[id(region)] = add_cache(name, region.exit)
+        for x in region.exits:
+            exit_caches[x] = add_cache(name, x)
         if "at_branch" in hooks:
             input_caches[id(region)] = add_cache(f"{name}.in", region.token_inputs[0])
     # Token mixing other than attention: its value at the last call, to find the rows a call moves
@@ -227,7 +228,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     gathered = regions + [s.queries for s in sites if s.queries is not None]
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions
                        and (gathers := _element_gathers(r, infos, batch)) is not None}
-    return RewritePlan(analysis, config, sites, regions, region_caches, input_caches, caches,
+    return RewritePlan(analysis, config, sites, regions, exit_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
                        choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
@@ -357,12 +358,19 @@ def _plan_values(plan: SitePlan, chains: dict[str, Region], graph: fx.Graph) -> 
 
 
 def _region_problem(region: Region, infos, batch) -> str:
-    axis = infos[region.exit].axis
-    exit_value = tensor_value(region.exit)
-    if axis is None or axis.folded or axis.dim == 0 or exit_value is None:
-        return "its output has no batch-first token axis"
-    if not same_size(exit_value.shape[0], batch):
-        return "its output is not batch-first"
+    for exit in region.exits:
+        axis, value = infos[exit].axis, tensor_value(exit)
+        named = f"its output '{exit.name}'" if region.side_exits else "its output"
+        if axis is None or axis.folded or axis.dim == 0 or value is None:
+            return f"{named} has no batch-first token axis"
+        if not same_size(value.shape[0], batch):
+            return f"{named} is not batch-first"
+    if region.side_exits:  # emitted where its first exit is: everything it reads must be computed by then
+        order = {n: i for i, n in enumerate(region.exit.graph.nodes)}
+        late = next((t for t in region.token_inputs + region.other_inputs
+                     if order[t] > order[region.exits[0]]), None)
+        if late is not None:
+            return f"it reads '{late.name}' after its output '{region.exits[0].name}'"
     split = next((t for t in region.token_inputs if tensor_value(t) is None), None)
     if split is not None:  # one result of a split whose other results are read outside the site's chains
         return f"it reads one result of '{split.name}', whose other results are used elsewhere"
@@ -578,7 +586,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
     selections: dict[tuple[fx.Node, int, bool], _Rows] = {}  # by salient set, segment and per element or not
     made = {False: 0, True: 0}  # gated-region selections made so far, union and per element
     selection_index: dict[tuple[fx.Node, int, bool], int] = {}
-    region_by_exit = {r.exit: r for r in plan.regions}
+    region_by_exit = {x: r for r in plan.regions for x in r.exits}
     query_chains = {s.queries.exit: s.queries for s in plan.sites if s.queries is not None and not s.gated_q}
     skipped = _skipped(graph_nodes, [*plan.regions, *query_chains.values()])
     by_node = {s.site.node: s for s in plan.sites}
@@ -630,20 +638,19 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             continue
         if node in query_chains:  # the queried rows of q, for the site to attend with
             picked = select(queried)
-            b.env[node] = _emit_rows(b, query_chains[node], picked.gather, picked.size)
+            b.env[node] = _emit_rows(b, query_chains[node], picked.gather, picked.size)[node]
+            continue
+        if node in region_by_exit and node in b.env:  # a side exit, emitted with its region at its first exit
             continue
         if node in region_by_exit and id(region_by_exit[node]) in plan.queried_regions:
-            region = region_by_exit[node]
-            cache = plan.region_caches[id(region)]
-            new_cache[cache] = _emit_gathered(b, region, select(queried), cache_in[cache])
-            b.env[node] = new_cache[cache]
+            _emit_gathered(b, region_by_exit[node], select(queried), cache_in, new_cache)
             continue
         if node in region_by_exit:
             region = region_by_exit[node]
-            cache = plan.region_caches[id(region)]
+            cache = plan.exit_caches[node]
             owner = value_sites.get(node)
             if owner is not None and owner.values.exit not in dense_values:  # the site's first chain exit
-                values = dense_values[owner.values.exit] = _emit_rows(b, owner.values)
+                values = dense_values[owner.values.exit] = _emit_rows(b, owner.values)[owner.values.exit]
                 salient = hook("before_attention", owner.site.layer, 2, salient, values,
                                cache_in[owner.caches["v"]])
             if node in dense_values:  # already computed for every row: keep the hook's rows of it
@@ -656,8 +663,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             picked = select(salient, own)
             counts.append(picked.count)
             count_selections.append((own, selection_index[(salient, b.segment, own)]))
-            new_cache[cache] = _emit_gathered(b, region, picked, cache_in[cache])
-            b.env[node] = new_cache[cache]
+            _emit_gathered(b, region, picked, cache_in, new_cache)
             continue
         site = by_node.get(node)
         if node.op == "call_method" and node.target == "item" and node.args[0] in constants:
@@ -699,8 +705,8 @@ def _skipped(graph_nodes: list[fx.Node], regions: list[Region]) -> set[fx.Node]:
     """Nodes the sparse graph does not compute for every row: those inside a region that runs on rows (its exit
     is emitted from the region's inputs), unless something computed for every row reads them (a fused q/k/v
     projection is in the gated k and v chains and in paper mode's dense q chain)."""
-    exits = {r.exit: r for r in regions}
-    skipped = {n for r in regions for n in r.nodes if n is not r.exit}
+    exits = {x: r for r in regions for x in r.exits}
+    skipped = {n for r in regions for n in r.nodes if n not in exits}
     for node in list(skipped):  # checks of sizes inside a region (an MoE's selections) go with it
         for user in node.users:
             checks = size_checks(user) if user not in skipped else None
@@ -716,16 +722,16 @@ def _skipped(graph_nodes: list[fx.Node], regions: list[Region]) -> set[fx.Node]:
 
 
 def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, capacity: Any = None,
-               per_element: bool = False) -> fx.Node:
+               per_element: bool = False) -> dict[fx.Node, fx.Node]:
     """The region's nodes on the ``capacity`` rows ``index`` of its token inputs (None: on every row, its
     inputs already in the new graph; a node: an unbacked count; ``per_element``: index [B, K], each batch
-    element's own rows); returns its exit's value."""
+    element's own rows); returns its exits' values."""
     infos = b.plan.analysis.infos
     local: dict[fx.Node, Any] = {n: b.env[n] for n in region.token_inputs + region.other_inputs}
     if index is None:
         for node in region.nodes:
             local[node] = b.graph.node_copy(node, lambda n: local[n])
-        return local[region.exit]
+        return {x: local[x] for x in region.exits}
     for node in region.token_inputs:
         # per element: a table's rows as [B, 1, ..., K, D] of the rank it meets in this region (_element_gathers)
         rank = b.plan.element_regions[id(region)][node] if per_element else None
@@ -742,13 +748,18 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
             if node in b.plan.weight_first:
                 as_weight_first(copy)
         local[node] = b.on_rows[key]
-    return local[region.exit]
+    return {x: local[x] for x in region.exits}
 
 
-def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache: fx.Node) -> fx.Node:
-    """The region on the gathered rows, scattered into (an out-of-place copy of) its cache."""
-    axis = b.plan.analysis.infos[region.exit].axis.dim
-    return _scatter(b, cache, _emit_rows(b, region, picked.gather, picked.size, picked.per_element), picked, axis)
+def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache_in: list[fx.Node],
+                   new_cache: dict[int, Any]) -> None:
+    """The region on the gathered rows, each exit scattered into (an out-of-place copy of) its cache: the new
+    cache is the exit's value from here on."""
+    fresh = _emit_rows(b, region, picked.gather, picked.size, picked.per_element)
+    for exit, value in fresh.items():
+        cache = b.plan.exit_caches[exit]
+        axis = b.plan.analysis.infos[exit].axis.dim
+        b.env[exit] = new_cache[cache] = _scatter(b, cache_in[cache], value, picked, axis)
 
 
 def _scatter(b: _Builder, cache: fx.Node, fresh: fx.Node, picked: _Rows, axis: int) -> fx.Node:

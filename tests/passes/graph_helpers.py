@@ -73,9 +73,9 @@ def capture(model, inputs: tuple, dynamic: Optional[bool] = None) -> list[Captur
 
 
 def assert_region_runs_on_rows(cap: Captured, region: Region, rows: int = 3, seed: int = 0) -> None:
-    """The region re-emitted for K gathered rows equals the dense values on those rows; on a torch that cannot
-    size rows with a symbolic batch folded in (< 2.13), such a region is refused, with that reason, as the rewrite
-    keeps it dense."""
+    """The region re-emitted for K gathered rows equals the dense values on those rows, at each of its exits; on a
+    torch that cannot size rows with a symbolic batch folded in (< 2.13), such a region is refused, with that reason,
+    as the rewrite keeps it dense."""
     infos = cap.analysis.infos
     try:
         for node in region.nodes:
@@ -95,5 +95,5 @@ def assert_region_runs_on_rows(cap: Captured, region: Region, rows: int = 3, see
     args += [env[node] for node in region.other_inputs]
     with torch.inference_mode():
         got = sub(*args, rows)
-    expected = env[region.exit].index_select(infos[region.exit].axis.dim, index)
+    expected = tuple(env[x].index_select(infos[x].axis.dim, index) for x in region.exits)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

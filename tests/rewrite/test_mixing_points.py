@@ -16,6 +16,7 @@ from dyllm_compile.models import llada_like
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from dyllm_compile.runtime.rows import moved_rows
 from hf_builders import build
+from hybrid_layers import HybridLM
 
 MASK = 127
 # Below 1 by less than float32 resolves: every row whose value moved at all is recomputed (a row that did not move
@@ -63,12 +64,38 @@ def test_rows_a_token_conv_moves_are_recomputed(row_counts, lowering):
 
 def test_lfm2_convolution_layer_before_attention():
     """LFM2's first layer is a gated short convolution (in_proj, conv over the tokens, out_proj), before any
-    attention site tests a row: its out_proj and FFN ran on the changed rows alone."""
+    attention site tests a row: its out_proj and FFN ran on the changed rows alone (before the test of the conv's
+    output); its in_proj runs on them alone."""
     model, forward = build("lfm2")
     ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(1))
     runtime = _decode(forward, ids, 6, 6, threshold=NEARLY_ONE)
     ((axis, _),) = runtime.plan.mixing.values()
     assert axis == 2  # the conv's output [B, D, N], sliced to the sequence
+    # its in_proj on the salient rows too, cached as B * x (the conv's input) and C (read after the conv)
+    assert [len(r.exits) for r in runtime.plan.regions if r.role == "mixer_in"] == [2]
+
+
+@pytest.mark.parametrize("row_counts, lowering", [
+    ("unbacked", "aot_eager"), ("buckets", "aot_eager"),
+    pytest.param("buckets", "inductor", marks=pytest.mark.inductor),
+])
+def test_split_projections_into_token_mixing_run_on_the_salient_rows(row_counts, lowering):
+    """The input projections of an LFM2-like short convolution and a Mamba-like layer (passes/mixer_inputs.py): each
+    a region run on the salient rows, every exit (the mixer's input, and the split's results read after the mixer)
+    scattered into a cache of its own; the mixers then read every row of the caches. Equal to eager at each call
+    with fewer rows computed than dense (before: both projections ran on every row)."""
+    model = HybridLM()
+    ids = torch.randint(0, 120, (2, 24), generator=torch.Generator().manual_seed(0))
+    band = _band(24)
+    runtime = _decode(lambda x: model(x, band), ids, 6, 6, tol=1e-4 if lowering == "inductor" else 1e-5,
+                      threshold=NEARLY_ONE, row_counts=row_counts, lowering=lowering)
+    mixers = [r for r in runtime.plan.regions if r.role == "mixer_in"]
+    assert [len(r.exits) for r in mixers] == [2, 3]
+    cached = [spec.node for spec in runtime.plan.caches]
+    assert all(x in cached for r in mixers for x in r.exits)
+    assert runtime.stats.fallback is None and max(runtime.stats.salient_fraction) < 0.6
+    if row_counts == "unbacked":  # (buckets of 24 rows round up to every row)
+        assert runtime.stats.rows_computed < 0.7 * runtime.stats.rows_dense
 
 
 def test_a_value_mixed_over_every_token_makes_every_row_salient_when_it_changes():

@@ -8,18 +8,21 @@ to the graph without the rewrite, the share of matmul FLOPs gated (``explain``) 
 that fails eagerly (a config these defaults do not fit) is reported and skipped. Exits 1 if any architecture
 differs from dense.
 
-    .venv/bin/python scripts/check_hf_architectures.py Mistral Qwen3 Gemma3Text:Gemma3
+    .venv/bin/python scripts/check_hf_architectures.py Mistral Qwen3 Gemma3Text:Gemma3 Bamba attn_layer_indices=[1]
 
 NAME is the prefix of transformers' classes (NAME + "Config", NAME + "ForCausalLM"); CONFIG:MODEL where the two
-differ. Needs transformers 5 for most names.
+differ. KEY=VALUE after a name sets that config field (a Python literal: a hybrid's layer pattern, so that its two
+layers hold an attention layer). Needs transformers 5 for most names.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import sys
 import warnings
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -34,18 +37,19 @@ SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 TOLERANCE = 1e-5
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
     config_name, _, model_name = name.partition(":")
-    config = getattr(transformers, f"{config_name}Config")(**SIZE)
+    config = getattr(transformers, f"{config_name}Config")(**{**SIZE, **settings})
     config._attn_implementation, config.use_cache = "sdpa", False
     torch.manual_seed(0)
     return getattr(transformers, f"{model_name or config_name}ForCausalLM")(config).eval()
 
 
-def check(name: str) -> bool:
-    """Prints one line for ``name``; False where dyllm differs from dense (or fails)."""
+def check(name: str, settings: dict[str, Any]) -> bool:
+    """Prints one line for ``name`` built with the config fields ``settings``; False where dyllm differs from dense
+    (or fails)."""
     try:
-        model = build(name)
+        model = build(name, settings)
         forward = lambda ids: model(input_ids=ids, attention_mask=torch.zeros(  # noqa: E731
             ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
         prompt = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -75,21 +79,50 @@ def check(name: str) -> bool:
     stats = [r.stats for r in runtimes(before)]
     gated, total = report.gated_flops()
     same = torch.equal(sparse.tokens, dense.tokens)
+    # Tokens that differ while every call's logits match: near-ties (a model without positions, whose runs of mask
+    # tokens have nearly equal confidences), if eager's own decode changes under noise of the size of the difference
+    tie = not same and worst <= TOLERANCE and not torch.equal(_perturbed(forward, prompt, worst).tokens, dense.tokens)
     fallback = [s.fallback for s in stats if s.fallback]
     reasons = [reason for graph in report.graphs for reason in graph.dense_reasons]
-    print(f"{name}: largest difference {worst:.1e}, tokens {'equal' if same else 'DIFFER'}, "
+    tokens = "equal" if same else f"differ as eager's do with noise of {worst:.0e} (near-ties)" if tie else "DIFFER"
+    print(f"{name}: largest difference {worst:.1e}, tokens {tokens}, "
           f"{sum(s.sparse_calls for s in stats)} sparse calls, {100 * gated / max(1, total):.0f}% of FLOPs gated"
           + (f", FALLBACK {fallback}" if fallback else "") + (f"; dense: {'; '.join(reasons)}" if reasons else ""))
-    return worst <= TOLERANCE and same and not fallback
+    return worst <= TOLERANCE and (same or tie) and not fallback
+
+
+def _perturbed(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor, size: float) -> Any:
+    """The eager decode with uniform noise of at most ``size`` added to every logit of every call."""
+    noise = torch.Generator().manual_seed(2)
+
+    def noisy(ids: torch.Tensor) -> torch.Tensor:
+        logits = forward(ids)
+        return logits + size * (2 * torch.rand(logits.shape, generator=noise) - 1)
+
+    with torch.inference_mode():
+        return generate(noisy, prompt, mask_token_id=MASK, gen_length=16, steps=8)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="+", metavar="NAME", help="class prefix, or CONFIG:MODEL")
+    parser.add_argument("names", nargs="+", metavar="NAME [KEY=VALUE ...]",
+                        help="class prefix, or CONFIG:MODEL; then config fields to set")
     args = parser.parse_args(argv)
+    if "=" in args.names[0]:
+        parser.error(f"'{args.names[0]}' sets a config field before any architecture is named")
+    architectures: list[tuple[str, dict[str, Any]]] = []
+    for item in args.names:
+        key, is_setting, value = item.partition("=")
+        if not is_setting:
+            architectures.append((item, {}))
+            continue
+        try:
+            architectures[-1][1][key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"'{item}': the value is not a Python literal")
     logging.disable(logging.WARNING)  # the dense reasons are printed; Dynamo's and transformers' notes are not
     warnings.filterwarnings("ignore")
-    results = [check(name) for name in args.names]
+    results = [check(name, settings) for name, settings in architectures]
     return 0 if all(results) else 1
 
 

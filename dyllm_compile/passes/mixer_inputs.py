@@ -40,7 +40,7 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
         for seed in token_inputs_of(node, infos):
             if infos[seed].kind is not Kind.ROW or seed in blocked or seed in taken or seed.op == "placeholder":
                 continue
-            members = set(grow(seed, infos, blocked, splits=True))
+            members = set(grow(seed, infos, blocked, side_exits=True))
             for other in [c for c in components if not c.isdisjoint(members)]:
                 components.remove(other)
                 members |= other

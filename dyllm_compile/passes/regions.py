@@ -181,10 +181,11 @@ def _source_leaves(v: fx.Node, infos: dict[fx.Node, Info]) -> list[fx.Node]:
 
 
 def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node],
-         shared: frozenset = frozenset(), splits: bool = False) -> list[fx.Node]:
+         shared: frozenset = frozenset(), side_exits: bool = False) -> list[fx.Node]:
     """The largest row-wise region ending at ``exit`` whose nodes are used only inside it (see module doc), or,
-    for the nodes in ``shared``, also outside it. ``splits``: a split (``chunk``, ``split``) one of whose results
-    is in the region joins it with all its results, those read outside becoming the region's side exits."""
+    for the nodes in ``shared``, also outside it. ``side_exits``: a matrix product read outside joins too, and a
+    split (``chunk``, ``split``) one of whose results is in the region joins with all its results; those read
+    outside are the region's side exits (each cached: the work above them is what caching saves)."""
     region = {exit}
     changed = True
     while changed:
@@ -193,10 +194,10 @@ def grow(exit: fx.Node, infos: dict[fx.Node, Info], blocked: set[fx.Node],
             for p in token_inputs_of(node, infos):
                 if p in region or p in blocked or p.op == "placeholder" or infos[p].kind is not Kind.ROW:
                     continue
-                if p in shared or all(u in region for u in tensor_users(p)):
+                if p in shared or all(u in region for u in tensor_users(p)) or (side_exits and node_flops(p)):
                     region.add(p)
                     changed = True
-                elif splits and _is_row_split(p, infos):
+                elif side_exits and _is_row_split(p, infos):
                     region |= {p, *p.users}
                     changed = True
     return [n for n in exit.graph.nodes if n in region]

@@ -16,6 +16,7 @@ import transformers
 
 from dyllm_compile.passes.graph_utils import tensor_value
 from dyllm_compile.passes.region_graph import SIZES_SYMBOLIC_FOLDS
+from dyllm_compile.passes.regions import node_flops
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from hf_builders import ARCHITECTURES, CARRIED_STATES, MOE, SHARED_READS, SMALL, build
 
@@ -244,8 +245,15 @@ def test_moe_whose_router_state_reaches_the_next_layer(name):
     are cached, their q and k convolved over the tokens first (mixing points, tested each call); the last layer's
     MoE is gated, its skip expert's id bounded by ``masked_fill`` (before: "'histc' of keys that are not provably
     indices inside its range"). The first layer's router also passes its state to the next layer's, so its MoE is
-    no branch off the residual stream: it runs on every row (docs/rewrite.md, "Open"; ``explain`` lists it)."""
+    no branch off the residual stream: it runs on every row (docs/rewrite.md, "Open"; ``explain`` lists it). The q
+    and k projections, read by the convolution (through a concatenation) and by the queries' and keys' residual
+    paths, are gated mixer inputs, each cached as a side exit (before, they ran on every row: 82.7% of the FLOPs
+    outside every region), and so is the delayed value projection, which a shift over the tokens reads."""
     runtime = _threshold_one_runtime(name, "grouped_mm")
     assert runtime.stats.fallback is None and [s.cached for s in runtime.plan.sites] == [True, True]
     assert [(r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "moe")] == [("moe", 1)]
     assert runtime.plan.mixing
+    mixers = [r for r in runtime.plan.regions if r.role == "mixer_in"]
+    # per layer: q and k projections (two side exits and the conv's input), the delayed value projection
+    assert sorted(len(r.exits) for r in mixers) == [1, 1, 3, 3]
+    assert all(sum(node_flops(n) for n in r.side_exits) for r in mixers if r.side_exits)

@@ -3,11 +3,12 @@
 Pattern: a token-mixing node that is not an attention site (a convolution over the tokens, a selective scan, a
 shift) reads a row-wise value off the residual stream; the region grown backward from that value as any region is
 (row-wise, every node used only inside it), except that a split (``chunk``, ``split``) of which the region holds one
-result joins with all its results: LFM2's short convolution projects once and splits the projection into the
-convolution's two inputs and the gate applied after it; a Mamba layer's projection splits into the convolution's
-input, the scan's step sizes and the output gate. Regions that share a node (two mixers fed by one projection)
-are one. Every value of the region read outside it is an exit (``Region.side_exits``), cached like a gated FFN's
-output.
+result joins with all its results, and a matrix product joins whoever else reads it: LFM2's short convolution
+projects once and splits the projection into the convolution's two inputs and the gate applied after it; a Mamba
+layer's projection splits into the convolution's input, the scan's step sizes and the output gate; Zaya's q and k
+projections feed a convolution and, beside it, the queries' and keys' residual paths. Regions that share a node
+(two mixers fed by one projection) are one. Every value of the region read outside it is an exit
+(``Region.side_exits``), cached like a gated FFN's output.
 
 Invariant: every node is row-wise and only the exits are read outside, so running the region on the current salient
 rows and scattering each exit into its cache is exactly the dense computation on those rows; the mixer then runs on

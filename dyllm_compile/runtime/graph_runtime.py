@@ -251,12 +251,27 @@ class GraphRuntime:
         except VariantFailed as err:
             if self.unrewritten is None:
                 raise
-            log.warning("dyllm: graph %s: %s; it runs as compiled without the rewrite from now on", self.graph_id,
-                        err, exc_info=log.isEnabledFor(logging.DEBUG))
-            self.stats.fallback = str(err)
-            self.states.clear()
-            self._fallback = self.unrewritten(args)
-            return self._fallback(*args)
+            return self._fall_back(err, self.unrewritten(args), args)
+        except Exception as err:
+            if self.unrewritten is None:
+                raise
+            # A variant failed while running. The graph as Dynamo handed it over tells whose error it is: where it
+            # fails on these inputs too, theirs (raised as it is, the rewrite kept); else the rewrite's.
+            unrewritten = self.unrewritten(args)
+            try:
+                unrewritten(*args)
+            except Exception:
+                raise err from None
+            return self._fall_back(f"running a variant failed ({type(err).__name__}: {err})", unrewritten, args)
+
+    def _fall_back(self, why: Any, unrewritten: Callable, args: tuple) -> Any:
+        """From now on the graph runs as compiled without the rewrite (``unrewritten``); the caches are dropped."""
+        log.warning("dyllm: graph %s: %s; it runs as compiled without the rewrite from now on", self.graph_id,
+                    why, exc_info=log.isEnabledFor(logging.DEBUG))
+        self.stats.fallback = str(why)
+        self.states.clear()
+        self._fallback = unrewritten
+        return unrewritten(*args)
 
     def _call(self, *args: Any) -> Any:
         if self._weights is None:

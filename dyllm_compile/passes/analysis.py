@@ -181,7 +181,8 @@ class FindRegions(DyllmPass):
         )
         for (name, reason), count in sorted(mixing.items()):
             state.dense_reasons.append(f"'{name}' x{count}: token-mixing ({reason}); computed densely")
-        state.mixing, state.untestable_mixing = find_mixing_points(state.gm.graph, state.infos, state.sites)
+        state.mixing, state.untestable_mixing = find_mixing_points(state.gm.graph, state.infos, state.sites,
+                                                                    state.spine)
         if state.untestable_mixing:
             state.dense_reasons.append("token-mixed values that are not tensors are read by the graph ("
                                        f"{', '.join(state.untestable_mixing)}): no call can test which rows they "

@@ -47,7 +47,7 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
                 members |= other
             components.append(members)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    layer_of = layer_numbering(graph, sites)
+    layer_of = layer_numbering(graph, sites, spine)
     regions = []
     for members in sorted(components, key=lambda c: min(order[n] for n in c)):
         if not members.isdisjoint(taken):

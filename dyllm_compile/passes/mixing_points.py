@@ -25,7 +25,7 @@ from torch import fx
 from .attention_sites import AttentionSite
 from .graph_utils import tensor_value, vmap_batched
 from .op_rules import Info, Kind
-from .regions import layer_numbering
+from .regions import Spine, layer_numbering
 
 CALLS = ("call_function", "call_method")
 
@@ -37,8 +37,8 @@ class MixingPoint:
     layer: int  # numbered like the regions (regions.layer_numbering)
 
 
-def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
-                       sites: list[AttentionSite]) -> tuple[list[MixingPoint], list[str]]:
+def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite],
+                       spine: Spine) -> tuple[list[MixingPoint], list[str]]:
     """The mixing points in graph order, and the mixed values read outside that are not tensors (which no test
     can watch: the caller keeps the graph dense)."""
     attention = {s.node for s in sites} | {n for s in sites for n in s.internal}
@@ -53,7 +53,7 @@ def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info],
         if info.kind is Kind.MIXING or any(a in mixed and (info.kind is not Kind.ROW or a in batched)
                                            for a in node.all_input_nodes):
             mixed.add(node)
-    layer_of = layer_numbering(graph, sites)
+    layer_of = layer_numbering(graph, sites, spine)
     points, untestable = [], []
     for node in graph.nodes:
         if node not in mixed or all(u in mixed or u.op == "output" for u in node.users):

@@ -232,12 +232,15 @@ def build_region(role: str, exit: fx.Node, nodes: list[fx.Node], infos: dict[fx.
     return Region(role, exit, nodes, token_inputs, other_inputs, sum(node_flops(n) for n in nodes))
 
 
-def layer_numbering(graph: fx.Graph, sites: list[AttentionSite]) -> Callable[[fx.Node], int]:
-    """The layer a node of ``graph`` belongs to: that of the last attention site before it (the first layer for
-    what comes before every site)."""
+def layer_numbering(graph: fx.Graph, sites: list[AttentionSite], spine: Spine) -> Callable[[fx.Node], int]:
+    """The layer a node of ``graph`` belongs to: that of the last attention site whose layer began before it (the
+    first layer for what comes before). A layer begins after the last residual-stream value before its site, the
+    one it reads: what a layer computes before its attention (a parallel branch, a projection that feeds the site's
+    chains through a convolution) is that layer's, as ``layer_cuts`` cuts the pieces."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    site_positions = [order[s.node] for s in sites]
-    return lambda node: max(0, sum(1 for p in site_positions if p < order[node]) - 1)
+    stream = [order[n] for n in spine.nodes]
+    starts = [max((p for p in stream if p < order[s.node]), default=order[s.node]) for s in sites]
+    return lambda node: max(0, sum(1 for p in starts if p < order[node]) - 1)
 
 
 def find_regions(
@@ -251,7 +254,7 @@ def find_regions(
     if spine.nodes[-1] not in spine.merges:  # else the graph ends on the residual stream (a graph break)
         exits.append((spine.nodes[-1], True))
     order = {n: i for i, n in enumerate(graph.nodes)}
-    layer_of = layer_numbering(graph, sites)
+    layer_of = layer_numbering(graph, sites, spine)
     regions = []
     for exit, is_output in sorted(set(exits), key=lambda e: order[e[0]]):
         if infos[exit].kind is not Kind.ROW:

@@ -256,4 +256,7 @@ def test_moe_whose_router_state_reaches_the_next_layer(name):
     mixers = [r for r in runtime.plan.regions if r.role == "mixer_in"]
     # per layer: q and k projections (two side exits and the conv's input), the delayed value projection
     assert sorted(len(r.exits) for r in mixers) == [1, 1, 3, 3]
+    # each numbered with the layer whose attention they feed (before: the second layer's with the first's, as what
+    # came before the second site)
+    assert sorted(r.layer for r in mixers) == [0, 0, 1, 1]
     assert all(sum(node_flops(n) for n in r.side_exits) for r in mixers if r.side_exits)

@@ -357,7 +357,7 @@ class GraphRuntime:
         """Rows changed since ``state``'s last call [B, N], or None when this call starts a new sequence."""
         if any(not torch.equal(a, b) for a, b in zip(others, state.others)):
             return None  # a mask, a table or another non-weight input changed
-        changed = None
+        changed, mask_id = None, self._mask_id(state)
         for new, old, axis in zip(tokens, state.tokens, self.plan.input_axes):
             diff = new != old
             rows = diff.movedim(axis, 1).flatten(2).any(dim=2) if diff.dim() > 2 else diff
@@ -367,14 +367,15 @@ class GraphRuntime:
                 # as an attention context's test does (at threshold 1, any change)
                 rows &= cosine_below(new, old, axis, self.config.threshold)
             if not new.is_floating_point() and self.config.token_changes == "unmask" and bool(rows.any()):
-                mask_id = self._mask_id(state)
                 if mask_id is None:
                     mask_id = int(old[diff][0])
                 # Every changed element held the mask id and no longer does (elementwise: no gather of the rows).
                 if not bool(((old == mask_id) & (new != mask_id)).logical_or_(~diff).all()):
                     return None
-                state.mask_id = mask_id
             changed = rows if changed is None else changed | rows
+        # Kept only once the call continues the state: an inference from a call that starts a new sequence would
+        # make the state's later continuations test against another id.
+        state.mask_id = mask_id
         return changed
 
     def _step(self, states: list[SequenceState], state: SequenceState, args: tuple, tokens: list[torch.Tensor],

@@ -34,3 +34,36 @@ def test_renoised_rows_continue_the_sequence_only_with_any(token_changes, sparse
     (runtime,) = runtimes(before)
     assert runtime.stats.sparse_calls == (5 if sparse else 0)
     assert runtime.stats.dense_calls == (1 if sparse else 6)
+
+
+class _TwoIdInputs(torch.nn.Module):
+    """Two token-id inputs, each through the same model: a call continues a sequence only if both continue it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = llada_like("tiny", init_std=0.2)
+
+    def forward(self, ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self.model(ids) + self.model(other)
+
+
+def test_a_mask_id_inferred_by_a_call_that_starts_a_new_sequence_is_not_kept():
+    """The mask id is inferred from a sequence's first change. A call whose first input changes only rows that held
+    one id (7) but whose second input changes a row that did not hold it starts a new sequence: the state it was
+    tested against must not keep 7 as its mask id, or its true continuation (the mask id 99 unmasked) would start a
+    new sequence too and run dense."""
+    torch._dynamo.reset()
+    model = _TwoIdInputs()
+    before = last_serial()
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "threshold": NEARLY_ONE})
+    ids, other = torch.full((1, 16), 99), torch.arange(16)[None]
+    ids[0, :4] = 7
+    not_continued = ids.clone(), other.clone()
+    not_continued[0][0, 0], not_continued[1][0, 5] = 8, 50
+    continued = ids.clone(), other
+    continued[0][0, 10] = 3
+    with torch.inference_mode():
+        for args in [(ids, other), not_continued, continued]:
+            torch.testing.assert_close(compiled(*args), model(*args), rtol=1e-5, atol=1e-5)
+    (runtime,) = runtimes(before)
+    assert (runtime.stats.dense_calls, runtime.stats.sparse_calls) == (2, 1)

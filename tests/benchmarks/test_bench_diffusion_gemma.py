@@ -15,8 +15,8 @@ def test_rows_are_well_formed(tmp_path):
     bench = load("bench_diffusion_gemma")
     out = tmp_path / "dg.csv"
     bench.main(["--hidden", "64", "--layers", "2", "--vocab", "128", "--canvas", "8", "--prompt", "8",
-                "--calls", "3", "--repeats", "1", "--experts", "batched_mm", "--thresholds", "0.9", "--lowering", "aot_eager", "--out",
-                str(out)])
+                "--calls", "3", "--repeats", "1", "--experts", "batched_mm", "--thresholds", "0.9",
+                "--lowering", "aot_eager", "--out", str(out)])
     with open(out) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == bench.FIELDS

@@ -14,12 +14,10 @@ SCRIPT = textwrap.dedent(
     assert "dyllm_compile" not in sys.modules
     with torch.no_grad():
         expected = model(x)
-        fast = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager"})(x)
-        inductor = torch.compile(model, backend="dyllm")(x)
+        got = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager"})(x)
     # Dynamo resolved the name through the entry point, which imported the backend lazily.
     assert "dyllm_compile.backend" in sys.modules
-    torch.testing.assert_close(fast, expected)
-    torch.testing.assert_close(inductor, expected)
+    torch.testing.assert_close(got, expected)
     print("OK")
     """
 )

@@ -93,8 +93,9 @@ def test_model_forms_match_oracle(arch, mode, row_counts):
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert all(site.cached for site in runtime.plan.sites) and not runtime.plan.reasons
     assert {r.role for r in runtime.plan.regions} >= {"moe" if arch.startswith("moe") else "ffn", "k", "v"}
-    _, oracle2 = _run(arch, 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
-    assert torch.tensor(oracle2.fractions).mean() < 1.0
+    if row_counts == "unbacked":  # the default route on CPU: the decode at the defaults, once per form and mode
+        _, oracle2 = _run(arch, 1, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
+        assert torch.tensor(oracle2.fractions).mean() < 1.0
 
 
 @pytest.mark.parametrize("row_counts", ["buckets", "unbacked"])

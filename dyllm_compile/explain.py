@@ -2,7 +2,9 @@
 
 "Gated" is what the rewrite plan for the given options runs on salient rows only (exact mode adds the q
 projection; output_projection="salient" the o projection; query pruning the o projection, on the queried rows),
-not just what the analysis found row-wise."""
+not just what the analysis found row-wise. A chain two sites share (DiffLlama's two attentions read one q and one
+k) runs once, with the first site's rows: the second site's row names it with that layer, ``q proj (layer 0's)``,
+and its FLOPs count in the first's."""
 
 from __future__ import annotations
 
@@ -48,15 +50,18 @@ class Report:
     config: DyllmConfig = field(default_factory=DyllmConfig)
 
     def layers(self, graph: GraphAnalysis) -> list[LayerRow]:
-        planned = _planned(graph, self.config)
+        runs = _planned(graph, self.config)
 
         def gated(region: Region) -> bool:
-            return (region.layer, region.role) in planned
+            return runs.get(region.exit) == region.layer
 
         rows = []
         for site, chains in zip(graph.sites, graph.chains):
             regions = [r for r in graph.regions if r.layer == site.layer and r.role != "lm_head"]
-            parts = list(chains.values()) + regions
+            # A chain another layer's plan runs (two sites that read one value share its chain): named with that
+            # layer, its FLOPs counted there
+            shared = {id(c) for c in chains.values() if runs.get(c.exit, site.layer) != site.layer}
+            parts = [p for p in [*chains.values(), *regions] if id(p) not in shared]
             attention_flops = node_flops(site.node) + sum(node_flops(n) for n in site.internal)
             # KV heads as cached: the k chain ends before any repeat_kv expansion ([B, heads, ...]).
             kv_heads = int(tensor_value(chains["k"].exit).shape[1])
@@ -65,7 +70,8 @@ class Report:
                 attention=site.label + (" (dense)" if site.dense_reason else ""),
                 heads=site.heads,
                 kv_heads=kv_heads,
-                gated=[_label(p) for p in parts if gated(p)],
+                gated=[f"{_label(p)} (layer {runs[p.exit]}'s)" if id(p) in shared else _label(p)
+                       for p in [*chains.values(), *regions] if id(p) in shared or gated(p)],
                 dense=[_label(p) for p in parts if not gated(p) and p.flops],
                 flops=attention_flops + distinct_flops(parts),
                 gated_flops=distinct_flops([p for p in parts if gated(p)]),
@@ -137,14 +143,15 @@ def _branch_row(layer: int, attention: str, region: Region, is_gated: bool) -> L
                     region.flops if is_gated else 0)
 
 
-def _planned(graph: GraphAnalysis, config: DyllmConfig) -> set[tuple[int, str]]:
-    """(layer, role) of every chain and region the rewrite for ``config`` runs on salient (or queried) rows."""
+def _planned(graph: GraphAnalysis, config: DyllmConfig) -> dict[fx.Node, int]:
+    """The exits of every chain and region the rewrite for ``config`` runs on salient (or queried) rows, each with
+    the layer whose chain or region runs it."""
     try:
         plan = plan_rewrite(graph, config)
     except NotRewritable:
-        return set()
-    queried = {(s.site.layer, "q") for s in plan.sites if s.queries is not None}
-    return {(r.layer, r.role) for r in plan.regions} | queried
+        return {}
+    queried = {s.queries.exit: s.site.layer for s in plan.sites if s.queries is not None}
+    return {**queried, **{x: r.layer for r in plan.regions for x in r.exits}}
 
 
 def _module_path(node: fx.Node) -> str:

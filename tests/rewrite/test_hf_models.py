@@ -14,9 +14,10 @@ import pytest
 import torch
 import transformers
 
+from dyllm_compile.explain import Report
 from dyllm_compile.passes.graph_utils import tensor_value
 from dyllm_compile.passes.region_graph import SIZES_SYMBOLIC_FOLDS
-from dyllm_compile.passes.regions import node_flops
+from dyllm_compile.passes.regions import distinct_flops, node_flops
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from hf_builders import ARCHITECTURES, CARRIED_STATES, MOE, SHARED_READS, SMALL, build
 
@@ -68,6 +69,12 @@ def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
         kv_heads = SHARED_READS[name]()[1].num_key_value_heads
         assert all(tensor_value(runtime.plan.caches[s.caches["k"]].node).shape[1] == kv_heads
                    for s in runtime.plan.sites)
+        # explain names the shared chains with the layer that runs them, their FLOPs counted once (before, the
+        # second site's row listed its q and k projections as dense)
+        report = Report([runtime.plan.analysis], runtime.config)
+        rows = report.layers(runtime.plan.analysis)
+        assert rows[1].gated[:2] == ["q proj (layer 0's)", "k proj (layer 0's)"] and "q proj" not in rows[1].dense
+        assert report.gated_flops()[0] == distinct_flops(runtime.plan.regions)
 
 
 def test_llama4_tiled_experts_and_complex_rotation_threshold_one_equals_dense():

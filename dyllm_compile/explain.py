@@ -165,7 +165,8 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _label(region) -> str:
-    return {"k": "k proj", "v": "v proj", "q": "q proj", "attn_out": "o proj", "mixer_in": "mixer in"}.get(
+    return {"k": "k proj", "v": "v proj", "q": "q proj", "attn_out": "o proj", "mixer_in": "mixer in",
+            "shared_proj": "shared proj"}.get(
         region.role, region.role)
 
 

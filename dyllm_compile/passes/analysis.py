@@ -166,9 +166,8 @@ class FindRegions(DyllmPass):
             return
         state.regions = find_regions(state.gm.graph, state.infos, state.sites, state.spine)
         state.chains = [find_chains(site, state.infos, state.spine) for site in state.sites]
-        taken = {n for r in state.regions for n in r.nodes} | {n for chains in state.chains
-                                                                for c in chains.values() for n in c.nodes}
-        state.regions += find_mixer_inputs(state.gm.graph, state.infos, state.sites, state.spine, taken)
+        found = state.regions + [c for chains in state.chains for c in chains.values()]
+        state.regions += find_mixer_inputs(state.gm.graph, state.infos, state.sites, state.spine, found)
         for region in state.regions:
             if not region.gated and region.role != "attn_out":
                 state.dense_reasons.append(f"layer {region.layer}: {region.role} region ending at "

@@ -1,4 +1,5 @@
-"""Mixer inputs: the row-wise projections that feed token mixing other than attention, as gated regions.
+"""Mixer inputs and shared projections: the row-wise projections that feed token mixing other than attention, or
+that several regions and chains read, as gated regions.
 
 Pattern: a token-mixing node that is not an attention site (a convolution over the tokens, a selective scan, a
 shift) reads a row-wise value off the residual stream; the region grown backward from that value as any region is
@@ -10,11 +11,24 @@ projections feed a convolution and, beside it, the queries' and keys' residual p
 (two mixers fed by one projection) are one. Every value of the region read outside it is an exit
 (``Region.side_exits``), cached like a gated FFN's output.
 
+A **shared projection** is grown the same way from a value a region or chain found before reads and none holds
+(role ``shared_proj``), apart from the mixers' regions: one result of a split whose other results are read
+elsewhere (``regions.whole_tuples`` starts a chain there), or a projection that something else reads too.
+DiffLlama's value projection, split between its two attentions; a query projection that two sites read through
+views of their own (DiffLlama's, in a dynamic graph); a gated query (Qwen3-Next's) split from its projection, the
+gate read after the attention; a hyper-connection's read and write weights, one projection split between the
+branch and the residual stream. The rewrite plan runs one on the salient rows only where every reader is a q, k
+or v chain it runs on S_in (``rewrite._read_on_s_in_only``): the last two, read by work on every row (the output
+projection, the residual stream), stay dense as those readers are, and paper mode's q, computed for every row,
+keeps its projection dense.
+
 Invariant: every node is row-wise and only the exits are read outside, so running the region on the current salient
 rows and scattering each exit into its cache is exactly the dense computation on those rows; the mixer then runs on
 every row of the cached input, as attention runs on every row of its K/V caches, and its output is tested as a
-mixing point (mixing_points.py). Before, these projections ran on every row at every call (60% of Falcon-H1's
-FLOPs, 14% of LFM2's at test size).
+mixing point (mixing_points.py); a chain that reads a shared projection's exit gathers its rows (S_in, those
+the projection ran on) from the cache. Before, these projections ran on every row at every call (60% of
+Falcon-H1's FLOPs, 14% of LFM2's at test size; shared ones until 2026-12-06: DiffLlama's 13.6% in a dynamic
+graph, 4.5% in a static one).
 """
 
 from __future__ import annotations
@@ -28,34 +42,46 @@ from .regions import Region, Spine, build_region, grow, layer_numbering, tensor_
 
 
 def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine,
-                      taken: set[fx.Node]) -> list[Region]:
-    """The mixer-input regions with matmul work, in graph order, none sharing a node with ``taken`` (the nodes of
-    the regions and chains found before: a value two analyses claim stays where it was)."""
+                      found: list[Region]) -> list[Region]:
+    """The mixer-input and shared-projection regions with matmul work, in graph order, none sharing a node with the
+    regions and chains ``found`` before (a value two analyses claim stays where it was)."""
     attention = {s.node for s in sites} | {n for s in sites for n in s.internal}
+    taken = {n for r in found for n in r.nodes}
     blocked = set(spine.nodes)
-    components: list[set[fx.Node]] = []
-    for node in graph.nodes:
-        info = infos.get(node)
-        if node.op not in CALLS or node in attention or info is None or info.kind is not Kind.MIXING:
-            continue
-        for seed in token_inputs_of(node, infos):
-            if infos[seed].kind is not Kind.ROW or seed in blocked or seed in taken or seed.op == "placeholder":
-                continue
-            members = set(grow(seed, infos, blocked, side_exits=True))
-            for other in [c for c in components if not c.isdisjoint(members)]:
-                components.remove(other)
-                members |= other
-            components.append(members)
+    mixed = [seed for node in graph.nodes if node.op in CALLS and node not in attention and node in infos
+             and infos[node].kind is Kind.MIXING for seed in token_inputs_of(node, infos)]
+    mixers = [m for m in _components(mixed, infos, blocked, taken) if m.isdisjoint(taken)]
+    # What a region or chain reads that no region holds, computed on every row: one result of a split whose other
+    # results are read elsewhere (regions.whole_tuples), a projection read through values of its readers' own.
+    # Grown after the mixers' regions, and apart from them: a mixer's region keeps its exits.
+    claimed = taken.union(*mixers)
+    shared = [m for m in _components([t for r in found for t in r.token_inputs], infos, blocked, claimed)
+              if m.isdisjoint(claimed)]
     order = {n: i for i, n in enumerate(graph.nodes)}
     layer_of = layer_numbering(graph, sites, spine)
     regions = []
-    for members in sorted(components, key=lambda c: min(order[n] for n in c)):
-        if not members.isdisjoint(taken):
-            continue
+    for members, role in sorted([(m, "mixer_in") for m in mixers] + [(m, "shared_proj") for m in shared],
+                                key=lambda c: min(order[n] for n in c[0])):
         nodes = [n for n in graph.nodes if n in members]
         exits = [n for n in nodes if any(u not in members for u in tensor_users(n))]
-        region = build_region("mixer_in", exits[-1], nodes, infos)
+        region = build_region(role, exits[-1], nodes, infos)
         region.side_exits, region.layer, region.gated = exits[:-1], layer_of(exits[-1]), True
         if region.flops:
             regions.append(region)
     return regions
+
+
+def _components(seeds: list[fx.Node], infos: dict[fx.Node, Info], blocked: set[fx.Node],
+                taken: set[fx.Node]) -> list[set[fx.Node]]:
+    """The regions grown from ``seeds`` (with side exits) that are not in ``taken``, those that share a node
+    merged."""
+    components: list[set[fx.Node]] = []
+    for seed in seeds:
+        if infos[seed].kind is not Kind.ROW or seed in blocked or seed in taken or seed.op == "placeholder":
+            continue
+        members = set(grow(seed, infos, blocked, side_exits=True))
+        for other in [c for c in components if not c.isdisjoint(members)]:
+            components.remove(other)
+            members |= other
+        components.append(members)
+    return components

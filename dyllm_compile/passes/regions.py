@@ -38,7 +38,7 @@ GATED_ROLES = ("ffn", "moe", "lm_head")
 
 @dataclass
 class Region:
-    role: str  # "ffn" | "moe" | "lm_head" | "attn_out" | "mixer_in" | "light" | "q" | "k" | "v"
+    role: str  # "ffn" | "moe" | "lm_head" | "attn_out" | "mixer_in" | "shared_proj" | "light" | "q" | "k" | "v"
     exit: fx.Node  # the last in graph order of the values read outside it
     nodes: list[fx.Node]  # in graph order
     token_inputs: list[fx.Node]

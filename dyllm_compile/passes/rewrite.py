@@ -41,7 +41,7 @@ from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
 from .op_rules import Kind
 from .region_graph import RegionNotRelocatable, check_relocatable, retarget_rows
-from .regions import Region
+from .regions import Region, tensor_users
 
 
 @dataclass
@@ -208,6 +208,10 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     for region in analysis.gated_regions:
         reason = "dense_layers option" if region.layer in config.dense_layers else _region_problem(
             region, infos, batch)
+        if region.role == "shared_proj" and not _read_on_s_in_only(region, regions):
+            # computed on every row, as its readers are (like the output projection's region: the algorithm's
+            # choice, not a refusal, so no reason is given)
+            continue
         if any(x in by_value for x in region.exits):  # one value, one cache (its region is emitted once)
             reason = "its output is an attention's q, k or v, cached with that chain"
         if reason:
@@ -233,6 +237,15 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                        policy, _row_outputs(analysis, batch), queried_regions,
                        choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
                        layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions, mixing)
+
+
+def _read_on_s_in_only(region: Region, planned: list[Region]) -> bool:
+    """Whether a shared projection (passes/mixer_inputs.py) can run on the salient rows alone: each of its values
+    is read only by the k, v and q chains the plan runs on S_in, the rows the projection runs on. A reader computed
+    for other rows (the residual stream, the output projection, paper mode's q on every row) would read the cached
+    value of a row whose input moved below the threshold, where the algorithm computes it afresh."""
+    on_s_in = {n for r in planned if r.role in ("q", "k", "v") for n in r.nodes}
+    return all(u in region.nodes or u in on_s_in for x in region.exits for u in tensor_users(x))
 
 
 #: Elementwise ops through which a per-position table meets the batch (RoPE's ``q * cos``)

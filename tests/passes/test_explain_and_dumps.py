@@ -70,18 +70,24 @@ def test_explain_names_attention_with_sinks():
 
 def test_explain_lists_products_outside_every_region():
     """A matrix product that no region or chain holds runs on every row at every call, which the table's columns
-    did not show (only the graph's total share): the table lists it with its share of the FLOPs. Hyper-connections:
-    each layer's projection of its read and write weights, one projection split between the residual stream's
-    read and its write-back (docs/analysis.md, "Decisions"). None in the reference model."""
-    entry = ZOO["hyper_connections"]
+    did not show (only the graph's total share): the table lists it with its share of the FLOPs. Attention sinks
+    projected from each row: the site reads the projection itself (no region or chain does). None in the reference
+    model. (Until 2026-12-06 the example was the hyper-connections' read and write weights, one projection split
+    between the branch's read and the residual stream's write-back: a region of its own now, below, dense because
+    the residual stream reads it on every row.)"""
+    entry = ZOO["row_sinks"]
     report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False)
     graph = report.graphs[0]
     outside = report.outside(graph)
     assert len(outside) == 2 and all(op_name(n) == "linear" for n in outside)
     assert not any(n in r.nodes for r in graph.regions for n in outside)
     assert re.search(r"dense, in no region or chain \(\d+\.\d% of the FLOPs\): "
-                     rf"'{outside[0].name}' \(in layers\.0\.attn_hc\.fn\), '{outside[1].name}' \(in layers\.1\.",
+                     rf"'{outside[0].name}' \(in layers\.0\.attn\.sink_proj\), '{outside[1].name}' \(in layers\.1\.",
                      report.table())
+    hyper = dyllm_compile.explain(ZOO["hyper_connections"].build(), *ZOO["hyper_connections"].inputs(1, 12),
+                                  dynamic=False, verbose=False)
+    rows = hyper.layers(hyper.graphs[0])
+    assert hyper.outside(hyper.graphs[0]) == [] and all("shared proj" in row.dense for row in rows[:2])
     llada = dyllm_compile.explain(ZOO["llada"].build(), *ZOO["llada"].inputs(1, 12), dynamic=False, verbose=False)
     assert llada.outside(llada.graphs[0]) == [] and "in no region" not in llada.table()
 

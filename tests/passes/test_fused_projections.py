@@ -83,9 +83,11 @@ class LeakySplit(nn.Module):
 
 
 def test_split_read_outside_the_chains_caches_the_site_from_its_results():
-    """The projection is not shared (the gate is read densely): it is computed for every row, and each chain
-    starts at its own result of the split, a tensor (before, a chain reached into the split, a tuple, and the
-    site stayed dense: "it reads one result of 'split', whose other results are used elsewhere")."""
+    """The projection is not in the chains (the residual stream reads the gate): each chain starts at its own result
+    of the split, a tensor (before, a chain reached into the split, a tuple, and the site stayed dense: "it reads
+    one result of 'split', whose other results are used elsewhere"). The projection and its split are a region of
+    their own, each result an exit (passes/mixer_inputs.py), which the plan keeps dense: the residual stream reads
+    the gate on every row."""
     (cap,) = capture(LeakySplit(), (torch.randint(0, 64, (1, 10)),), dynamic=False)
     (chains,) = cap.analysis.chains
     assert not any(cap.ops([n]) == ["linear"] for c in chains.values() for n in c.nodes)  # not shared
@@ -93,8 +95,12 @@ def test_split_read_outside_the_chains_caches_the_site_from_its_results():
         (start,) = chain.token_inputs
         assert cap.ops([start]) == ["getitem"] and cap.ops([start.args[0]]) == ["split"], which
         assert cap.ops(chain.nodes) == ["view", "transpose"]
+    (shared,) = [r for r in cap.analysis.regions if r.role == "shared_proj"]
+    assert cap.ops(shared.nodes) == ["linear", "split"] + ["getitem"] * 4 and len(shared.exits) == 4
+    assert sorted(shared.exits, key=str) == sorted([c.token_inputs[0] for c in chains.values()]
+                                                   + [shared.exit], key=str)  # q, k, v and the gate
     plan = plan_rewrite(cap.analysis, DyllmConfig())
-    assert plan.sites[0].cached and not plan.reasons
+    assert plan.sites[0].cached and shared not in plan.regions and not plan.reasons
 
 
 def test_split_read_outside_the_chains_compiles_and_equals_dense():

@@ -39,9 +39,12 @@ def test_one_site_one_ffn_per_layer_and_lm_head(name, batch, dynamic):
     assert all(bool(s.softcap) == bool(entry.config.softcap) for s in a.sites)  # (dynamic: an input's .item())
     assert all(s.heads == entry.config.n_heads for s in a.sites)
     ffn_role = "moe" if entry.config.ffn == "moe" else "ffn"
-    gated = [(r.role, r.layer) for r in a.gated_regions]
+    gated = [(r.role, r.layer) for r in a.gated_regions if r.role != "shared_proj"]
     assert gated == [(ffn_role, 0), (ffn_role, 1), ("lm_head", 1)]
-    lm_head = a.gated_regions[-1]
+    # hyper-connections: the attention's read and write weights, one projection split between them
+    shared = [r.layer for r in a.gated_regions if r.role == "shared_proj"]
+    assert shared == ([0, 1] if entry.config.hyper_connections else [])
+    (lm_head,) = [r for r in a.gated_regions if r.role == "lm_head"]
     assert any("lm_head" in _weight(cap, n) for n in lm_head.nodes if cap.ops([n]) == ["linear"])
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from dyllm_compile.explain import Report
+from dyllm_compile.explain import Report, explain
 from dyllm_compile.passes.graph_utils import tensor_value
 from dyllm_compile.passes.region_graph import SIZES_SYMBOLIC_FOLDS
 from dyllm_compile.passes.regions import distinct_flops, node_flops
@@ -75,6 +75,14 @@ def test_hf_sites_sharing_their_reads_threshold_one_equals_dense(name):
         rows = report.layers(runtime.plan.analysis)
         assert rows[1].gated[:2] == ["q proj (layer 0's)", "k proj (layer 0's)"] and "q proj" not in rows[1].dense
         assert report.gated_flops()[0] == distinct_flops(runtime.plan.regions)
+        # no product left on every row, in a dynamic graph too, where each site views the query projection itself:
+        # the value projection's split and the query projection are shared projections (before 2026-12-06, 13.6%
+        # of the FLOPs on every row)
+        _, forward = build(name)
+        with torch.inference_mode():
+            dynamic = explain(forward, torch.randint(3, 120, (2, 16)), dynamic=True, verbose=False)
+        assert dynamic.outside(dynamic.graphs[0]) == []
+        assert [r.role for r in dynamic.graphs[0].regions].count("shared_proj") >= 2
 
 
 def test_llama4_tiled_experts_and_complex_rotation_threshold_one_equals_dense():

@@ -31,19 +31,27 @@ def test_a_variant_that_fails_to_compile_leaves_the_graph_unrewritten(tiny_llada
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(graph_runtime, "build_sparse", broken)
+    _assert_decode_falls_back(tiny_llada, row_counts, caplog,
+                              "compiling the sparse variant failed (RuntimeError: a bug)")
+
+
+def _assert_decode_falls_back(model, row_counts, caplog, why):
+    """A decode equal to eager, the graph run without the rewrite from its first sparse call on, ``why`` the
+    runtime's fallback reason, warned once."""
+    from dyllm_compile.runtime import graph_runtime
+
     torch._dynamo.reset()
     before = graph_runtime.last_serial()
-    compiled = torch.compile(tiny_llada, backend="dyllm", options={"lowering": "aot_eager", "row_counts": row_counts})
+    compiled = torch.compile(model, backend="dyllm", options={"lowering": "aot_eager", "row_counts": row_counts})
     prompt = torch.randint(0, 120, (2, 6), generator=torch.Generator().manual_seed(0))
     with caplog.at_level("WARNING", logger="dyllm_compile"):
         got, expected = (generate(m, prompt, mask_token_id=127, gen_length=6, steps=3, block_length=6).generated
-                         for m in (compiled, tiny_llada))
+                         for m in (compiled, model))
     assert torch.equal(got, expected)
     (runtime,) = graph_runtime.runtimes(before)
-    assert runtime.stats.fallback == "compiling the sparse variant failed (RuntimeError: a bug)"
+    assert runtime.stats.fallback == why
     assert runtime.stats.sparse_calls == 0 and not runtime.states
-    assert sum("compiling the sparse variant failed (RuntimeError: a bug); it runs as compiled without the rewrite"
-               in m for m in caplog.messages) == 1
+    assert sum(f"{why}; it runs as compiled without the rewrite" in m for m in caplog.messages) == 1
 
 
 def _failing_when_run(real_lower):
@@ -66,22 +74,9 @@ def test_a_variant_that_fails_when_run_leaves_the_graph_unrewritten(tiny_llada, 
     when the graph as Dynamo handed it over runs on the same inputs: from then on the graph runs without the rewrite,
     warned once, and the decode equals eager."""
     from dyllm_compile import backend
-    from dyllm_compile.runtime import graph_runtime
 
     monkeypatch.setattr(backend, "lower", _failing_when_run(backend.lower))
-    torch._dynamo.reset()
-    before = graph_runtime.last_serial()
-    compiled = torch.compile(tiny_llada, backend="dyllm", options={"lowering": "aot_eager", "row_counts": row_counts})
-    prompt = torch.randint(0, 120, (2, 6), generator=torch.Generator().manual_seed(0))
-    with caplog.at_level("WARNING", logger="dyllm_compile"):
-        got, expected = (generate(m, prompt, mask_token_id=127, gen_length=6, steps=3, block_length=6).generated
-                         for m in (compiled, tiny_llada))
-    assert torch.equal(got, expected)
-    (runtime,) = graph_runtime.runtimes(before)
-    assert runtime.stats.fallback == "running a variant failed (RuntimeError: a runtime bug)"
-    assert runtime.stats.sparse_calls == 0 and not runtime.states
-    assert sum("running a variant failed (RuntimeError: a runtime bug); it runs as compiled without the rewrite"
-               in m for m in caplog.messages) == 1
+    _assert_decode_falls_back(tiny_llada, row_counts, caplog, "running a variant failed (RuntimeError: a runtime bug)")
 
 
 def test_an_input_the_model_itself_fails_on_raises_its_own_error_and_keeps_the_rewrite(tiny_llada):

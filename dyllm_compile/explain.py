@@ -61,7 +61,8 @@ class Report:
             # A chain another layer's plan runs (two sites that read one value share its chain): named with that
             # layer, its FLOPs counted there
             shared = {id(c) for c in chains.values() if runs.get(c.exit, site.layer) != site.layer}
-            parts = [p for p in [*chains.values(), *regions] if id(p) not in shared]
+            every = [*chains.values(), *regions]
+            parts = [p for p in every if id(p) not in shared]
             attention_flops = node_flops(site.node) + sum(node_flops(n) for n in site.internal)
             # KV heads as cached: the k chain ends before any repeat_kv expansion ([B, heads, ...]).
             kv_heads = int(tensor_value(chains["k"].exit).shape[1])
@@ -71,7 +72,7 @@ class Report:
                 heads=site.heads,
                 kv_heads=kv_heads,
                 gated=[f"{_label(p)} (layer {runs[p.exit]}'s)" if id(p) in shared else _label(p)
-                       for p in [*chains.values(), *regions] if id(p) in shared or gated(p)],
+                       for p in every if id(p) in shared or gated(p)],
                 dense=[_label(p) for p in parts if not gated(p) and p.flops],
                 flops=attention_flops + distinct_flops(parts),
                 gated_flops=distinct_flops([p for p in parts if gated(p)]),

@@ -251,27 +251,29 @@ class GraphRuntime:
         except VariantFailed as err:
             if self.unrewritten is None:
                 raise
-            return self._fall_back(err, self.unrewritten(args), args)
+            self._fall_back(err, self.unrewritten(args))
+            return self._fallback(*args)
         except Exception as err:
             if self.unrewritten is None:
                 raise
             # A variant failed while running. The graph as Dynamo handed it over tells whose error it is: where it
-            # fails on these inputs too, theirs (raised as it is, the rewrite kept); else the rewrite's.
+            # fails on these inputs too, theirs (raised as it is, the rewrite kept); else the rewrite's, and its
+            # result is this call's.
             unrewritten = self.unrewritten(args)
             try:
-                unrewritten(*args)
+                out = unrewritten(*args)
             except Exception:
                 raise err from None
-            return self._fall_back(f"running a variant failed ({type(err).__name__}: {err})", unrewritten, args)
+            self._fall_back(f"running a variant failed ({type(err).__name__}: {err})", unrewritten)
+            return out
 
-    def _fall_back(self, why: Any, unrewritten: Callable, args: tuple) -> Any:
+    def _fall_back(self, why: Any, unrewritten: Callable) -> None:
         """From now on the graph runs as compiled without the rewrite (``unrewritten``); the caches are dropped."""
         log.warning("dyllm: graph %s: %s; it runs as compiled without the rewrite from now on", self.graph_id,
                     why, exc_info=log.isEnabledFor(logging.DEBUG))
         self.stats.fallback = str(why)
         self.states.clear()
         self._fallback = unrewritten
-        return unrewritten(*args)
 
     def _call(self, *args: Any) -> Any:
         if self._weights is None:

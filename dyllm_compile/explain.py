@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import fx
@@ -20,7 +20,7 @@ from .passes.analysis import GraphAnalysis, analyze
 from .passes.graph_utils import tensor_value
 from .passes.op_rules import Kind
 from .passes.regions import Region, distinct_flops, node_flops
-from .passes.rewrite import NotRewritable, plan_rewrite
+from .passes.rewrite import NotRewritable, RewritePlan, plan_rewrite
 
 # The frame's variable that a recorded module path starts with: a local ("L['self'].") or a global ("G['model'].")
 _FRAME_LOCAL = re.compile(r"^\w+\[[^]]*\]\.?")
@@ -48,9 +48,19 @@ class LayerRow:
 class Report:
     graphs: list[GraphAnalysis]
     config: DyllmConfig = field(default_factory=DyllmConfig)
+    _plans: dict[str, Union[RewritePlan, NotRewritable]] = field(default_factory=dict, init=False, repr=False)
+
+    def plan(self, graph: GraphAnalysis) -> Union[RewritePlan, NotRewritable]:
+        """The rewrite plan for these options, or why the backend lowers the graph unchanged; made once a graph."""
+        if graph.graph_id not in self._plans:
+            try:
+                self._plans[graph.graph_id] = plan_rewrite(graph, self.config)
+            except NotRewritable as refusal:
+                self._plans[graph.graph_id] = refusal
+        return self._plans[graph.graph_id]
 
     def layers(self, graph: GraphAnalysis) -> list[LayerRow]:
-        runs = _planned(graph, self.config)
+        runs = _planned(self.plan(graph))
 
         def gated(region: Region) -> bool:
             return runs.get(region.exit) == region.layer
@@ -129,6 +139,13 @@ class Report:
                              + ", ".join(f"'{n.name}'{_module_path(n)}" for n in outside))
             for reason in graph.dense_reasons:
                 lines.append(f"  dense: {reason}")
+            # What the options leave dense of what the analysis found (the backend warns the same at compile time)
+            plan = self.plan(graph)
+            if isinstance(plan, NotRewritable):
+                why = str(plan)
+                lines.append("  lowered unchanged" + ("" if why == "; ".join(graph.dense_reasons) else f": {why}"))
+            else:
+                lines += [f"  dense for these options: {reason}" for reason in plan.reasons]
             for point in graph.mixing:
                 how = "per row" if point.axis is not None else "as a whole: any change makes every row salient"
                 lines.append(f"  tested each call (token mixing other than attention): '{point.node.name}', {how}")
@@ -144,12 +161,10 @@ def _branch_row(layer: int, attention: str, region: Region, is_gated: bool) -> L
                     region.flops if is_gated else 0)
 
 
-def _planned(graph: GraphAnalysis, config: DyllmConfig) -> dict[fx.Node, int]:
-    """The exits of every chain and region the rewrite for ``config`` runs on salient (or queried) rows, each with
-    the layer whose chain or region runs it."""
-    try:
-        plan = plan_rewrite(graph, config)
-    except NotRewritable:
+def _planned(plan: Union[RewritePlan, NotRewritable]) -> dict[fx.Node, int]:
+    """The exits of every chain and region ``plan`` runs on salient (or queried) rows, each with the layer whose
+    chain or region runs it."""
+    if isinstance(plan, NotRewritable):
         return {}
     queried = {s.queries.exit: s.site.layer for s in plan.sites if s.queries is not None}
     return {**queried, **{x: r.layer for r in plan.regions for x in r.exits}}

@@ -28,7 +28,8 @@ def test_explain_returns_report_and_prints_table(capsys):
 
 def test_explain_follows_the_options():
     """The table is the rewrite plan for the given options: paper mode projects q for every row; query pruning
-    runs the o projection on the queried rows, output_projection="salient" on S_out."""
+    runs the o projection on the queried rows, output_projection="salient" on S_out. What the options keep dense is
+    listed below the table with the plan's reason."""
     entry = ZOO["dream"]
     paper = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
                                   attention_mode="paper")
@@ -43,6 +44,13 @@ def test_explain_follows_the_options():
     rows = salient_o.layers(salient_o.graphs[0])
     assert rows[0].gated == ["q proj", "k proj", "v proj", "o proj", "ffn"] and rows[0].dense == []
     assert rows[1].gated == [] and "o proj" in rows[1].dense  # a dense layer keeps its o projection dense
+    # the table says why, as the backend's warning does (the lm_head counts as part of the last layer)
+    table = salient_o.table()
+    assert [line for line in table.splitlines() if "for these options" in line] == [
+        "  dense for these options: layer 1: attention computed densely (dense_layers option)",
+        "  dense for these options: layer 1: ffn region computed densely (dense_layers option)",
+        "  dense for these options: layer 1: lm_head region computed densely (dense_layers option)"]
+    assert "for these options" not in paper.table()
     gated, total = salient_o.gated_flops()
     assert gated == sum(r.gated_flops for r in rows) and 0 < gated < total
     dense = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
@@ -56,6 +64,15 @@ def test_explain_names_why_sites_stay_dense(capsys):
     assert any("'conv1d' x2: token-mixing" in r for r in report.graphs[0].dense_reasons)
     assert report.table().count("tested each call (token mixing other than attention): 'conv1d") == 2
     assert capsys.readouterr().out == ""
+
+
+def test_explain_says_when_a_graph_is_lowered_unchanged():
+    """Nothing to gate: the table gives the analysis's reason and that the backend lowers the graph as it is."""
+    report = dyllm_compile.explain(torch.nn.Embedding(10, 4), torch.randint(0, 10, (1, 6)), dynamic=False,
+                                   verbose=False)
+    assert report.table().splitlines()[-2:] == ["  dense: no self-attention site found in this graph",
+                                                "  lowered unchanged"]
+    assert report.gated_flops() == (0, 0)
 
 
 def test_explain_names_attention_with_sinks():

@@ -1,5 +1,6 @@
-"""The analysis pipeline on one Dynamo graph: in-place writes as data flow -> fused layers unfused -> hand-written
-attention as SDPA -> attention sites -> token axes -> spine, regions, chains and mixer inputs."""
+"""The analysis pipeline on one Dynamo graph: flex_attention as SDPA -> in-place writes as data flow -> values
+nothing reads dropped -> fused layers unfused -> hand-written attention as SDPA -> attention sites -> token axes ->
+spine, regions, chains and mixer inputs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, same_size, tensor_value
 from .flex_attention import sdpa_from_flex
 from .fused_layers import FUSED_REASON, unfuse_layers
+from .graph_edit import without_dead_code
 from .hand_written_attention import sdpa_from_hand_written
 from .in_place_writes import functionalize_writes
 from .mixer_inputs import find_mixer_inputs
@@ -106,6 +108,17 @@ class FunctionalizeWrites(DyllmPass):
     def __call__(self, state: GraphAnalysis) -> None:
         state.gm, state.unfollowed_writes = functionalize_writes(state.gm)
         state.dense_reasons += state.unfollowed_writes
+
+
+class DeadCode(_GraphReplacing):
+    """Values nothing reads are dropped, once writes are data flow (a write's result has no readers: a graph whose
+    writes stayed in place is left whole)."""
+
+    name, what, edit = "dead_code", "dropping values nothing reads", staticmethod(without_dead_code)
+
+    def __call__(self, state: GraphAnalysis) -> None:
+        if not state.unfollowed_writes:
+            super().__call__(state)
 
 
 class UnfuseLayers(_GraphReplacing):
@@ -214,7 +227,7 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (FlexAttention(), FunctionalizeWrites(), UnfuseLayers(), HandWrittenAttention(),
+ANALYSIS_PASSES = (FlexAttention(), FunctionalizeWrites(), DeadCode(), UnfuseLayers(), HandWrittenAttention(),
                    FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 

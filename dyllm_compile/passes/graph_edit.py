@@ -14,7 +14,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
-from .graph_utils import example_value
+from .graph_utils import example_value, is_impure
 
 
 def copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
@@ -33,6 +33,17 @@ def module_of(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
     return copy
+
+
+def without_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy of it without the values nothing reads (Dynamo keeps some: Zaya's router returns its logits
+    reshaped, and the MoE block that calls it drops them), which the passes that follow a value's readers would take
+    for readers: a region stops growing at a value read outside it."""
+    if all(n.users or is_impure(n) for n in gm.graph.nodes):
+        return gm
+    graph, _ = copy_graph(gm)
+    graph.eliminate_dead_code(is_impure)
+    return module_of(gm, graph)
 
 
 class Emitter:

@@ -20,6 +20,7 @@ running it on gathered rows and scattering the exit is exactly the dense computa
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -115,10 +116,21 @@ def main_output(graph: fx.Graph, infos: dict[fx.Node, Info]) -> Optional[fx.Node
 def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite],
                hidden: Sequence[fx.Node] = ()) -> Spine:
     """The residual stream from the token source (upstream of the first value projection; without attention,
-    the ``hidden`` state inputs) to the main output."""
+    the ``hidden`` state inputs) to the main output: the post-dominators of the source, found again without the
+    side states carried past attention sites (:func:`_side_states`) where there are any."""
     sink = main_output(graph, infos)
     if sink is None:
         return Spine([])
+    leaves = _source_leaves(sites[0].v, infos) if sites else list(hidden)
+    spine = _post_dominators(graph, infos, sink, leaves, set())
+    side_states = _side_states(graph, infos, sites, spine)
+    return _post_dominators(graph, infos, sink, leaves, side_states) if side_states else spine
+
+
+def _post_dominators(graph: fx.Graph, infos: dict[fx.Node, Info], sink: fx.Node, leaves: list[fx.Node],
+                     cut: set[tuple[fx.Node, fx.Node]]) -> Spine:
+    """The chain of post-dominators of ``leaves`` in the token-carrying dataflow graph to ``sink``, without the
+    reads in ``cut``."""
     ipdom: dict[fx.Node, Optional[fx.Node]] = {sink: None}
     depth = {sink: 0}
 
@@ -135,7 +147,7 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
     for node in reversed(list(graph.nodes)):
         if node is sink or infos.get(node, Info(Kind.NONE)).axis is None:
             continue
-        succ = [u for u in node.users if u in ipdom]
+        succ = [u for u in node.users if u in ipdom and (node, u) not in cut]
         if not succ:
             continue
         cur = succ[0]
@@ -143,7 +155,6 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
             cur = meet(cur, u)
         ipdom[node], depth[node] = cur, depth[cur] + 1
 
-    leaves = _source_leaves(sites[0].v, infos) if sites else list(hidden)
     leaves = [leaf for leaf in leaves if leaf in ipdom]
     if not leaves:
         return Spine([])
@@ -155,6 +166,42 @@ def find_spine(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attentio
         nodes.append(start)
         start = ipdom[start]
     return Spine(nodes, {n for n in nodes if _is_merge(n, infos)})
+
+
+def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite],
+                 spine: Spine) -> set[tuple[fx.Node, fx.Node]]:
+    """The token-carrying reads ``(value, reader)`` that pass an attention site the value does not feed, of values
+    not shaped as the residual stream's merges: a state one layer's branch hands to a later layer's beside the
+    stream (Zaya's router adds the previous layer's router state to its own), keys a later layer reads again.
+    Every path through such a read goes around the stream values between, which then do not post-dominate the
+    source: the spine jumped from the value before the first such read to the merge after the last (Zaya, 40
+    layers: from layer 0's attention to layer 39's MoE), and the layers between had no merges, so no branches.
+    The spine is found without them; regions and chains read them as they read any value. A value shaped as the
+    stream is not one: a residual connection computed before a site and added after it (``h + gate +
+    attention``)."""
+    stream_shapes = {tuple(tensor_value(m).shape) for m in spine.merges}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    positions, fed_by = [], []  # per site in graph order: its position, the token-carrying values it reads
+    for site in sorted(sites, key=lambda s: order[s.node]):
+        seen, work = set(), [site.node]
+        while work:
+            for parent in token_inputs_of(work.pop(), infos):
+                if parent not in seen:
+                    seen.add(parent)
+                    work.append(parent)
+        positions.append(order[site.node])
+        fed_by.append(seen)
+    side = set()
+    for node in graph.nodes:
+        if (infos.get(node, Info(Kind.NONE)).axis is None or tensor_value(node) is None
+                or tuple(tensor_value(node).shape) in stream_shapes):
+            continue
+        first = bisect.bisect_right(positions, order[node])  # the first site after the value
+        for user in node.users:
+            passed = fed_by[first:bisect.bisect_left(positions, order[user])]
+            if any(node not in fed for fed in passed):
+                side.add((node, user))
+    return side
 
 
 def _is_merge(node: fx.Node, infos: dict[fx.Node, Info]) -> bool:

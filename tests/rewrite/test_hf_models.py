@@ -259,14 +259,19 @@ def test_moe_whose_router_state_reaches_the_next_layer(name):
     """Zaya (transformers 5), with its default ``grouped_mm`` experts: threshold 1 equals dense; both attention sites
     are cached, their q and k convolved over the tokens first (mixing points, tested each call); the last layer's
     MoE is gated, its skip expert's id bounded by ``masked_fill`` (before: "'histc' of keys that are not provably
-    indices inside its range"). The first layer's router also passes its state to the next layer's, so its MoE is
-    no branch off the residual stream: it runs on every row (docs/rewrite.md, "Open"; ``explain`` lists it). The q
+    indices inside its range"). The first layer's router also passes its state to the next layer's: the spine is
+    found without that read, so both MoEs are branches off the residual stream, gated (until 2026-12-06 the first
+    ran on every row: the spine jumped from its attention to the last merge); its router's first projection, which
+    both layers' MoEs read, is a shared projection computed on every row (docs/rewrite.md, "Open"). The q
     and k projections, read by the convolution (through a concatenation) and by the queries' and keys' residual
     paths, are gated mixer inputs, each cached as a side exit (before, they ran on every row: 82.7% of the FLOPs
     outside every region), and so is the delayed value projection, which a shift over the tokens reads."""
     runtime = _threshold_one_runtime(name, "grouped_mm")
     assert runtime.stats.fallback is None and [s.cached for s in runtime.plan.sites] == [True, True]
-    assert [(r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "moe")] == [("moe", 1)]
+    assert [(r.role, r.layer) for r in runtime.plan.regions if r.role in ("ffn", "moe")] == [("moe", 0), ("moe", 1)]
+    (router,) = [r for r in runtime.plan.analysis.regions if r.role == "shared_proj" and r not in runtime.plan.regions
+                 and r.layer == 0]
+    assert [n.name for n in router.nodes if node_flops(n)] == ["router_hidden_states"]
     assert runtime.plan.mixing
     mixers = [r for r in runtime.plan.regions if r.role == "mixer_in"]
     # per layer: q and k projections (two side exits and the conv's input), the delayed value projection

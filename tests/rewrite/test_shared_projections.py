@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decode_driver import unmasking
+from decode_driver import banded_decode
 from dyllm_compile.explain import Report
-from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 
-MASK = 127
 NEARLY_ONE = 1 - 1e-12
 
 
@@ -59,34 +57,12 @@ class DifferentialLM(nn.Module):
         return self.head(self.norm(h))
 
 
-def _band(n: int) -> torch.Tensor:
-    """Each token attends to itself and its neighbours: a changed token moves only the rows near it."""
-    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
-    return torch.zeros(1, 1, n, n).masked_fill(distance > 1, float("-inf"))
-
-
-def _decode(model, mode, threshold):
-    """Compiled vs eager over six unmasking calls with a banded mask; the runtime with sparse calls."""
-    torch._dynamo.reset()
-    before = last_serial()
-    band = _band(24)
-    compiled = torch.compile(lambda x: model(x, band), backend="dyllm",
-                             options={"lowering": "aot_eager", "threshold": threshold, "attention_mode": mode})
-    ids = torch.randint(0, 120, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        for x in unmasking(ids, 6, MASK, 6):
-            torch.testing.assert_close(compiled(x.clone()), model(x.clone(), band), rtol=1e-5, atol=1e-5)
-    (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
-    assert runtime.stats.fallback is None
-    return runtime
-
-
 @pytest.mark.parametrize("mode, threshold", [("exact", NEARLY_ONE), ("paper", 1.0)])
 def test_a_value_projection_split_between_two_attentions_runs_on_the_salient_rows(mode, threshold):
     """Each half is read by its attention's v chain alone, which runs on S_in, as the projection does. The query
     projection, which each attention views on its own (two q chains), is a shared projection too: exact mode runs
     both q chains on S_in; paper mode computes q for every row, so it stays dense there, named."""
-    runtime = _decode(DifferentialLM(), mode, threshold)
+    runtime = banded_decode(DifferentialLM(), mode, threshold)
     shared = [r for r in runtime.plan.regions if r.role == "shared_proj"]
     # each layer's (the two attentions are layers 2i and 2i + 1): the value projection and its split, both halves
     # exits, each cached; in exact mode the query projection, one exit
@@ -106,7 +82,7 @@ def test_a_gated_query_projection_stays_on_every_row_named():
     outside S_in would read a cached gate where the algorithm computes it from the row's current input. The
     projection stays dense, as that branch does (no reason given: the algorithm's choice), listed dense by
     ``explain``; the value projection's split is still gated."""
-    runtime = _decode(DifferentialLM(gate=True), "exact", NEARLY_ONE)
+    runtime = banded_decode(DifferentialLM(gate=True), "exact", NEARLY_ONE)
     assert [(r.layer, len(r.exits)) for r in runtime.plan.regions if r.role == "shared_proj"] == [(1, 2), (3, 2)]
     analysed = [(r.layer, len(r.exits)) for r in runtime.plan.analysis.regions if r.role == "shared_proj"]
     assert analysed == [(1, 2), (1, 2), (3, 2), (3, 2)] and not runtime.plan.reasons

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from torch import fx
 
-from .graph_utils import arg, example_value, hint, op_name, prod, size_checks, tensor_value
+from .graph_utils import arg, example_value, hint, op_name, prod, same_size, size_checks, tensor_value
 from .head_repeat import repeated_heads_source
 from .op_rules import UNARY, Info, Kind
 from .sorted_rows import GROUPED_MM
@@ -179,7 +179,12 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
     The spine is found without them; regions and chains read them as they read any value. A value shaped as the
     stream is not one: a residual connection computed before a site and added after it (``h + gate +
     attention``)."""
-    stream_shapes = {tuple(tensor_value(m).shape) for m in spine.merges}
+    stream_shapes = [tensor_value(m).shape for m in spine.merges]
+
+    def stream_shaped(value) -> bool:
+        return any(len(value.shape) == len(shape) and all(map(same_size, value.shape, shape))
+                   for shape in stream_shapes)
+
     order = {n: i for i, n in enumerate(graph.nodes)}
     positions, fed_by = [], []  # per site in graph order: its position, the token-carrying values it reads
     for site in sorted(sites, key=lambda s: order[s.node]):
@@ -194,7 +199,7 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
     side = set()
     for node in graph.nodes:
         if (infos.get(node, Info(Kind.NONE)).axis is None or tensor_value(node) is None
-                or tuple(tensor_value(node).shape) in stream_shapes):
+                or stream_shaped(tensor_value(node))):
             continue
         first = bisect.bisect_right(positions, order[node])  # the first site after the value
         for user in node.users:

@@ -37,8 +37,8 @@ from typing import Any, Optional, Union
 
 from torch import fx
 
-from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, reduced_dims, same_size,
-                          tensor_value)
+from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, reduced_dims, same_shape,
+                          same_size, tensor_value)
 from .head_repeat import repeated_heads_source
 
 #: ``node.meta`` key of a hand-written site's context node: why it stays as written
@@ -166,7 +166,7 @@ def _manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     while isinstance(node, fx.Node) and op_name(node) in _SCORE_OPS:
         internal.append(node)
         operands = [a for a in node.args if isinstance(a, fx.Node) and tensor_value(a) is not None]
-        main = [a for a in operands if tensor_value(a).shape == tensor_value(node).shape]
+        main = [a for a in operands if same_shape(tensor_value(a).shape, tensor_value(node).shape)]
         if not main:
             return None
         mask = next((a for a in operands if a is not main[0]), mask)

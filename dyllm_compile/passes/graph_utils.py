@@ -156,6 +156,11 @@ def same_size(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Two shapes provably equal size by size (``==`` on symbolic sizes would guard on their example values)."""
+    return len(a) == len(b) and all(map(same_size, a, b))
+
+
 def prod(sizes: Sequence[Any]) -> Any:
     return math.prod(sizes, start=1)
 

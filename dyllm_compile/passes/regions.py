@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from torch import fx
 
-from .graph_utils import arg, example_value, hint, op_name, prod, same_size, size_checks, tensor_value
+from .graph_utils import arg, example_value, hint, op_name, prod, same_shape, size_checks, tensor_value
 from .head_repeat import repeated_heads_source
 from .op_rules import UNARY, Info, Kind
 from .sorted_rows import GROUPED_MM
@@ -180,11 +180,6 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
     stream is not one: a residual connection computed before a site and added after it (``h + gate +
     attention``)."""
     stream_shapes = [tensor_value(m).shape for m in spine.merges]
-
-    def stream_shaped(value) -> bool:
-        return any(len(value.shape) == len(shape) and all(map(same_size, value.shape, shape))
-                   for shape in stream_shapes)
-
     order = {n: i for i, n in enumerate(graph.nodes)}
     positions, fed_by = [], []  # per site in graph order: its position, the token-carrying values it reads
     for site in sorted(sites, key=lambda s: order[s.node]):
@@ -199,7 +194,7 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
     side = set()
     for node in graph.nodes:
         if (infos.get(node, Info(Kind.NONE)).axis is None or tensor_value(node) is None
-                or stream_shaped(tensor_value(node))):
+                or any(same_shape(tensor_value(node).shape, shape) for shape in stream_shapes)):
             continue
         first = bisect.bisect_right(positions, order[node])  # the first site after the value
         for user in node.users:
@@ -213,7 +208,7 @@ def _is_merge(node: fx.Node, infos: dict[fx.Node, Info]) -> bool:
     """Two or more full-width token-carrying operands: a residual add (not a norm's row statistic)."""
     out = tensor_value(node)
     full = [a for a in token_inputs_of(node, infos) if out is not None and tensor_value(a) is not None
-            and tuple(tensor_value(a).shape) == tuple(out.shape)]
+            and same_shape(tensor_value(a).shape, out.shape)]
     return len(full) >= 2
 
 

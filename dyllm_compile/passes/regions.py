@@ -179,7 +179,10 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
     The spine is found without them; regions and chains read them as they read any value. A value shaped as the
     stream is not one: a residual connection computed before a site and added after it (``h + gate +
     attention``)."""
-    stream_shapes = [tensor_value(m).shape for m in spine.merges]
+    stream_shapes: list = []  # the merges' distinct shapes (symbolic sizes are compared, not hashed)
+    for merge in spine.merges:
+        if not any(same_shape(tensor_value(merge).shape, shape) for shape in stream_shapes):
+            stream_shapes.append(tensor_value(merge).shape)
     order = {n: i for i, n in enumerate(graph.nodes)}
     positions, fed_by = [], []  # per site in graph order: its position, the token-carrying values it reads
     for site in sorted(sites, key=lambda s: order[s.node]):
@@ -193,14 +196,13 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
         fed_by.append(seen)
     side = set()
     for node in graph.nodes:
-        if (infos.get(node, Info(Kind.NONE)).axis is None or tensor_value(node) is None
-                or any(same_shape(tensor_value(node).shape, shape) for shape in stream_shapes)):
+        if infos.get(node, Info(Kind.NONE)).axis is None or tensor_value(node) is None:
             continue
         first = bisect.bisect_right(positions, order[node])  # the first site after the value
-        for user in node.users:
-            passed = fed_by[first:bisect.bisect_left(positions, order[user])]
-            if any(node not in fed for fed in passed):
-                side.add((node, user))
+        readers = [u for u in node.users
+                   if any(node not in fed for fed in fed_by[first:bisect.bisect_left(positions, order[u])])]
+        if readers and not any(same_shape(tensor_value(node).shape, shape) for shape in stream_shapes):
+            side.update((node, u) for u in readers)
     return side
 
 

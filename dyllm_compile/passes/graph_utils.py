@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental import symbolic_shapes
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._sympy.numbers import int_oo
 
 # A size's example value without guarding: optimization_hint on torch 2.13, size_hint on 2.11 (whose hint_int, the
 # older name, warns that it is deprecated).
@@ -178,7 +179,9 @@ def hint(size: Any) -> int:
     data-dependent size (an MoE's selection), the largest its ShapeEnv allows (torch 2.11's hint raises there)."""
     if isinstance(size, torch.SymInt) and symbolic_shapes.free_unbacked_symbols(size):
         upper = size.node.shape_env.bound_sympy(size.node.expr).upper
-        return int(upper) if upper.is_finite else _UNBOUNDED_HINT
+        # unbounded: torch's integer infinity (which sympy takes for finite: a size read from data with .tolist()
+        # under capture_scalar_outputs, JetMoE's expert counts) or sympy's
+        return _UNBOUNDED_HINT if upper == int_oo or not upper.is_finite else int(upper)
     return int(_size_hint(size))
 
 

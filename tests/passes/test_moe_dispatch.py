@@ -7,10 +7,11 @@ per-token stay dense with the reason."""
 
 import pytest
 import torch
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from dyllm_compile.models import llada_like
 from dyllm_compile.models.transformer import MoE
-from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.passes.graph_utils import _UNBOUNDED_HINT, hint, op_name
 from dyllm_compile.passes.op_rules import Kind
 from graph_helpers import assert_region_runs_on_rows, capture
 
@@ -88,3 +89,14 @@ def test_dispatch_that_is_not_per_token_stays_dense(moe, reason):
     cap = analysed(1, moe=moe)
     assert not [r for r in cap.analysis.regions if r.role == "moe" and r.gated]
     assert any(reason in r for r in cap.analysis.dense_reasons), cap.analysis.dense_reasons
+
+
+def test_a_data_dependent_size_nothing_bounds_gets_the_fallback_hint():
+    """A size read from data (an expert's row count; ``.tolist()`` under Dynamo's ``capture_scalar_outputs``, as
+    JetMoE's MoE does) with no bound: its upper bound is torch's integer infinity, which sympy takes for a finite
+    number; converting it raised inside the analysis, which then kept the graph dense as failed. A bounded one has
+    its bound."""
+    count = ShapeEnv().create_unbacked_symint()
+    assert hint(count * 64) == hint(count) == _UNBOUNDED_HINT
+    torch._check(count <= 10)
+    assert hint(count * 64) == 640

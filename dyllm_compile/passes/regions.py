@@ -184,16 +184,10 @@ def _side_states(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attent
         if not any(same_shape(tensor_value(merge).shape, shape) for shape in stream_shapes):
             stream_shapes.append(tensor_value(merge).shape)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    positions, fed_by = [], []  # per site in graph order: its position, the token-carrying values it reads
-    for site in sorted(sites, key=lambda s: order[s.node]):
-        seen, work = set(), [site.node]
-        while work:
-            for parent in token_inputs_of(work.pop(), infos):
-                if parent not in seen:
-                    seen.add(parent)
-                    work.append(parent)
-        positions.append(order[site.node])
-        fed_by.append(seen)
+    ordered = sorted(sites, key=lambda s: order[s.node])
+    positions = [order[s.node] for s in ordered]
+    # per site in graph order, the token-carrying values it is computed from (no stream to stop at)
+    fed_by = [_off_stream(s.node, infos, set(), lambda n: True)[0] for s in ordered]
     side = set()
     for node in graph.nodes:
         if infos.get(node, Info(Kind.NONE)).axis is None or tensor_value(node) is None:

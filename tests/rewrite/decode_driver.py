@@ -30,6 +30,11 @@ def unmasking(ids: torch.Tensor, prompt: int, mask_id: int, calls: int, seed: in
             0, mask_id, (ids.shape[0], min(per_call, response - call * per_call)), generator=gen)
 
 
+#: Below 1 by less than float32 resolves: every row whose value moved at all is recomputed (a row that did not move
+#: has cosine 1, or one rounding below it, which makes it salient too: harmless)
+NEARLY_ONE = 1 - 1e-12
+
+
 def band(n: int) -> torch.Tensor:
     """SDPA's additive mask where each token attends to itself and its neighbours: a changed token moves only the
     rows near it."""

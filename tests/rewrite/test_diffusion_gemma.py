@@ -7,7 +7,7 @@ Before, no attention site was found in its graph and nothing was gated."""
 import pytest
 import torch
 
-from decode_driver import unmasking
+from decode_driver import NEARLY_ONE, unmasking
 from dyllm_compile.explain import explain
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 
@@ -18,7 +18,6 @@ if not hasattr(transformers, "DiffusionGemmaConfig"):
 from dyllm_compile.models.diffusion_gemma import diffusion_gemma_like as diffusion_gemma  # noqa: E402
 
 MASK = 127
-NEARLY_ONE = 1 - 1e-12
 
 
 def test_decoder_sites_have_the_prompt_cache_as_prefix_and_moe_is_gated():

@@ -11,7 +11,7 @@ from dense by up to 1.0, 3e-4 and 2.0."""
 import pytest
 import torch
 
-from decode_driver import unmasking
+from decode_driver import NEARLY_ONE, unmasking
 from dyllm_compile.models import llada_like
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from dyllm_compile.runtime.rows import moved_rows
@@ -19,9 +19,6 @@ from hf_builders import build
 from hybrid_layers import HybridLM
 
 MASK = 127
-# Below 1 by less than float32 resolves: every row whose value moved at all is recomputed (a row that did not move
-# has cosine 1, or one rounding below it, which makes it salient too: harmless)
-NEARLY_ONE = 1 - 1e-12
 
 
 def _decode(forward, ids, prompt: int, calls: int, tol: float = 1e-5, **options):

@@ -11,11 +11,9 @@ equal dense while most rows are skipped; a new prefix starts a new sequence."""
 import pytest
 import torch
 
-from decode_driver import unmasking
+from decode_driver import NEARLY_ONE, unmasking
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from prefix_decoder import MASK, PrefixDecoder, block, prefix
-
-NEARLY_ONE = 1 - 1e-12
 
 
 def _decode(model, kv, ids, calls, mask=None, tol=1e-5, **options):

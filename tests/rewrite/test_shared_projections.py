@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decode_driver import banded_decode
+from decode_driver import NEARLY_ONE, banded_decode
 from dyllm_compile.explain import Report
-
-NEARLY_ONE = 1 - 1e-12
 
 
 class DifferentialLM(nn.Module):

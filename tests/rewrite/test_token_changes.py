@@ -6,10 +6,9 @@ equal dense at a threshold that recomputes every row that moved."""
 import pytest
 import torch
 
+from decode_driver import NEARLY_ONE
 from dyllm_compile.models import llada_like
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-
-NEARLY_ONE = 1 - 1e-12
 
 
 def _renoising(calls: int, n: int = 32, per_call: int = 3):

@@ -20,7 +20,7 @@ from .explain import Report
 from .lowering import lower, without_cuda_graphs
 from .passes.analysis import analyze
 from .passes.graph_edit import copy_graph, drop_unbacked_bindings
-from .passes.rewrite import NotRewritable, build_dense, plan_rewrite, scalar_inputs
+from .passes.rewrite import NotRewritable, build_dense, scalar_inputs
 from .runtime.graph_runtime import GraphRuntime, unbacked_rows
 
 log = logging.getLogger("dyllm_compile")
@@ -46,16 +46,17 @@ def dyllm_backend(
     try:
         analysis = analyze(gm, graph_id, config.debug_dir)
         log.info("%s", analysis.summary())
+        report = Report([analysis], config)  # plans the graph once, for explain.txt and for the rewrite
         if config.debug_dir is not None:
             with open(os.path.join(config.debug_dir, graph_id, "explain.txt"), "w") as f:
-                f.write(Report([analysis], config).table() + "\n")
-        plan = plan_rewrite(analysis, config)
-    except NotRewritable as err:
-        log.warning("dyllm: graph %s compiled dense: %s", graph_id, err)
-        return lower(gm, example_inputs, config.lowering, mode)
+                f.write(report.table() + "\n")
+        plan = report.plan(analysis)
     except Exception as err:  # the analysis must never break a user's compile
         log.warning("dyllm: graph %s: analysis failed (%s: %s); compiled dense", graph_id,
                     type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+        return lower(gm, example_inputs, config.lowering, mode)
+    if isinstance(plan, NotRewritable):
+        log.warning("dyllm: graph %s compiled dense: %s", graph_id, plan)
         return lower(gm, example_inputs, config.lowering, mode)
     if plan.reasons:
         log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))

@@ -80,7 +80,10 @@ ELEMENTWISE = frozenset(
     "add sub mul div neg pow rsqrt sqrt exp exp2 log log1p expm1 tanh sigmoid sin cos abs where clamp clamp_min "
     "clamp_max maximum minimum erf silu gelu relu relu6 leaky_relu elu selu softplus mish hardswish hardsigmoid "
     "masked_fill reciprocal square sign logical_not logical_and logical_or eq ne lt le gt ge and or invert lerp "
-    "addcmul addcdiv".split()
+    "addcmul addcdiv floor ceil round trunc frac fmod remainder mod floor_divide rsub true_divide float_power "
+    "log2 log10 logit erfc erfinv tan atan atan2 asin acos sinh cosh asinh acosh atanh hypot copysign xlogy "
+    "nan_to_num isnan isinf isfinite signbit sgn positive fmin fmax heaviside xor logical_xor bitwise_and "
+    "bitwise_or bitwise_xor bitwise_not softsign tanhshrink hardtanh celu threshold lgamma digamma".split()
 )
 # Ops whose result depends on ``self`` alone (other arguments are dtypes, devices, shapes, probabilities).
 UNARY = frozenset(

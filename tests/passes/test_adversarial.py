@@ -96,7 +96,7 @@ def test_moe_with_expert_capacity_routes_densely():
     _check(cap, "cumsum")
 
 
-# Row-wise ops that look like layout changes across rows: each stays inside the FFN region. A per-row value
+# Row-wise ops that look like layout changes across rows, and pointwise ops: each stays inside the FFN region. A per-row value
 # broadcast over a group of features (DeepSeek-V3's group mask, ``expand`` from size 1: before 2026-12-05 the
 # broadcast dim was taken for a moved token axis), and a ``bool`` cast (no rule before).
 # Before 2026-12-05 (third change), ``repeat`` along the rows (Llama-4's experts' input: a copy of every token per
@@ -115,6 +115,11 @@ ROW_WISE = {
     "bool_mask": (lambda h: h.masked_fill(~(h > 0).bool(), 0.0), "bool"),
     "tiled_rows": (lambda h: h.reshape(-1, 32).repeat(3, 1).view(3, -1, 32).sum(0).view_as(h), "repeat"),
     "complex_rotation": (_complex_rotation, "view_as_complex"),
+    # pointwise ops with no rule before 2026-12-06 (Ministral-3 floors its positions for the attention's scale)
+    "rounding_and_remainders": (lambda h: h + torch.floor(h) * torch.ceil(h) - torch.round(h) + torch.trunc(h)
+                                + torch.frac(h) + torch.fmod(h, 0.7) + torch.remainder(h, 0.3) + h % 0.5
+                                + h // 0.5 + torch.atan2(h, h + 2) + torch.hypot(h, h) + torch.log2(h.abs() + 1)
+                                + torch.nan_to_num(h) * torch.isfinite(h) + torch.copysign(h, -h), "floor"),
 }
 
 

@@ -2,11 +2,11 @@
 
 Each architecture is built tiny (random weights, 2 layers, width 64, SDPA attention, called with a full 4-d mask as
 a diffusion LM runs its layers), compiled with ``backend="dyllm"`` at threshold 1 (``aot_eager`` lowering) and
-decoded with ``dyllm_compile.generate``; every call's logits are compared with the eager model's. Printed per
-architecture: the largest difference, whether the tokens equal the eager decode's, the sparse calls, any fallback
-to the graph without the rewrite, the share of matmul FLOPs gated (``explain``) and the dense reasons. A model
-that fails eagerly (a config these defaults do not fit) is reported and skipped. Exits 1 if any architecture
-differs from dense.
+decoded with ``dyllm_compile.generate``; every call's logits are compared with the eager model's
+(``torch.testing``'s fp32 tolerances). Printed per architecture: the largest difference, whether the tokens equal
+the eager decode's, the sparse calls, any fallback to the graph without the rewrite, the share of matmul FLOPs
+gated (``explain``) and the dense reasons. A model that fails eagerly (a config these defaults do not fit) is
+reported and skipped. Exits 1 if any architecture differs from dense.
 
     .venv/bin/python scripts/check_hf_architectures.py Mistral Qwen3 Gemma3Text:Gemma3 Bamba attn_layer_indices=[1]
 
@@ -34,7 +34,8 @@ from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 MASK = 127
 SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-TOLERANCE = 1e-5
+# torch.testing.assert_close's fp32 tolerances (MiniCPM3's logits reach 20: 1.1e-5 there is rounding noise)
+RTOL, ATOL = 1.3e-6, 1e-5
 
 
 def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
@@ -61,12 +62,14 @@ def check(name: str, settings: dict[str, Any]) -> bool:
     torch._dynamo.reset()
     before = last_serial()
     compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
-    worst = 0.0
+    worst, close = 0.0, True
 
     def compared(ids: torch.Tensor) -> torch.Tensor:
-        nonlocal worst
+        nonlocal worst, close
         got = compiled(ids)
-        worst = max(worst, (got - forward(ids)).abs().max().item())
+        expected = forward(ids)
+        worst = max(worst, (got - expected).abs().max().item())
+        close = close and torch.allclose(got, expected, rtol=RTOL, atol=ATOL)
         return got
 
     try:
@@ -81,14 +84,14 @@ def check(name: str, settings: dict[str, Any]) -> bool:
     same = torch.equal(sparse.tokens, dense.tokens)
     # Tokens that differ while every call's logits match: near-ties (a model without positions, whose runs of mask
     # tokens have nearly equal confidences), if eager's own decode changes under noise of the size of the difference
-    tie = not same and worst <= TOLERANCE and not torch.equal(_perturbed(forward, prompt, worst).tokens, dense.tokens)
+    tie = not same and close and not torch.equal(_perturbed(forward, prompt, worst).tokens, dense.tokens)
     fallback = [s.fallback for s in stats if s.fallback]
     reasons = [reason for graph in report.graphs for reason in graph.dense_reasons]
     tokens = "equal" if same else f"differ as eager's do with noise of {worst:.0e} (near-ties)" if tie else "DIFFER"
-    print(f"{name}: largest difference {worst:.1e}, tokens {tokens}, "
+    print(f"{name}: largest difference {worst:.1e}{'' if close else ' (NOT CLOSE)'}, tokens {tokens}, "
           f"{sum(s.sparse_calls for s in stats)} sparse calls, {100 * gated / max(1, total):.0f}% of FLOPs gated"
           + (f", FALLBACK {fallback}" if fallback else "") + (f"; dense: {'; '.join(reasons)}" if reasons else ""))
-    return worst <= TOLERANCE and (same or tie) and not fallback
+    return close and (same or tie) and not fallback
 
 
 def _perturbed(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor, size: float) -> Any:

@@ -96,9 +96,9 @@ def test_moe_with_expert_capacity_routes_densely():
     _check(cap, "cumsum")
 
 
-# Row-wise ops that look like layout changes across rows, and pointwise ops: each stays inside the FFN region. A per-row value
-# broadcast over a group of features (DeepSeek-V3's group mask, ``expand`` from size 1: before 2026-12-05 the
-# broadcast dim was taken for a moved token axis), and a ``bool`` cast (no rule before).
+# Row-wise ops that look like layout changes across rows, and pointwise ops: each stays inside the FFN region. A
+# per-row value broadcast over a group of features (DeepSeek-V3's group mask, ``expand`` from size 1: before
+# 2026-12-05 the broadcast dim was taken for a moved token axis), and a ``bool`` cast (no rule before).
 # Before 2026-12-05 (third change), ``repeat`` along the rows (Llama-4's experts' input: a copy of every token per
 # expert) and complex RoPE (``view_as_complex`` / ``view_as_real``) had no rule and kept Llama-4's MoE dense.
 _ROTATION = torch.polar(torch.ones(16), torch.linspace(0.0, 3.0, 16))

@@ -158,14 +158,23 @@ if hasattr(transformers, "ZayaConfig"):  # transformers 5
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32, router_hidden_size=16,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, **SMALL), True)
 
+#: Zero experts: LongCat-Flash's router also picks among experts that compute nothing and pass the row through
+#: times their weight; their ids are spread over the real experts' (weight 0) before the grouped products. Each layer
+#: holds two attention sublayers and two FFNs, and the MoE reads the first attention's output (a shortcut).
+ZERO_EXPERTS: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {}
+if hasattr(transformers, "LongcatFlashConfig"):  # transformers 5
+    ZERO_EXPERTS["longcat_flash"] = lambda: (transformers.LongcatFlashForCausalLM, transformers.LongcatFlashConfig(
+        num_key_value_heads=4, n_routed_experts=4, zero_expert_num=2, moe_topk=2, expert_ffn_hidden_size=32,
+        num_layers=1, **{k: v for k, v in SMALL.items() if k != "num_hidden_layers"}), True)
+
 
 def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (seed 0, eval mode, SDPA or eager attention; an MoE's ``experts`` implementation) and its forward:
     token ids -> logits."""
-    every = {**ARCHITECTURES, **MOE, **SHARED_READS, **TILED_EXPERTS, **HYBRID, **CARRIED_STATES}
+    every = {**ARCHITECTURES, **MOE, **SHARED_READS, **TILED_EXPERTS, **HYBRID, **CARRIED_STATES, **ZERO_EXPERTS}
     cls, config, full_mask = every[name]()
     config._attn_implementation = "eager" if name in EAGER else "sdpa"
-    if name in MOE or name in CARRIED_STATES:
+    if name in MOE or name in CARRIED_STATES or name in ZERO_EXPERTS:
         config._experts_implementation = experts  # transformers 5 (MOE's comment); 4 reads no such field
     config.use_cache = False
     torch.manual_seed(0)

@@ -34,9 +34,9 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .graph_utils import (arg, example_value, index_position, normalize_dim, op_name, same_size, tensor_args,
-                          tensor_value)
+from .graph_utils import arg, example_value, index_position, op_name, same_size, tensor_args, tensor_value
 from .in_place_writes import set_items
+from .index_ranges import index_bound
 
 SORTS = frozenset(("sort", "argsort"))
 #: A grouped product ``(input [M, K], weight [G, K, N], offs [G])``: rows ``offs[g - 1]:offs[g]`` times weight g
@@ -44,10 +44,6 @@ SORTS = frozenset(("sort", "argsort"))
 GROUPED_MM = frozenset(("grouped_mm", "_grouped_mm", "grouped_mm_fallback"))
 #: Ops that change a tensor's dtype or memory, not its values' meaning
 CASTS = frozenset("to int long float double half bfloat16 type contiguous clone detach".split())
-# Ops whose result (or the tuple entry 1 of it) holds indices along a dim: never negative
-_INDEX_RESULTS = frozenset(("topk", "sort", "max", "min", "kthvalue", "mode"))
-_INDEX_OPS = frozenset(("argmax", "argmin", "argsort"))
-_LAST_DIM_DEFAULT = frozenset(("topk", "sort", "argsort", "kthvalue", "mode"))  # the others flatten without a dim
 
 
 def through_casts(node: Any) -> Any:
@@ -196,34 +192,3 @@ class SortedRows:
                 or any(self.axis_of(a) is not None for a in tensor_args(node) if a not in (x, offs))):
             return self._mixing(node, f"'{name}' of rows not provably sorted ascending by the keys its offsets count")
         return self._row(0, axis)
-
-
-def index_bound(node: Any) -> Optional[int]:
-    """``D`` when ``node`` holds indices along a dim of static size ``D`` (``topk(x, k)[1]``, ``argmax``;
-    through views, casts and concatenations), so each is in ``[0, D)``; ``D - 1`` for such indices whose last one
-    is replaced by a smaller one (``i.masked_fill(i == D - 1, 0)``); else None."""
-    while isinstance(node, fx.Node) and (op_name(node) in CASTS or op_name(node) in ("view", "reshape", "flatten")):
-        node = node.args[0]
-    if not isinstance(node, fx.Node):
-        return None
-    if op_name(node) == "masked_fill":  # the last index replaced by a smaller one (Zaya's skip expert): one less
-        x, mask, value = node.args[:3]
-        bound = index_bound(x)
-        if (bound is None or not isinstance(mask, fx.Node) or op_name(mask) != "eq" or len(mask.args) != 2
-                or mask.args[0] is not x or mask.args[1] != bound - 1 or not isinstance(value, int)
-                or not 0 <= value < bound - 1):
-            return None
-        return bound - 1
-    if op_name(node) in ("cat", "concat", "stack"):  # indices of several picks side by side (Phi-MoE's top 2)
-        bounds = [index_bound(part) for part in node.args[0]]
-        return None if not bounds or None in bounds else max(bounds)
-    if op_name(node) == "getitem" and node.args[1] == 1 and op_name(node.args[0]) in _INDEX_RESULTS:
-        node = node.args[0]
-    elif op_name(node) not in _INDEX_OPS:
-        return None
-    source, name = tensor_value(node.args[0]), op_name(node)
-    dim = arg(node, 2 if name in ("topk", "kthvalue") else 1, "dim", -1 if name in _LAST_DIM_DEFAULT else None)
-    if source is None or not isinstance(dim, int):
-        return None
-    size = source.shape[normalize_dim(dim, source.dim())] if source.dim() else 1
-    return size if isinstance(size, int) else None

@@ -44,11 +44,13 @@ def test_sorted_rows_and_order_values_are_told_apart():
 
 
 @pytest.mark.parametrize("batch, dynamic, moe", [(3, False, None), (3, True, None), (3, False, "unit_weights"),
-                                                (3, True, "unit_weights"), (3, False, "skip")])
+                                                (3, True, "unit_weights"), (3, False, "skip"), (3, False, "zero")])
 def test_region_with_a_batch_folded_in_runs_on_rows(batch, dynamic, moe):
     """Gathered rows (5 of each element's) through the region equal the dense values on them; with Ergo's unit
-    weights too, their factory sized for the region's rows; with Zaya's skip expert."""
-    variants = {None: None, "unit_weights": grouped(unit_weights="rows"), "skip": grouped(skip="last")}
+    weights too, their factory sized for the region's rows; with Zaya's skip expert; with LongCat-Flash's zero
+    experts."""
+    variants = {None: None, "unit_weights": grouped(unit_weights="rows"), "skip": grouped(skip="last"),
+                "zero": grouped(skip="zero")}
     cap = analysed(variants[moe], batch=batch, dynamic=dynamic)
     (moe,) = [r for r in cap.analysis.regions if r.role == "moe"]
     assert moe.gated
@@ -62,13 +64,24 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
     ``rows.new_ones(...)`` in the sorted order and by the routing weights after the rows are put back ("rows"), or
     with those ones also contracted with every row ("contracted": a sum over the rows). ``skip``: as Zaya's skip
     expert, the ``"last"`` (or ``"first"``) id picked computes nothing: its weight 0, its id replaced by 0, one
-    expert fewer counted and multiplied."""
+    expert fewer counted and multiplied; as LongCat-Flash's zero experts (``"zero"``), the last two ids compute
+    nothing but pass the row through times their weight, their ids spread over the others' (``(i - E) * E // 2``),
+    two experts fewer counted and multiplied (``"zero_unspread"``: ``(i - E) * E``, the second one's id E itself,
+    outside the histogram)."""
 
     class Grouped(MoE):
         def _grouped(self, x, top_p, top_i):
             flat, k, experts = x.reshape(-1, x.shape[-1]), top_i.shape[-1], self.cfg.n_experts
             gate_up, down = self.experts.gate_up, self.experts.down
-            if skip:
+            passed = 0
+            if skip in ("zero", "zero_unspread"):
+                real = experts - 2
+                zero = top_i >= real
+                passed = (x * top_p.masked_fill(~zero, 0.0).sum(-1, keepdim=True)).reshape(flat.shape)
+                spread = (top_i - real) * real // (2 if skip == "zero" else 1)
+                top_i, top_p = torch.where(zero, spread, top_i), top_p.masked_fill(zero, 0.0)
+                experts, gate_up, down = real, gate_up[:real], down[:real]
+            elif skip:
                 skipped = top_i == (experts - 1 if skip == "last" else 0)
                 top_i, top_p = top_i.masked_fill(skipped, 0), top_p.masked_fill(skipped, 0)
                 experts, gate_up, down = experts - 1, gate_up[:-1], down[:-1]
@@ -93,7 +106,7 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
             out = out[inverse if restore == "inverse" else perm].view(-1, k, x.shape[-1])
             if unit_weights:
                 out = out * top_p.reshape(-1, k, 1)
-            return out.sum(1).view_as(x)
+            return (out.sum(1) + passed).view_as(x)
     return Grouped
 
 
@@ -117,6 +130,10 @@ def grouped(descending=False, histogram=None, keys="ids", restore="inverse", pos
     (grouped(skip="last"), None),
     # the first id replaced: the last one is still there, outside the histogram's range
     (grouped(skip="first"), "'histc' of keys that are not provably indices inside its range"),
+    # LongCat-Flash's zero experts, their ids spread over the real experts' by a where on the ids' range (before
+    # 2026-12-06, "'histc' of keys that are not provably indices inside its range": passes/index_ranges.py)
+    (grouped(skip="zero"), None),
+    (grouped(skip="zero_unspread"), "'histc' of keys that are not provably indices inside its range"),
 ])
 def test_sorted_rows_that_are_not_per_token_stay_dense(moe, reason):
     cap = analysed(moe)

@@ -19,7 +19,7 @@ from dyllm_compile.passes.graph_utils import tensor_value
 from dyllm_compile.passes.region_graph import SIZES_SYMBOLIC_FOLDS
 from dyllm_compile.passes.regions import distinct_flops, node_flops
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from hf_builders import ARCHITECTURES, CARRIED_STATES, MOE, SHARED_READS, SMALL, build
+from hf_builders import ARCHITECTURES, CARRIED_STATES, MOE, SHARED_READS, SMALL, ZERO_EXPERTS, build
 
 MASK = 127
 
@@ -252,6 +252,18 @@ def test_llama_flex_attention_with_a_padded_batch_equals_dense():
     layers = [r for r in runtimes(before) if r.plan.sites]
     assert layers and all(s.cached for r in layers for s in r.plan.sites)
     assert sum(r.stats.sparse_calls for r in layers) >= 2 and not any(r.plan.reasons for r in layers)
+
+
+@pytest.mark.parametrize("name", list(ZERO_EXPERTS))
+def test_moe_with_zero_experts_is_gated(name):
+    """LongCat-Flash (transformers 5, ``grouped_mm`` experts): threshold 1 equals dense, both attention sublayers
+    are cached, and the MoE, whose zero experts' ids are spread over the real experts' by a ``where`` on the ids'
+    range, is gated beside both FFNs (before 2026-12-06 it stayed dense: "'histc' of keys that are not provably
+    indices inside its range", passes/index_ranges.py)."""
+    runtime = _threshold_one_runtime(name, "grouped_mm")
+    assert runtime.stats.fallback is None and [s.cached for s in runtime.plan.sites] == [True, True]
+    assert sorted(r.role for r in runtime.plan.regions if r.role in ("ffn", "moe")) == ["ffn", "ffn", "moe"]
+    assert not runtime.plan.reasons and not runtime.plan.analysis.dense_reasons
 
 
 @pytest.mark.parametrize("name", list(CARRIED_STATES))

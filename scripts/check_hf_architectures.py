@@ -13,7 +13,8 @@ fit) is reported and skipped. Exits 1 if any architecture differs from dense.
 
 NAME is the prefix of transformers' classes (NAME + "Config", NAME + "ForCausalLM"); CONFIG:MODEL where the two
 differ. KEY=VALUE after a name sets that config field (a Python literal: a hybrid's layer pattern, so that its two
-layers hold an attention layer). Needs transformers 5 for most names.
+layers hold an attention layer; ``attn_implementation='eager'`` for a model without SDPA attention). Needs
+transformers 5 for most names.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ RTOL, ATOL = 1.3e-6, 1e-5
 def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
     config_name, _, model_name = name.partition(":")
     config = getattr(transformers, f"{config_name}Config")(**{**SIZE, **settings})
-    config._attn_implementation, config.use_cache = "sdpa", False
+    config._attn_implementation = settings.get("attn_implementation", "sdpa")  # eager for hand-written attention
+    config.use_cache = False
     torch.manual_seed(0)
     return getattr(transformers, f"{model_name or config_name}ForCausalLM")(config).eval()
 

@@ -4,13 +4,14 @@ The interpreter (the other kernel tests on CPU) runs the kernels' Python semanti
 compiler rejects; here Triton lowers each kernel to PTX and ptxas assembles it for sm_90, at each of its
 autotuning candidates, for every mask kind, with query positions, at LLaDA-8B's head dim (128) and a padded one
 (80: Phi-2's), with bf16 products on the tensor cores as on a GPU, and the compaction kernel the launches share
-(once per configuration, though it reads neither mask nor head dim). Each compile is specialized as Triton's launcher specializes a launch at LLaDA-8B's
-attention shapes: pointers 16-byte aligned, and each integer argument marked divisible by 16 where its value there
-is. That matters: without it the loads are not vectorized (one 2-byte load per element, a 64-bit address each) and
-the larger tiles spill registers that the launched kernels do not. ptxas's resource report (registers, spill
-stores) is read for every compile: a candidate that spills is slow on the device, and only a device's timing
-would otherwise show it. Under TRITON_INTERPRET=1 (set by conftest without a GPU) ``@triton.jit``
-gives interpreted functions, so the compiles run in one subprocess without it: this file, run as a script.
+(once per configuration, though it reads neither mask nor head dim). Each compile is specialized as Triton's
+launcher specializes a launch at LLaDA-8B's attention shapes: pointers 16-byte aligned, and each integer argument
+marked divisible by 16 where its value there is. That matters: without it the loads are not vectorized (one
+2-byte load per element, a 64-bit address each) and the larger tiles spill registers that the launched kernels do
+not. ptxas's resource report (registers, spill stores) is read for every compile: a candidate that spills is slow
+on the device, and only a device's timing would otherwise show it. Under TRITON_INTERPRET=1 (set by conftest
+without a GPU) ``@triton.jit`` gives interpreted functions, so the compiles run in one subprocess without it: this
+file, run as a script.
 """
 
 import contextlib
@@ -35,7 +36,8 @@ MASK_KINDS = {"no-mask": MASK_NONE, "bool": MASK_BOOL, "additive": MASK_ADD}
 HEAD_DIMS = {128: 128, 80: 128}  # head dim -> its tiles' padded size (kernels/tiles.py: BLOCK_D)
 # Pointer argument -> element type, by the kernels' names: data in bf16, statistics fp32, flags and the mask (a
 # bool mask is passed as bytes) uint8, indices and counts int32.
-POINTERS = {"flags": "u8", "any": "u8", "q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16", "co": "bf16", "c": "bf16",
+POINTERS = {"flags": "u8", "any": "u8", "q": "bf16", "k": "bf16", "v": "bf16", "ko": "bf16", "vo": "bf16",
+            "co": "bf16", "c": "bf16",
             "m": "fp32", "l": "fp32", "mo": "fp32", "lo": "fp32", "sal": "u8", "mask": "u8", "unstable": "u8",
             "cols": "i32", "count": "i32", "pos": "i32", "order": "i32", "redo_count": "i32"}
 FLOATS = {"scale", "share"}
@@ -100,7 +102,8 @@ def _compile(kernel_name: str, mask_kind: int, head_dim: int, candidate: int = 0
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"], "ptxas produced no cubin"
     report = log.getvalue()
-    registers, spills = (re.search(pattern, report) for pattern in (r"Used (\d+) registers", r"(\d+) bytes spill stores"))
+    registers, spills = (re.search(pattern, report)
+                         for pattern in (r"Used (\d+) registers", r"(\d+) bytes spill stores"))
     assert registers and spills, f"no ptxas resource report in: {report[-500:]!r}"
     target = next(line for line in compiled.asm["ptx"].splitlines() if line.startswith(".target"))
     return dict(target=target, shared=compiled.metadata.shared, registers=int(registers[1]), spills=int(spills[1]))

@@ -70,7 +70,8 @@ class LeakySplit(nn.Module):
         torch.manual_seed(0)
         self.embed = nn.Embedding(64, 32)
         self.qkvg = nn.Linear(32, 128)
-        self.o, self.up, self.down, self.head = nn.Linear(32, 32), nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 64)
+        self.o, self.up = nn.Linear(32, 32), nn.Linear(32, 64)
+        self.down, self.head = nn.Linear(64, 32), nn.Linear(32, 64)
 
     def forward(self, ids):
         h = self.embed(ids)

@@ -74,8 +74,8 @@ def _computed(node: fx.Node, given: dict[fx.Node, ValueRanges]) -> Optional[Valu
         if name == "sub":
             b = _applied(Intervals.mul, b, ValueRanges.wrap(-1))
         return _applied(Intervals.mul if name == "mul" else Intervals.add, a, b)
-    if _floor_division(node):
-        return _applied(Intervals.floordiv, index_range(args[0], given), index_range(args[1], given))
+    if name in ("div", "floor_divide"):
+        return _divided(node, name, given)
     if name in ("remainder", "mod") and isinstance(args[1], int) and args[1] > 0:
         return _applied(Intervals.python_mod, index_range(args[0], given), ValueRanges.wrap(args[1]))
     if name in ("clamp", "clamp_min", "clamp_max", "minimum", "maximum"):
@@ -98,11 +98,17 @@ def _indices_along(node: fx.Node) -> Optional[ValueRanges]:
     return ValueRanges(0, size - 1) if isinstance(size, int) and size > 0 else None
 
 
-def _floor_division(node: fx.Node) -> bool:
-    """``a // b`` (or ``torch.div(a, b, rounding_mode="floor")``); trunc rounding only with a positive divisor and
-    a dividend never negative would agree, which the range cannot tell here."""
-    return (node.target is operator.floordiv or op_name(node) == "floor_divide"
-            or node.kwargs.get("rounding_mode") == "floor") and len(node.args) == 2
+def _divided(node: fx.Node, name: str, given: dict[fx.Node, ValueRanges]) -> Optional[ValueRanges]:
+    """``a // b`` (``torch.div(a, b, rounding_mode="floor")``, ``floor_divide``), or a division rounded toward
+    zero where the quotient is never negative (the same there); a true division is not an index."""
+    rounding = node.kwargs.get("rounding_mode")
+    floor = node.target is operator.floordiv or name == "floor_divide" or rounding == "floor"
+    if len(node.args) != 2 or not (floor or rounding == "trunc"):
+        return None
+    a, b = index_range(node.args[0], given), index_range(node.args[1], given)
+    if not floor and (a is None or b is None or a.lower < 0 or b.lower <= 0):
+        return None
+    return _applied(Intervals.floordiv, a, b)
 
 
 def _clamped(node: fx.Node, name: str, given: dict[fx.Node, ValueRanges]) -> Optional[ValueRanges]:

@@ -39,8 +39,11 @@ CASES = {
     "concatenated": (lambda s: torch.cat([_ids(s), s.argmax(-1, keepdim=True) + 1], -1), (0, E)),
     "cast_and_flattened": (lambda s: _ids(s).float().reshape(-1), (0, E - 1)),
     "negative": (lambda s: _ids(s) - 3, (-3, E - 4)),
+    "truncated": (lambda s: torch.div(_ids(s), 4, rounding_mode="trunc"), (0, 1)),
     # nothing bounds these
     "true_division": (lambda s: _ids(s) / 2, None),
+    # rounded toward zero, a quotient of either sign: not the floor the intervals compute
+    "truncated_negative": (lambda s: torch.div(_ids(s) - 3, 2, rounding_mode="trunc"), None),
     "data": (lambda s: (s * 10).long(), None),
 }
 

@@ -123,6 +123,8 @@ FACTORIES = frozenset("zeros ones empty full".split())
 # Ops that make a tensor from sizes like another tensor's, reading none of its values
 LIKE_FACTORIES = frozenset("new_empty new_zeros new_ones new_full".split())
 NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
+# Ops that read only the size or dtype of their second tensor: their values are the first's
+LIKE_OTHER = frozenset("expand_as view_as reshape_as type_as".split())
 
 
 class Rules(SortedRows):
@@ -148,11 +150,14 @@ class Rules(SortedRows):
             if source.axis.by is node.args[0] and node.args[1] == self._positions_entry(node.args[0]):
                 return Info(Kind.ROW, dataclasses.replace(source.axis, order=True))  # positions: order values
             return source
-        token_inputs = [a for a in tensor_args(node) if self.axis_of(a) is not None]
+        operands = node.args[:1] if name in LIKE_OTHER else tensor_args(node)
+        token_inputs = [a for a in operands if isinstance(a, fx.Node) and self.axis_of(a) is not None]
         if (name in FACTORIES and not token_inputs) or name in LIKE_FACTORIES:
             return self._accumulator(node)
         if name == "arange" and not token_inputs and (inverse := self.inverse_range(node)) is not None:
             return inverse
+        if name == "expand_as" and not token_inputs and (broadcast := self._broadcast_to_rows(node)) is not None:
+            return broadcast
         if name in NON_TENSOR or not token_inputs:
             return NONE
         if any(self.axis_of(a).order for a in token_inputs):
@@ -205,6 +210,17 @@ class Rules(SortedRows):
         if dims is not None:
             return self._mapped(node, dims)
         return self._unknown(node, name or getattr(node.target, "__name__", str(node.target)), out)
+
+    def _broadcast_to_rows(self, node: fx.Node) -> Optional[Info]:
+        """``x.expand_as(rows)`` of an ``x`` without the token axis, of size 1 (or no dim) where ``rows`` has it
+        (HRM's initial low-level state): the same value in every row, a per-position value as a RoPE table is."""
+        x, like = tensor_value(node.args[0]), self.axis_of(node.args[1])
+        if like is None or like.by is not None or like.order or x is None:
+            return None
+        at = like.dim - (tensor_value(node).dim() - x.dim())
+        if at >= 0 and not same_size(x.shape[at], 1):
+            return None
+        return Info(Kind.SOURCE, like, "a value broadcast to the rows' shape")
 
     def _row(self, dim: int, like: Axis) -> Info:
         """Row-wise, the token axis at ``dim``, holding the rows ``like`` holds."""

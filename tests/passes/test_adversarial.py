@@ -101,6 +101,7 @@ def test_moe_with_expert_capacity_routes_densely():
 # 2026-12-05 the broadcast dim was taken for a moved token axis), and a ``bool`` cast (no rule before).
 # Before 2026-12-05 (third change), ``repeat`` along the rows (Llama-4's experts' input: a copy of every token per
 # expert) and complex RoPE (``view_as_complex`` / ``view_as_real``) had no rule and kept Llama-4's MoE dense.
+_FEATURE_SCALE = torch.linspace(0.5, 1.5, 32)
 _ROTATION = torch.polar(torch.ones(16), torch.linspace(0.0, 3.0, 16))
 
 
@@ -115,6 +116,10 @@ ROW_WISE = {
     "bool_mask": (lambda h: h.masked_fill(~(h > 0).bool(), 0.0), "bool"),
     "tiled_rows": (lambda h: h.reshape(-1, 32).repeat(3, 1).view(3, -1, 32).sum(0).view_as(h), "repeat"),
     "complex_rotation": (_complex_rotation, "view_as_complex"),
+    # a value without the token axis broadcast to the rows' shape (HRM's initial low-level state): the same in every
+    # row, read by the region as a per-position table; before 2026-12-06, "'expand_as' moves the token axis out of
+    # place" (the tensor it reads the shape of taken for an operand)
+    "broadcast_like_rows": (lambda h: h * _FEATURE_SCALE.expand_as(h), "mul"),
     # pointwise ops with no rule before 2026-12-06 (Ministral-3 floors its positions for the attention's scale)
     "rounding_and_remainders": (lambda h: h + torch.floor(h) * torch.ceil(h) - torch.round(h) + torch.trunc(h)
                                 + torch.frac(h) + torch.fmod(h, 0.7) + torch.remainder(h, 0.3) + h % 0.5

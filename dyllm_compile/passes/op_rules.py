@@ -675,6 +675,10 @@ class Rules(SortedRows):
         if name in ("cat", "concat", "concatenate"):
             dim = normalize_dim(arg(node, 1, "dim", 0), out.dim())
             return [] if dim == axis.dim else [(t, axis) for t in node.args[0]]
+        if name == "stack":  # a new dim: each input has the axis one earlier past it (Gemma-3n's AltUp streams)
+            dim = normalize_dim(arg(node, 1, "dim", 0), out.dim())
+            moved = dataclasses.replace(axis, dim=axis.dim - (dim < axis.dim))
+            return [] if dim == axis.dim else [(t, moved) for t in node.args[0]]
         if name in REDUCTIONS:  # over other dims (a weighted sum of hyper-connection streams): the kept dim
             dims = reduced_dims(node)
             kept = _kept_dims(node, dims) if dims else None

@@ -18,13 +18,14 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
+import torch
 from torch import fx
 from torch.utils._sympy.value_ranges import SymPyValueRangeAnalysis as Intervals
 from torch.utils._sympy.value_ranges import ValueRanges
 
 from .graph_utils import arg, normalize_dim, op_name, tensor_value
 
-#: Ops that keep each value (a cast of small integers, a copy, a reshape)
+#: Ops that keep each value (a copy, a reshape, a cast: to a floating dtype only where it holds them exactly)
 KEEPS_VALUES = frozenset("to int long float double half bfloat16 type contiguous clone detach view reshape "
                          "flatten".split())
 # Ops whose result (or its tuple entry 1) holds indices along a dim, and those of them whose dim defaults to the
@@ -60,7 +61,7 @@ def _computed(node: fx.Node, given: dict[fx.Node, ValueRanges]) -> Optional[Valu
     name = op_name(node)
     args = node.args
     if name in KEEPS_VALUES:
-        return index_range(args[0], given)
+        return _kept(node, index_range(args[0], given))
     if name == "getitem" and args[1] == 1 and isinstance(args[0], fx.Node) and op_name(args[0]) in _INDEX_RESULTS:
         return _indices_along(args[0])
     if name in _INDEX_OPS:
@@ -86,6 +87,16 @@ def _computed(node: fx.Node, given: dict[fx.Node, ValueRanges]) -> Optional[Valu
     if name == "masked_fill" and len(args) == 3:
         return _union([index_range(args[0], _assumed(args[1], False, given)), index_range(args[2], given)])
     return None
+
+
+def _kept(node: fx.Node, found: Optional[ValueRanges]) -> Optional[ValueRanges]:
+    """``found`` through a cast, a copy or a reshape: a floating dtype holds integers exactly up to 2 / eps (256 in
+    bfloat16, 2048 in half); past that a cast may round an index up, out of its range."""
+    value = tensor_value(node)
+    if found is None or value is None or not value.dtype.is_floating_point:
+        return found
+    exact = round(2 / torch.finfo(value.dtype).eps)
+    return found if -exact <= found.lower and found.upper <= exact else None
 
 
 def _indices_along(node: fx.Node) -> Optional[ValueRanges]:

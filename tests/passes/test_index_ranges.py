@@ -48,14 +48,14 @@ CASES = {
 }
 
 
-def _traced(fn):
+def _traced(fn, experts=E):
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    scores = torch.randn(3, 8, E)
+    scores = torch.randn(3, 8, experts)
     torch._dynamo.reset()
     torch.compile(fn, backend=backend, fullgraph=True)(scores)
     (gm,) = graphs
@@ -81,3 +81,13 @@ def test_index_bound_is_the_range_of_indices_never_negative():
     assert index_bound(_traced(CASES["last_replaced"][0])) == E - 1
     assert index_bound(_traced(CASES["negative"][0])) is None  # below 0: not indices
     assert index_bound(_traced(CASES["data"][0])) is None
+
+
+def test_a_cast_keeps_the_range_only_where_the_dtype_holds_every_index_exactly():
+    """bfloat16 holds integers exactly up to 256, half up to 2048: with 300 experts a bfloat16 cast may round id 299
+    up to 300, past a histogram's last bin; a half or float32 cast keeps every id."""
+    ranges = {dtype: index_range(_traced(lambda s, d=dtype: _ids(s).to(d), experts=300))
+              for dtype in (torch.bfloat16, torch.half, torch.float32)}
+    assert ranges[torch.bfloat16] is None
+    assert all((int(r.lower), int(r.upper)) == (0, 299) for r in (ranges[torch.half], ranges[torch.float32]))
+    assert (torch.tensor([299]).to(torch.bfloat16) == 300).all()  # the rounding the bound guards against

@@ -25,9 +25,10 @@ from torch.utils._sympy.value_ranges import ValueRanges
 
 from .graph_utils import arg, normalize_dim, op_name, tensor_value
 
-#: Ops that keep each value (a copy, a reshape, a cast: to a floating dtype only where it holds them exactly)
-KEEPS_VALUES = frozenset("to int long float double half bfloat16 type contiguous clone detach view reshape "
-                         "flatten".split())
+#: Ops that change a tensor's dtype or memory, not its values' meaning
+CASTS = frozenset("to int long float double half bfloat16 type contiguous clone detach".split())
+#: Ops that keep each value (a cast: to a floating dtype only where it holds them exactly; a copy, a reshape)
+KEEPS_VALUES = CASTS | frozenset(("view", "reshape", "flatten"))
 # Ops whose result (or its tuple entry 1) holds indices along a dim, and those of them whose dim defaults to the
 # last (the others flatten without one)
 _INDEX_RESULTS = frozenset(("topk", "sort", "max", "min", "kthvalue", "mode"))

@@ -215,10 +215,8 @@ class Rules(SortedRows):
         """``x.expand_as(rows)`` of an ``x`` without the token axis, of size 1 (or no dim) where ``rows`` has it
         (HRM's initial low-level state): the same value in every row, a per-position value as a RoPE table is."""
         x, like = tensor_value(node.args[0]), self.axis_of(node.args[1])
-        if like is None or like.by is not None or like.order or x is None:
-            return None
-        at = like.dim - (tensor_value(node).dim() - x.dim())
-        if at >= 0 and not same_size(x.shape[at], 1):
+        if (like is None or like.by is not None or like.order or x is None
+                or not self._aligned(node.args[0], x, tensor_value(node), like.dim, like)):
             return None
         return Info(Kind.SOURCE, like, "a value broadcast to the rows' shape")
 

@@ -36,14 +36,12 @@ from torch import fx
 
 from .graph_utils import arg, example_value, index_position, op_name, same_size, tensor_args, tensor_value
 from .in_place_writes import set_items
-from .index_ranges import index_bound
+from .index_ranges import CASTS, index_bound
 
 SORTS = frozenset(("sort", "argsort"))
 #: A grouped product ``(input [M, K], weight [G, K, N], offs [G])``: rows ``offs[g - 1]:offs[g]`` times weight g
 #: (torch's, and the custom op transformers falls back to where torch's does not compile)
 GROUPED_MM = frozenset(("grouped_mm", "_grouped_mm", "grouped_mm_fallback"))
-#: Ops that change a tensor's dtype or memory, not its values' meaning
-CASTS = frozenset("to int long float double half bfloat16 type contiguous clone detach".split())
 
 
 def through_casts(node: Any) -> Any:

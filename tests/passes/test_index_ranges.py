@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dyllm_compile.passes.index_ranges import index_bound, index_range
+from graph_helpers import capture
 
 E = 6  # the router's experts
 
@@ -49,17 +50,9 @@ CASES = {
 
 
 def _traced(fn, experts=E):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    scores = torch.randn(3, 8, experts)
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(scores)
-    (gm,) = graphs
-    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    """The node ``fn``'s graph returns, traced on random scores over ``experts``."""
+    (cap,) = capture(fn, (torch.randn(3, 8, experts),))
+    (output,) = [n for n in cap.gm.graph.nodes if n.op == "output"]
     return output.args[0][0]
 
 

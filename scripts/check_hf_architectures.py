@@ -10,10 +10,12 @@ matmul FLOPs gated (``explain``) and the dense reasons. A model that fails eager
 fit) is reported and skipped. Exits 1 if any architecture differs from dense.
 
     .venv/bin/python scripts/check_hf_architectures.py Mistral Qwen3 Gemma3Text:Gemma3 Bamba attn_layer_indices=[1]
+    .venv/bin/python scripts/check_hf_architectures.py @scripts/hf_architecture_configs.txt
 
 NAME is the prefix of transformers' classes (NAME + "Config", NAME + "ForCausalLM"); CONFIG:MODEL where the two
 differ. KEY=VALUE after a name sets that config field (a Python literal: a hybrid's layer pattern, so that its two
-layers hold an attention layer; ``attn_implementation='eager'`` for a model without SDPA attention). Needs
+layers hold an attention layer; ``attn_implementation='eager'`` for a model without SDPA attention). @FILE reads
+arguments from a file, shell-quoted, any number a line, ``#`` comments: the configs the sweeps needed. Needs
 transformers 5 for most names.
 """
 
@@ -23,6 +25,7 @@ import argparse
 import ast
 import copy
 import logging
+import shlex
 import sys
 import warnings
 from typing import Any, Callable
@@ -136,7 +139,9 @@ def _perturbed(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Te
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)
     parser.add_argument("names", nargs="+", metavar="NAME [KEY=VALUE ...]",
                         help="class prefix, or CONFIG:MODEL; then config fields to set")
     args = parser.parse_args(argv)

@@ -22,7 +22,8 @@ from torch.utils._sympy.numbers import int_oo
 _size_hint = next(getattr(symbolic_shapes, name) for name in ("optimization_hint", "size_hint", "hint_int")
                   if hasattr(symbolic_shapes, name))
 
-_TORCH_NAMESPACES = (torch, F, torch.Tensor, torch._C._nn, torch._C._VariableFunctions, torch.special)
+_TORCH_NAMESPACES = (torch, F, torch.Tensor, torch._C._nn, torch._C._VariableFunctions, torch.special,
+                     torch._C._linalg)  # torch.linalg's functions, named as ATen names them (linalg_vector_norm)
 _ALIASES = {
     "truediv": "div",
     "floordiv": "div",
@@ -189,11 +190,15 @@ def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+#: Reductions whose ``dim`` follows an ``ord`` (the third argument)
+NORMS = frozenset(("norm", "linalg_vector_norm", "linalg_norm"))
+
+
 def reduced_dims(node: fx.Node) -> Optional[set]:
     """The input dims a reduction (``sum``, ``max``, ``logsumexp``, ``norm``, ...) reduces, normalized: None over all
     dims; an empty set when one is not an integer."""
     value = tensor_value(node.args[0])
-    dim = arg(node, 2, "dim") if op_name(node) == "norm" else arg(node, 1, "dim", arg(node, 1, "axis"))
+    dim = arg(node, 2, "dim") if op_name(node) in NORMS else arg(node, 1, "dim", arg(node, 1, "axis"))
     if value is None or dim is None or (isinstance(dim, (list, tuple)) and not dim):
         return None
     dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]

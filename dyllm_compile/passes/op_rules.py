@@ -83,7 +83,8 @@ ELEMENTWISE = frozenset(
     "addcmul addcdiv floor ceil round trunc frac fmod remainder mod floor_divide rsub true_divide float_power "
     "log2 log10 logit erfc erfinv tan atan atan2 asin acos sinh cosh asinh acosh atanh hypot copysign xlogy "
     "nan_to_num isnan isinf isfinite signbit sgn positive fmin fmax heaviside xor logical_xor bitwise_and "
-    "bitwise_or bitwise_xor bitwise_not softsign tanhshrink hardtanh celu threshold lgamma digamma".split()
+    "bitwise_or bitwise_xor bitwise_not softsign tanhshrink hardtanh celu threshold lgamma digamma log_sigmoid "
+    "softshrink hardshrink".split()
 )
 # Ops whose result depends on ``self`` alone (other arguments are dtypes, devices, shapes, probabilities).
 UNARY = frozenset(
@@ -108,15 +109,16 @@ ALONG_DIM = {
     "index_select": (1, "dim", None),
     "chunk": (2, "dim", 0),
     "split": (2, "dim", 0),
+    "tensor_split": (2, "dim", 0),
     "unbind": (1, "dim", 0),
     "normalize": (2, "dim", 1),
 }
 REDUCTIONS = frozenset(
     "sum mean amax amin max min var std norm logsumexp prod all any argmax argmin count_nonzero median nansum "
-    "nanmean var_mean std_mean".split()
+    "nanmean var_mean std_mean linalg_vector_norm linalg_norm".split()
 )
 # Ops that return a tuple of pieces of their input along one dim (a getitem takes each piece).
-SPLITS = frozenset("chunk split unbind".split())
+SPLITS = frozenset("chunk split tensor_split unbind".split())
 VIEWS = frozenset("view reshape flatten unflatten view_as reshape_as".split())
 # Ops that make a tensor from sizes alone; one is token-carrying only as the accumulator of per-token rows.
 FACTORIES = frozenset("zeros ones empty full".split())
@@ -585,11 +587,13 @@ class Rules(SortedRows):
     def _mapped(self, node: fx.Node, dims: dict[int, int]) -> Info:
         axis = self.axis_of(node.args[0])
         if axis is None or axis.dim not in dims:
-            return self._mixing(node, f"'{op_name(node)}' moves the token axis out of place")
+            what = "pads the token axis" if op_name(node) == "pad" else "moves the token axis out of place"
+            return self._mixing(node, f"'{op_name(node)}' {what}")
         return self._row(dims[axis.dim], axis)
 
     def _dim_map(self, node: fx.Node, name: Optional[str]) -> Optional[dict[int, int]]:
-        """Input-dim -> output-dim map of pure layout ops that keep every dim's size (or broadcast)."""
+        """Input-dim -> output-dim map of pure layout ops that keep every dim's size (or broadcast; or pad, whose
+        padded dims are not in the map: a token axis padded is shifted, and other rows read)."""
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
         x, out = tensor_value(node.args[0]), tensor_value(node)
@@ -614,6 +618,10 @@ class Rules(SortedRows):
             return {i: i + offset for i in range(nd) if same_size(x.shape[i], out.shape[i + offset])}
         if name == "squeeze":
             return _size_preserving_map(x.shape, out.shape)
+        if name in ("pad", "constant_pad_nd"):  # (left, right) pairs from the last dim back; a symbolic one may be > 0
+            pads = arg(node, 1, "pad", ())
+            padded = {nd - 1 - i // 2 for i, p in enumerate(pads) if not (isinstance(p, int) and p == 0)}
+            return {i: i for i in range(nd) if i not in padded}
         if name == "view_as_complex":  # [..., 2] (real, imaginary) -> [...] complex: complex RoPE (Llama-4)
             return {i: i for i in range(nd - 1)}
         if name == "view_as_real":  # [...] complex -> [..., 2]

@@ -42,12 +42,17 @@ MIXERS = {
     "flip": (lambda h: h.flip(1), "flip"),
     "roll": (lambda h: torch.roll(h, 1, 1), "roll"),
     "mean_over_tokens": (lambda h: h - h.mean(1, keepdim=True), "mean"),
+    "norm_over_tokens": (lambda h: h / torch.linalg.vector_norm(h, dim=(1, 2), keepdim=True), "linalg_vector_norm"),
     "max_over_tokens": (lambda h: h * h.amax(dim=1, keepdim=True), "amax"),
     "pool_first_token": (lambda h: h + h[:, 0][:, None], "getitem"),
     "slice_first_token": (lambda h: h + h[:, :1], "getitem"),
     "sort_tokens": (lambda h: h.sort(dim=1).values, "sort"),
     "argsort_gather": (lambda h: h.gather(1, h.argsort(dim=1)), "gather"),
     "data_dependent_index": (_index_by_data, "getitem"),
+    # padding the token axis shifts the rows (a linear attention's chunks, a short convolution's left padding)
+    "pad_tokens": (lambda h: h + F.pad(h, (0, 0, 1, 0))[:, :-1], "pad"),
+    "tensor_split_tokens": (lambda h: h + torch.tensor_split(h, [3], dim=1)[0].mean(1, keepdim=True),
+                            "tensor_split"),
     "index_select_tokens": (lambda h: h.index_select(1, torch.arange(h.shape[1] - 1, -1, -1)), "index_select"),
     # each row times its slice of a value mixed over the tokens, the tokens on a batch dim of the product
     # (HunYuan-V4's indexer weights times its relu'd scores; before, the product was taken for row-wise)
@@ -125,6 +130,14 @@ ROW_WISE = {
                                 + torch.frac(h) + torch.fmod(h, 0.7) + torch.remainder(h, 0.3) + h % 0.5
                                 + h // 0.5 + torch.atan2(h, h + 2) + torch.hypot(h, h) + torch.log2(h.abs() + 1)
                                 + torch.nan_to_num(h) * torch.isfinite(h) + torch.copysign(h, -h), "floor"),
+    # activations with no rule until the configs sweep of 2026-12-06 (Inkling's router: log-sigmoids of its top-k)
+    "log_sigmoid_and_shrinks": (lambda h: F.logsigmoid(h) + F.softshrink(h) + F.hardshrink(h), "log_sigmoid"),
+    # torch.linalg's norms over the features (Inkling-2's q/k l2 clipping), no rule until the same sweep
+    "linalg_norms": (lambda h: h / torch.linalg.vector_norm(h, 2, -1, True) + h * torch.linalg.norm(h, dim=-1)[
+        ..., None], "linalg_vector_norm"),
+    # padding or splitting the features (MLA's values padded to the keys' head dim), no rule until the same sweep
+    "pad_and_split_features": (lambda h: h + F.pad(h, (1, 2))[..., 2:-1] + torch.cat(
+        torch.tensor_split(h, 4, dim=-1)[::-1], -1), "pad"),
 }
 
 

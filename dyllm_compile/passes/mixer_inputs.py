@@ -9,7 +9,9 @@ projects once and splits the projection into the convolution's two inputs and th
 layer's projection splits into the convolution's input, the scan's step sizes and the output gate; Zaya's q and k
 projections feed a convolution and, beside it, the queries' and keys' residual paths. Regions that share a node
 (two mixers fed by one projection) are one. Every value of the region read outside it is an exit
-(``Region.side_exits``), cached like a gated FFN's output.
+(``Region.side_exits``), cached like a gated FFN's output. A region that reads an attention's output (Inkling's
+convolution after the output projection) is that attention's output projection (role ``attn_out``): dense, as
+every output projection is, unless the ``output_projection`` option gates it with the site.
 
 A **shared projection** is grown the same way from a value a region or chain found before reads and none holds
 (role ``shared_proj``), apart from the mixers' regions: one result of a split whose other results are read
@@ -38,7 +40,8 @@ from torch import fx
 from .attention_sites import AttentionSite
 from .mixing_points import CALLS
 from .op_rules import Info, Kind
-from .regions import Region, Spine, build_region, grow, layer_numbering, tensor_users, token_inputs_of
+from .regions import (ATTN_OUT_REASON, Region, Spine, build_region, grow, layer_numbering, reads_attention_output,
+                      tensor_users, token_inputs_of)
 
 
 def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine,
@@ -66,6 +69,9 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
         exits = [n for n in nodes if any(u not in members for u in tensor_users(n))]
         region = build_region(role, exits[-1], nodes, infos)
         region.side_exits, region.layer, region.gated = exits[:-1], layer_of(exits[-1]), True
+        if reads_attention_output(region, attention):  # Inkling's output projection, a convolution after it:
+            # the attention's output projection all the same, under the same option (before, gated whatever it said)
+            region.role, region.reason, region.gated = "attn_out", ATTN_OUT_REASON, False
         if region.flops:
             regions.append(region)
     return regions

@@ -357,9 +357,19 @@ def _reads(node: fx.Node, targets: set[fx.Node], infos: dict[fx.Node, Info], spi
     return not seen.isdisjoint(targets)
 
 
+def reads_attention_output(region: Region, attention_nodes: set[fx.Node]) -> bool:
+    """Whether ``region`` is an attention's output projection: the attention's output is one of its inputs. It
+    stays dense (every row's context moves, so does every row's projection) unless the ``output_projection`` option
+    or query pruning gates it with the site (``rewrite._output_projection``)."""
+    return any(t in attention_nodes for t in region.token_inputs)
+
+
+ATTN_OUT_REASON = "attention output projection stays dense (every row's residual moves)"
+
+
 def _assign_role(region: Region, attention_nodes: set[fx.Node], is_output: bool) -> None:
-    if any(t in attention_nodes for t in region.token_inputs):
-        region.role, region.reason = "attn_out", "attention output projection stays dense (every row's residual moves)"
+    if reads_attention_output(region, attention_nodes):
+        region.role, region.reason = "attn_out", ATTN_OUT_REASON
     elif is_output:
         region.role = "lm_head"
     elif any(op_name(n) == "topk" or op_name(n) in GROUPED_MM for n in region.nodes):  # routed, or grouped by expert

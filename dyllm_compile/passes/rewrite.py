@@ -196,7 +196,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         salient_o = config.output_projection == "salient" and site.layer not in config.dense_layers
         if plan.queries is not None or salient_o:
             out = _output_projection(analysis, site)
-            problem = "no projection branch" if out is None else _region_problem(out, infos, batch)
+            problem = ("no projection branch" if out is None else "values inside it are read outside it"
+                       if out.side_exits else _region_problem(out, infos, batch))
             if not problem:
                 regions.append(out)
                 if plan.queries is not None:

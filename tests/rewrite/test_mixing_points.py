@@ -91,6 +91,20 @@ def test_split_projections_into_token_mixing_run_on_the_salient_rows(row_counts,
         assert runtime.stats.rows_computed < 0.7 * runtime.stats.rows_dense
 
 
+@pytest.mark.parametrize("output_projection", ["dense", "salient"])
+def test_an_output_projection_feeding_a_convolution_follows_the_option(output_projection):
+    """Inkling's short convolution over the tokens after each attention's output projection: the projection is the
+    attention's all the same, dense unless ``output_projection='salient'`` gates it with the site. Before, the
+    mixer-input region took it and ran it on the salient rows whatever the option said."""
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    runtime = _decode(HybridLM(conv_after_o=True).eval(), ids, 12, 6, threshold=NEARLY_ONE,
+                      output_projection=output_projection)
+    (site,) = runtime.plan.sites
+    projections = [r.role for r in runtime.plan.regions if site.site.node in r.token_inputs]
+    assert projections == (["attn_out"] if output_projection == "salient" else [])
+    assert len(runtime.plan.mixing) == 3  # the convolution after it, and the hybrid's two
+
+
 def test_a_value_mixed_over_every_token_makes_every_row_salient_when_it_changes():
     """A mean over the tokens added to every row before the first layer (a global context): it has no token axis,
     so a call whose tokens changed it recomputes every row, at the default threshold too (before, the layers' k/v

@@ -44,13 +44,19 @@ SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 RTOL, ATOL = 1.3e-6, 1e-5
 
 
-def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
+def configure(name: str, settings: dict[str, Any]) -> tuple[Any, type]:
+    """The tiny config of ``name`` with ``settings``, and its causal LM class."""
     config_name, _, model_name = name.partition(":")
     config = getattr(transformers, f"{config_name}Config")(**{**SIZE, **settings})
     config._attn_implementation = settings.get("attn_implementation", "sdpa")  # eager for hand-written attention
     config.use_cache = False
+    return config, getattr(transformers, f"{model_name or config_name}ForCausalLM")
+
+
+def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
+    config, model_class = configure(name, settings)
     torch.manual_seed(0)
-    return getattr(transformers, f"{model_name or config_name}ForCausalLM")(config).eval()
+    return model_class(config).eval()
 
 
 def check(name: str, settings: dict[str, Any]) -> bool:
@@ -138,7 +144,8 @@ def _perturbed(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Te
         return generate(noisy, prompt, mask_token_id=MASK, gen_length=16, steps=8)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(NAME, its settings) for each architecture the command line (or an @FILE in it) names."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      fromfile_prefix_chars="@")
     parser.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)
@@ -157,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             architectures[-1][1][key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parser.error(f"'{item}': the value is not a Python literal")
+    return architectures
+
+
+def main(argv: list[str] | None = None) -> int:
+    architectures = parse(argv)
     logging.disable(logging.WARNING)  # the dense reasons are printed; Dynamo's and transformers' notes are not
     warnings.filterwarnings("ignore")
     results = [check(name, settings) for name, settings in architectures]

@@ -52,14 +52,17 @@ class ScanMixer(nn.Module):
 class HybridLM(nn.Module):
     """Embedding; a pre-norm attention layer with its FFN; a short-convolution layer; a Mamba-like layer; lm_head.
     ``forward(ids, mask=None)``: ``mask`` is SDPA's additive mask. ``conv_after_o``: a convolution over the tokens
-    after the attention's output projection."""
+    after the attention's output projection, or after a projection of it."""
 
-    def __init__(self, d: int = 32, vocab: int = 128, late_gate: bool = False, conv_after_o: bool = False) -> None:
+    def __init__(self, d: int = 32, vocab: int = 128, late_gate: bool = False,
+                 conv_after_o: Optional[str] = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(vocab, d)
-        # conv_after_o: a causal depthwise convolution over the tokens of the attention's output projection (Inkling)
+        # conv_after_o: a causal depthwise convolution over the tokens of the attention's output projection
+        # ("direct": Inkling's), or of a projection of it ("projected": Zamba's attention output, a Mamba's input)
         self.o_conv = nn.Conv1d(d, d, 3, groups=d, padding=2) if conv_after_o else None
+        self.o_in = nn.Linear(d, d) if conv_after_o == "projected" else nn.Identity()
         self.attn_norm, self.ffn_norm = nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
@@ -73,7 +76,9 @@ class HybridLM(nn.Module):
         x = self.attn_norm(h)
         q, k, v = (p(x).view(b, n, 2, d // 2).transpose(1, 2) for p in (self.q, self.k, self.v))
         o = self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d))
-        h = h + (o if self.o_conv is None else self.o_conv(o.transpose(1, 2))[..., :n].transpose(1, 2))
+        if self.o_conv is not None:
+            o = self.o_conv(self.o_in(F.gelu(o)).transpose(1, 2))[..., :n].transpose(1, 2)
+        h = h + o
         h = h + self.down(F.gelu(self.up(self.ffn_norm(h))))
         h = h + self.short(self.conv_norm(h))
         h = h + self.scan(self.scan_norm(h))

@@ -9,9 +9,10 @@ projects once and splits the projection into the convolution's two inputs and th
 layer's projection splits into the convolution's input, the scan's step sizes and the output gate; Zaya's q and k
 projections feed a convolution and, beside it, the queries' and keys' residual paths. Regions that share a node
 (two mixers fed by one projection) are one. Every value of the region read outside it is an exit
-(``Region.side_exits``), cached like a gated FFN's output. A region that reads an attention's output (Inkling's
-convolution after the output projection) is that attention's output projection (role ``attn_out``): dense, as
-every output projection is, unless the ``output_projection`` option gates it with the site.
+(``Region.side_exits``), cached like a gated FFN's output. An attention's output projection that a mixer reads,
+directly or through row-wise work (Inkling's convolution after it; Zamba's Mamba input after its shared attention)
+is no part of the mixer's region, which starts after it: it is the attention's (role ``attn_out``), dense as every
+output projection is, unless the ``output_projection`` option gates it with the site.
 
 A **shared projection** is grown the same way from a value a region or chain found before reads and none holds
 (role ``shared_proj``), apart from the mixers' regions: one result of a split whose other results are read
@@ -40,8 +41,8 @@ from torch import fx
 from .attention_sites import AttentionSite
 from .mixing_points import CALLS
 from .op_rules import Info, Kind
-from .regions import (ATTN_OUT_REASON, Region, Spine, build_region, grow, layer_numbering, reads_attention_output,
-                      tensor_users, token_inputs_of)
+from .regions import (ATTN_OUT_REASON, Region, Spine, build_region, grow, layer_numbering, node_flops,
+                      reads_attention_output, tensor_users, token_inputs_of)
 
 
 def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine,
@@ -50,7 +51,8 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
     regions and chains ``found`` before (a value two analyses claim stays where it was)."""
     attention = {s.node for s in sites} | {n for s in sites for n in s.internal}
     taken = {n for r in found for n in r.nodes}
-    blocked = set(spine.nodes)
+    projections = _output_projections(sites, infos)
+    blocked = set(spine.nodes) | set(projections)  # a mixer's region starts after an attention's projection
     mixed = [seed for node in graph.nodes if node.op in CALLS and node not in attention and node in infos
              and infos[node].kind is Kind.MIXING for seed in token_inputs_of(node, infos)]
     mixers = [m for m in _components(mixed, infos, blocked, taken) if m.isdisjoint(taken)]
@@ -63,18 +65,40 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
     order = {n: i for i, n in enumerate(graph.nodes)}
     layer_of = layer_numbering(graph, sites, spine)
     regions = []
+    for projection, nodes in projections.items():  # read by a mixer, not by the residual stream
+        if projection not in taken and projection not in claimed:
+            region = build_region("attn_out", projection, nodes, infos)
+            region.layer, region.reason, region.gated = layer_of(projection), ATTN_OUT_REASON, False
+            regions.append(region)
     for members, role in sorted([(m, "mixer_in") for m in mixers] + [(m, "shared_proj") for m in shared],
                                 key=lambda c: min(order[n] for n in c[0])):
         nodes = [n for n in graph.nodes if n in members]
         exits = [n for n in nodes if any(u not in members for u in tensor_users(n))]
         region = build_region(role, exits[-1], nodes, infos)
         region.side_exits, region.layer, region.gated = exits[:-1], layer_of(exits[-1]), True
-        if reads_attention_output(region, attention):  # Inkling's output projection, a convolution after it:
-            # the attention's output projection all the same, under the same option (before, gated whatever it said)
+        if reads_attention_output(region, attention):  # a context read twice, so its projection was not split off
             region.role, region.reason, region.gated = "attn_out", ATTN_OUT_REASON, False
         if region.flops:
             regions.append(region)
-    return regions
+    return sorted(regions, key=lambda r: order[r.exit])
+
+
+def _output_projections(sites: list[AttentionSite], infos: dict[fx.Node, Info]) -> dict[fx.Node, list[fx.Node]]:
+    """Each site's output projection where its context reaches one through row-wise ops with no work, each the
+    only reader of the one before (heads merged, then the product): the product's node -> the nodes from the
+    context's first reader to it."""
+    projections = {}
+    for site in sites:
+        chain, node = [], site.node
+        while len(node.users) == 1:
+            node = next(iter(node.users))
+            if node not in infos or infos[node].kind is not Kind.ROW:
+                break
+            chain.append(node)
+            if node_flops(node):
+                projections[node] = chain
+                break
+    return projections
 
 
 def _components(seeds: list[fx.Node], infos: dict[fx.Node, Info], blocked: set[fx.Node],

@@ -92,17 +92,22 @@ def test_split_projections_into_token_mixing_run_on_the_salient_rows(row_counts,
 
 
 @pytest.mark.parametrize("output_projection", ["dense", "salient"])
-def test_an_output_projection_feeding_a_convolution_follows_the_option(output_projection):
-    """Inkling's short convolution over the tokens after each attention's output projection: the projection is the
-    attention's all the same, dense unless ``output_projection='salient'`` gates it with the site. Before, the
-    mixer-input region took it and ran it on the salient rows whatever the option said."""
+@pytest.mark.parametrize("conv_after_o", ["direct", "projected"])
+def test_an_output_projection_feeding_a_convolution_follows_the_option(conv_after_o, output_projection):
+    """A convolution over the tokens reads an attention's output projection (Inkling), or a projection of it
+    (Zamba's attention output, a Mamba's input): the output projection is the attention's all the same, dense
+    unless ``output_projection='salient'`` gates it with the site, and the mixer's own input region, after it, is
+    gated. Before, the mixer-input region took the output projection in and ran it on the salient rows whatever
+    the option said."""
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
-    runtime = _decode(HybridLM(conv_after_o=True).eval(), ids, 12, 6, threshold=NEARLY_ONE,
+    runtime = _decode(HybridLM(conv_after_o=conv_after_o).eval(), ids, 12, 6, threshold=NEARLY_ONE,
                       output_projection=output_projection)
     (site,) = runtime.plan.sites
     projections = [r.role for r in runtime.plan.regions if site.site.node in r.token_inputs]
     assert projections == (["attn_out"] if output_projection == "salient" else [])
-    assert len(runtime.plan.mixing) == 3  # the convolution after it, and the hybrid's two
+    mixer_inputs = [r for r in runtime.plan.regions if r.role == "mixer_in"]
+    assert len(mixer_inputs) == 2 + (conv_after_o == "projected")  # the hybrid's two, and the projection after o
+    assert len(runtime.plan.mixing) == 3  # the convolution after the attention, and the hybrid's two
 
 
 def test_a_value_mixed_over_every_token_makes_every_row_salient_when_it_changes():

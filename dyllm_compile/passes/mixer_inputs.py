@@ -53,8 +53,9 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
     taken = {n for r in found for n in r.nodes}
     projections = _output_projections(sites, infos)
     blocked = set(spine.nodes) | set(projections)  # a mixer's region starts after an attention's projection
-    mixed = [seed for node in graph.nodes if node.op in CALLS and node not in attention and node in infos
-             and infos[node].kind is Kind.MIXING for seed in token_inputs_of(node, infos)]
+    mixing = {node for node in graph.nodes if node.op in CALLS and node not in attention and node in infos
+              and infos[node].kind is Kind.MIXING}
+    mixed = [seed for node in graph.nodes if node in mixing for seed in token_inputs_of(node, infos)]
     mixers = [m for m in _components(mixed, infos, blocked, taken) if m.isdisjoint(taken)]
     # What a region or chain reads that no region holds, computed on every row: one result of a split whose other
     # results are read elsewhere (regions.whole_tuples), a projection read through values of its readers' own.
@@ -65,8 +66,11 @@ def find_mixer_inputs(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[A
     order = {n: i for i, n in enumerate(graph.nodes)}
     layer_of = layer_numbering(graph, sites, spine)
     regions = []
-    for projection, nodes in projections.items():  # read by a mixer, not by the residual stream
-        if projection not in taken and projection not in claimed:
+    # An output projection no branch holds (find_regions' attn_out) that a mixer or a mixer's region reads is the
+    # site's own region (one the residual stream reads in no branch, Gemma-3n's stacked streams, stays in none)
+    mixer_nodes = mixing.union(*mixers)
+    for projection, nodes in projections.items():
+        if projection not in taken and not mixer_nodes.isdisjoint(projection.users):
             region = build_region("attn_out", projection, nodes, infos)
             region.layer, region.reason, region.gated = layer_of(projection), ATTN_OUT_REASON, False
             regions.append(region)

@@ -125,6 +125,8 @@ FACTORIES = frozenset("zeros ones empty full".split())
 # Ops that make a tensor from sizes like another tensor's, reading none of its values
 LIKE_FACTORIES = frozenset("new_empty new_zeros new_ones new_full".split())
 NON_TENSOR = frozenset("size dim numel item _enter_autocast _exit_autocast getattr sym_size".split())
+# F.pad and the ATen op it lowers to: (self, pad, ...)
+PADS = frozenset(("pad", "constant_pad_nd"))
 # Ops that read only the size or dtype of their second tensor: their values are the first's
 LIKE_OTHER = frozenset("expand_as view_as reshape_as type_as".split())
 
@@ -587,7 +589,7 @@ class Rules(SortedRows):
     def _mapped(self, node: fx.Node, dims: dict[int, int]) -> Info:
         axis = self.axis_of(node.args[0])
         if axis is None or axis.dim not in dims:
-            what = "pads the token axis" if op_name(node) == "pad" else "moves the token axis out of place"
+            what = "pads the token axis" if op_name(node) in PADS else "moves the token axis out of place"
             return self._mixing(node, f"'{op_name(node)}' {what}")
         return self._row(dims[axis.dim], axis)
 
@@ -618,7 +620,7 @@ class Rules(SortedRows):
             return {i: i + offset for i in range(nd) if same_size(x.shape[i], out.shape[i + offset])}
         if name == "squeeze":
             return _size_preserving_map(x.shape, out.shape)
-        if name in ("pad", "constant_pad_nd"):  # (left, right) pairs from the last dim back; a symbolic one may be > 0
+        if name in PADS:  # (left, right) pairs from the last dim back; a symbolic one may be > 0
             pads = arg(node, 1, "pad", ())
             padded = {nd - 1 - i // 2 for i, p in enumerate(pads) if not (isinstance(p, int) and p == 0)}
             return {i: i for i in range(nd) if i not in padded}

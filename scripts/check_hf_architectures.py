@@ -1,13 +1,14 @@
 """Threshold 1 against dense on Hugging Face decoder architectures the test suite does not build.
 
 Each architecture is built tiny (random weights, 2 layers, width 64, SDPA attention, called with a full 4-d mask as
-a diffusion LM runs its layers), compiled with ``backend="dyllm"`` at threshold 1 (``aot_eager`` lowering) and
-decoded with ``dyllm_compile.generate``; every call's logits are compared with the eager model's
-(``torch.testing``'s fp32 tolerances; beyond them, dyllm's must be as close to a float64 copy of the model as
-eager's, within 2x: a model that amplifies rounding). Printed per architecture: the largest difference, whether
-the tokens equal the eager decode's, the sparse calls, any fallback to the graph without the rewrite, the share of
-matmul FLOPs gated (``explain``) and the dense reasons. A model that fails eagerly (a config these defaults do not
-fit) is reported and skipped. Exits 1 if any architecture differs from dense.
+a diffusion LM runs its layers, and positions 0, 1, ... where its forward takes them), compiled with
+``backend="dyllm"`` at threshold 1 (``aot_eager`` lowering) and decoded with ``dyllm_compile.generate``; every
+call's logits are compared with the eager model's (``torch.testing``'s fp32 tolerances; beyond them, dyllm's must be
+as close to a float64 copy of the model as eager's, within 2x: a model that amplifies rounding). Printed per
+architecture: the largest difference, whether the tokens equal the eager decode's, the sparse calls, any fallback to
+the graph without the rewrite, the share of matmul FLOPs gated (``explain``) and the dense reasons. A model that
+fails eagerly (a config these defaults do not fit) is reported and skipped. Exits 1 if any architecture differs from
+dense.
 
     .venv/bin/python scripts/check_hf_architectures.py Mistral Qwen3 Gemma3Text:Gemma3 Bamba attn_layer_indices=[1]
     .venv/bin/python scripts/check_hf_architectures.py @scripts/hf_architecture_configs.txt
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import inspect
 import logging
 import shlex
 import sys
@@ -113,10 +115,18 @@ def check(name: str, settings: dict[str, Any]) -> bool:
 
 
 def _forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The logits of ``model`` for token ids, every position attending to every other (a full 4-d mask)."""
+    """The logits of ``model`` for token ids, every position attending to every other (a full 4-d mask), at
+    positions 0, 1, ... given as such where the model takes them (OPT would count them from a 2-d mask)."""
     dtype = next(model.parameters()).dtype
-    return lambda ids: model(input_ids=ids, attention_mask=torch.zeros(
-        ids.shape[0], 1, ids.shape[1], ids.shape[1], dtype=dtype)).logits
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        batch, length = ids.shape
+        positions = {"position_ids": torch.arange(length).expand(batch, length)} if takes_positions else {}
+        mask = torch.zeros(batch, 1, length, length, dtype=dtype)
+        return model(input_ids=ids, attention_mask=mask, **positions).logits
+
+    return forward
 
 
 def _errors_against_fp64(model: torch.nn.Module, calls: list) -> tuple[float, float]:

@@ -51,6 +51,11 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
         num_key_value_heads=4, first_k_dense_replace=2, **SMALL), True),
     # soft-capped scores, c * tanh(scores / c) before the mask (hand-written attention only): Gemma-2's, and
     # VaultGemma's (Gemma-2's attention without its sliding-window layers)
+    # the FFN and its residual add on the rows with the batch folded in (x.reshape(-1, D)), positions given
+    # (POSITIONS), learned position embeddings offset by 2
+    "opt": lambda: (transformers.OPTForCausalLM, transformers.OPTConfig(
+        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=64), True),
     "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
     "vault_gemma": lambda: (transformers.VaultGemmaForCausalLM, transformers.VaultGemmaConfig(
         num_key_value_heads=2, head_dim=16, **SMALL), True),
@@ -60,6 +65,8 @@ if hasattr(transformers, "GraniteSWAConfig"):  # transformers 5
     # full and sliding-window layers
     ARCHITECTURES["granite_swa"] = lambda: (transformers.GraniteSWAForCausalLM, transformers.GraniteSWAConfig(
         num_key_value_heads=2, **SMALL), True)
+#: Decoders that count positions from a 2-d mask unless given them (OPT): called with positions 0, 1, ...
+POSITIONS = {"opt"}
 EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "vault_gemma", "gpt_oss", "granite_swa", "hy_v4", "diffllama",
          "deepseek_v4"}
 
@@ -183,6 +190,8 @@ def build(name: str, experts: str = "batched_mm") -> tuple[torch.nn.Module, Call
     def forward(ids: torch.Tensor) -> torch.Tensor:
         if not full_mask:
             return model(input_ids=ids).logits
-        return model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])).logits
+        batch, length = ids.shape
+        positions = {"position_ids": torch.arange(length).expand(batch, length)} if name in POSITIONS else {}
+        return model(input_ids=ids, attention_mask=torch.zeros(batch, 1, length, length), **positions).logits
     return model, forward
 

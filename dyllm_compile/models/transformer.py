@@ -72,6 +72,9 @@ class TransformerConfig:
     rotary_fraction: float = 1.0
     parallel_residual: bool = False
     token_conv: int = 0  # >0: depthwise conv over tokens of this width at the start of the FFN branch
+    # "tokens": the FFN branch on [B, N, D]; "folded": it and its residual add on the rows with the batch folded in,
+    # x.reshape(-1, D), viewed back to [B, N, D] after (OPT's decoder layer)
+    ffn_rows: str = "tokens"
     # >0: hyper-connections, this many residual streams per row ([B, N, streams, D]); each branch reads its input as
     # a learned per-row mix of the streams and writes its output back into each with a per-row weight
     # (DeepSeek-V4's form without the Sinkhorn projection, as HunYuan-V4 writes it)
@@ -105,6 +108,9 @@ class TransformerConfig:
             ),
             "hyper_connections only pre-LN, sequential": not self.hyper_connections or (
                 self.norm_position == "pre" and not self.parallel_residual),
+            "ffn_rows in (tokens, folded); folded only pre-LN, sequential, without hyper_connections or token_conv":
+                self.ffn_rows == "tokens" or (self.ffn_rows == "folded" and self.norm_position == "pre" and not (
+                    self.parallel_residual or self.hyper_connections or self.token_conv)),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -433,6 +439,9 @@ class Block(nn.Module):
         if self.cfg.parallel_residual:
             return x + self.attn(self.attn_norm(x), rope, mask) + self.ffn_branch(self.ffn_norm(x))
         x = x + self.attn(self.attn_norm(x), rope, mask)
+        if self.cfg.ffn_rows == "folded":
+            rows = x.reshape(-1, x.shape[-1])
+            return (rows + self.ffn_branch(self.ffn_norm(rows))).view(x.shape)
         return x + self.ffn_branch(self.ffn_norm(x))
 
 

@@ -39,7 +39,7 @@ from .graph_edit import drop_unbacked_bindings
 from .graph_utils import arg, hint, is_impure, op_name, same_size, size_checks, tensor_value
 from .layer_cuts import PIECE_END, layer_cuts
 from .linear_order import as_weight_first, choose as choose_linear_order
-from .op_rules import Kind
+from .op_rules import Axis, Kind
 from .region_graph import RegionNotRelocatable, check_relocatable, retarget_rows
 from .regions import Region, tensor_users
 
@@ -85,6 +85,9 @@ class RewritePlan:
     element_regions: dict = field(default_factory=dict)
     # each mixing point (passes/mixing_points.py) -> (its token dim or None, the cache of its last value)
     mixing: dict = field(default_factory=dict)
+    # token inputs and exits of gathered regions with the batch folded into their rows (_batch_folded) -> the rows
+    # each token has (trail)
+    folded_rows: dict = field(default_factory=dict)
 
     @property
     def prunes_queries(self) -> bool:
@@ -231,13 +234,17 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         per_row = point.axis is not None and same_size(tensor_value(point.node).shape[0], batch)
         mixing[point.node] = (point.axis if per_row else None, add_cache(f"L{point.layer}.mixed", point.node))
     gathered = regions + [s.queries for s in sites if s.queries is not None]
+    folded_rows = {n: infos[n].axis.trail for r in gathered for n in (*r.token_inputs, *r.exits)
+                   if infos[n].axis.dim == 0 and (infos[n].axis.folded or n in r.exits)}
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions
+                       and not any(n in folded_rows for n in (*r.token_inputs, *r.exits))
                        and (gathers := _element_gathers(r, infos, batch)) is not None}
     return RewritePlan(analysis, config, sites, regions, exit_caches, input_caches, caches,
                        [placeholders.index(n) for n in sources], [infos[n].axis.dim for n in sources], reasons,
                        policy, _row_outputs(analysis, batch), queried_regions,
                        choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
-                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions, mixing)
+                       layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions, mixing,
+                       folded_rows)
 
 
 def _read_on_s_in_only(region: Region, planned: list[Region]) -> bool:
@@ -371,10 +378,21 @@ def _plan_values(plan: SitePlan, chains: dict[str, Region], graph: fx.Graph) -> 
     return plan
 
 
+def _batch_folded(axis: Axis, batch: Any) -> bool:
+    """The token axis is dim 0 with the batch folded in ahead of the tokens and a static number of rows per token
+    after them (``[B * N, D]``: OPT's FFN runs on ``x.reshape(-1, D)``, its residual added there): a region
+    gathers and scatters such a value as ``[B, N, ...]`` (rows.unfold_rows). With a batch of one, any token axis
+    in front is."""
+    return (axis.dim == 0 and axis.by is None and not axis.order and same_size(axis.lead, batch)
+            and isinstance(axis.trail, int))
+
+
 def _region_problem(region: Region, infos, batch) -> str:
     for exit in region.exits:
         axis, value = infos[exit].axis, tensor_value(exit)
         named = f"its output '{exit.name}'" if region.side_exits else "its output"
+        if axis is not None and value is not None and _batch_folded(axis, batch):
+            continue
         if axis is None or axis.folded or axis.dim == 0 or value is None:
             return f"{named} has no batch-first token axis"
         if not same_size(value.shape[0], batch):
@@ -388,8 +406,8 @@ def _region_problem(region: Region, infos, batch) -> str:
     split = next((t for t in region.token_inputs if tensor_value(t) is None), None)
     if split is not None:  # one result of a split whose other results are read outside the site's chains
         return f"it reads one result of '{split.name}', whose other results are used elsewhere"
-    if any(infos[t].axis.folded for t in region.token_inputs):
-        return "an input folds batch and tokens together"
+    if any(infos[t].axis.folded and not _batch_folded(infos[t].axis, batch) for t in region.token_inputs):
+        return "an input folds other rows than the batch's into its token axis"
     if any(infos[t].axis.by is not None for t in region.token_inputs):
         return "it reads rows an MoE selected outside it"
     try:
@@ -458,6 +476,7 @@ class _Builder:
         # share what they have in common (their gathered inputs; a fused q/k/v projection in all three chains).
         self.on_rows: dict[tuple[fx.Node, fx.Node, bool, Optional[int]], fx.Node] = {}
         self._cuts = list(reversed(plan.cuts))
+        self.salient_in: Optional[fx.Node] = None  # the sparse variant's [B, N] input: the batch and token counts
         self._order = {n: i for i, n in enumerate(plan.analysis.gm.graph.nodes)} if plan.cuts else {}
 
     def enter(self, node: fx.Node) -> None:
@@ -576,7 +595,7 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
         if node.op == "placeholder":
             b.env[node] = b.copy(node)
     cache_in = [b.graph.placeholder(f"cache_{spec.name.replace('.', '_')}") for spec in plan.caches]
-    salient = b.graph.placeholder("salient_in")
+    salient = b.salient_in = b.graph.placeholder("salient_in")
     forced = b.graph.placeholder("forced_salient") if config.force_salient is not None else None
     policy = plan.policy
     hint = b.graph.placeholder("row_hint") if policy.uses_row_hint else None
@@ -750,9 +769,16 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
         # per element: a table's rows as [B, 1, ..., K, D] of the rank it meets in this region (_element_gathers)
         rank = b.plan.element_regions[id(region)][node] if per_element else None
         key = (node, index, per_element, rank)
-        if key not in b.on_rows:
-            b.on_rows[key] = (b.call(rows.gather_rows_per_element, b.env[node], index, infos[node].axis.dim, rank)
-                              if per_element else b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim))
+        if key in b.on_rows:
+            pass
+        elif per_element:
+            b.on_rows[key] = b.call(rows.gather_rows_per_element, b.env[node], index, infos[node].axis.dim, rank)
+        elif node in b.plan.folded_rows:
+            trail = b.plan.folded_rows[node]
+            unfolded = b.call(rows.unfold_rows, b.env[node], b.salient_in, trail)
+            b.on_rows[key] = b.call(rows.fold_rows, b.call(rows.gather_rows, unfolded, index, 1), trail)
+        else:
+            b.on_rows[key] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
         local[node] = b.on_rows[key]
     for node in region.nodes:
         key = (node, index, per_element, None)
@@ -772,8 +798,13 @@ def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache_in: list[fx
     fresh = _emit_rows(b, region, picked.gather, picked.size, picked.per_element)
     for exit, value in fresh.items():
         cache = b.plan.exit_caches[exit]
-        axis = b.plan.analysis.infos[exit].axis.dim
-        b.env[exit] = new_cache[cache] = _scatter(b, cache_in[cache], value, picked, axis)
+        trail = b.plan.folded_rows.get(exit)
+        if trail is None:
+            axis = b.plan.analysis.infos[exit].axis.dim
+            b.env[exit] = new_cache[cache] = _scatter(b, cache_in[cache], value, picked, axis)
+            continue
+        unfolded = [b.call(rows.unfold_rows, v, b.salient_in, trail) for v in (cache_in[cache], value)]
+        b.env[exit] = new_cache[cache] = b.call(rows.fold_rows, _scatter(b, *unfolded, picked, 1), trail)
 
 
 def _scatter(b: _Builder, cache: fx.Node, fresh: fx.Node, picked: _Rows, axis: int) -> fx.Node:
@@ -791,8 +822,13 @@ def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: l
     source = region.token_inputs[0]
     axis = b.plan.analysis.infos[source].axis.dim
     cache = b.plan.input_caches[id(region)]
-    picked = hook("at_branch", region.layer, axis, salient, b.env[source], cache_in[cache])
-    new_cache[cache] = b.call(rows.merge_rows, picked, b.env[source], cache_in[cache], axis)
+    fresh, cached, trail = b.env[source], cache_in[cache], b.plan.folded_rows.get(source)
+    if trail is not None:  # compared and merged per row as [B, N, ...]
+        fresh, cached, axis = (b.call(rows.unfold_rows, fresh, salient, trail),
+                               b.call(rows.unfold_rows, cached, salient, trail), 1)
+    picked = hook("at_branch", region.layer, axis, salient, fresh, cached)
+    merged = b.call(rows.merge_rows, picked, fresh, cached, axis)
+    new_cache[cache] = merged if trail is None else b.call(rows.fold_rows, merged, trail)
     return picked
 
 

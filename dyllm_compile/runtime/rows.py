@@ -109,6 +109,18 @@ def place_rows(cache: torch.Tensor, fresh: torch.Tensor, position: torch.Tensor,
     return merge_rows(salient, gather_rows(fresh, position, axis).to(cache.dtype), cache, axis)
 
 
+def unfold_rows(x: torch.Tensor, salient: torch.Tensor, trail: int) -> torch.Tensor:
+    """``x [B * R * trail, ...]``, the batch folded into its rows ahead of the tokens (``trail`` rows a token after
+    them), as ``[B, R, ...]`` (``trail`` 1) or ``[B, R, trail, ...]``: rows along dim 1, gathered and scattered as
+    a batch-first value's are. ``salient [B, N]`` gives B; R is N for a cache, a selection's count for fresh rows."""
+    return x.unflatten(0, (salient.shape[0], -1) if trail == 1 else (salient.shape[0], -1, trail))
+
+
+def fold_rows(x: torch.Tensor, trail: int) -> torch.Tensor:
+    """The inverse of :func:`unfold_rows`."""
+    return x.flatten(0, 1 if trail == 1 else 2)
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
     return x.index_select(axis, index)
 

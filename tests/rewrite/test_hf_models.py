@@ -3,7 +3,8 @@
 BERT (post-LN, learned positions, masked LM), ModernBERT (one fused q/k/v projection unbound into three, RoPE,
 GeGLU) and decoder architectures called with a full 4-d mask (bidirectional, as Dream runs its Qwen2 layers):
 Qwen2, GPT-2 (Conv1D as addmm), GPT-NeoX and Falcon (parallel attention and MLP summed before the residual),
-Phi-3 (a fused projection sliced three ways), and hand-written ("eager") attention: Llama's, GPT-J's (q and k cast
+Phi-3 (a fused projection sliced three ways), OPT (its FFN and residual add on rows with the batch folded in,
+``[B * N, D]``), and hand-written ("eager") attention: Llama's, GPT-J's (q and k cast
 to fp32, scores divided by a tensor), MPT's (ALiBi bias, padding filled with the lowest float), Granite-SWA's
 (attention sinks applied after the softmax; transformers 5). None is known to
 the compiler: each site is found from the graph and cached, no site stays dense, and every layer's FFN is gated."""

@@ -268,10 +268,12 @@ class AllHooksRules:
         return salient | _lowest(cos, 0.125, torch.ones_like(salient))
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
-def test_every_hook_point_matches_oracle(mode):
+@pytest.mark.parametrize("mode, arch", [("paper", "llada"), ("exact", "llada"), ("exact", "folded_ffn")])
+def test_every_hook_point_matches_oracle(mode, arch):
+    """folded_ffn: the FFN's input has the batch folded into its rows ([B * N, D]); the hook compares it, and its
+    cache merges it, as [B, N, D]."""
     assert AllHooks.hooks() == {"before_attention", "after_attention", "at_branch"}
-    lock, oracle = _run("llada", 3, {"policy": AllHooks(), "attention_mode": mode},
+    lock, oracle = _run(arch, 3, {"policy": AllHooks(), "attention_mode": mode},
                         dict(mode=mode, rules=AllHooksRules()))
     assert lock.steps == 16
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]

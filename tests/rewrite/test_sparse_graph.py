@@ -120,6 +120,35 @@ def test_regions_gather_each_elements_rows_in_a_batch():
     assert len(gathers) == len(tables) + len(plan.sites) + sum(r.role not in ("k", "q", "v") for r in plan.regions)
 
 
+def test_folded_rows_are_gathered_and_scattered_as_batch_first():
+    """OPT's FFN runs on ``x.reshape(-1, D)`` and adds its residual there: the FFN region reads and writes rows
+    with the batch folded in ([B * N, D], token axis dim 0). Before (``ffn_rows="tokens"``), each FFN input is
+    gathered along its token axis and its output scattered into its cache. After (``"folded"``): the input is
+    unfolded to [B, N, D], gathered along dim 1 and folded back ([B * K, D]); the output and its cache are unfolded,
+    scattered along dim 1, and the new cache folded back, in the dense graph's layout. The lm_head region reads
+    the last layer's folded sum (its view back to [B, N, D] inside it), gathered so too. Not per element: those
+    regions gather the batch's union even where the other regions gather each element's rows."""
+    before, after = _plan(batch=3), _plan(batch=3, model=dict(ffn_rows="folded"))
+    ffn = [r for r in after.regions if r.role == "ffn"]
+    assert [r.layer for r in ffn] == [0, 1] and not after.reasons
+    (head,) = [r for r in after.regions if r.role == "lm_head"]
+    folded = {n for r in ffn for n in (*r.token_inputs, *r.exits)} | set(head.token_inputs)
+    assert set(after.folded_rows) == folded and set(after.folded_rows.values()) == {1} and not before.folded_rows
+    assert {r.role for r in after.regions if id(r) not in after.element_regions} == {"ffn", "lm_head"}
+    old, new = build_sparse(before, 8), build_sparse(after, 8)
+    assert not _calls(old, rows.unfold_rows) and not _calls(old, rows.fold_rows)
+    unfolded = _calls(new, rows.unfold_rows)
+    assert len(unfolded) == 3 * len(ffn) + 1  # per FFN: its input; its output and its cache. The head's input
+    for node in unfolded:
+        assert node.args[2] == 1 and node.args[1].target == "salient_in"
+        (user,) = node.users
+        assert user.target in (rows.gather_rows, rows.scatter_rows) and user.args[2 if user.target is rows.gather_rows
+                                                                                   else 4] == 1
+        (folded,) = user.users
+        assert folded.target is rows.fold_rows
+    assert len(_calls(new, rows.scatter_rows)) == len(_calls(old, rows.scatter_rows))
+
+
 def test_per_element_rows_are_each_elements_salient_rows():
     salient = torch.tensor([[False, True, False, False, True, False],
                             [True, False, False, False, False, False]])

@@ -33,6 +33,9 @@ _OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.
                            operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
                            operator.ipow: operator.pow, operator.iand: operator.and_, operator.ior: operator.or_}
 _OPERATOR_FUNCTIONS = {f for f in vars(operator).values() if callable(f) and not isinstance(f, type)}
+# Methods named like writes that change no value: they set autograd's flag or move storage (MRA's
+# ``zeros_like(q).requires_grad_()``), and return the tensor itself
+_FLAG_SETTERS = frozenset(("requires_grad_", "share_memory_"))
 
 
 def writes_first_operand(node: fx.Node) -> bool:
@@ -44,6 +47,8 @@ def writes_first_operand(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _OPERATOR_FUNCTIONS:
         return False  # operator.and_, or_, not_: the underscore only avoids a keyword (transformers 5's `mask & m`)
     name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in _FLAG_SETTERS:
+        return False
     return (name.endswith("_") and not name.startswith("_")) or node.kwargs.get("inplace") is True
 
 
@@ -68,12 +73,16 @@ def functionalize_writes(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]
     memory = _Memory(list(graph.nodes))
     latest: dict[fx.Node, fx.Node] = {}  # a written value (or an earlier write's result) -> its newest version
     origin: dict[fx.Node, fx.Node] = {}  # a version made here -> the written value it is a version of
+    # a write's out-of-place result -> the write Dynamo recorded: ``h += y`` rebinds h to the write's result, so a
+    # second write into h names the first one's node, by now replaced by its result
+    recorded: dict[fx.Node, fx.Node] = {}
     problems = []
     for node in memory.order:
         if not writes_first_operand(node):
             node.args, node.kwargs = fx.map_arg((node.args, node.kwargs), lambda a: latest.get(a, a))
             continue
-        written = node.args[0]  # as Dynamo recorded it, for its memory; its newest version is what the write reads
+        # as Dynamo recorded it, for its memory; its newest version is what the write reads
+        written = recorded.get(node.args[0], node.args[0])
         view = _basic_view(written)
         # A write into a view x[index] writes x: x's newest version is followed (the view's, if read, is x[index]).
         # The view was made after earlier writes: its x is a version made here, which stands for Dynamo's value.
@@ -92,6 +101,7 @@ def functionalize_writes(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]
         for old in carried - {written} if view is not None else carried:
             latest[old] = new
         origin[new] = owner
+        recorded[result] = node
         node.replace_all_uses_with(result)
         graph.erase_node(node)
     if problems:
@@ -165,7 +175,8 @@ def _out_of_place(graph: fx.Graph, write: fx.Node) -> fx.Node | str:
     elif kwargs.get("inplace") is True:
         target, kwargs["inplace"] = write.target, False
     elif write.op == "call_method":
-        target = _RENAMED.get(write.target) or getattr(torch.Tensor, write.target[:-1], None)
+        plain = getattr(torch.Tensor, write.target[:-1], None)
+        target = _RENAMED.get(write.target) or (plain if callable(plain) else None)
     else:  # torch.relu_ and the like: the function of the same name without the underscore, where it lives
         name = getattr(write.target, "__name__", "")
         target = next((getattr(ns, name[:-1]) for ns in _NAMESPACES

@@ -89,7 +89,7 @@ ELEMENTWISE = frozenset(
 # Ops whose result depends on ``self`` alone (other arguments are dtypes, devices, shapes, probabilities).
 UNARY = frozenset(
     "float half bfloat16 double int long bool to type_as type contiguous clone detach dropout zeros_like ones_like "
-    "empty_like full_like".split()
+    "empty_like full_like requires_grad share_memory".split()
 )
 # (index of the dim argument counting self, keyword, default) for ops along one dim that keep the shape.
 ALONG_DIM = {

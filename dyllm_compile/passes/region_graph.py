@@ -69,7 +69,7 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         sizes = _spelled_out(node)
         if sizes[axis.dim] != -1:
             sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
-        node.args = (node.args[0], *sizes)
+        node.args = (node.args[0], tuple(sizes))  # one argument: as Tensor.view takes it, and torch.reshape must
     elif (name == "getitem" or node.target is set_items) and tensor_value(original.args[0]) is not None \
             and infos[original.args[0]].axis:  # (a table read at token-carrying indices: nothing to rewrite)
         # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.

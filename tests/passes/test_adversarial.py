@@ -138,6 +138,10 @@ ROW_WISE = {
     # padding or splitting the features (MLA's values padded to the keys' head dim), no rule until the same sweep
     "pad_and_split_features": (lambda h: h + F.pad(h, (1, 2))[..., 2:-1] + torch.cat(
         torch.tensor_split(h, 4, dim=-1)[::-1], -1), "pad"),
+    # torch.reshape, the function, whose sizes are one argument (ConvBERT's); re-targeted to the rows as
+    # Tensor.reshape's spread-out sizes until the masked-LM sweep of 2026-12-06, it failed to run on gathered rows
+    "reshape_function": (lambda h: torch.reshape(torch.reshape(h, (h.shape[0], h.shape[1], 4, 8)).softmax(-1),
+                                                 [h.shape[0], -1, 32]), "reshape"),
 }
 
 

@@ -72,8 +72,30 @@ def set_item_and_relu(x):
     return (h + 1,)
 
 
+def flag_set_then_written(x):
+    """MRA's ``zeros_like(q).requires_grad_()``: named like a write, it sets autograd's flag and changes no value;
+    the write beside it is followed. Until the masked-LM sweep of 2026-12-06 it was taken for a write whose
+    out-of-place form is ``Tensor.requires_grad``, a property, and the analysis raised."""
+    h = torch.zeros_like(x).requires_grad_()
+    g = x * 3
+    g.add_(x)
+    return ((h + g) * 2,)
+
+
+def augmented_twice(x, y):
+    """``h += y`` rebinds ``h`` to the write's result, so Dynamo records the second write into the first's: the
+    node the pass had just replaced. Until the masked-LM sweep of 2026-12-06 (RoCBERT's embeddings) that write
+    was refused ("no recorded value to follow") and the whole graph stayed dense."""
+    h = x * 2
+    h += y
+    h += 1
+    return (h / 3,)
+
+
 @pytest.mark.parametrize("fn, inputs, before", [
     (readers_before_and_after, (torch.randn(3, 4),), ["mul_", "add_"]),
+    (augmented_twice, (torch.randn(3, 4), torch.randn(3, 4)), ["iadd", "iadd"]),
+    (flag_set_then_written, (torch.randn(3, 4),), ["add_"]),
     (promoting, (torch.randn(3, 4), torch.randn(3, 4)), ["iadd"]),
     (set_item_and_relu, (torch.randn(3, 4),), ["setitem", "relu"]),
 ])

@@ -1,6 +1,9 @@
-"""Markdown tables of the committed benchmark CSVs, for docs/benchmarks.md.
+"""Markdown tables of the committed benchmark CSVs, for docs/benchmarks.md (and docs/architectures.md).
 
-    python benchmarks/report.py [benchmarks/results/decode_cpu.csv] [benchmarks/results/quality_cpu.csv]
+    python benchmarks/report.py [benchmarks/results/decode_cpu.csv] [benchmarks/results/quality_cpu.csv] \
+        [benchmarks/results/hf_architectures.csv]
+
+The last is docs/architectures.md's table, from ``scripts/check_hf_architectures.py --csv``.
 """
 
 from __future__ import annotations
@@ -82,10 +85,35 @@ def quality_table(path: str) -> str:
     return "\n".join(lines)
 
 
+#: Dense reasons that say a region holds no product (an embedding's lookup): not a finding, left out of the table
+_NOTHING_TO_SAVE = "no matmul work to save"
+
+
+def architectures_table(path: str) -> str:
+    """docs/architectures.md's table: a row per architecture of ``scripts/check_hf_architectures.py --csv``."""
+    rows = _rows(path)
+    lines = [f"transformers {rows[0]['transformers']}, torch {rows[0]['torch']}, run {rows[0]['date']}: tiny random "
+             "models (2 layers, width 64), threshold 1, aot_eager lowering, a decode of 8 calls at batch 2.", "",
+             "| architecture | class | result | largest difference | tokens | FLOPs gated | what stays dense (first "
+             "reason, of how many) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reasons = [x for x in r["reasons"].split("\n") if x and _NOTHING_TO_SAVE not in x]
+        note = r["detail"] or (f"{reasons[0][:140]}" + (f" ({len(reasons)})" if len(reasons) > 1 else "")
+                               if reasons else "")
+        gated = _num(r["gated"], 0)
+        difference = float(r["difference"]) if r["difference"] else math.nan
+        lines.append(f"| {r['name']} | {r['model'] or '-'} | {r['status']} | "
+                     f"{'-' if math.isnan(difference) else f'{difference:.1e}'} | "
+                     f"{r['tokens'] or '-'} | {gated if gated == '-' else gated + '%'} | "
+                     f"{note.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     decode = argv[0] if argv else os.path.join(RESULTS, "decode_cpu.csv")
     quality = argv[1] if len(argv) > 1 else os.path.join(RESULTS, "quality_cpu.csv")
-    for path, table in ((decode, decode_table), (quality, quality_table)):
+    architectures = argv[2] if len(argv) > 2 else os.path.join(RESULTS, "hf_architectures.csv")
+    for path, table in ((decode, decode_table), (quality, quality_table), (architectures, architectures_table)):
         if os.path.exists(path):
             print(table(path), end="\n\n")
 

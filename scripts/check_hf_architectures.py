@@ -1,23 +1,25 @@
-"""Threshold 1 against dense on Hugging Face decoder architectures the test suite does not build.
+"""Threshold 1 against dense on Hugging Face language model architectures the test suite does not build.
 
-Each architecture is built tiny (random weights, 2 layers, width 64, SDPA attention, called with a full 4-d mask as
-a diffusion LM runs its layers, and positions 0, 1, ... where its forward takes them), compiled with
+Each architecture is built tiny (random weights, 2 layers, width 64, SDPA attention; a causal LM called with a full
+4-d mask as a diffusion LM runs its layers, and positions 0, 1, ... where its forward takes them), compiled with
 ``backend="dyllm"`` at threshold 1 (``aot_eager`` lowering) and decoded with ``dyllm_compile.generate``; every
 call's logits are compared with the eager model's (``torch.testing``'s fp32 tolerances; beyond them, dyllm's must be
 as close to a float64 copy of the model as eager's, within 2x: a model that amplifies rounding). Printed per
 architecture: the largest difference, whether the tokens equal the eager decode's, the sparse calls, any fallback to
 the graph without the rewrite, the share of matmul FLOPs gated (``explain``) and the dense reasons. A model that
 fails eagerly (a config these defaults do not fit) is reported and skipped. Exits 1 if any architecture differs from
-dense.
+dense or fails under dyllm.
 
     .venv/bin/python scripts/check_hf_architectures.py Mistral Qwen3 Gemma3Text:Gemma3 Bamba attn_layer_indices=[1]
-    .venv/bin/python scripts/check_hf_architectures.py @scripts/hf_architecture_configs.txt
+    .venv/bin/python scripts/check_hf_architectures.py @scripts/hf_architectures.txt --csv out.csv
 
-NAME is the prefix of transformers' classes (NAME + "Config", NAME + "ForCausalLM"); CONFIG:MODEL where the two
-differ. KEY=VALUE after a name sets that config field (a Python literal: a hybrid's layer pattern, so that its two
-layers hold an attention layer; ``attn_implementation='eager'`` for a model without SDPA attention). @FILE reads
-arguments from a file, shell-quoted, any number a line, ``#`` comments: the configs the sweeps needed. Needs
-transformers 5 for most names.
+NAME is the prefix of transformers' classes (NAME + "Config"; NAME + "ForMaskedLM" where there is one, called as it
+is, bidirectional; else NAME + "ForCausalLM", given the full mask); CONFIG:MODEL where the two prefixes differ.
+KEY=VALUE after a name sets that config field (a Python literal: a hybrid's layer pattern, so that its two layers hold
+an attention layer; ``attn_implementation='eager'`` for a model without SDPA attention). @FILE reads arguments from a
+file, shell-quoted, any number a line, ``#`` comments: ``scripts/hf_architectures.txt`` lists every architecture the
+sweeps ran, with the configs they needed. ``--csv PATH`` also writes a row per architecture (the table in
+docs/architectures.md is made from one). Needs transformers 5 for most names.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import csv
+import datetime
 import inspect
 import logging
 import shlex
 import sys
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
 
 import torch
 import transformers
@@ -47,12 +52,38 @@ RTOL, ATOL = 1.3e-6, 1e-5
 
 
 def configure(name: str, settings: dict[str, Any]) -> tuple[Any, type]:
-    """The tiny config of ``name`` with ``settings``, and its causal LM class."""
+    """The tiny config of ``name`` with ``settings``, and its masked LM class (bidirectional as it is: an encoder
+    such as BERT), else its causal LM class."""
     config_name, _, model_name = name.partition(":")
     config = getattr(transformers, f"{config_name}Config")(**{**SIZE, **settings})
     config._attn_implementation = settings.get("attn_implementation", "sdpa")  # eager for hand-written attention
     config.use_cache = False
-    return config, getattr(transformers, f"{model_name or config_name}ForCausalLM")
+    prefix = model_name or config_name
+    return config, getattr(transformers, f"{prefix}ForMaskedLM", None) or getattr(transformers, f"{prefix}ForCausalLM")
+
+
+@dataclass
+class Result:
+    """One architecture's check: ``status`` is "equal" (to dense), "DIFFERS", "FAILED" (under dyllm) or "skipped"
+    (the model fails eagerly)."""
+
+    name: str
+    status: str
+    difference: float = float("nan")  # the largest logit difference from eager over the decode's calls
+    tokens: str = ""  # "equal", near-ties, or "DIFFER"
+    sparse_calls: int = 0
+    gated: float = float("nan")  # percent of matmul FLOPs gated (explain)
+    detail: str = ""  # the error, the fp64 comparison, any fallback
+    reasons: list[str] = field(default_factory=list)  # why parts stay dense
+    model: str = ""  # the class checked
+
+    def line(self) -> str:
+        if self.status in ("skipped", "FAILED"):
+            return f"{self.name}: {self.status} ({self.detail})"
+        return (f"{self.name}: largest difference {self.difference:.1e}, tokens {self.tokens}, {self.sparse_calls} "
+                f"sparse calls, {self.gated:.0f}% of FLOPs gated" + (f", {self.detail}" if self.detail else "")
+                + (f"; dense: {'; '.join(self.reasons)}" if self.reasons else "") + ("" if self.status == "equal"
+                                                                                      else " -- DIFFERS"))
 
 
 def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
@@ -61,9 +92,8 @@ def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
     return model_class(config).eval()
 
 
-def check(name: str, settings: dict[str, Any]) -> bool:
-    """Prints one line for ``name`` built with the config fields ``settings``; False where dyllm differs from dense
-    (or fails)."""
+def check(name: str, settings: dict[str, Any]) -> Result:
+    """``name`` built with the config fields ``settings``, compiled and decoded against eager."""
     try:
         model = build(name, settings)
         forward = _forward(model)
@@ -71,8 +101,7 @@ def check(name: str, settings: dict[str, Any]) -> bool:
         with torch.inference_mode():
             dense = generate(forward, prompt, mask_token_id=MASK, gen_length=16, steps=8)
     except Exception as err:  # the model itself, before dyllm: not a finding of this check
-        print(f"{name}: skipped, the model fails eagerly ({type(err).__name__}: {str(err)[:120]})")
-        return True
+        return Result(name, "skipped", detail=f"the model fails eagerly: {type(err).__name__}: {str(err)[:120]}")
     torch._dynamo.reset()
     before = last_serial()
     compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
@@ -92,14 +121,14 @@ def check(name: str, settings: dict[str, Any]) -> bool:
             sparse = generate(compared, prompt, mask_token_id=MASK, gen_length=16, steps=8)
         report = dyllm_compile.explain(forward, prompt, verbose=False)
     except Exception as err:
-        print(f"{name}: FAILED under dyllm ({type(err).__name__}: {str(err)[:200]})")
-        return False
+        return Result(name, "FAILED", detail=f"{type(err).__name__}: {str(err)[:200]}", model=type(model).__name__)
     stats = [r.stats for r in runtimes(before)]
-    noise = ""
+    details = []
     if not close:  # beyond fp32 tolerances: as close to the fp64 model as eager fp32 is (2x), or not close
         eager_error, dyllm_error = _errors_against_fp64(model, calls)
         close = dyllm_error <= 2 * eager_error
-        noise = f" (eager fp32 is {eager_error:.1e} off the fp64 model, dyllm {dyllm_error:.1e})"
+        details.append(f"eager fp32 is {eager_error:.1e} off the fp64 model, dyllm {dyllm_error:.1e}"
+                       + ("" if close else ": NOT CLOSE"))
     gated, total = report.gated_flops()
     same = torch.equal(sparse.tokens, dense.tokens)
     # Tokens that differ while every call's logits match: near-ties (a model without positions, whose runs of mask
@@ -108,15 +137,19 @@ def check(name: str, settings: dict[str, Any]) -> bool:
     fallback = [s.fallback for s in stats if s.fallback]
     reasons = [reason for graph in report.graphs for reason in graph.dense_reasons]
     tokens = "equal" if same else f"differ as eager's do with noise of {worst:.0e} (near-ties)" if tie else "DIFFER"
-    print(f"{name}: largest difference {worst:.1e}{noise}{'' if close else ' (NOT CLOSE)'}, tokens {tokens}, "
-          f"{sum(s.sparse_calls for s in stats)} sparse calls, {100 * gated / max(1, total):.0f}% of FLOPs gated"
-          + (f", FALLBACK {fallback}" if fallback else "") + (f"; dense: {'; '.join(reasons)}" if reasons else ""))
-    return close and (same or tie) and not fallback
+    if fallback:
+        details.append(f"FALLBACK {fallback}")
+    return Result(name, "equal" if close and (same or tie) and not fallback else "DIFFERS", worst, tokens,
+                  sum(s.sparse_calls for s in stats), 100 * gated / max(1, total), "; ".join(details), reasons,
+                  type(model).__name__)
 
 
 def _forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The logits of ``model`` for token ids, every position attending to every other (a full 4-d mask), at
-    positions 0, 1, ... given as such where the model takes them (OPT would count them from a 2-d mask)."""
+    """The logits of ``model`` for token ids, every position attending to every other: a masked LM as it is; a
+    causal LM given a full 4-d mask, at positions 0, 1, ... given as such where it takes them (OPT would count them
+    from a 2-d mask)."""
+    if type(model).__name__.endswith("ForMaskedLM"):
+        return lambda ids: model(input_ids=ids).logits
     dtype = next(model.parameters()).dtype
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
@@ -154,13 +187,14 @@ def _perturbed(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Te
         return generate(noisy, prompt, mask_token_id=MASK, gen_length=16, steps=8)
 
 
-def parse(argv: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(NAME, its settings) for each architecture the command line (or an @FILE in it) names."""
+def parse(argv: list[str] | None = None) -> tuple[list[tuple[str, dict[str, Any]]], Optional[str]]:
+    """(NAME, its settings) for each architecture the command line (or an @FILE in it) names; the --csv path."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      fromfile_prefix_chars="@")
     parser.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)
     parser.add_argument("names", nargs="+", metavar="NAME [KEY=VALUE ...]",
                         help="class prefix, or CONFIG:MODEL; then config fields to set")
+    parser.add_argument("--csv", metavar="PATH", help="also write one row per architecture to PATH")
     args = parser.parse_args(argv)
     if "=" in args.names[0]:
         parser.error(f"'{args.names[0]}' sets a config field before any architecture is named")
@@ -174,15 +208,33 @@ def parse(argv: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
             architectures[-1][1][key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parser.error(f"'{item}': the value is not a Python literal")
-    return architectures
+    return architectures, args.csv
 
 
 def main(argv: list[str] | None = None) -> int:
-    architectures = parse(argv)
+    architectures, csv_path = parse(argv)
     logging.disable(logging.WARNING)  # the dense reasons are printed; Dynamo's and transformers' notes are not
     warnings.filterwarnings("ignore")
-    results = [check(name, settings) for name, settings in architectures]
-    return 0 if all(results) else 1
+    results = []
+    for name, settings in architectures:
+        results.append(check(name, settings))
+        print(results[-1].line(), flush=True)
+    if csv_path is not None:
+        _write_csv(csv_path, results)
+    return 0 if all(r.status in ("equal", "skipped") for r in results) else 1
+
+
+def _write_csv(path: str, results: list[Result]) -> None:
+    """One row per architecture, with the versions and date of the run."""
+    versions = dict(transformers=transformers.__version__, torch=torch.__version__,
+                    date=datetime.date.today().isoformat())
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*(x.name for x in fields(Result)), *versions])
+        writer.writeheader()
+        for result in results:
+            row = {x.name: getattr(result, x.name) for x in fields(Result)}
+            row["reasons"] = "\n".join(result.reasons)  # a reason may hold "; "
+            writer.writerow({**row, **versions})
 
 
 if __name__ == "__main__":

@@ -1,24 +1,33 @@
-"""scripts/hf_architecture_configs.txt, the configs the architecture sweeps needed, stays usable: each line parses
-(``check_hf_architectures.py``'s own parser, shell quoting and Python literals) into a config transformers accepts
-at the check's size, for a causal LM class it has. Building the models and the compiled decode are the script's
-job, outside the suite (minutes)."""
+"""scripts/hf_architectures.txt, every architecture the sweeps run with the configs they need, stays usable: each
+line parses (``check_hf_architectures.py``'s own parser, shell quoting and Python literals) into a config transformers
+accepts at the check's size, for a masked or causal LM class it has. Building the models and the compiled decode are
+the script's job, outside the suite (half an hour for the file)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import transformers
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("check_hf_architectures", ROOT / "scripts" / "check_hf_architectures.py")
-check_hf_architectures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_hf_architectures)
-ARCHITECTURES = check_hf_architectures.parse([f"@{ROOT / 'scripts' / 'hf_architecture_configs.txt'}"])
+
+
+def _load(path: Path):
+    """A script as a module (``scripts/`` and ``benchmarks/`` are folders of scripts, not packages)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (a dataclass needs it there)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_hf_architectures = _load(ROOT / "scripts" / "check_hf_architectures.py")
+ARCHITECTURES, _ = check_hf_architectures.parse([f"@{ROOT / 'scripts' / 'hf_architectures.txt'}"])
 
 
 def test_the_file_names_every_architecture_once():
     names = [name for name, _ in ARCHITECTURES]
-    assert len(names) == len(set(names)) and len(names) >= 19
+    assert len(names) == len(set(names)) and len(names) >= 140
 
 
 @pytest.mark.parametrize("name, settings", ARCHITECTURES, ids=[name for name, _ in ARCHITECTURES])
@@ -27,3 +36,22 @@ def test_each_line_builds_a_config_transformers_accepts(name, settings):
     config, model_class = check_hf_architectures.configure(name, settings)
     assert config.hidden_size == check_hf_architectures.SIZE["hidden_size"]
     assert issubclass(model_class, transformers.PreTrainedModel)
+
+
+def test_a_run_s_csv_makes_the_docs_table(tmp_path):
+    """--csv's rows make docs/architectures.md's table (benchmarks/report.py): the first reason that is a finding
+    (not an embedding's "no matmul work to save") and how many there are; a skipped model's error."""
+    result = check_hf_architectures.Result
+    results = [result("Llama", "equal", 1.8e-7, "equal", 7, 88.4, "", [
+        "layer 0: light region ending at 'inputs_embeds': no matmul work to save",
+        "layer 1: ffn region computed densely (its output has no batch-first token axis; a | b)",
+        "'conv1d' x2: token-mixing (no row-wise rule for op 'conv1d'); computed densely"], "LlamaForCausalLM"),
+        result("Funnel", "skipped", detail="the model fails eagerly: NotImplementedError: block_sizes")]
+    path = tmp_path / "architectures.csv"
+    check_hf_architectures._write_csv(str(path), results)
+    lines = _load(ROOT / "benchmarks" / "report.py").architectures_table(str(path)).splitlines()
+    assert lines[0].startswith(f"transformers {transformers.__version__}, torch ")
+    assert lines[-2:] == [
+        "| Llama | LlamaForCausalLM | equal | 1.8e-07 | equal | 88% | layer 1: ffn region computed densely (its "
+        "output has no batch-first token axis; a / b) (2) |",
+        "| Funnel | - | skipped | - | - | - | the model fails eagerly: NotImplementedError: block_sizes |"]

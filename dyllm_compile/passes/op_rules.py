@@ -91,6 +91,8 @@ UNARY = frozenset(
     "float half bfloat16 double int long bool to type_as type contiguous clone detach dropout zeros_like ones_like "
     "empty_like full_like requires_grad share_memory".split()
 )
+# Convolutions: row-wise where every kernel dim is 1 (op_rules' _pointwise_conv), token mixing otherwise
+CONVOLUTIONS = frozenset(("conv1d", "conv2d", "conv3d"))
 # (index of the dim argument counting self, keyword, default) for ops along one dim that keep the shape.
 ALONG_DIM = {
     "softmax": (1, "dim", None),
@@ -210,10 +212,33 @@ class Rules(SortedRows):
             return self._getitem(node)
         if name in ("cat", "concat", "concatenate", "stack"):
             return self._cat(node, name)
+        if name in CONVOLUTIONS and (pointwise := self._pointwise_conv(node)) is not None:
+            return pointwise
         dims = self._dim_map(node, name)
         if dims is not None:
             return self._mapped(node, dims)
         return self._unknown(node, name or getattr(node.target, "__name__", str(node.target)), out)
+
+    def _pointwise_conv(self, node: fx.Node) -> Optional[Info]:
+        """A convolution whose kernel is 1 in every spatial dim, at stride 1 without padding, of the token axis on a
+        spatial dim (SqueezeBERT's position-wise layers: 1x1 convolutions over [B, C, N]): each position's output is
+        a linear map of its own channels, row-wise. None for any other (token mixing: no rule)."""
+        x, weight = node.args[0], arg(node, 1, "weight")
+        value, kernel, axis = tensor_value(x), tensor_value(weight), self.axis_of(x)
+        if value is None or kernel is None or axis is None or axis.folded or axis.by is not None:
+            return None
+        if any(self.axis_of(a) is not None for a in tensor_args(node) if a is not x):
+            return None
+        spatial = kernel.dim() - 2
+
+        def every(value: Any, size: int) -> bool:
+            return all(v == size for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+        padding = arg(node, 4, "padding", 0)
+        if (not all(same_size(k, 1) for k in kernel.shape[2:]) or not every(arg(node, 3, "stride", 1), 1)
+                or not (padding in ("valid", "same") or every(padding, 0)) or axis.dim < value.dim() - spatial):
+            return None
+        return self._row(axis.dim, axis)
 
     def _broadcast_to_rows(self, node: fx.Node) -> Optional[Info]:
         """``x.expand_as(rows)`` of an ``x`` without the token axis, of size 1 (or no dim) where ``rows`` has it

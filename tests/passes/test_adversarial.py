@@ -33,6 +33,9 @@ class MixingFFN(nn.Module):
         return self.head(h)
 
 
+_POINTWISE = torch.randn(32, 32, 1, generator=torch.Generator().manual_seed(3)) / 6
+
+
 def _index_by_data(h):
     return h[:, h[0, :, 0].argsort()]
 
@@ -54,6 +57,9 @@ MIXERS = {
     "tensor_split_tokens": (lambda h: h + torch.tensor_split(h, [3], dim=1)[0].mean(1, keepdim=True),
                             "tensor_split"),
     "index_select_tokens": (lambda h: h.index_select(1, torch.arange(h.shape[1] - 1, -1, -1)), "index_select"),
+    # a convolution of kernel 3 (its kernel-1 form is row-wise: ROW_WISE's pointwise_conv)
+    "conv_over_tokens": (lambda h: F.conv1d(h.transpose(1, 2), _POINTWISE.expand(-1, -1, 3), padding=1).transpose(
+        1, 2), "conv1d"),
     # each row times its slice of a value mixed over the tokens, the tokens on a batch dim of the product
     # (HunYuan-V4's indexer weights times its relu'd scores; before, the product was taken for row-wise)
     "batched_matmul_with_mixed": (lambda h: (h.unsqueeze(2) @ (torch.relu(h @ h.transpose(1, 2)).sum(-1)[
@@ -140,6 +146,10 @@ ROW_WISE = {
         torch.tensor_split(h, 4, dim=-1)[::-1], -1), "pad"),
     # torch.reshape, the function, whose sizes are one argument (ConvBERT's); re-targeted to the rows as
     # Tensor.reshape's spread-out sizes until the masked-LM sweep of 2026-12-06, it failed to run on gathered rows
+    # a convolution of kernel 1 over [B, C, N] (SqueezeBERT's position-wise layers): token mixing for want of a
+    # rule until the masked-LM sweep of 2026-12-06
+    "pointwise_conv": (lambda h: F.conv1d(h.transpose(1, 2), _POINTWISE, _POINTWISE[:, 0, 0]).transpose(1, 2),
+                       "conv1d"),
     "reshape_function": (lambda h: torch.reshape(torch.reshape(h, (h.shape[0], h.shape[1], 4, 8)).softmax(-1),
                                                  [h.shape[0], -1, 32]), "reshape"),
 }

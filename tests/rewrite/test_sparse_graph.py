@@ -7,7 +7,7 @@ import torch
 from dyllm_compile.config import DyllmConfig
 from dyllm_compile.models import llada_like
 from dyllm_compile.passes.analysis import analyze
-from dyllm_compile.passes.graph_utils import op_name
+from dyllm_compile.passes.graph_utils import listed_args, op_name
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
 from dyllm_compile.passes.rewrite import COUNT_SELECTIONS, build_sparse, plan_rewrite
 from dyllm_compile.runtime import rows
@@ -81,7 +81,7 @@ def test_fused_qkv_projection_runs_once_per_layer_on_the_chains_rows():
     paper, exact = _plan(model=fused, attention_mode="paper"), _plan(model=fused)
 
     def token_sizes(linear):  # of the views of q, k and v: linear -> split -> getitem -> view(B, N, heads, D)
-        return {view.args[2] for piece in next(iter(linear.users)).users for view in piece.users}
+        return {listed_args(view)[1] for piece in next(iter(linear.users)).users for view in piece.users}
 
     def projections(gm):  # for each copy of the fused projection: is it on the 4 gathered rows (or all 12)
         linears = [n for n in gm.graph.nodes if op_name(n) == "linear" and "qkv_proj" in n.args[1].name]

@@ -49,13 +49,13 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "deepseek_v3": lambda: (DeepseekV3ForCausalLM, DeepseekV3Config(
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         num_key_value_heads=4, first_k_dense_replace=2, **SMALL), True),
-    # soft-capped scores, c * tanh(scores / c) before the mask (hand-written attention only): Gemma-2's, and
-    # VaultGemma's (Gemma-2's attention without its sliding-window layers)
     # the FFN and its residual add on the rows with the batch folded in (x.reshape(-1, D)), positions given
     # (POSITIONS), learned position embeddings offset by 2
     "opt": lambda: (transformers.OPTForCausalLM, transformers.OPTConfig(
         vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=64, max_position_embeddings=64), True),
+    # soft-capped scores, c * tanh(scores / c) before the mask (hand-written attention only): Gemma-2's, and
+    # VaultGemma's (Gemma-2's attention without its sliding-window layers)
     "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(num_key_value_heads=2, head_dim=16, **SMALL), True),
     "vault_gemma": lambda: (transformers.VaultGemmaForCausalLM, transformers.VaultGemmaConfig(
         num_key_value_heads=2, head_dim=16, **SMALL), True),

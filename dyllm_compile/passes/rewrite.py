@@ -234,8 +234,9 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         per_row = point.axis is not None and same_size(tensor_value(point.node).shape[0], batch)
         mixing[point.node] = (point.axis if per_row else None, add_cache(f"L{point.layer}.mixed", point.node))
     gathered = regions + [s.queries for s in sites if s.queries is not None]
+    # (a token input in front and not folded is a per-position table, gathered as it is)
     folded_rows = {n: infos[n].axis.trail for r in gathered for n in (*r.token_inputs, *r.exits)
-                   if infos[n].axis.dim == 0 and (infos[n].axis.folded or n in r.exits)}
+                   if _batch_folded(infos[n].axis, batch) and (infos[n].axis.folded or n in r.exits)}
     element_regions = {id(r): gathers for r in regions if id(r) not in queried_regions
                        and not any(n in folded_rows for n in (*r.token_inputs, *r.exits))
                        and (gathers := _element_gathers(r, infos, batch)) is not None}
@@ -489,6 +490,10 @@ class _Builder:
 
     def call(self, fn: Callable, *args: Any) -> fx.Node:
         return self.graph.call_function(fn, args)
+
+    def unfolded(self, value: fx.Node, trail: int) -> fx.Node:
+        """``value`` with the batch folded into its rows (``plan.folded_rows``) as ``[B, R, ...]``."""
+        return self.call(rows.unfold_rows, value, self.salient_in, trail)
 
     def item(self, node: fx.Node, index: int) -> fx.Node:
         return self.graph.call_function(operator.getitem, (node, index))
@@ -769,16 +774,8 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
         # per element: a table's rows as [B, 1, ..., K, D] of the rank it meets in this region (_element_gathers)
         rank = b.plan.element_regions[id(region)][node] if per_element else None
         key = (node, index, per_element, rank)
-        if key in b.on_rows:
-            pass
-        elif per_element:
-            b.on_rows[key] = b.call(rows.gather_rows_per_element, b.env[node], index, infos[node].axis.dim, rank)
-        elif node in b.plan.folded_rows:
-            trail = b.plan.folded_rows[node]
-            unfolded = b.call(rows.unfold_rows, b.env[node], b.salient_in, trail)
-            b.on_rows[key] = b.call(rows.fold_rows, b.call(rows.gather_rows, unfolded, index, 1), trail)
-        else:
-            b.on_rows[key] = b.call(rows.gather_rows, b.env[node], index, infos[node].axis.dim)
+        if key not in b.on_rows:
+            b.on_rows[key] = _gathered(b, node, index, per_element, rank)
         local[node] = b.on_rows[key]
     for node in region.nodes:
         key = (node, index, per_element, None)
@@ -789,6 +786,17 @@ def _emit_rows(b: _Builder, region: Region, index: Optional[fx.Node] = None, cap
                 as_weight_first(copy)
         local[node] = b.on_rows[key]
     return {x: local[x] for x in region.exits}
+
+
+def _gathered(b: _Builder, node: fx.Node, index: fx.Node, per_element: bool, rank: Optional[int]) -> fx.Node:
+    """The token input ``node`` on the rows ``index`` (:func:`_emit_rows`)."""
+    axis = b.plan.analysis.infos[node].axis.dim
+    if per_element:
+        return b.call(rows.gather_rows_per_element, b.env[node], index, axis, rank)
+    trail = b.plan.folded_rows.get(node)
+    if trail is None:
+        return b.call(rows.gather_rows, b.env[node], index, axis)
+    return b.call(rows.fold_rows, b.call(rows.gather_rows, b.unfolded(b.env[node], trail), index, 1), trail)
 
 
 def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache_in: list[fx.Node],
@@ -803,7 +811,7 @@ def _emit_gathered(b: _Builder, region: Region, picked: _Rows, cache_in: list[fx
             axis = b.plan.analysis.infos[exit].axis.dim
             b.env[exit] = new_cache[cache] = _scatter(b, cache_in[cache], value, picked, axis)
             continue
-        unfolded = [b.call(rows.unfold_rows, v, b.salient_in, trail) for v in (cache_in[cache], value)]
+        unfolded = [b.unfolded(v, trail) for v in (cache_in[cache], value)]
         b.env[exit] = new_cache[cache] = b.call(rows.fold_rows, _scatter(b, *unfolded, picked, 1), trail)
 
 
@@ -824,8 +832,7 @@ def _emit_branch_hook(b: _Builder, region: Region, salient: fx.Node, cache_in: l
     cache = b.plan.input_caches[id(region)]
     fresh, cached, trail = b.env[source], cache_in[cache], b.plan.folded_rows.get(source)
     if trail is not None:  # compared and merged per row as [B, N, ...]
-        fresh, cached, axis = (b.call(rows.unfold_rows, fresh, salient, trail),
-                               b.call(rows.unfold_rows, cached, salient, trail), 1)
+        fresh, cached, axis = b.unfolded(fresh, trail), b.unfolded(cached, trail), 1
     picked = hook("at_branch", region.layer, axis, salient, fresh, cached)
     merged = b.call(rows.merge_rows, picked, fresh, cached, axis)
     new_cache[cache] = merged if trail is None else b.call(rows.fold_rows, merged, trail)

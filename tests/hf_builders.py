@@ -26,6 +26,9 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_l
 # name -> (model class, config, decoder called with a full mask); SDPA attention unless named in EAGER
 ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     "bert": lambda: (BertForMaskedLM, BertConfig(**SMALL), False),
+    # the residual stream channels-first ([B, D, N]), every product of its layers a kernel-1 convolution
+    "squeezebert": lambda: (transformers.SqueezeBertForMaskedLM, transformers.SqueezeBertConfig(
+        embedding_size=64, **SMALL), False),
     "modernbert": lambda: (ModernBertForMaskedLM, ModernBertConfig(
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=1,
         reference_compile=False, **SMALL), False),
@@ -67,8 +70,8 @@ if hasattr(transformers, "GraniteSWAConfig"):  # transformers 5
         num_key_value_heads=2, **SMALL), True)
 #: Decoders that count positions from a 2-d mask unless given them (OPT): called with positions 0, 1, ...
 POSITIONS = {"opt"}
-EAGER = {"llama_eager", "gptj", "mpt", "gemma2", "vault_gemma", "gpt_oss", "granite_swa", "hy_v4", "diffllama",
-         "deepseek_v4"}
+EAGER = {"squeezebert", "llama_eager", "gptj", "mpt", "gemma2", "vault_gemma", "gpt_oss", "granite_swa", "hy_v4",
+         "diffllama", "deepseek_v4"}
 
 #: MoE blocks. OLMoE's, in transformers 4 (LLaDA-MoE's modeling code copies it), Dynamo traces whole only with
 #: ``capture_dynamic_output_shape_ops`` (its dispatch is ``torch.where`` over each expert's rows); the others'

@@ -73,7 +73,8 @@ class TransformerConfig:
     parallel_residual: bool = False
     token_conv: int = 0  # >0: depthwise conv over tokens of this width at the start of the FFN branch
     # "tokens": the FFN branch on [B, N, D]; "folded": it and its residual add on the rows with the batch folded in,
-    # x.reshape(-1, D), viewed back to [B, N, D] after (OPT's decoder layer)
+    # x.reshape(-1, D), viewed back to [B, N, D] after (OPT's decoder layer); "channels": its residual add on
+    # [B, D, N], the tokens last (SqueezeBERT's layout)
     ffn_rows: str = "tokens"
     # >0: hyper-connections, this many residual streams per row ([B, N, streams, D]); each branch reads its input as
     # a learned per-row mix of the streams and writes its output back into each with a per-row weight
@@ -108,8 +109,9 @@ class TransformerConfig:
             ),
             "hyper_connections only pre-LN, sequential": not self.hyper_connections or (
                 self.norm_position == "pre" and not self.parallel_residual),
-            "ffn_rows in (tokens, folded); folded only pre-LN, sequential, without hyper_connections or token_conv":
-                self.ffn_rows == "tokens" or (self.ffn_rows == "folded" and self.norm_position == "pre" and not (
+            "ffn_rows in (tokens, folded, channels); folded and channels only pre-LN, sequential, without "
+            "hyper_connections or token_conv": self.ffn_rows == "tokens" or (
+                self.ffn_rows in ("folded", "channels") and self.norm_position == "pre" and not (
                     self.parallel_residual or self.hyper_connections or self.token_conv)),
         }
         failed = [name for name, ok in checks.items() if not ok]
@@ -442,6 +444,8 @@ class Block(nn.Module):
         if self.cfg.ffn_rows == "folded":
             rows = x.reshape(-1, x.shape[-1])
             return (rows + self.ffn_branch(self.ffn_norm(rows))).view(x.shape)
+        if self.cfg.ffn_rows == "channels":
+            return (x.transpose(1, 2) + self.ffn_branch(self.ffn_norm(x)).transpose(1, 2)).transpose(1, 2)
         return x + self.ffn_branch(self.ffn_norm(x))
 
 

@@ -212,8 +212,10 @@ class Rules(SortedRows):
             return self._getitem(node)
         if name in ("cat", "concat", "concatenate", "stack"):
             return self._cat(node, name)
-        if name in CONVOLUTIONS and (pointwise := self._pointwise_conv(node)) is not None:
-            return pointwise
+        if name in CONVOLUTIONS:
+            pointwise = self._pointwise_conv(node)
+            return pointwise or self._mixing(node, "a convolution over the token axis (each output reads more than "
+                                             "its own position)", out)
         dims = self._dim_map(node, name)
         if dims is not None:
             return self._mapped(node, dims)
@@ -223,20 +225,10 @@ class Rules(SortedRows):
         """A convolution whose kernel is 1 in every spatial dim, at stride 1 without padding, of the token axis on a
         spatial dim (SqueezeBERT's position-wise layers: 1x1 convolutions over [B, C, N]): each position's output is
         a linear map of its own channels, row-wise. None for any other (token mixing: no rule)."""
-        x, weight = node.args[0], arg(node, 1, "weight")
-        value, kernel, axis = tensor_value(x), tensor_value(weight), self.axis_of(x)
-        if value is None or kernel is None or axis is None or axis.folded or axis.by is not None:
+        x, axis = node.args[0], self.axis_of(node.args[0])
+        if axis is None or axis.folded or axis.by is not None or not _pointwise_on(node, axis.dim):
             return None
         if any(self.axis_of(a) is not None for a in tensor_args(node) if a is not x):
-            return None
-        spatial = kernel.dim() - 2
-
-        def every(value: Any, size: int) -> bool:
-            return all(v == size for v in (value if isinstance(value, (list, tuple)) else [value]))
-
-        padding = arg(node, 4, "padding", 0)
-        if (not all(same_size(k, 1) for k in kernel.shape[2:]) or not every(arg(node, 3, "stride", 1), 1)
-                or not (padding in ("valid", "same") or every(padding, 0)) or axis.dim < value.dim() - spatial):
             return None
         return self._row(axis.dim, axis)
 
@@ -688,6 +680,9 @@ class Rules(SortedRows):
             return []
         if name == "addmm":
             return [(node.args[1], axis)] if axis.dim == 0 else []
+        if name in CONVOLUTIONS:  # a position-wise convolution keeps each position where it was
+            kept = not axis.folded and axis.by is None and _pointwise_on(node, axis.dim)
+            return [(node.args[0], axis)] if kept else []
         if name == "matmul":
             a, b = tensor_value(node.args[0]), tensor_value(node.args[1])
             if axis.dim == out.dim() - 2 and a.dim() >= 2:
@@ -734,6 +729,22 @@ class Rules(SortedRows):
         dim = normalize_dim(dim, x.dim())
         in_dim = axis.dim + 1 if name == "unbind" and dim <= axis.dim else axis.dim
         return [] if in_dim == dim else [(node.args[0], dataclasses.replace(axis, dim=in_dim))]
+
+
+def _pointwise_on(node: fx.Node, dim: int) -> bool:
+    """A convolution of kernel 1 in every spatial dim, at stride 1 without padding, with ``dim`` one of its
+    input's spatial dims: each position of ``dim`` maps to itself."""
+    value, kernel = tensor_value(node.args[0]), tensor_value(arg(node, 1, "weight"))
+    if value is None or kernel is None:
+        return False
+
+    def every(setting: Any, size: int) -> bool:
+        return all(v == size for v in (setting if isinstance(setting, (list, tuple)) else [setting]))
+
+    padding = arg(node, 4, "padding", 0)
+    return (all(same_size(k, 1) for k in kernel.shape[2:]) and every(arg(node, 3, "stride", 1), 1)
+            and (padding in ("valid", "same") or every(padding, 0)) and value.dim() - (kernel.dim() - 2) <= dim
+            < value.dim())
 
 
 def _is_legacy_empty(node: Any) -> bool:

@@ -1,7 +1,8 @@
 """Hugging Face modeling code, unmodified, through ``backend="dyllm"``: threshold 1 equals dense at every call.
 
 BERT (post-LN, learned positions, masked LM), ModernBERT (one fused q/k/v projection unbound into three, RoPE,
-GeGLU) and decoder architectures called with a full 4-d mask (bidirectional, as Dream runs its Qwen2 layers):
+GeGLU), SqueezeBERT (its stream channels-first, [B, D, N], its products kernel-1 convolutions) and decoder
+architectures called with a full 4-d mask (bidirectional, as Dream runs its Qwen2 layers):
 Qwen2, GPT-2 (Conv1D as addmm), GPT-NeoX and Falcon (parallel attention and MLP summed before the residual),
 Phi-3 (a fused projection sliced three ways), OPT (its FFN and residual add on rows with the batch folded in,
 ``[B * N, D]``), and hand-written ("eager") attention: Llama's, GPT-J's (q and k cast

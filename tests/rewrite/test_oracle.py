@@ -23,7 +23,8 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # of them and writing its output back into each: the FFN's cached branch is what it writes back); flex_attention
 # (replaced by SDPA with the mask its block mask applies, the full mask built in the graph); soft-capped scores
 # (Gemma-2's, hand-written or as a flex score_mod: dyllm::sdpa_softcap, the cap passed to the cached attention); the
-# FFN and its residual add on rows with the batch folded in (OPT's: gathered and scattered as [B, N, D]).
+# FFN and its residual add on rows with the batch folded in (OPT's: gathered and scattered as [B, N, D]); the FFN's
+# residual add with the tokens last, [B, D, N] (SqueezeBERT's layout: its output scattered along dim 2).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
@@ -36,7 +37,8 @@ MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True
                 "flex": lambda: llada_like("tiny", init_std=0.2, attention="flex", n_kv_heads=2),
                 "softcap": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2, softcap=0.5),
                 "flex_softcap": lambda: llada_like("tiny", init_std=0.2, attention="flex", softcap=0.5),
-                "folded_ffn": lambda: llada_like("tiny", init_std=0.2, ffn_rows="folded")}
+                "folded_ffn": lambda: llada_like("tiny", init_std=0.2, ffn_rows="folded"),
+                "channels_ffn": lambda: llada_like("tiny", init_std=0.2, ffn_rows="channels")}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")

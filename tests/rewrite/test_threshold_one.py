@@ -28,18 +28,45 @@ def _compare(name, batch, lowering, calls=5, tol=1e-5, device="cpu", **options):
     return used[0]
 
 
-@pytest.mark.parametrize("name", list(ZOO))
-@pytest.mark.parametrize("batch", [1, 2])
-def test_threshold_one_equals_dense_aot_eager(name, batch):
-    _compare(name, batch, "aot_eager")
+def _zoo_runs() -> list:
+    """Three runs per zoo model, one on each row-count route: data-dependent row counts ("unbacked", CPU's
+    default), capacity buckets with symbolic capacities (one variant for every bucket) and a variant per bucket;
+    across its three runs each model also runs at batch 1 and 2 and with the output projection dense and gated.
+    Across models every pair of values of route, batch and output projection runs (pairwise, not every triple:
+    48 runs, not 80)."""
+    runs = []
+    for i, name in enumerate(ZOO):
+        odd, flip = i % 2, (i // 2) % 2
+        for route, batch, salient_o in (("unbacked", 1 + odd, bool(odd)), ("symbolic", 2 - odd, not odd),
+                                         ("per_bucket", 1 + flip, not flip)):
+            runs.append(pytest.param(name, route, batch, salient_o,
+                                     id=f"{name}-{route}-b{batch}" + ("-salient_o" if salient_o else "")))
+    return runs
 
 
-@pytest.mark.parametrize("name", list(ZOO))
-def test_threshold_one_equals_dense_with_salient_output_projection(name):
-    runtime = _compare(name, 2, "aot_eager", output_projection="salient")
-    gated = [r for r in runtime.plan.regions if r.role == "attn_out"]
-    explained = [reason for reason in runtime.plan.reasons if "output projection" in reason]
-    assert len(gated) + len(explained) == len(runtime.plan.sites)  # each site gates it or says why not
+@pytest.mark.parametrize("name, route, batch, salient_o", _zoo_runs())
+def test_threshold_one_equals_dense(name, route, batch, salient_o):
+    """Every zoo model equals dense at every call on each route. With capacity buckets (the GPU's route, run on
+    CPU) at batch 2, each batch element's rows are gathered on their own wherever the plan can (per-position
+    tables broadcast as the model broadcasts them): every region is per element and so is every variant. With
+    ``output_projection="salient"``, each site gates its output projection or says why not."""
+    options = {} if route == "unbacked" else {"row_counts": "buckets", "symbolic_capacities": route == "symbolic"}
+    runtime = _compare(name, batch, "aot_eager", **options, **({"output_projection": "salient"} if salient_o else {}))
+    if salient_o:
+        gated = [r for r in runtime.plan.regions if r.role == "attn_out"]
+        explained = [reason for reason in runtime.plan.reasons if "output projection" in reason]
+        assert len(gated) + len(explained) == len(runtime.plan.sites)
+    if route == "unbacked":
+        return
+    # the variants built: one symbolic in the capacities, or one per bucket (each key ends with the per-element
+    # capacities, None where the rows are gathered for the batch as a whole)
+    symbolic = route == "symbolic"
+    assert bool(runtime._symbolic_fns) == symbolic and bool(runtime.sparse_fns) != symbolic
+    per_element = [key[-1] for key in (runtime._symbolic_fns if symbolic else runtime.sparse_fns)]
+    assert per_element
+    if batch == 2:
+        assert runtime.plan.regions and all(id(r) in runtime.plan.element_regions for r in runtime.plan.regions)
+        assert all(k is not None for k in per_element)
 
 
 @pytest.mark.inductor
@@ -95,20 +122,6 @@ def test_threshold_one_in_bf16_is_as_close_to_fp32_as_dense_cuda():
 def test_threshold_one_equals_dense_inductor_cuda(name, row_counts):
     """On the GPU: Inductor's Triton code for both variants, the op's CUDA implementation, both row-count routes."""
     _compare(name, 2, "inductor", calls=3, tol=1e-4, device="cuda", row_counts=row_counts)
-
-
-@pytest.mark.parametrize("symbolic", [True, False])
-@pytest.mark.parametrize("name", list(ZOO))
-def test_threshold_one_equals_dense_with_capacity_buckets(name, symbolic):
-    """The GPU's row-count route on CPU at batch 2: capacity buckets, each batch element's rows gathered on their
-    own wherever the plan can (per-position tables broadcast as the model broadcasts them), every row salient;
-    the capacities symbolic (one variant for every bucket) or a variant per bucket."""
-    runtime = _compare(name, 2, "aot_eager", row_counts="buckets", symbolic_capacities=symbolic)
-    assert runtime.plan.regions and all(id(r) in runtime.plan.element_regions for r in runtime.plan.regions)
-    # variants with per-element capacities (a symbolic variant's structure ends with their number)
-    per_element = [key[-1] for key in runtime._symbolic_fns] if symbolic else [key[-1] for key in runtime.sparse_fns]
-    assert per_element and all(k is not None for k in per_element)
-    assert bool(runtime._symbolic_fns) == symbolic and bool(runtime.sparse_fns) != symbolic
 
 
 @pytest.mark.inductor

@@ -20,7 +20,8 @@ from .explain import Report
 from .lowering import lower, without_cuda_graphs
 from .passes.analysis import analyze
 from .passes.graph_edit import copy_graph, drop_unbacked_bindings
-from .passes.rewrite import NotRewritable, build_dense, scalar_inputs
+from .passes.rewrite import build_dense, scalar_inputs
+from .passes.rewrite_plan import NotRewritable
 from .runtime.graph_runtime import GraphRuntime, unbacked_rows
 
 log = logging.getLogger("dyllm_compile")

@@ -20,7 +20,7 @@ from .passes.analysis import GraphAnalysis, analyze
 from .passes.graph_utils import tensor_value
 from .passes.op_rules import Kind
 from .passes.regions import Region, distinct_flops, node_flops
-from .passes.rewrite import NotRewritable, RewritePlan, plan_rewrite
+from .passes.rewrite_plan import NotRewritable, RewritePlan, plan_rewrite
 
 # The frame's variable that a recorded module path starts with: a local ("L['self'].") or a global ("G['model'].")
 _FRAME_LOCAL = re.compile(r"^\w+\[[^]]*\]\.?")

@@ -21,7 +21,7 @@ DiffLlama's value projection, split between its two attentions; a query projecti
 views of their own (DiffLlama's, in a dynamic graph); a gated query (Qwen3-Next's) split from its projection, the
 gate read after the attention; a hyper-connection's read and write weights, one projection split between the
 branch and the residual stream. The rewrite plan runs one on the salient rows only where every reader is a q, k
-or v chain it runs on S_in (``rewrite._read_on_s_in_only``): the last two, read by work on every row (the output
+or v chain it runs on S_in (``rewrite_plan._read_on_s_in_only``): the last two, read by work on every row (the output
 projection, the residual stream), stay dense as those readers are, and paper mode's q, computed for every row,
 keeps its projection dense.
 

@@ -360,7 +360,7 @@ def _reads(node: fx.Node, targets: set[fx.Node], infos: dict[fx.Node, Info], spi
 def reads_attention_output(region: Region, attention_nodes: set[fx.Node]) -> bool:
     """Whether ``region`` is an attention's output projection: the attention's output is one of its inputs. It
     stays dense (every row's context moves, so does every row's projection) unless the ``output_projection`` option
-    or query pruning gates it with the site (``rewrite._output_projection``)."""
+    or query pruning gates it with the site (``rewrite_plan._output_projection``)."""
     return any(t in attention_nodes for t in region.token_inputs)
 
 

@@ -22,7 +22,7 @@ The rules here prove that piece by piece, and stand for :class:`op_rules.Rules` 
 
 Invariant: every value these rules call row-wise is, over the region's rows, what the dense graph computes for
 those rows; order values live inside the region that holds their sort (a region reading one from outside stays
-dense: rewrite._region_problem).
+dense: rewrite_plan._region_problem).
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ import torch
 
 from ..config import DyllmConfig
 from ..lowering import output_layouts
-from ..passes.rewrite import (COUNT_SELECTIONS, RewritePlan, build_dense, build_sparse, capacity_sizes,
-                              scalar_inputs)
+from ..passes.rewrite import COUNT_SELECTIONS, build_dense, build_sparse, capacity_sizes, scalar_inputs
+from ..passes.rewrite_plan import RewritePlan
 from ..policies import CallState, cosine_below
 from . import row_tags
 from .rows import merge_rows

@@ -14,7 +14,7 @@ from dyllm_compile.config import DyllmConfig
 from dyllm_compile.models.zoo import ZOO
 from dyllm_compile.passes.graph_utils import tensor_value
 from dyllm_compile.passes.op_rules import Kind
-from dyllm_compile.passes.rewrite import plan_rewrite
+from dyllm_compile.passes.rewrite_plan import plan_rewrite
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
 from graph_helpers import assert_region_runs_on_rows, capture
 from hf_builders import build

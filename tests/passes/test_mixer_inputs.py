@@ -9,7 +9,7 @@ import torch
 
 from dyllm_compile.config import DyllmConfig
 from dyllm_compile.explain import Report
-from dyllm_compile.passes.rewrite import plan_rewrite
+from dyllm_compile.passes.rewrite_plan import plan_rewrite
 from graph_helpers import assert_region_runs_on_rows, capture
 from hybrid_layers import HybridLM
 

@@ -294,7 +294,7 @@ def test_values_hook_needs_the_v_chain_inputs_before_the_k_chain_ends():
     from torch import fx
 
     from dyllm_compile.passes.regions import Region
-    from dyllm_compile.passes.rewrite import SitePlan, _plan_values
+    from dyllm_compile.passes.rewrite_plan import SitePlan, _plan_values
 
     graph = fx.Graph()
     x = graph.placeholder("x")

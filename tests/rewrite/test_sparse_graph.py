@@ -9,7 +9,8 @@ from dyllm_compile.models import llada_like
 from dyllm_compile.passes.analysis import analyze
 from dyllm_compile.passes.graph_utils import listed_args, op_name
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
-from dyllm_compile.passes.rewrite import COUNT_SELECTIONS, build_sparse, plan_rewrite
+from dyllm_compile.passes.rewrite import COUNT_SELECTIONS, build_sparse
+from dyllm_compile.passes.rewrite_plan import plan_rewrite
 from dyllm_compile.runtime import rows
 
 

@@ -8,6 +8,7 @@ and its FLOPs count in the first's."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -106,6 +107,10 @@ class Report:
         return [n for n in graph.gm.graph.nodes if node_flops(n) and n not in held
                 and not (n in graph.infos and graph.infos[n].kind is Kind.MIXING)]
 
+    def with_options(self, **options: Any) -> "Report":
+        """The report of the same graphs for these options changed (validated as the backend's)."""
+        return Report(self.graphs, dataclasses.replace(self.config, **options))
+
     def gated_flops(self) -> tuple[int, int]:
         """(gated, total) matmul FLOPs over every graph, for the rewrite plan of these options."""
         gated = sum(row.gated_flops for graph in self.graphs for row in self.layers(graph))
@@ -146,6 +151,13 @@ class Report:
                 lines.append("  lowered unchanged" + ("" if why == "; ".join(graph.dense_reasons) else f": {why}"))
             else:
                 lines += [f"  dense for these options: {reason}" for reason in plan.reasons]
+                if self.config.output_projection == "dense":
+                    # what the opt-in gates besides (MobileBERT's stacked FFNs lie on its attention's output branch)
+                    salient_o = self.with_options(output_projection="salient", linear_order="input_first")
+                    more = sum(row.gated_flops for row in salient_o.layers(graph)) - gated
+                    if more > 0:
+                        lines.append(f"  output_projection=\"salient\" would also gate {100 * more / max(1, total):.1f}"
+                                     "% of the FLOPs: the attention output branches (opt-in, docs/rewrite.md)")
             for point in graph.mixing:
                 how = "per row" if point.axis is not None else "as a whole: any change makes every row salient"
                 lines.append(f"  tested each call (token mixing other than attention): '{point.node.name}', {how}")

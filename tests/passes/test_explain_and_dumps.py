@@ -58,6 +58,23 @@ def test_explain_follows_the_options():
     assert dense.layers(dense.graphs[0])[0].gated == []
 
 
+def test_explain_says_what_gating_the_output_projection_would_add():
+    """With the o projection dense (the default), the table gives the share of the FLOPs output_projection="salient"
+    would gate besides (MobileBERT: 71% more, its stacked FFNs on the attention's output branch): the two plans'
+    difference. ``with_options`` plans the same graphs as an explain given those options."""
+    entry = ZOO["dream"]
+    dense_o = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False)
+    salient_o = dense_o.with_options(output_projection="salient")
+    traced = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), dynamic=False, verbose=False,
+                                   output_projection="salient")
+    assert salient_o.gated_flops() == traced.gated_flops()
+    (gated, total), (more, _) = dense_o.gated_flops(), salient_o.gated_flops()
+    assert gated < more < total
+    (line,) = [line for line in dense_o.table().splitlines() if "would also gate" in line]
+    assert f"gate {100 * (more - gated) / total:.1f}% of the FLOPs" in line
+    assert "would also gate" not in salient_o.table()
+
+
 def test_explain_names_why_sites_stay_dense(capsys):
     entry = ZOO["token_conv"]
     report = dyllm_compile.explain(entry.build(), *entry.inputs(1, 12), verbose=False)

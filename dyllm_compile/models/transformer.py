@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,8 @@ class TransformerConfig:
     parallel_residual: bool = False
     token_conv: int = 0  # >0: depthwise conv over tokens of this width at the start of the FFN branch
     # "tokens": the FFN branch on [B, N, D]; "folded": it and its residual add on the rows with the batch folded in,
-    # x.reshape(-1, D), viewed back to [B, N, D] after (OPT's decoder layer); "channels": its residual add on
-    # [B, D, N], the tokens last (SqueezeBERT's layout)
+    # x.reshape(-1, D), viewed back to [B, N, D] after (OPT's decoder layer); "channels": it (after its norm) and its
+    # residual add on [B, D, N], the tokens last, its products kernel-1 convolutions (SqueezeBERT's layout)
     ffn_rows: str = "tokens"
     # >0: hyper-connections, this many residual streams per row ([B, N, streams, D]); each branch reads its input as
     # a learned per-row mix of the streams and writes its output back into each with a per-row weight
@@ -110,9 +110,10 @@ class TransformerConfig:
             "hyper_connections only pre-LN, sequential": not self.hyper_connections or (
                 self.norm_position == "pre" and not self.parallel_residual),
             "ffn_rows in (tokens, folded, channels); folded and channels only pre-LN, sequential, without "
-            "hyper_connections or token_conv": self.ffn_rows == "tokens" or (
+            "hyper_connections or token_conv; channels only with ffn in (swiglu, gelu)": self.ffn_rows == "tokens" or (
                 self.ffn_rows in ("folded", "channels") and self.norm_position == "pre" and not (
-                    self.parallel_residual or self.hyper_connections or self.token_conv)),
+                    self.parallel_residual or self.hyper_connections or self.token_conv)
+                and (self.ffn_rows == "folded" or self.ffn != "moe")),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -287,6 +288,19 @@ class Attention(nn.Module):
         return self.sink_proj(x).transpose(1, 2).unsqueeze(-1).to(scores.dtype)
 
 
+#: How an FFN applies one of its linear layers: to the features of [..., D] (``on_features``), or as a kernel-1
+#: convolution over channels-first [B, D, N] (``on_channels``: SqueezeBERT's layout)
+Project = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def on_features(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+def on_channels(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.conv1d(x, layer.weight.unsqueeze(-1), layer.bias)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -294,8 +308,8 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, project: Project = on_features) -> torch.Tensor:
+        return project(self.down_proj, F.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class GeluMLP(nn.Module):
@@ -304,8 +318,8 @@ class GeluMLP(nn.Module):
         self.fc_in = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.mlp_bias)
         self.fc_out = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
+    def forward(self, x: torch.Tensor, project: Project = on_features) -> torch.Tensor:
+        return project(self.fc_out, F.gelu(project(self.fc_in, x)))
 
 
 class StackedExperts(nn.Module):
@@ -445,7 +459,7 @@ class Block(nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             return (rows + self.ffn_branch(self.ffn_norm(rows))).view(x.shape)
         if self.cfg.ffn_rows == "channels":
-            return (x.transpose(1, 2) + self.ffn_branch(self.ffn_norm(x)).transpose(1, 2)).transpose(1, 2)
+            return (x.transpose(1, 2) + self.ffn(self.ffn_norm(x).transpose(1, 2), on_channels)).transpose(1, 2)
         return x + self.ffn_branch(self.ffn_norm(x))
 
 

@@ -15,9 +15,9 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from .graph_utils import example_value, index_position, listed_args, op_name, tensor_value
+from .graph_utils import arg, example_value, index_position, listed_args, op_name, tensor_value
 from .in_place_writes import set_items
-from .op_rules import FACTORIES, LIKE_FACTORIES, Info
+from .op_rules import CONVOLUTIONS, FACTORIES, LIKE_FACTORIES, Info
 from .regions import Region
 
 _SIZED = frozenset(("view", "reshape", "expand"))
@@ -70,6 +70,11 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         if sizes[axis.dim] != -1:
             sizes[axis.dim] = _times(node.graph, rows, axis.fold, node) if axis.folded else rows
         node.args = (node.args[0], tuple(sizes))  # one argument: as Tensor.view takes it, and torch.reshape must
+    elif name in CONVOLUTIONS:  # of kernel 1 (op_rules: any other mixes tokens); Inductor cannot lower a
+        # convolution over a data-dependent length, so it runs as the product it is
+        node.target = channel_product
+        node.args = (node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), arg(node, 6, "groups", 1))
+        node.kwargs = {}
     elif (name == "getitem" or node.target is set_items) and tensor_value(original.args[0]) is not None \
             and infos[original.args[0]].axis:  # (a table read at token-carrying indices: nothing to rewrite)
         # The analysis proved a slice of the token axis keeps all of it ("x[..., :n]"): make it a plain ':'.
@@ -81,6 +86,23 @@ def retarget_rows(original: fx.Node, node: fx.Node, infos: dict[fx.Node, Info], 
         node.args = (node.args[0], tuple(index), *node.args[2:])
     else:
         check_relocatable(original, infos)
+
+
+def channel_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1
+                    ) -> torch.Tensor:
+    """A convolution of kernel 1 in every spatial dim, at stride 1 without padding (``conv1d(x, weight, bias,
+    groups=groups)`` and its 2-d and 3-d forms), computed as what it is: at each position, the channels times the
+    kernel (per group: a block-diagonal product)."""
+    batched = x.dim() == weight.dim()
+    rows = (x if batched else x.unsqueeze(0)).movedim(1, -1)  # [B, *positions, C_in]
+    kernel = weight.flatten(1)  # [C_out, C_in / groups]
+    if groups == 1:
+        out = torch.nn.functional.linear(rows, kernel, bias)
+    else:
+        out = torch.einsum("...gi,goi->...go", rows.unflatten(-1, (groups, -1)), kernel.unflatten(0, (groups, -1)))
+        out = out.flatten(-2) if bias is None else out.flatten(-2) + bias
+    out = out.movedim(-1, 1)
+    return out if batched else out.squeeze(0)
 
 
 def check_relocatable(node: fx.Node, infos: dict[fx.Node, Info]) -> None:

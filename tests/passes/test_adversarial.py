@@ -7,6 +7,7 @@ from torch import nn
 
 from dyllm_compile.models import TransformerConfig, DiffusionTransformer
 from dyllm_compile.passes.op_rules import Kind
+from dyllm_compile.passes.region_graph import channel_product
 from graph_helpers import assert_region_runs_on_rows, capture
 
 
@@ -206,3 +207,16 @@ def test_token_axis_is_found_through_pointwise_convolutions(dynamic):
     assert a.infos[ffn.exit].axis.dim == 2 and cap.ops(ffn.nodes).count("conv1d") == 2
     for region in [ffn, *a.chains[0].values()]:
         assert_region_runs_on_rows(cap, region, rows=5)
+
+
+@pytest.mark.parametrize("dims, groups, bias, batched", [(1, 1, True, True), (1, 4, True, True),
+                                                         (1, 4, False, False), (2, 2, True, True), (3, 1, False, True)])
+def test_channel_product_is_the_pointwise_convolution(dims, groups, bias, batched):
+    """What a region re-emitted on gathered rows runs for a kernel-1 convolution (Inductor cannot lower the
+    convolution over a data-dependent length): the same values, grouped or not, batched or not, 1-3 spatial dims."""
+    generator = torch.Generator().manual_seed(dims * 10 + groups)
+    x = torch.randn(*((2,) if batched else ()), 8, *[5] * dims, generator=generator)
+    weight = torch.randn(12, 8 // groups, *[1] * dims, generator=generator)
+    b = torch.randn(12, generator=generator) if bias else None
+    convolution = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    torch.testing.assert_close(channel_product(x, weight, b, groups), convolution(x, weight, b, groups=groups))

@@ -23,8 +23,9 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 # of them and writing its output back into each: the FFN's cached branch is what it writes back); flex_attention
 # (replaced by SDPA with the mask its block mask applies, the full mask built in the graph); soft-capped scores
 # (Gemma-2's, hand-written or as a flex score_mod: dyllm::sdpa_softcap, the cap passed to the cached attention); the
-# FFN and its residual add on rows with the batch folded in (OPT's: gathered and scattered as [B, N, D]); the FFN's
-# residual add with the tokens last, [B, D, N] (SqueezeBERT's layout: its output scattered along dim 2).
+# FFN and its residual add on rows with the batch folded in (OPT's: gathered and scattered as [B, N, D]); the FFN
+# and its residual add with the tokens last, [B, D, N], its products kernel-1 convolutions (SqueezeBERT's layout:
+# its output scattered along dim 2).
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
@@ -139,6 +140,18 @@ def test_soft_cap_read_from_an_input_matches_oracle(mode, monkeypatch):
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert runtime.stats.fallback is None and not runtime.plan.reasons
     assert all(s.cached and isinstance(s.site.softcap, torch.fx.Node) for s in runtime.plan.sites)
+
+
+@pytest.mark.inductor
+def test_pointwise_convolutions_on_gathered_rows_lower_through_inductor():
+    """SqueezeBERT's layout (channels_ffn: the FFN's products kernel-1 convolutions over [B, D, N]) through
+    Inductor's C++ code on CPU's data-dependent row counts: on the gathered rows the convolutions run as the
+    products they are (``region_graph.channel_product``). Before, Inductor's convolution could not be lowered over
+    a data-dependent length, the sparse variant failed to compile and the graph ran without the rewrite."""
+    lock, _ = _run("channels_ffn", 2, {"force_salient": 0.3, "seed": 5, "row_counts": "unbacked"},
+                   dict(mode="exact", force_salient=0.3, seed=5), lowering="inductor")
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert lock.steps == 16 and runtime.stats.sparse_calls == 15 and runtime.stats.fallback is None
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -214,8 +214,10 @@ class Rules(SortedRows):
             return self._cat(node, name)
         if name in CONVOLUTIONS:
             pointwise = self._pointwise_conv(node)
-            return pointwise or self._mixing(node, "a convolution over the token axis: each output reads other "
-                                             "positions than its own", out)
+            if pointwise is not None:
+                return pointwise
+            return self._mixing(node, "a convolution over the token axis: each output reads other positions than "
+                                "its own", out)
         dims = self._dim_map(node, name)
         if dims is not None:
             return self._mapped(node, dims)

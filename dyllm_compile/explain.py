@@ -118,6 +118,10 @@ class Report:
 
     def table(self) -> str:
         lines = []
+        # what the opt-in would gate besides, with the o projection dense (MobileBERT's stacked FFNs lie on its
+        # attention's output branch); one report for every graph, so each is planned once more at most
+        salient_o = (self.with_options(output_projection="salient", linear_order="input_first")
+                     if self.config.output_projection == "dense" else None)
         for graph in self.graphs:
             shape = "x".join(str(s) for s in graph.token_shape) if graph.token_shape else "-"
             total, rows = graph.total_flops, self.layers(graph)
@@ -151,9 +155,7 @@ class Report:
                 lines.append("  lowered unchanged" + ("" if why == "; ".join(graph.dense_reasons) else f": {why}"))
             else:
                 lines += [f"  dense for these options: {reason}" for reason in plan.reasons]
-                if self.config.output_projection == "dense":
-                    # what the opt-in gates besides (MobileBERT's stacked FFNs lie on its attention's output branch)
-                    salient_o = self.with_options(output_projection="salient", linear_order="input_first")
+                if salient_o is not None:
                     more = sum(row.gated_flops for row in salient_o.layers(graph)) - gated
                     if more > 0:
                         lines.append(f"  output_projection=\"salient\" would also gate {100 * more / max(1, total):.1f}"

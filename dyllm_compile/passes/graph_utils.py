@@ -234,6 +234,19 @@ def is_impure(node: fx.Node) -> bool:
     return node.is_impure() or getattr(node.target, "__name__", None) in VMAP_LEVEL_CALLS
 
 
+def computed_from(node: fx.Node, values: set[fx.Node]) -> bool:
+    """Whether ``node`` is computed from any of ``values`` (reads one, or a value computed from one)."""
+    seen, work = {node}, [node]
+    while work:
+        for source in work.pop().all_input_nodes:
+            if source in values:
+                return True
+            if source not in seen:
+                seen.add(source)
+                work.append(source)
+    return False
+
+
 def vmap_batched(graph: fx.Graph) -> set[fx.Node]:
     """The nodes whose values are batched tensors of a ``vmap`` level (``torch.vmap`` in the model): what a level's
     ``_add_batch_dim`` made and everything computed from it, until ``_remove_batch_dim`` takes that level off again.

@@ -18,12 +18,12 @@ convolution) was taken for a per-position value: the rows it changed next to a s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import fx
 
 from .attention_sites import AttentionSite
-from .graph_utils import tensor_value, vmap_batched
+from .graph_utils import computed_from, tensor_value, vmap_batched
 from .op_rules import Info, Kind
 from .regions import Spine, layer_numbering
 
@@ -65,4 +65,18 @@ def find_mixing_points(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[
         axis = infos[node].axis
         per_row = axis is not None and axis.dim != 0 and axis.by is None and not axis.folded
         points.append(MixingPoint(node, axis.dim if per_row else None, layer_of(node)))
-    return points, untestable
+    return points + _id_masks(graph, infos, sites, spine, mixed, layer_of), untestable
+
+
+def _id_masks(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[AttentionSite], spine: Spine,
+              mixed: set[fx.Node], layer_of: Callable[[fx.Node], int]) -> list[MixingPoint]:
+    """Attention masks computed row by row from the token inputs (a padding mask of the keys, ``[B, 1, 1, N]``),
+    as mixing points tested as a whole. Such a mask changes only where the tokens do, but a cached site would remove
+    a changed key's old scores under its new mask: any change makes every row salient. (A mask mixed over the tokens
+    is a mixing point already; one computed from the hidden states keeps its site dense, rewrite_plan.py.)"""
+    inputs = {n for n in graph.nodes if n.op == "placeholder" and n in infos and infos[n].kind is Kind.SOURCE}
+    stream = spine.hidden_states
+    masks = {s.mask for s in sites if isinstance(s.mask, fx.Node) and s.mask not in mixed
+             and tensor_value(s.mask) is not None}
+    return [MixingPoint(mask, None, layer_of(mask)) for mask in graph.nodes if mask in masks
+            and computed_from(mask, inputs) and not computed_from(mask, stream)]

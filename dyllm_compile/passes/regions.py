@@ -65,6 +65,11 @@ class Spine:
     nodes: list[fx.Node]
     merges: set[fx.Node] = field(default_factory=set)
 
+    @property
+    def hidden_states(self) -> set[fx.Node]:
+        """The stream's floating-point values: not the token ids it may start from."""
+        return {n for n in self.nodes if tensor_value(n) is not None and tensor_value(n).is_floating_point()}
+
 
 def node_flops(node: fx.Node) -> int:
     """Multiply-add FLOPs (x2) of matmul-like ops, from example sizes; 0 for everything else."""

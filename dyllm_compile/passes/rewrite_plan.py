@@ -25,7 +25,7 @@ from ..ops.cached_attention import default_scale
 from ..policies import Policy, resolve
 from .analysis import GraphAnalysis
 from .attention_sites import AttentionSite
-from .graph_utils import arg, hint, op_name, same_size, tensor_value
+from .graph_utils import arg, computed_from, hint, op_name, same_size, tensor_value
 from .layer_cuts import layer_cuts
 from .linear_order import choose as choose_linear_order
 from .op_rules import Axis, Kind
@@ -112,6 +112,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     batch = next((b for b in (tensor_value(n).shape[0] for n in sources) if not statically_known_true(b == 1)),
                  tensor_value(sources[0]).shape[0])
     sources = [n for n in sources if same_size(tensor_value(n).shape[0], batch)]
+    tested = {point.node for point in analysis.mixing}
     policy = resolve(config.policy)
     hooks = policy.hooks()
     reasons: list[str] = []
@@ -150,7 +151,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         if site.layer in config.dense_layers:
             plan = SitePlan(site, False, "dense_layers option")
         else:
-            plan = _plan_site(site, chains, infos, batch)
+            plan = _plan_site(site, chains, infos, batch, analysis.spine.hidden_states, tested)
             if plan.cached:
                 plan.kv = {which: chains[which] for which in ("k", "v")}
             if plan.cached and "before_attention" in hooks:
@@ -304,7 +305,8 @@ def _row_outputs(analysis: GraphAnalysis, batch: Any) -> list[tuple[int, int]]:
     return found
 
 
-def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> SitePlan:
+def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch, stream: set[fx.Node],
+               tested: set[fx.Node]) -> SitePlan:
     q = tensor_value(site.q)
     if site.kind != "sdpa" or site.dense_reason:
         return SitePlan(site, False, site.dense_reason or f"{site.kind} attention is not rewritten")
@@ -325,6 +327,11 @@ def _plan_site(site: AttentionSite, chains: dict[str, Region], infos, batch) -> 
     problem = _sinks_problem(site, infos)
     if problem:
         return SitePlan(site, False, problem)
+    if isinstance(site.mask, fx.Node) and site.mask not in tested and computed_from(site.mask, stream):
+        # A bias of each key from its hidden state: a changed key's mask column changes with it, and the op would
+        # remove that key's old scores under the new mask. (A mask mixed over the tokens, DeBERTa's relative scores
+        # or an indexer's top-k keys, is tested each call: the rows it moved are salient, mixing_points.py.)
+        return SitePlan(site, False, "the attention mask is computed from the hidden states, row by row")
     if isinstance(site.softcap, fx.Node) and not _read_from_input(site.softcap):
         return SitePlan(site, False, f"the soft-cap '{site.softcap.name}' is computed in the graph")
     scale = arg(site.node, 6, "scale")

@@ -29,6 +29,11 @@ ARCHITECTURES: dict[str, Callable[[], tuple[type, PretrainedConfig, bool]]] = {
     # the residual stream channels-first ([B, D, N]), every product of its layers a kernel-1 convolution
     "squeezebert": lambda: (transformers.SqueezeBertForMaskedLM, transformers.SqueezeBertConfig(
         embedding_size=64, **SMALL), False),
+    # heads folded into the batch, the products bmm's (passes/folded_heads.py); relative-position scores from q
+    # and k added to the scores (DeBERTa-v3's configuration)
+    "deberta_v2": lambda: (transformers.DebertaV2ForMaskedLM, transformers.DebertaV2Config(
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=-1,
+        share_att_key=True, norm_rel_ebd="layer_norm", pad_token_id=0, **SMALL), False),
     "modernbert": lambda: (ModernBertForMaskedLM, ModernBertConfig(
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=1,
         reference_compile=False, **SMALL), False),
@@ -70,8 +75,8 @@ if hasattr(transformers, "GraniteSWAConfig"):  # transformers 5
         num_key_value_heads=2, **SMALL), True)
 #: Decoders that count positions from a 2-d mask unless given them (OPT): called with positions 0, 1, ...
 POSITIONS = {"opt"}
-EAGER = {"squeezebert", "llama_eager", "gptj", "mpt", "gemma2", "vault_gemma", "gpt_oss", "granite_swa", "hy_v4",
-         "diffllama", "deepseek_v4"}
+EAGER = {"squeezebert", "deberta_v2", "llama_eager", "gptj", "mpt", "gemma2", "vault_gemma", "gpt_oss", "granite_swa",
+         "hy_v4", "diffllama", "deepseek_v4"}
 
 #: MoE blocks. OLMoE's, in transformers 4 (LLaDA-MoE's modeling code copies it), Dynamo traces whole only with
 #: ``capture_dynamic_output_shape_ops`` (its dispatch is ``torch.where`` over each expert's rows); the others'

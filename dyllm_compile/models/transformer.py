@@ -48,7 +48,8 @@ class TransformerConfig:
     # each projection one grouped product over the experts' stacked weights, the rows put back by the inverse
     # permutation (transformers 5's default experts)
     moe_routing: str = "dense"
-    # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums) | "flex" (flex_attention; a
+    # "sdpa" | "manual" (matmul, softmax, matmul) | "einsum" (the products as einsums) | "folded" (the products as
+    # bmm's of the heads folded into the batch, fairseq's and DeBERTa's form) | "flex" (flex_attention; a
     # key-padding mask becomes its block mask)
     attention: str = "sdpa"
     gqa: str = "repeat_kv"  # "repeat_kv" | "enable_gqa" (how SDPA sees grouped K/V)
@@ -95,12 +96,14 @@ class TransformerConfig:
             "moe_routing in (dense, dispatch, grouped)": self.moe_routing in ("dense", "dispatch", "grouped"),
             "qk_norm_layout in (heads, rows)": self.qk_norm_layout in ("heads", "rows"),
             "moe_capacity only with dense routing": self.moe_capacity is None or self.moe_routing == "dense",
-            "attention in (sdpa, manual, einsum, flex)": self.attention in ("sdpa", "manual", "einsum", "flex"),
+            "attention in (sdpa, manual, einsum, folded, flex)": self.attention in ("sdpa", "manual", "einsum",
+                                                                                  "folded", "flex"),
             "gqa in (repeat_kv, enable_gqa)": self.gqa in ("repeat_kv", "enable_gqa"),
             "sinks in (none, head, row)": self.sinks in ("none", "head", "row"),
-            "sinks only with attention in (manual, einsum)": self.sinks == "none" or self.attention != "sdpa",
-            "softcap >= 0, only with attention in (manual, einsum, flex), not with sinks": self.softcap >= 0 and (
-                not self.softcap or (self.attention != "sdpa" and self.sinks == "none")),
+            "sinks only with attention in (manual, einsum, folded)": self.sinks == "none" or self.attention in (
+                "manual", "einsum", "folded"),
+            "softcap >= 0, only with attention in (manual, einsum, folded, flex), not with sinks": (
+                self.softcap >= 0 and (not self.softcap or (self.attention != "sdpa" and self.sinks == "none"))),
             "positions in (rope, learned)": self.positions in ("rope", "learned"),
             "rope_table in (cached, computed)": self.rope_table in ("cached", "computed"),
             "0 < rotary_fraction <= 1": 0 < self.rotary_fraction <= 1,
@@ -253,12 +256,15 @@ class Attention(nn.Module):
             q = apply_rotary(q, *rope, cfg.rotary_dim)
             k = apply_rotary(k, *rope, cfg.rotary_dim)
         n_rep = cfg.n_heads // cfg.n_kv_heads
-        if cfg.attention in ("manual", "einsum"):
+        if cfg.attention in ("manual", "einsum", "folded"):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
             if cfg.attention == "manual":
                 scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(cfg.head_dim)
-            else:
+            elif cfg.attention == "einsum":
                 scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / math.sqrt(cfg.head_dim)
+            else:
+                q, k, v = (t.reshape(-1, n, cfg.head_dim) for t in (q, k, v))
+                scores = torch.bmm(q, k.transpose(1, 2)).view(b, -1, n, n) / math.sqrt(cfg.head_dim)
             if cfg.softcap:
                 scores = torch.tanh(scores / cfg.softcap) * cfg.softcap
             if mask is not None:
@@ -269,7 +275,12 @@ class Attention(nn.Module):
                 logits = torch.cat([scores, self.sink_logits(x, scores)], dim=-1).float()
                 logits = logits - logits.max(dim=-1, keepdim=True).values
                 probs = F.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
-            out = torch.matmul(probs, v) if cfg.attention == "manual" else torch.einsum("bhij,bhjd->bhid", probs, v)
+            if cfg.attention == "manual":
+                out = torch.matmul(probs, v)
+            elif cfg.attention == "einsum":
+                out = torch.einsum("bhij,bhjd->bhid", probs, v)
+            else:
+                out = torch.bmm(probs.reshape(-1, n, n), v).view(b, -1, n, cfg.head_dim)
         elif cfg.attention == "flex":
             cap = cfg.softcap
             score_mod = (lambda s, b, h, qi, ki: cap * torch.tanh(s / cap)) if cap else None

@@ -1,6 +1,6 @@
 """The analysis pipeline on one Dynamo graph: flex_attention as SDPA -> in-place writes as data flow -> values
-nothing reads dropped -> fused layers unfused -> hand-written attention as SDPA -> attention sites -> token axes ->
-spine, regions, chains and mixer inputs."""
+nothing reads dropped -> fused layers unfused -> heads folded into the batch unfolded -> hand-written attention as
+SDPA -> attention sites -> token axes -> spine, regions, chains and mixer inputs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import fx
 from .attention_sites import AttentionSite, find_attention_sites
 from .graph_utils import op_name, same_size, tensor_value
 from .flex_attention import sdpa_from_flex
+from .folded_heads import unfold_heads
 from .fused_layers import FUSED_REASON, unfuse_layers
 from .graph_edit import without_dead_code
 from .hand_written_attention import sdpa_from_hand_written
@@ -127,6 +128,13 @@ class UnfuseLayers(_GraphReplacing):
     name, what, edit = "fused_layers", "unfusing fused encoder layers", staticmethod(unfuse_layers)
 
 
+class UnfoldHeads(_GraphReplacing):
+    """Attention written on heads folded into the batch (``bmm`` of ``[B * H, N, D]`` values) becomes attention
+    on ``[B, H, N, D]`` values, which the next pass and the site search read."""
+
+    name, what, edit = "folded_heads", "unfolding heads folded into the batch", staticmethod(unfold_heads)
+
+
 class HandWrittenAttention(_GraphReplacing):
     """Hand-written attention that computes SDPA's function becomes one SDPA node."""
 
@@ -227,8 +235,8 @@ def _label(node: fx.Node) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-ANALYSIS_PASSES = (FlexAttention(), FunctionalizeWrites(), DeadCode(), UnfuseLayers(), HandWrittenAttention(),
-                   FindAttentionSites(), InferTokenAxes(), FindRegions())
+ANALYSIS_PASSES = (FlexAttention(), FunctionalizeWrites(), DeadCode(), UnfuseLayers(), UnfoldHeads(),
+                   HandWrittenAttention(), FindAttentionSites(), InferTokenAxes(), FindRegions())
 
 
 def analyze(gm: fx.GraphModule, graph_id: str = "g0", debug_dir: Optional[str] = None) -> GraphAnalysis:

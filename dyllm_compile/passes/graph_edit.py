@@ -47,7 +47,7 @@ def without_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 class Emitter:
-    """Emits call_function nodes before ``anchor``, each with its example value."""
+    """Emits call_function nodes (and copies of call_method ones) before ``anchor``, each with its example value."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
         self.graph, self.anchor = graph, anchor
@@ -55,7 +55,19 @@ class Emitter:
     def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args, kwargs)
-        values = fx.node.map_arg((args, kwargs), example_value)
+        return self._recorded(node, target)
+
+    def like(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
+        """A copy of ``node`` (a call_function or call_method) reading ``args`` and ``kwargs``."""
+        with self.graph.inserting_before(self.anchor):
+            copy = self.graph.create_node(node.op, node.target, args, kwargs)
+        if node.op == "call_method":
+            return self._recorded(copy, lambda self_, *a, **k: getattr(self_, node.target)(*a, **k))
+        return self._recorded(copy, node.target)
+
+    def _recorded(self, node: fx.Node, target: Callable) -> fx.Node:
+        """``node`` with its example value, ``target`` applied to its arguments' values."""
+        values = fx.node.map_arg((node.args, node.kwargs), example_value)
         # the values' own fake mode, not the ambient one (a backend runs in Dynamo's tracing context)
         fake_mode = next((v.fake_mode for v in pytree.tree_leaves(values) if isinstance(v, FakeTensor)), None)
         with fake_mode if fake_mode is not None else contextlib.nullcontext():

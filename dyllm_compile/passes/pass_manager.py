@@ -3,8 +3,8 @@
 Each pass is a class with a ``name``, a ``uuid`` (hash of its source, so anything cached on a pass result is
 invalidated when the pass changes, as in vLLM) and ``__call__(state)``. Analysis passes annotate
 ``node.meta['dyllm']`` and fill the :class:`~dyllm_compile.passes.analysis.GraphAnalysis` state; they never
-edit the graph Dynamo handed over (those that edit it, flex_attention, in_place_writes, dead_code, fused_layers
-and hand_written_attention, replace the state's graph with an edited copy).
+edit the graph Dynamo handed over (those that edit it, flex_attention, in_place_writes, dead_code, fused_layers,
+folded_heads and hand_written_attention, replace the state's graph with an edited copy).
 """
 
 from __future__ import annotations

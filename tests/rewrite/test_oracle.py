@@ -29,6 +29,7 @@ MODELS = {"llada": lambda: llada_like("tiny", init_std=0.2), "dream": lambda: dr
 MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True, n_kv_heads=2),
                 "hand_written": lambda: llada_like("tiny", init_std=0.2, attention="manual", n_kv_heads=2),
                 "einsum": lambda: llada_like("tiny", init_std=0.2, attention="einsum"),
+                "folded_heads": lambda: llada_like("tiny", init_std=0.2, attention="folded", n_kv_heads=2),
                 "moe_dispatch": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="dispatch"),
                 "moe_grouped": lambda: llada_like("tiny", init_std=0.2, ffn="moe", moe_routing="grouped"),
                 "qk_norm_rows": lambda: llada_like("tiny", init_std=0.2, qk_norm=True, qk_norm_layout="rows"),

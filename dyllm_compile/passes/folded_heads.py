@@ -11,8 +11,8 @@ Replacement: each fold is sunk into its readers, to a fixed point. A reader that
 4-D value and the result folded again (``flatten(0, 1)``):
 
 - elementwise ops and casts whose other tensor operands are numbers, 0-d tensors, tensors that broadcast over the
-  folded dim (2-d, or a 3-d one of leading size 1), folds of the same leading dims, or 3-d tensors of the fold's
-  own shape (read through ``reshape_as``; DeBERTa adds its relative-position scores so); eval-mode dropout;
+  folded dim (2-d, or a 3-d one of leading size 1), folds of the same leading dims, or other 3-d tensors of the
+  fold's leading size (unflattened like it: DeBERTa adds its relative-position scores so); eval-mode dropout;
 - a transpose of the last two dims, a softmax over one of them;
 - ``bmm`` of two folds with the same leading dims, as ``matmul`` of the two 4-D values;
 
@@ -109,12 +109,16 @@ def _unfolded(graph: fx.Graph, reader: fx.Node, sources: dict[fx.Node, fx.Node])
         return None
     emit = Emitter(graph, reader)
     if name == "matmul":
-        a, b = reader.args[:2]
-        if len(reader.args) != 2 or a not in sources or b not in sources or not _same_lead(sources[b], lead):
+        if len(reader.args) != 2 or not all(a in sources for a in reader.args):
+            return None
+        a, b = reader.args
+        if not _same_lead(sources[b], lead):
             return None
         return _checked(graph, emit(torch.matmul, sources[a], sources[b]), lead, value)
     if name == "transpose" and reader.args[0] in sources and len(reader.args) == 3:
-        dims = {normalize_dim(d, 3) for d in reader.args[1:3]}
+        if not all(isinstance(d, int) for d in reader.args[1:]):
+            return None
+        dims = {normalize_dim(d, 3) for d in reader.args[1:]}
         return emit(torch.transpose, sources[reader.args[0]], 2, 3) if dims == {1, 2} else None
     if name in _SOFTMAXES and reader.args[0] in sources:
         dim = arg(reader, 1, "dim")
@@ -156,9 +160,8 @@ def _same_lead(node: fx.Node, lead: tuple) -> bool:
 def _operand(emit: Emitter, operand: fx.Node, unfolded: list[fx.Node], lead: tuple, emitted: list[fx.Node]
              ) -> Optional[fx.Node]:
     """What an elementwise reader of folds reads for ``operand``, not a fold, once emitted on their values: the
-    operand where it broadcasts the same either way (at most 2-d, or 3-d of leading size 1), a 3-d operand of a
-    folded shape unfolded like that fold (appended to ``emitted``); None for anything else (a 3-d tensor that
-    broadcasts within the folded dim)."""
+    operand where it broadcasts the same either way (at most 2-d, or 3-d of leading size 1), a 3-d operand of the
+    folds' leading size unflattened to their two leading dims (appended to ``emitted``); None for anything else."""
     value = tensor_value(operand)
     if value is None or value.dim() <= 2 or (value.dim() == 3 and same_size(value.shape[0], 1)):
         return operand

@@ -151,24 +151,25 @@ def test_backend_logs_summary_and_dumps_graphs_before_and_after_each_pass(tmp_pa
                      "01_in_place_writes.after.txt", "01_in_place_writes.before.txt",
                      "02_dead_code.after.txt", "02_dead_code.before.txt",
                      "03_fused_layers.after.txt", "03_fused_layers.before.txt",
-                     "04_hand_written_attention.after.txt", "04_hand_written_attention.before.txt",
-                     "05_attention_sites.after.txt", "05_attention_sites.before.txt", "06_token_axes.after.txt",
-                     "06_token_axes.before.txt", "07_regions.after.txt", "07_regions.before.txt", "explain.txt"]
+                     "04_folded_heads.after.txt", "04_folded_heads.before.txt",
+                     "05_hand_written_attention.after.txt", "05_hand_written_attention.before.txt",
+                     "06_attention_sites.after.txt", "06_attention_sites.before.txt", "07_token_axes.after.txt",
+                     "07_token_axes.before.txt", "08_regions.after.txt", "08_regions.before.txt", "explain.txt"]
 
     def count(name, pattern):
         return len(re.findall(pattern, (graph_dir / name).read_text()))
 
     # Each pass's work appears in its "after" dump and not before it.
-    assert count("04_hand_written_attention.before.txt", r" softmax ") == 2
-    assert count("04_hand_written_attention.before.txt", r" sdpa ") == 0
-    assert count("04_hand_written_attention.after.txt", r" softmax ") == 0
-    assert count("04_hand_written_attention.after.txt", r" sdpa ") == 2
-    assert count("05_attention_sites.before.txt", r"attention\(sdpa\)") == 0
-    assert count("05_attention_sites.after.txt", r"attention\(sdpa\)") == 2
-    assert count("06_token_axes.before.txt", "row-wise") == 0
-    assert count("06_token_axes.after.txt", "token-mixing") >= 2
-    assert count("07_regions.before.txt", r"\.ffn\*") == 0
-    assert count("07_regions.after.txt", r"L0\.ffn\*") > 5 and count("07_regions.after.txt", r" merge") == 4
+    assert count("05_hand_written_attention.before.txt", r" softmax ") == 2
+    assert count("05_hand_written_attention.before.txt", r" sdpa ") == 0
+    assert count("05_hand_written_attention.after.txt", r" softmax ") == 0
+    assert count("05_hand_written_attention.after.txt", r" sdpa ") == 2
+    assert count("06_attention_sites.before.txt", r"attention\(sdpa\)") == 0
+    assert count("06_attention_sites.after.txt", r"attention\(sdpa\)") == 2
+    assert count("07_token_axes.before.txt", "row-wise") == 0
+    assert count("07_token_axes.after.txt", "token-mixing") >= 2
+    assert count("08_regions.before.txt", r"\.ffn\*") == 0
+    assert count("08_regions.after.txt", r"L0\.ffn\*") > 5 and count("08_regions.after.txt", r" merge") == 4
     assert "lm_head" in (graph_dir / "explain.txt").read_text()
 
 

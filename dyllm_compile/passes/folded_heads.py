@@ -99,8 +99,9 @@ def _unfolded(graph: fx.Graph, reader: fx.Node, sources: dict[fx.Node, fx.Node])
     if value is None or not folds:
         return None
     lead = tuple(tensor_value(sources[folds[0]]).shape[:2])
-    if name in VIEWS and reader.args[0] in sources and len(folds) == 1:
-        source = sources[reader.args[0]]
+    first = reader.args[0] if reader.args and isinstance(reader.args[0], fx.Node) else None  # the op's self
+    if name in VIEWS and first in sources and len(folds) == 1:
+        source = sources[first]
         if not same_shape(value.shape, tensor_value(source).shape):
             return None
         return source if tensor_value(source).is_contiguous() else Emitter(graph, reader)(torch.Tensor.contiguous,
@@ -115,16 +116,16 @@ def _unfolded(graph: fx.Graph, reader: fx.Node, sources: dict[fx.Node, fx.Node])
         if not _same_lead(sources[b], lead):
             return None
         return _checked(graph, emit(torch.matmul, sources[a], sources[b]), lead, value)
-    if name == "transpose" and reader.args[0] in sources and len(reader.args) == 3:
+    if name == "transpose" and first in sources and len(reader.args) == 3:
         if not all(isinstance(d, int) for d in reader.args[1:]):
             return None
         dims = {normalize_dim(d, 3) for d in reader.args[1:]}
-        return emit(torch.transpose, sources[reader.args[0]], 2, 3) if dims == {1, 2} else None
-    if name in _SOFTMAXES and reader.args[0] in sources:
+        return emit(torch.transpose, sources[first], 2, 3) if dims == {1, 2} else None
+    if name in _SOFTMAXES and first in sources:
         dim = arg(reader, 1, "dim")
         dim = normalize_dim(dim, 3) if isinstance(dim, int) else 0
         kwargs = {k: v for k, v in reader.kwargs.items() if k != "dim"}
-        node = emit.like(reader, (sources[reader.args[0]], dim + 1, *reader.args[2:]), kwargs) if dim else None
+        node = emit.like(reader, (sources[first], dim + 1, *reader.args[2:]), kwargs) if dim else None
         return node and _checked(graph, node, lead, value)
     if name == "dropout" and arg(reader, 2, "training", True):
         return None

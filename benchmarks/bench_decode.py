@@ -42,6 +42,7 @@ from dyllm_compile.explain import Report  # noqa: E402
 from dyllm_compile.generate import generate  # noqa: E402
 from dyllm_compile.models import dream_like, llada_like, load_checkpoint, load_default_model  # noqa: E402
 from dyllm_compile.models.presets import DREAM_7B, LLADA_8B  # noqa: E402
+from dyllm_compile.passes.graph_utils import tensor_value  # noqa: E402
 from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runtimes  # noqa: E402
 
 # dyllm-<mode>[-qp][-so][-if][-wg][-ps]: that attention mode; -qp with query pruning (prompt rows queried every
@@ -295,6 +296,10 @@ def summarize(run: ModeRun, work: Workload, dtype: torch.dtype) -> dict:
             gated_flops_share=gated / max(1, total),  # what the mode's rewrite plan gates (explain's share)
             cache_mb=run.cache_bytes / 2 ** 20,
             sparse_variants=sum(r.stats.sparse_compiles for r in live),  # compiled over the whole run
+            # the weights whose products on gathered rows this process emitted weight first (linear_order="auto"
+            # times both orders once per process: a run's speed may depend on what it chose)
+            weight_first=";".join(sorted({"x".join(str(int(size)) for size in tensor_value(n.args[1]).shape)
+                                          for r in live for n in r.plan.weight_first})) or "none",
         )
     elem = torch.finfo(dtype).bits // 8
     options = live[0].config if mode.startswith("dyllm") and live else None
@@ -329,7 +334,7 @@ FIELDS = [
     "block_length", "batch", "dtype", "decoding", "mode", "threshold", "saliency", "tokens_per_s",
     "speedup_vs_inductor", "speedup_vs_eager", "step_ms_median", "step_ms_p90", "forward_calls", "compile_s",
     "compile_vs_inductor", "compile_cache", "timed_decodes", "dynamo_graphs", "recompiles_timed", "sparse_variants",
-    "peak_mem_mb", "cache_mb",
+    "weight_first", "peak_mem_mb", "cache_mb",
     "salient_fraction_mean", "salient_fraction_per_layer", "queried_fraction", "rows_computed_fraction",
     "gated_flops_share",
     "bound_ms", "bound_share", "same_tokens_as_eager",

@@ -4,7 +4,9 @@ Only the shape of the output is asserted: speed is measured by the benchmark, ne
 """
 
 import csv
+import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -38,6 +40,8 @@ def test_smoke_run_writes_rows_and_plots(bench, tmp_path):
         layers = [float(x) for x in r["salient_fraction_per_layer"].split(";")]
         assert len(layers) == int(r["layers"]) and all(0 <= x <= 1 for x in layers)
         assert 0 < float(r["gated_flops_share"]) < 1 and float(r["cache_mb"]) > 0
+        # the weights linear_order emitted weight first, by shape (the tiny model's: this machine's choice)
+        assert re.fullmatch(r"none|\d+x\d+(;\d+x\d+)*", r["weight_first"]), r["weight_first"]
         # a dense first call and a sparse one: with query pruning the second queries the response alone
         queried = float(r["queried_fraction"])
         assert 0.5 < queried < 1 if r["mode"].endswith("-qp") else queried == 1.0, (r["mode"], queried)
@@ -67,6 +71,21 @@ def test_rows_are_written_after_the_first_round(bench, tmp_path, monkeypatch, ca
     assert all(r["timed_decodes"] == "1" and float(r["speedup_vs_eager"]) > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "dyllm-exact: compiled and decoded once in" in printed and "dyllm-exact: timed decode 1 in" in printed
+
+
+def test_rows_name_the_weights_emitted_weight_first(bench, tmp_path, monkeypatch):
+    """``linear_order="auto"`` chooses per process; the rows say what it chose: here every candidate, by shape."""
+    monkeypatch.setattr(importlib.import_module("dyllm_compile.passes.linear_order"), "weight_first_faster",
+                        lambda *args: True)
+    out = tmp_path / "decode.csv"
+    bench.main(["--preset", "smoke", "--modes", "dyllm-exact", "--lowering", "aot_eager", "--repeats", "1",
+                "--out", str(out)])
+    with open(out) as f:
+        (row,) = list(csv.DictReader(f))
+    model = llada_like("tiny")
+    d, ffn = model.cfg.d_model, model.cfg.d_ffn
+    # the weights of the gated q/k/v projections and of the FFN
+    assert {f"{d}x{d}", f"{ffn}x{d}", f"{d}x{ffn}"} <= set(row["weight_first"].split(";"))
 
 
 def test_roofline_sparse_step_is_cheaper_and_dense_matches_hand_count(bench):

@@ -90,9 +90,15 @@ def cached_attention_paper(
 
 
 def cuda_implementation(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
-                        recompute_share, queried=None, softcap=0.0, **tiling):
+                        recompute_share, queried=None, softcap=0.0, mask_old=None, **tiling):
     """The op's CUDA implementation: the kernel of the mode. ``tiling`` (``block_m``, ``block_n``, ``num_warps``)
-    is for benchmarks that time fixed tiles; the op leaves them to the kernels' autotuners."""
+    is for benchmarks that time fixed tiles; the op leaves them to the kernels' autotuners. With ``mask_old`` (exact
+    mode, a mask that changes with the keys) the plain-torch reference, on the GPU: the kernels read one mask."""
+    if mode == "exact" and mask_old is not None:
+        from ..ops.cached_attention import cached_attention_reference
+
+        return cached_attention_reference(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale,
+                                          mode, recompute_share, queried, softcap, mask_old)
     if mode == "paper":
         return cached_attention_paper(q, k, v, v_old, c_old, salient_in, attn_mask, scale, queried,
                                       softcap=softcap, **tiling)

@@ -4,7 +4,7 @@ Contract (shapes: B batch, H query heads, G kv heads with H % G == 0, N tokens, 
 
     cached_attention(q [B,H,R,D], k [B,G,N,D], v [B,G,N,D], k_old, v_old, c_old [B,H,R,D],
                      m_old [B,H,R], l_old [B,H,R], salient_in [B,N] bool, attn_mask, scale, mode,
-                     recompute_share, queried=None, softcap=0.0) -> (c [B,H,R,D], m [B,H,R], l [B,H,R])
+                     recompute_share, queried=None, softcap=0.0, mask_old=None) -> (c [B,H,R,D], m [B,H,R], l [B,H,R])
 
 ``k, v`` are this step's keys/values (the caches after the salient rows were rewritten), ``k_old, v_old`` the
 previous step's; they differ only on rows in ``salient_in``. ``c_old, m_old, l_old`` are the previous context and
@@ -23,6 +23,9 @@ only, ``attn_mask`` still covers all N, and a query row is salient when ``salien
 - a query row whose every key is masked: context 0, statistics (-inf, 0), in both modes, as SDPA returns it.
 - ``softcap`` > 0: every score (after ``scale``, before the mask) is soft-capped, ``softcap * tanh(s / softcap)``
   (Gemma-2's attention), in both modes and in the statistics; 0 leaves the scores as they are.
+- ``mask_old`` (exact mode): the mask of the previous step, where the mask changes with the keys (one computed from
+  the tokens): the changed keys' old scores are removed under it, their new ones added under ``attn_mask``. Without
+  it both are taken under ``attn_mask``, right only where the changed keys' mask columns did not change.
 
 This file is the plain-torch reference: the CPU implementation and the oracle for the Triton kernels, which are
 the CUDA implementation (``kernels/``).
@@ -146,6 +149,7 @@ def cached_attention_reference(
     recompute_share: float,
     queried: Optional[torch.Tensor] = None,
     softcap: Number = 0.0,
+    mask_old: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # scale and softcap are Scalars in the schema, not floats: a graph compiled with dynamic shapes reads them from
     # an input (``.item()`` of a float attribute Dynamo made dynamic), a SymFloat that a float argument would guard
@@ -154,7 +158,7 @@ def cached_attention_reference(
     salient_q = salient_in  # [B, R]: which query rows are salient
     if queried is not None:
         salient_q = salient_in.index_select(1, queried)
-        attn_mask = _mask_slice(attn_mask, -2, queried)
+        attn_mask, mask_old = _mask_slice(attn_mask, -2, queried), _mask_slice(mask_old, -2, queried)
     if mode == "paper":
         p, m, l = _exp_scores(q, k, attn_mask, scale, softcap=softcap)  # [B,H,R,N] fp32
         # V changed only on salient rows (union over the batch): P (V - V_old) needs those columns only, and
@@ -171,7 +175,7 @@ def cached_attention_reference(
     if _recomputes(q, k):
         return _attention_with_stats(q, k, v, attn_mask, scale, softcap=softcap)
     return _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale,
-                  recompute_share, softcap)
+                  recompute_share, softcap, mask_old)
 
 
 def _add_products(c: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, in_place: bool = False
@@ -207,8 +211,19 @@ def _mask_slice(attn_mask: Optional[torch.Tensor], dim: int, index: torch.Tensor
     return attn_mask.index_select(dim, index)
 
 
+def _changed_columns(attn_mask: Optional[torch.Tensor], mask_old: Optional[torch.Tensor], cols: torch.Tensor
+                     ) -> Optional[torch.Tensor]:
+    """The mask of the changed key columns ``cols`` twice, new scores' then old ones': ``attn_mask``'s both times,
+    or with ``mask_old`` the old scores' from it."""
+    if mask_old is None:
+        return _mask_slice(attn_mask, -1, torch.cat([cols, cols]))
+    new, old = (m if m.shape[-1] != 1 else m.expand(*m.shape[:-1], cols.numel())
+                for m in (_mask_slice(attn_mask, -1, cols), _mask_slice(mask_old, -1, cols)))
+    return torch.cat(torch.broadcast_tensors(new, old), dim=-1)
+
+
 def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, attn_mask, scale, recompute_share,
-           softcap):
+           softcap, mask_old=None):
     """Exact mode for the whole batch: incremental for unchanged queries, exact attention for the others.
 
     The incremental update runs over the union of the batch's changed columns; a column that changed for some
@@ -225,7 +240,7 @@ def _exact(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, salient_q, at
         j = cols.numel()
         # The new and old keys of the changed columns in one product: scores [B, H, N, 2|J|], new ones first.
         keys = torch.cat([k.index_select(2, cols), k_old.index_select(2, cols)], dim=2)
-        s = _scores(q, keys, _mask_slice(attn_mask, -1, torch.cat([cols, cols])), scale, softcap)
+        s = _scores(q, keys, _changed_columns(attn_mask, mask_old, cols), scale, softcap)
         own = _picked(salient_in, cols)  # [B, 1, |J|]
         own = None if own is None else own[:, None]
         s_new = s[..., :j] if own is None else s[..., :j].masked_fill(~own, float("-inf"))
@@ -267,13 +282,13 @@ cached_attention = torch.library.custom_op("dyllm::cached_attention", mutates_ar
 
 @cached_attention.register_fake
 def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode, recompute_share,
-      queried=None, softcap=0.0):
+      queried=None, softcap=0.0, mask_old=None):
     stats = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
 def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
-                              recompute_share, queried=None, softcap=0.0):
+                              recompute_share, queried=None, softcap=0.0, mask_old=None):
     """What the rewritten graphs call at each cached site (same contract as the op): the op, or where the shapes
     being traced prove that exact mode recomputes every row (``RECOMPUTE_WORK``), that dense attention as plain
     torch ops, which the lowering compiles with the rest of the graph (Inductor fuses it into its kernels)
@@ -287,7 +302,8 @@ def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salien
         return _attention_with_stats(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), attn_mask, scale,
                                      in_place=False, softcap=softcap)
     return torch.ops.dyllm.cached_attention.default(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in,
-                                                    attn_mask, scale, mode, recompute_share, queried, softcap)
+                                                    attn_mask, scale, mode, recompute_share, queried, softcap,
+                                                    mask_old)
 
 
 def default_scale(head_dim: int) -> float:

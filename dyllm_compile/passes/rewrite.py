@@ -331,7 +331,9 @@ def build_sparse(plan: RewritePlan, capacity: Optional[Capacity], scalars: Optio
             b.env[node] = b.copy(node)
             if node in plan.mixing:  # the rows this token mixing moved are salient from here on
                 axis, cache = plan.mixing[node]
-                salient = b.call(rows.moved_rows, salient, b.env[node], cache_in[cache], axis, config.threshold)
+                keys = salient if node in plan.old_masks else None  # their columns: the op's with the old mask
+                salient = b.call(rows.moved_rows, salient, b.env[node], cache_in[cache], axis, config.threshold,
+                                 keys)
                 new_cache[cache] = b.env[node]
             continue
         c_old = cache_in[site.caches["c"]]
@@ -511,9 +513,10 @@ def _emit_cached_attention(b: _Builder, plan: RewritePlan, site: SitePlan, salie
         b, s, [b.env[site.kv["k"].exit], b.env[site.kv["v"].exit], cache_in[site.caches["k"]],
                cache_in[site.caches["v"]], salient, _operand(b, s.mask)])
     extra = extra or positions  # query pruning's rows sit at their own positions with a prefix too
+    mask_old = cache_in[plan.old_masks[s.mask]] if isinstance(s.mask, fx.Node) and s.mask in plan.old_masks else None
     out = b.call(cached_attention_or_dense, q, k, v, k_old, v_old, take(c_cache), m_old, l_old, flags, mask,
                  _operand(b, site.scale), plan.config.attention_mode, plan.config.recompute_share, *(extra or [None]),
-                 _operand(b, s.softcap))
+                 _operand(b, s.softcap), mask_old)
     if "m" in site.caches:  # exact mode's running statistics, or what a sink gates every row's context with
         for which, position in (("m", 1), ("l", 2)):
             new_cache[site.caches[which]] = put(cache_in[site.caches[which]], b.item(out, position))

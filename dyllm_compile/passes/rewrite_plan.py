@@ -77,6 +77,9 @@ class RewritePlan:
     # token inputs and exits of gathered regions with the batch folded into their rows (_batch_folded) -> the rows
     # each token has (trail)
     folded_rows: dict = field(default_factory=dict)
+    # attention masks the op gets with their last value (exact mode, _old_masks) -> that value's cache (a mixing
+    # point's)
+    old_masks: dict = field(default_factory=dict)
 
     @property
     def prunes_queries(self) -> bool:
@@ -235,7 +238,27 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
                        policy, _row_outputs(analysis, batch), queried_regions,
                        choose_linear_order(gathered, config.linear_order, hint(batch), hint(tokens)),
                        layer_cuts(analysis.gm.graph, analysis.sites, analysis.spine), element_regions, mixing,
-                       folded_rows)
+                       folded_rows, _old_masks(sites, mixing, config, batch, tokens))
+
+
+def _old_masks(sites: list[SitePlan], mixing: dict, config: DyllmConfig, batch: Any, tokens: Any
+               ) -> dict[fx.Node, int]:
+    """Attention masks that change with the keys (computed from the tokens), which exact mode's op then gets with
+    their last value, to remove a changed key's old scores under it: each a mixing point (its last value cached,
+    tested each call: the rows whose mask moved at keys that did not change are salient), batch first with the keys
+    last, read by attention sites only, every cached one without a prefix of keys or pruned queries (whose keys or
+    statistics the last value does not match). mask -> the mixing point's cache."""
+    if config.attention_mode != "exact":
+        return {}
+    readers: dict[fx.Node, list[SitePlan]] = {}
+    for plan in sites:
+        if isinstance(plan.site.mask, fx.Node) and plan.site.mask in mixing and plan.cached:
+            readers.setdefault(plan.site.mask, []).append(plan)
+    sites_at = {p.site.node for p in sites}
+    return {mask: mixing[mask][1] for mask, plans in readers.items()
+            if all(p.site.prefix_k is None and p.queries is None for p in plans) and set(mask.users) <= sites_at
+            and tensor_value(mask).dim() >= 2 and same_size(tensor_value(mask).shape[0], batch)
+            and same_size(tensor_value(mask).shape[-1], tokens)}
 
 
 def _read_on_s_in_only(region: Region, planned: list[Region]) -> bool:

@@ -140,13 +140,22 @@ def merge_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
 
 
 def moved_rows(salient: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor, axis: Optional[int],
-               threshold: float) -> torch.Tensor:
+               threshold: float, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``salient`` plus the rows a mixing point (passes/mixing_points.py) moved since its cached value: along
     ``axis``, those whose cosine with their cached row falls below ``threshold`` (an attention context's test; for
     a mask, or one number a row, those that changed at all); without an axis, every row when any element changed.
-    Every row at threshold 1."""
+    Every row at threshold 1. ``keys`` ([B, N]): for an attention mask ([B, ..., N], keys last) that the op gets
+    with its last value (``mask_old``), the changed keys: their columns are not compared (the op removes their old
+    scores under the last value), nor, where the mask has a row per query, the rows of the salient queries (the op
+    recomputes them)."""
     if threshold >= 1.0:
         return torch.ones_like(salient)
+    if keys is not None:
+        b, n = keys.shape
+        kept = keys.view(b, *(1,) * (fresh.dim() - 2), n)
+        if fresh.dim() >= 3 and fresh.shape[-2] == n:
+            kept = kept | keys.view(b, *(1,) * (fresh.dim() - 3), n, 1)
+        fresh = torch.where(kept, cached, fresh)
     if axis is None:
         return salient | (fresh != cached).any()
     if not fresh.is_floating_point() or fresh.dim() == 2:  # a mask, or one number a row: any change

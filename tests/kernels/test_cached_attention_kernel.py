@@ -258,6 +258,14 @@ def test_cuda_implementation_dispatch_equals_reference(mode):
     args = (q, k, v, k_old, v_old, c_old, m_old, l_old, sal, attn_mask, 0.25, mode, 0.5)
     for got, want in zip(cuda_implementation(*args), cached_attention_reference(*args)):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # with the mask's last value (a mask that changes with the keys; the kernels read one mask): the reference's
+    # result, mask_old used in exact mode (it differs from the mask on the changed keys' columns), ignored in paper
+    mask_old = attn_mask & ~(sal[:, None, None, :] & (torch.arange(21, device=sal.device) % 2 == 0))
+    with_old = (*args, None, 0.0, mask_old)
+    for got, want in zip(cuda_implementation(*with_old), cached_attention_reference(*with_old)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert torch.equal(cached_attention_reference(*with_old)[0], cached_attention_reference(*args)[0]) == (
+        mode == "paper")
 
 
 @pytest.mark.gpu

@@ -96,6 +96,30 @@ def test_exact_mode_equals_dense_attention(shape, rep, mask_kind, salient_kind, 
     torch.testing.assert_close(c1, _dense(t["q1"], t["k1"], t["v1"], t["mask"]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", B_H_N_D)
+@pytest.mark.parametrize("mask_kind", ["padding", "additive"])
+def test_exact_mode_removes_changed_keys_under_the_masks_last_value(shape, mask_kind, monkeypatch):
+    """A mask that changes with the keys (computed from the tokens): at the changed keys' columns, and at the salient
+    queries' rows. Given the mask's last value (``mask_old``), the incremental update equals dense attention under
+    the new mask; without it, it does not (the old scores removed under the new mask)."""
+    _force_route(monkeypatch, "incremental")
+    t = _step(shape, 2, mask_kind, "some", seed=3)
+    gen = torch.Generator().manual_seed(4)
+    columns, rows = t["salient"][:, None, None, :], t["salient"][:, None, :, None]
+    if mask_kind == "padding":  # keys shown or hidden anew (element 0's first three start hidden)
+        mask = t["mask"] ^ (columns & (torch.rand(columns.shape, generator=gen) < 0.5))
+    else:
+        moved = columns | rows
+        mask = torch.where(moved & t["mask"].isfinite(), torch.randn(t["mask"].shape, generator=gen), t["mask"])
+    assert not torch.equal(mask, t["mask"])
+    args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], mask,
+            t["d"] ** -0.5, "exact", 0.5)
+    expected = _dense(t["q1"], t["k1"], t["v1"], mask)
+    c1, _, _ = cached_attention(*args, None, 0.0, t["mask"])
+    torch.testing.assert_close(c1, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cached_attention(*args)[0], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rep", GQA)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("salient_kind", SALIENT)

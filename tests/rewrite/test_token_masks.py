@@ -3,8 +3,10 @@ it removes each changed key's old scores and adds its new ones, under the one ma
 A mask whose column changes with its key would remove the old scores under the new mask.
 
 - computed from the token ids row by row (here: mask tokens hidden from the keys), it changes only where the ids
-  do: tested as a whole at each call, any change makes every row salient (passes/mixing_points.py); before, the
-  compiled model departed from dense by up to 0.24 once a hidden key was unmasked;
+  do: a mixing point tested as a whole at each call (passes/mixing_points.py), whose last value the op gets
+  (``mask_old``) to remove a changed key's old scores under; changes at the changed keys' columns (and the salient
+  queries' rows) are the op's, any other makes every row salient. Before, the compiled model departed from dense
+  by up to 0.24 once a hidden key was unmasked (then, without ``mask_old``, every row was salient at every call);
 - computed from the hidden states row by row (a bias of each key from its own hidden state), it may change at every
   call: the site stays dense, named (before: 0.07 off dense);
 - mixed over the tokens (DeBERTa's relative-position scores, an indexer's top-k keys): a mixing point already,
@@ -64,7 +66,9 @@ def test_key_masks_from_the_tokens_equal_dense_in_exact_mode(mask, monkeypatch):
     (runtime,) = [r for r in runtimes(before) if r.stats.sparse_calls]
     assert runtime.stats.sparse_calls == 5
     (site,) = runtime.plan.sites
-    if mask == "ids":  # cached, the mask tested at each call as a whole
+    if mask == "ids":  # cached, the mask tested at each call as a whole, its last value the op's
         assert site.cached and [axis for axis, _ in runtime.plan.mixing.values()] == [None]
+        assert list(runtime.plan.old_masks) == [site.site.mask]
+        assert max(runtime.stats.salient_fraction) < 0.5  # the changed keys' columns do not make every row salient
     else:
         assert not site.cached and site.reason == "the attention mask is computed from the hidden states, row by row"

@@ -72,8 +72,10 @@ def _id_masks(graph: fx.Graph, infos: dict[fx.Node, Info], sites: list[Attention
               mixed: set[fx.Node], layer_of: Callable[[fx.Node], int]) -> list[MixingPoint]:
     """Attention masks computed row by row from the token inputs (a padding mask of the keys, ``[B, 1, 1, N]``),
     as mixing points tested as a whole. Such a mask changes only where the tokens do, but a cached site would remove
-    a changed key's old scores under its new mask: any change makes every row salient. (A mask mixed over the tokens
-    is a mixing point already; one computed from the hidden states keeps its site dense, rewrite_plan.py.)"""
+    a changed key's old scores under its new mask: any change makes every row salient, but for those at the changed
+    keys' columns and the salient rows where the op gets the mask's last value (rewrite_plan's ``_old_masks``). (A
+    mask mixed over the tokens is a mixing point already; one computed from the hidden states keeps its site dense,
+    rewrite_plan.py.)"""
     inputs = {n for n in graph.nodes if n.op == "placeholder" and n in infos and infos[n].kind is Kind.SOURCE}
     stream = spine.hidden_states
     masks = {s.mask for s in sites if isinstance(s.mask, fx.Node) and s.mask not in mixed

@@ -115,7 +115,8 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
     batch = next((b for b in (tensor_value(n).shape[0] for n in sources) if not statically_known_true(b == 1)),
                  tensor_value(sources[0]).shape[0])
     sources = [n for n in sources if same_size(tensor_value(n).shape[0], batch)]
-    tested = {point.node for point in analysis.mixing}
+    # what a site's mask may be computed from (the residual stream) and the masks tested each call (mixing points)
+    stream, tested = analysis.spine.hidden_states, {point.node for point in analysis.mixing}
     policy = resolve(config.policy)
     hooks = policy.hooks()
     reasons: list[str] = []
@@ -154,7 +155,7 @@ def plan_rewrite(analysis: GraphAnalysis, config: DyllmConfig) -> RewritePlan:
         if site.layer in config.dense_layers:
             plan = SitePlan(site, False, "dense_layers option")
         else:
-            plan = _plan_site(site, chains, infos, batch, analysis.spine.hidden_states, tested)
+            plan = _plan_site(site, chains, infos, batch, stream, tested)
             if plan.cached:
                 plan.kv = {which: chains[which] for which in ("k", "v")}
             if plan.cached and "before_attention" in hooks:

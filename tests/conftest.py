@@ -2,6 +2,7 @@
 set before any @triton.jit runs (importing torch runs none); with one, they and Inductor's generated kernels run
 natively."""
 
+import importlib
 import os
 
 import torch
@@ -54,3 +55,13 @@ def tiny_dream():
 def seeded():
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def incremental_attention(monkeypatch):
+    """``dyllm::cached_attention`` called at every cached site and, in exact mode, on its incremental update: neither
+    the small-problem route (``RECOMPUTE_WORK``, which traces dense attention into the graph) nor the per-element
+    recompute where many columns changed (``UPDATE_COST``) is taken, whatever the sizes and salient sets."""
+    op = importlib.import_module("dyllm_compile.ops.cached_attention")
+    monkeypatch.setattr(op, "RECOMPUTE_WORK", 0)
+    monkeypatch.setattr(op, "UPDATE_COST", 0)

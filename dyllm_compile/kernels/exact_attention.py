@@ -9,7 +9,8 @@ Same contract as :func:`dyllm_compile.ops.cached_attention.cached_attention_refe
    ``recompute_share`` of the kept mass, or whose result is not finite (removing most of a sum cancels badly),
    and every row where more than half the columns changed: there recomputing all rows (4 N^2 D multiply-adds)
    costs less than the update and the salient rows' recompute (8 (N - |J|) |J| D + 4 |J| N D).
-2. The rows to recompute (salient, or flagged in any head: the reference's choice) are compacted per batch
+2. The rows to recompute (salient, or flagged in any head, as the reference flags them; the reference's own rule
+   for recomputing every row is its CPU cost's, ``UPDATE_COST``) are compacted per batch
    element on the device (``tiles.compact``: one launch, fixed sizes, no sync), and ``_recompute_kernel`` runs
    exact attention for those rows only, in programs over the compacted list; programs past an element's count
    do nothing. The work is O(|recomputed| N D), not a whole row block per salient row.

@@ -7,8 +7,6 @@ exact mode's incremental update (its small-problem route would recompute every r
 mirror: both give dense attention, with different but consistent row statistics).
 """
 
-import importlib
-
 import pytest
 import torch
 
@@ -17,7 +15,6 @@ from dyllm_compile.kernels.exact_attention import cached_attention_exact
 from dyllm_compile.ops.cached_attention import (_attention_with_stats, cached_attention_reference, default_scale,
                                                 repeat_kv_heads)
 
-_op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 pytestmark = pytest.mark.kernels
 
 # Per dtype: (atol, rtol) of the kernel vs the fp32-computing reference, both rounding to the dtype at the end.
@@ -29,8 +26,8 @@ HEAD_IDS = ["mha", "gqa4", "gqa7"]
 
 
 @pytest.fixture(autouse=True)
-def incremental_reference(monkeypatch):
-    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
+def incremental_reference(incremental_attention):
+    """The reference on its incremental update, as the kernels' (conftest)."""
 
 
 def _case(b, h, g, n, d, salient, mask, dtype, device, seed=0):

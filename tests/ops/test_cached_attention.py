@@ -21,6 +21,8 @@ def _force_route(monkeypatch, route):
     recomputing every row (always); None (paper mode) leaves it."""
     if route is not None:
         monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0 if route == "incremental" else 1 << 62)
+    if route == "incremental":
+        monkeypatch.setattr(_op_module, "UPDATE_COST", 0)
 
 
 @pytest.fixture(params=["incremental", "recompute"])
@@ -94,6 +96,33 @@ def test_exact_mode_equals_dense_attention(shape, rep, mask_kind, salient_kind, 
     c1, m1, l1 = cached_attention(t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"],
                                   t["salient"], t["mask"], t["d"] ** -0.5, "exact", 0.5)
     torch.testing.assert_close(c1, _dense(t["q1"], t["k1"], t["v1"], t["mask"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("update_cost", [_op_module.UPDATE_COST, 0])
+def test_exact_mode_recomputes_every_row_of_an_element_where_the_update_costs_more(update_cost, monkeypatch):
+    """Element 0 changed 14 of its 40 keys: updating its 40 rows over 14 columns (UPDATE_COST per row and column)
+    and recomputing its 14 salient rows cost more than recomputing all 40, which it does: its statistics are the
+    dense attention's exact ones. Element 1 changed 4 and is updated: its rows keep a running max above the exact
+    one (the changed keys held its maximum). With the rule off, element 0 is updated too. Every context is dense
+    attention's."""
+    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
+    monkeypatch.setattr(_op_module, "UPDATE_COST", update_cost)
+    gen = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 2, 40, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    salient = torch.zeros(b, n, dtype=torch.bool)
+    salient[0, ::3], salient[1, ::10] = True, True
+    changed = salient[:, None, :, None]
+    k_old = torch.where(changed, k + q.mean(dim=2, keepdim=True), k)  # the changed keys leaned to the queries
+    v_old = torch.where(changed, torch.randn(b, h, n, d, generator=gen), v)
+    c_old, m_old, l_old = _op_module._attention_with_stats(q, k_old, v_old, None, d ** -0.5)
+    c, m, l = cached_attention(q, k, v, k_old, v_old, c_old, m_old, l_old, salient, None, d ** -0.5, "exact", 0.5)
+    dense_c, dense_m, dense_l = _op_module._attention_with_stats(q, k, v, None, d ** -0.5)
+    torch.testing.assert_close(c, dense_c, rtol=1e-5, atol=1e-5)
+    # an updated element's running max sits well above the exact one (0.38 and 0.47 here)
+    recomputed = [torch.allclose(m[i], dense_m[i], atol=1e-5) and torch.allclose(l[i], dense_l[i], atol=1e-5)
+                  for i in range(b)]
+    assert recomputed == [update_cost > 0, False]
 
 
 @pytest.mark.parametrize("shape", B_H_N_D)

@@ -1,7 +1,5 @@
 """The compiled model (backend="dyllm", aot_eager lowering) matches the plain-torch oracle step by step."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -43,7 +41,6 @@ MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True
                 "channels_ffn": lambda: llada_like("tiny", init_std=0.2, ffn_rows="channels")}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
-_op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 # The matrices below run pairwise rather than as full cross-products (the suite's time is mostly these decodes):
 # every value of each factor with every value of each other factor, not every triple. Mode, batch and row-count
 # route: the four runs of a two-level orthogonal array.
@@ -129,12 +126,11 @@ def test_symbolic_batch_folded_into_rows_matches_oracle(arch, row_counts):
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])
-def test_soft_cap_read_from_an_input_matches_oracle(mode, monkeypatch):
+def test_soft_cap_read_from_an_input_matches_oracle(mode, incremental_attention):
     """Compiled with dynamic shapes, the cap is a float attribute Dynamo reads from an input (``.item()``, divided by
     before the tanh and multiplied by after it): the site is still one soft-capped op, its cap each variant's
     constant, and the op (the incremental route, forced) takes it as a Scalar (before, the dense variant failed
     on the op's float argument and the graph fell back to plain lowering)."""
-    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
     lock, oracle = _run("softcap", 3, {"attention_mode": mode, "force_salient": 0.3, "seed": 5},
                         dict(mode=mode, force_salient=0.3, seed=5), dynamic=True)
     assert lock.steps == 16 and 0.2 < torch.tensor(oracle.fractions).mean() < 0.9
@@ -162,11 +158,10 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 @pytest.mark.parametrize("query_pruning_period", [0, 4])
-def test_the_ops_incremental_route_matches_oracle(device, mode, query_pruning_period, monkeypatch):
+def test_the_ops_incremental_route_matches_oracle(device, mode, query_pruning_period, incremental_attention):
     """Every site calls dyllm::cached_attention (exact mode's small-problem route, which traces dense attention
     into the graph instead, is off), so the op's CPU reference and, on CUDA, its Triton kernels run under the
     lowering (aot_eager on CPU, Inductor on CUDA) against the oracle, with and without query pruning."""
-    monkeypatch.setattr(_op_module, "RECOMPUTE_WORK", 0)
     options = {"attention_mode": mode, "query_pruning_period": query_pruning_period, "mask_token_id": MASK}
     lowering = "inductor" if device == "cuda" else "aot_eager"
     lock, oracle = _run("dream", 3, options, dict(mode=mode, threshold=0.99,

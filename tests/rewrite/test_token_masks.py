@@ -12,9 +12,8 @@ A mask whose column changes with its key would remove the old scores under the n
 - mixed over the tokens (DeBERTa's relative-position scores, an indexer's top-k keys): a mixing point already,
   tested per row (tests/rewrite/test_hf_models.py).
 
-The sizes are too small for the incremental update (``RECOMPUTE_WORK``) unless the op is made to take it."""
-
-import importlib
+The sizes are too small for the incremental update (``RECOMPUTE_WORK``) unless the op is made to take it (the
+``incremental_attention`` fixture)."""
 
 import pytest
 import torch
@@ -52,8 +51,7 @@ class KeyMasked(nn.Module):
 
 
 @pytest.mark.parametrize("mask", ["ids", "hidden_states"])
-def test_key_masks_from_the_tokens_equal_dense_in_exact_mode(mask, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("dyllm_compile.ops.cached_attention"), "RECOMPUTE_WORK", 0)
+def test_key_masks_from_the_tokens_equal_dense_in_exact_mode(mask, incremental_attention):
     model = KeyMasked(mask).eval()
     torch._dynamo.reset()
     before = last_serial()

@@ -121,9 +121,9 @@ def _no_key_rows(c: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch
     layer through the padded rows' values (a masked column's weight is 0, and 0 * NaN is NaN). The statistics stay
     (-inf, 0), so an incremental update of such a row finds no mass and recomputes it, as the kernels do."""
     empty = m.isneginf()
-    if in_place and not bool(empty.any()):  # the common case: no pass over the context (on CPU, 10% of a call)
-        return c.to(dtype), m, l
     if in_place:
+        if not bool(empty.any()):  # the common case: no pass over the context (on CPU, 10% of a call)
+            return c.to(dtype), m, l
         return c.masked_fill_(empty[..., None], 0.0).to(dtype), m, l.masked_fill_(empty, 0.0)
     return c.masked_fill(empty[..., None], 0.0).to(dtype), m, l.masked_fill(empty, 0.0)
 

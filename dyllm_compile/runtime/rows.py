@@ -70,13 +70,16 @@ def gather_rows_per_element(x: torch.Tensor, index: torch.Tensor, axis: int, ran
     return x.gather(axis, _along(index, x, axis))
 
 
-def scatter_rows_per_element(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
-                             axis: int) -> torch.Tensor:
-    """Out-of-place ``cache`` with each element's rows ``index [B, K]`` (along ``axis``) replaced by ``fresh``
-    where ``valid [B, K]``."""
+def scatter_rows_per_element(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor,
+                             valid: Optional[torch.Tensor], axis: int, in_place: bool = False) -> torch.Tensor:
+    """Out-of-place ``cache`` with each element's rows ``index [B, K]`` (along ``axis``, distinct within an
+    element) replaced by ``fresh`` where ``valid [B, K]`` (None: everywhere); ``in_place`` writes into ``cache``
+    (a temporary of eager code: traced code stays functional)."""
     at = _along(index, cache, axis)
-    chosen = torch.where(_per_row(valid, cache.dim(), axis), fresh.to(cache.dtype), cache.gather(axis, at))
-    return cache.scatter(axis, at, chosen)
+    chosen = fresh.to(cache.dtype)
+    if valid is not None:
+        chosen = torch.where(_per_row(valid, cache.dim(), axis), chosen, cache.gather(axis, at))
+    return cache.scatter_(axis, at, chosen) if in_place else cache.scatter(axis, at, chosen)
 
 
 #: Rows appended to an unbacked selection's gather: its size is then provably not 0 or 1, so lowerings that

@@ -11,8 +11,9 @@ _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 B_H_N_D = [(1, 4, 13, 8), (3, 4, 13, 8)]
 GQA = [1, 2, 4]  # query heads per kv head
 # "no_keys": the padded rows are hidden from every key too (Dream's padded batches): rows with no key, which SDPA
-# returns as zeros
-MASKS = [None, "padding", "additive", "no_keys"]
+# returns as zeros; "shared": one additive [N, N] mask, no batch or head dims, for every element (the op gathers
+# each element's rows and columns of it)
+MASKS = [None, "padding", "additive", "no_keys", "shared"]
 SALIENT = ["none", "one", "some", "all"]
 
 
@@ -38,6 +39,9 @@ MODE_ROUTES = [("paper", None), ("exact", "incremental"), ("exact", "recompute")
 def _mask(kind, b, h, n, gen):
     if kind is None:
         return None
+    if kind == "shared":
+        hidden = (torch.rand(n, n, generator=gen) < 0.3).logical_and_(~torch.eye(n, dtype=torch.bool))
+        return (torch.randn(n, n, generator=gen) * 0.5).masked_fill_(hidden, float("-inf"))
     keep = torch.ones(b, n, dtype=torch.bool)
     keep[0, :3] = False
     bool_mask = keep[:, None, None, :]

@@ -70,15 +70,13 @@ def gather_rows_per_element(x: torch.Tensor, index: torch.Tensor, axis: int, ran
     return x.gather(axis, _along(index, x, axis))
 
 
-def scatter_rows_per_element(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor,
-                             valid: Optional[torch.Tensor], axis: int, in_place: bool = False) -> torch.Tensor:
+def scatter_rows_per_element(cache: torch.Tensor, fresh: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                             axis: int, in_place: bool = False) -> torch.Tensor:
     """Out-of-place ``cache`` with each element's rows ``index [B, K]`` (along ``axis``, distinct within an
-    element) replaced by ``fresh`` where ``valid [B, K]`` (None: everywhere); ``in_place`` writes into ``cache``
-    (a temporary of eager code: traced code stays functional)."""
+    element) replaced by ``fresh`` where ``valid [B, K]``; ``in_place`` writes into ``cache`` instead (a temporary
+    of eager code: traced code stays functional)."""
     at = _along(index, cache, axis)
-    chosen = fresh.to(cache.dtype)
-    if valid is not None:
-        chosen = torch.where(_per_row(valid, cache.dim(), axis), chosen, cache.gather(axis, at))
+    chosen = torch.where(_per_row(valid, cache.dim(), axis), fresh.to(cache.dtype), cache.gather(axis, at))
     return cache.scatter_(axis, at, chosen) if in_place else cache.scatter(axis, at, chosen)
 
 

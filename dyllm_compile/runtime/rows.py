@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 
 from ..policies import cosine_below
 
@@ -106,7 +107,16 @@ def select_rows_unbacked(salient: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def place_rows(cache: torch.Tensor, fresh: torch.Tensor, position: torch.Tensor, salient: torch.Tensor,
                axis: int) -> torch.Tensor:
     """Out-of-place ``cache`` whose rows salient in ``salient [B, N]`` (along ``axis``) come from ``fresh``, the
-    rows of an unbacked gather, at ``position``: one pass over the cache, no scatter."""
+    rows of an unbacked gather, at ``position``: one pass over the cache, no scatter.
+
+    ``fresh`` is pinned row-major as a buffer of its own (Inductor's ``inductor_force_stride_order``, a no-op in
+    eager code on a contiguous tensor): Inductor would otherwise inline the op that made it into this gather, which
+    runs for every cache row. A weight-first product's row-major copy (passes/linear_order.py) was inlined so, and
+    the merge read the product feature-major, one element at a time: at batch 8 on the reference model (2-core
+    CPU, every gated product weight first) a decode took 9.7-10.8 s, 7.9-8.6 s with the pin; at batch 1 the same
+    with and without (docs/rewrite.md, "Linear layers on gathered rows")."""
+    fresh = fresh.contiguous()  # (a view into a larger buffer, as a fused projection's part, pinned as its copy)
+    fresh = torch.ops.prims.inductor_force_stride_order(fresh, fresh.stride())
     return merge_rows(salient, gather_rows(fresh, position, axis).to(cache.dtype), cache, axis)
 
 

@@ -124,3 +124,35 @@ def test_weight_first_under_inductor_equals_dense():
     guarded on), with the q/k/v biases of the Dream-like model."""
     runtime = _compare("dream", 2, "inductor", calls=3, tol=1e-4, linear_order="weight_first")
     assert runtime.plan.weight_first
+
+
+def test_place_rows_pins_a_weight_first_product_row_major():
+    """Before the merge, the gathered rows' product is pinned row-major as a buffer of its own
+    (``prims.inductor_force_stride_order``), so that Inductor cannot inline the weight-first product's row-major
+    copy into the merge, which gathers a row for every cache row (and then read the product feature-major, one
+    element at a time: docs/rewrite.md, "Linear layers on gathered rows"). The merge is unchanged: the salient
+    rows come from the product, the others from the cache."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dyllm_compile.runtime.rows import place_rows
+
+    gen = torch.Generator().manual_seed(0)
+    cache, rows, weight = torch.randn(2, 6, 5, generator=gen), torch.randn(2, 3, 4, generator=gen), torch.randn(5, 4)
+    salient = torch.tensor([[0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    position = torch.tensor([0, 0, 0, 1, 1, 2])  # cache row -> gathered row (read where salient)
+
+    def merge(cache, rows, weight, salient, position):
+        return place_rows(cache, weight_first_linear(rows, weight), position, salient, 1)
+
+    gm = make_fx(merge)(cache, rows, weight, salient, position)
+    nodes = list(gm.graph.nodes)
+    (pin,) = [n for n in nodes if n.target is torch.ops.prims.inductor_force_stride_order.default]
+    (gather,) = [n for n in nodes if n.target is torch.ops.aten.index_select.default]
+    assert gather.args[0] is pin and nodes.index(pin) < nodes.index(gather)
+    assert tuple(pin.args[1]) == (15, 5, 1)  # row-major [B, rows, features]
+    product = torch.nn.functional.linear(rows, weight)
+    expected = cache.clone()
+    for b, n in salient.nonzero().tolist():
+        expected[b, n] = product[b, position[n]]
+    torch.testing.assert_close(gm(cache, rows, weight, salient, position), expected)
+    torch.testing.assert_close(merge(cache, rows, weight, salient, position), expected)

@@ -10,6 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist's workers share the cores: each takes its part for intra-op threads. With the default (every core a
+# worker), two workers on two cores ran four OpenMP threads, and the suite's compile work, Python on one thread,
+# waited on the other worker's threads (six rewrite modules, two workers: 229-230 s, 182-201 s with one thread each)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
+
 import pytest  # noqa: E402
 
 from dyllm_compile.models import dream_like, llada_like  # noqa: E402

@@ -41,11 +41,17 @@ MODELS_FORMS = {"fused": lambda: llada_like("tiny", init_std=0.2, fused_qkv=True
                 "channels_ffn": lambda: llada_like("tiny", init_std=0.2, ffn_rows="channels")}
 # Forms Dynamo traces whole only with data-dependent sizes captured (an MoE's torch.where dispatch)
 DYNAMIC_OUTPUT_FORMS = {"moe_dispatch"}
-# The matrices below run pairwise rather than as full cross-products (the suite's time is mostly these decodes):
-# every value of each factor with every value of each other factor, not every triple. Mode, batch and row-count
-# route: the four runs of a two-level orthogonal array.
-ALL_PAIRS_OF_MODE_BATCH_ROUTE = [("paper", 1, "buckets"), ("paper", 3, "unbacked"), ("exact", 1, "unbacked"),
-                                 ("exact", 3, "buckets")]
+
+
+def all_pairs(a: tuple, b: tuple, c: tuple) -> list[tuple]:
+    """Three two-level factors in the four runs of a two-level orthogonal array: every value of each factor with
+    every value of each other factor, not every triple. The matrices below run so rather than as full
+    cross-products (the suite's time is mostly these decodes)."""
+    (a0, a1), (b0, b1), (c0, c1) = a, b, c
+    return [(a0, b0, c0), (a0, b1, c1), (a1, b0, c1), (a1, b1, c0)]
+
+
+ALL_PAIRS_OF_MODE_BATCH_ROUTE = all_pairs(("paper", "exact"), (1, 3), ("buckets", "unbacked"))
 
 
 def _both_modes_and_routes(forms: dict) -> list[tuple[str, str, str]]:
@@ -81,9 +87,7 @@ def test_forced_salient_sets_match_oracle(arch, mode, batch, row_counts):
     assert 0.2 < fractions.mean() < 0.9  # really sparse, not everything recomputed
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("arch, mode, batch", all_pairs(tuple(MODELS), ("paper", "exact"), (1, 3)))
 def test_default_threshold_matches_oracle(arch, mode, batch):
     lock, oracle = _run(arch, batch, {"attention_mode": mode}, dict(mode=mode, threshold=0.99))
     stats = [r.stats for r in lock.runtimes if r.stats.sparse_calls]
@@ -172,9 +176,7 @@ def test_the_ops_incremental_route_matches_oracle(device, mode, query_pruning_pe
     assert torch.tensor(oracle.fractions).mean() < 1.0
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("arch, mode, batch", all_pairs(tuple(MODELS), ("paper", "exact"), (1, 3)))
 def test_query_pruning_matches_oracle(arch, mode, batch):
     """Prompt rows are queried on every 4th call only; in between they keep their cached context (and so their
     K/V, attention output and FFN output), as the oracle does."""
@@ -234,9 +236,7 @@ def test_query_pruning_with_forced_salient_rows_matches_oracle():
     assert lock.steps == 16
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("salient", ["forced", "threshold"])
+@pytest.mark.parametrize("arch, mode, salient", all_pairs(tuple(MODELS), ("paper", "exact"), ("forced", "threshold")))
 def test_salient_output_projection_matches_oracle(arch, mode, salient):
     """output_projection="salient": the o projection runs on each site's S_out only (one gathered region more
     per layer, cached like the FFN output); the other rows keep their cached projection, as in the oracle."""

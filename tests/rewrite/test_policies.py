@@ -200,14 +200,20 @@ class EsDllmRules:
         return salient
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
-@pytest.mark.parametrize("name, options, rules", [
+_POLICY_RULES = [
     ("dllm_cache", {"policy": "dllm_cache"}, DllmCacheRules(50, 8, 0.25)),
     ("dllm_cache_short", {"policy": __import__("dyllm_compile.policies").policies.DllmCache(5, 3, 0.25)},
      DllmCacheRules(5, 3, 0.25)),
     ("es_dllm", {"policy": "es_dllm"}, EsDllmRules(1, 0.25)),
-])
-@pytest.mark.parametrize("arch", ["llada", "dream"])
+]
+
+
+# Each policy in both modes, on the two architectures in turn (which takes which mode alternates from policy to
+# policy): every pair of policy, mode and architecture runs, not every triple (6 decodes, not 12).
+@pytest.mark.parametrize("mode, name, options, rules, arch", [
+    pytest.param(mode, *policy, arch, id=f"{arch}-{policy[0]}-{mode}")
+    for i, policy in enumerate(_POLICY_RULES)
+    for mode, arch in ((("paper", "llada"), ("exact", "dream")), (("paper", "dream"), ("exact", "llada")))[i % 2]])
 def test_dllm_cache_and_es_dllm_match_oracle(mode, name, options, rules, arch):
     lock, oracle = _run(arch, 3, {**options, "attention_mode": mode, "mask_token_id": 127},
                         dict(mode=mode, rules=rules))

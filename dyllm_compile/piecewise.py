@@ -3,9 +3,10 @@
 A rewritten variant repeats one layer's code per layer (its weights and caches are inputs), and compiling it whole
 lowers every copy again: on a 2-core CPU, most of a 4-layer sparse variant's compile time. Here the graph is split
 at the layer cuts its builder marked (:mod:`dyllm_compile.passes.layer_cuts`) with ``torch.fx``'s
-``split_module``; fake inputs are propagated through the pieces; pieces that are the same code on inputs of the
-same layouts are compiled once and share the compiled function. What runs is the split module: plain Python calling
-the compiled pieces in order (a few calls per step), as vLLM runs its piecewise graphs.
+``split_module``; fake inputs are propagated through the pieces (a piece that is the same code on the very same
+input layouts as one before is not run again: it has that piece's outputs); pieces that are the same code on
+inputs of the same layouts are compiled once and share the compiled function. What runs is the split module:
+plain Python calling the compiled pieces in order (a few calls per step), as vLLM runs its piecewise graphs.
 
 What the pieces must keep:
 
@@ -169,15 +170,16 @@ def _module_key(module: torch.nn.Module) -> Any:
     return ("keyed", type(module).__qualname__, key()) if callable(key) else ("module", id(module))
 
 
-def layout_key(args: Sequence[Any]) -> tuple:
+def layout_key(args: Sequence[Any], same_symbols: bool = False) -> tuple:
     """What a compiled piece assumes of its inputs: sizes, strides, offsets, dtypes, devices, and the value of
     anything else. A symbolic size is its expression with the symbols numbered in order of appearance: two pieces
     with sizes of their own (a capacity per layer, each a symbol of the piece's ShapeEnv) but of the same form
-    share one compiled function, whose guards are then checked against each piece's sizes."""
+    share one compiled function, whose guards are then checked against each piece's sizes. ``same_symbols``: the
+    expressions as they are, equal only for the very same sizes."""
     symbols: dict[sympy.Symbol, sympy.Symbol] = {}
 
     def form(value: Any) -> str:
-        if not isinstance(value, torch.SymInt):
+        if not isinstance(value, torch.SymInt) or same_symbols:
             return str(value)
         expr = value.node.expr
         for symbol in sorted(expr.free_symbols, key=str):
@@ -200,11 +202,21 @@ class _Propagate(fx.Interpreter):
     def __init__(self, split: fx.GraphModule, guards: SizeGuards) -> None:
         super().__init__(split)
         self.examples: dict[str, list] = {}
+        self.structures: dict[str, str] = {}
         self.guards = guards
+        self._outputs: dict[tuple, Any] = {}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         self.examples[target] = _fresh(target, args, self.guards)
-        return super().call_module(target, args, kwargs)
+        self.structures[target] = structure_key(self.module.get_submodule(target))
+        # A piece with the code and the very input layouts (the same symbols, not only the same form) of one run
+        # before has that piece's outputs: running each repeated layer on fake tensors again was most of a deep
+        # model's propagation, and fake outputs depend on nothing but the layouts (a data-dependent size is a new
+        # symbol at each run, but one crossing into the next piece stops the split either way)
+        key = (self.structures[target], layout_key(args, same_symbols=True), repr(kwargs))
+        if key not in self._outputs:
+            self._outputs[key] = super().call_module(target, args, kwargs)
+        return self._outputs[key]
 
 
 def _fresh(target: str, args: Sequence[Any], guards: SizeGuards) -> list:
@@ -247,8 +259,7 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
     except NotPiecewise as err:
         log.info("dyllm: compiled whole, not piecewise: %s", err)
         return None
-    keys = {target: (structure_key(split.get_submodule(target)), layout_key(args))
-            for target, args in propagate.examples.items()}
+    keys = {target: (propagate.structures[target], layout_key(args)) for target, args in propagate.examples.items()}
     if len(set(keys.values())) == len(keys):
         log.info("dyllm: compiled whole, not piecewise: no piece of %d repeats", len(keys))
         return None

@@ -5,12 +5,14 @@ import logging
 import pytest
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from dyllm_compile import lowering, piecewise
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
 from dyllm_compile.passes.layer_cuts import PIECE_END
 from dyllm_compile.passes.rewrite import build_dense, build_sparse
-from dyllm_compile.piecewise import lower_piecewise, split_pieces, structure_key
+from dyllm_compile.piecewise import layout_key, lower_piecewise, split_pieces, structure_key
 from dyllm_compile.runtime import rows
 from test_oracle import _run
 from test_policies import EsDllmRules
@@ -93,6 +95,52 @@ def test_lower_piecewise_compiles_a_repeated_piece_once(split_api):
     assert all(isinstance(p.graph.output_node().args[0], tuple) for p in compiled)
     for got, expected in zip(split(x, w1, w2), _two_layers(x, w1, w2)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _three_layers(x, w1, w2, w3):
+    h = x + torch.relu(x @ w1)
+    h = h + torch.relu(h @ w2)
+    h = h + torch.relu(h @ w3)
+    return h * 2, h.sum()
+
+
+def test_a_repeated_piece_is_run_once_on_fake_inputs(monkeypatch):
+    """Before: three residual ReLU layers, the third's weight transposed (another layout). The propagation of fake
+    inputs through the pieces runs the second layer's piece not again (the first's code on the very same input
+    layouts: it has the first's outputs) but the third's (its weight's strides differ); every piece still gets its
+    example inputs, the first two share one compiled piece, and the results equal the graph's."""
+    fake_runs = []
+    real = fx.Interpreter.call_module
+
+    def counted(self, target, args, kwargs):
+        if isinstance(self, piecewise._Propagate):
+            fake_runs.append(target)
+        return real(self, target, args, kwargs)
+
+    monkeypatch.setattr(fx.Interpreter, "call_module", counted)
+    gm = _marked(_three_layers, {"add", "add_1", "add_2"})
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=gen)
+    w1, w2, w3 = (torch.randn(8, 8, generator=gen) for _ in range(3))
+    w3 = w3.t()
+    compiled = []
+    split = lower_piecewise(gm, [x, w1, w2, w3], _counting(compiled))
+    pieces = [n.target for n in split.graph.nodes if n.op == "call_module"]
+    assert len(pieces) == 4 and fake_runs == [pieces[0], pieces[2], pieces[3]]
+    assert len(compiled) == 3  # the first two layers share one
+    for got, expected in zip(split(x, w1, w2, w3), _three_layers(x, w1, w2, w3)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_layout_key_with_the_same_symbols_tells_sizes_of_one_form_apart():
+    """Two inputs whose sizes are different symbols of the same form share a compiled piece (``layout_key``), but
+    only the very same sizes let a piece's fake run stand for another's (``same_symbols``)."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    a, b = (mode.from_tensor(torch.empty(n, 4), static_shapes=False) for n in (3, 5))
+    assert a.shape[0] is not b.shape[0] and isinstance(a.shape[0], torch.SymInt)
+    assert layout_key([a]) == layout_key([b])
+    assert layout_key([a], same_symbols=True) != layout_key([b], same_symbols=True)
+    assert layout_key([a], same_symbols=True) == layout_key([a], same_symbols=True)
 
 
 def test_lower_piecewise_declines(caplog):

@@ -54,11 +54,12 @@ def all_pairs(a: tuple, b: tuple, c: tuple) -> list[tuple]:
 ALL_PAIRS_OF_MODE_BATCH_ROUTE = all_pairs(("paper", "exact"), (1, 3), ("buckets", "unbacked"))
 
 
-def _both_modes_and_routes(forms: dict) -> list[tuple[str, str, str]]:
-    """Each form in both modes and on both row-count routes, in two runs whose mode and route both differ; which
-    mode takes which route alternates from form to form, so that across forms every (mode, route) pair runs."""
-    pairs = ((("paper", "buckets"), ("exact", "unbacked")), (("paper", "unbacked"), ("exact", "buckets")))
-    return [(form, mode, route) for i, form in enumerate(forms) for mode, route in pairs[i % 2]]
+def in_both_modes(items, other: tuple) -> list[tuple]:
+    """Each of ``items`` in both modes, in two runs whose mode and ``other`` factor (two values) both differ; which
+    mode takes which value alternates from item to item, so that across items every (mode, value) pair runs."""
+    (first, second) = other
+    pairs = ((("paper", first), ("exact", second)), (("paper", second), ("exact", first)))
+    return [(item, mode, value) for i, item in enumerate(items) for mode, value in pairs[i % 2]]
 
 
 def _run(arch, batch, options, oracle_kwargs, lowering="aot_eager", gen_length=16, device="cpu", prompt_length=8,
@@ -95,7 +96,7 @@ def test_default_threshold_matches_oracle(arch, mode, batch):
     assert torch.tensor(oracle.fractions).mean() < 1.0
 
 
-@pytest.mark.parametrize("arch, mode, row_counts", _both_modes_and_routes(MODELS_FORMS))
+@pytest.mark.parametrize("arch, mode, row_counts", in_both_modes(MODELS_FORMS, ("buckets", "unbacked")))
 def test_model_forms_match_oracle(arch, mode, row_counts):
     """A fused q/k/v projection is in the k and v chains (and exact mode's q chain), computed once on their rows;
     paper mode's q, on every row, computes it for every row as well. Hand-written attention is cached like SDPA.

@@ -136,11 +136,12 @@ def test_layout_key_with_the_same_symbols_tells_sizes_of_one_form_apart():
     """Two inputs whose sizes are different symbols of the same form share a compiled piece (``layout_key``), but
     only the very same sizes let a piece's fake run stand for another's (``same_symbols``)."""
     mode = FakeTensorMode(shape_env=ShapeEnv())
-    a, b = (mode.from_tensor(torch.empty(n, 4), static_shapes=False) for n in (3, 5))
+    a, b, twin = (mode.from_tensor(torch.empty(n, 4), static_shapes=False) for n in (3, 5, 3))
     assert a.shape[0] is not b.shape[0] and isinstance(a.shape[0], torch.SymInt)
     assert layout_key([a]) == layout_key([b])
     assert layout_key([a], same_symbols=True) != layout_key([b], same_symbols=True)
-    assert layout_key([a], same_symbols=True) == layout_key([a], same_symbols=True)
+    # a tensor of a's sizes gets a's symbols (duck sizing): its fake run stands for a's
+    assert layout_key([a], same_symbols=True) == layout_key([twin], same_symbols=True)
 
 
 def test_lower_piecewise_declines(caplog):

@@ -6,7 +6,7 @@ import torch
 from dyllm_compile.config import DyllmConfig
 from dyllm_compile.policies import BlockFreeze, CallState, DyllmPolicy, Policy
 from dyllm_compile.runtime.graph_runtime import last_serial, runtimes
-from test_oracle import _run
+from test_oracle import _run, in_both_modes
 
 
 def test_block_freeze_selects_exactly_the_active_block():
@@ -208,12 +208,11 @@ _POLICY_RULES = [
 ]
 
 
-# Each policy in both modes, on the two architectures in turn (which takes which mode alternates from policy to
-# policy): every pair of policy, mode and architecture runs, not every triple (6 decodes, not 12).
+# Each policy in both modes, on the two architectures in turn: every pair of policy, mode and architecture runs,
+# not every triple (6 decodes, not 12).
 @pytest.mark.parametrize("mode, name, options, rules, arch", [
     pytest.param(mode, *policy, arch, id=f"{arch}-{policy[0]}-{mode}")
-    for i, policy in enumerate(_POLICY_RULES)
-    for mode, arch in ((("paper", "llada"), ("exact", "dream")), (("paper", "dream"), ("exact", "llada")))[i % 2]])
+    for policy, mode, arch in in_both_modes(_POLICY_RULES, ("llada", "dream"))])
 def test_dllm_cache_and_es_dllm_match_oracle(mode, name, options, rules, arch):
     lock, oracle = _run(arch, 3, {**options, "attention_mode": mode, "mask_token_id": 127},
                         dict(mode=mode, rules=rules))

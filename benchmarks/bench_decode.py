@@ -51,11 +51,12 @@ from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runti
 # linear_order existed; the default measures), -wg lowered as one whole graph (piecewise=False, as before
 # piecewise lowering existed), -ps a capacity bucket per row selection (row_capacity="per_selection"; capacity
 # buckets only, the GPU's route), -st a variant compiled per capacity bucket (symbolic_capacities=False, as
-# before symbolic capacities; buckets only). exact is the library default (docs/rewrite.md).
+# before symbolic capacities; buckets only), -bk rows sized by capacity buckets on any device (row_counts="buckets":
+# the GPU's route, timed on the CPU). exact is the library default (docs/rewrite.md).
 MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
          "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg",
          "dyllm-exact-ps", "dyllm-exact-qp-ps", "dyllm-exact-st", "dyllm-exact-qp-st", "dyllm-exact-ps-st",
-         "dyllm-exact-qp-ps-st")
+         "dyllm-exact-qp-ps-st", "dyllm-exact-bk")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -116,6 +117,16 @@ def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 19
 # the dense step's FLOPs must outweigh that for the bound to allow a large speedup. At LLaDA-8B's shapes, 4 layers,
 # batch 1, 5% salient, the bound ratio dense/sparse is 3.7x at 1150 tokens but 1.6x at 384.
 FULL_SIZE_TOKENS = 1150
+
+
+def host_workload(batch: int, layers: Optional[int] = None, **_) -> Workload:
+    """Launch-bound steps on the CPU: LLaDA-8B's 32 layers (or ``layers``) at width 32 and 64 tokens, so that a
+    step's time is the host's (Python, dispatch, kernel calls) rather than arithmetic, as at batch 1 on a GPU, where
+    the arithmetic shrinks by two orders of magnitude and the host's work per layer does not."""
+    layers = LLADA_8B["n_layers"] if layers is None else layers
+    model = llada_like("tiny", n_layers=layers, d_model=32, n_heads=2, d_ffn=64, vocab_size=64, mask_token_id=63)
+    prompts = torch.randint(1, 63, (batch, 32), generator=torch.Generator().manual_seed(0))
+    return Workload(f"host-bound: llada-like {layers}L d32", model, prompts, 32, 32, 32, "random")
 
 
 def full_size_workload(arch: str, batch: int, device: str, dtype: torch.dtype, checkpoint: Optional[str],
@@ -181,6 +192,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
         options["row_capacity"] = "per_selection"
     if "st" in flags:
         options["symbolic_capacities"] = False
+    if "bk" in flags:
+        options["row_counts"] = "buckets"
     return torch.compile(model, backend="dyllm", options=options)
 
 
@@ -509,6 +522,8 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
     if name == "reference":
         return reference_workload(batch, attention=args.attention, ffn=args.ffn,
                                   hyper_connections=args.hyper_connections)
+    if name == "host":
+        return host_workload(batch, args.layers)
     if name == "tiny":
         model = llada_like("tiny")
         prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
@@ -519,11 +534,15 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of configurations")
-    parser.add_argument("--model", choices=("default", "reference", "llada", "dream", "tiny"), default="default")
+    parser.add_argument("--model", choices=("default", "reference", "llada", "dream", "host", "tiny"),
+                        default="default",
+                        help="host: many layers at a tiny width, a step's time the host's (the proxy on a CPU for a "
+                             "GPU's batch-1 step)")
     parser.add_argument("--checkpoint", help="local checkpoint directory for --model llada/dream")
     parser.add_argument("--layers", type=int, default=None,
                         help="--model llada/dream with random weights: only the first this many decoder layers "
-                             "(each layer's shapes unchanged; named in the results), to fit a short device lease")
+                             "(each layer's shapes unchanged; named in the results), to fit a short device lease; "
+                             "--model host: its layer count (default LLaDA-8B's 32)")
     parser.add_argument("--prompt-length", type=int, default=None,
                         help=f"--model llada/dream: prompt tokens (default {FULL_SIZE_TOKENS} in all with the 256 "
                              "generated)")
@@ -571,9 +590,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     full_size = args.preset == "gpu" or (args.preset is None and args.model in ("llada", "dream"))
     if args.layers is not None:
-        if args.layers < 1 or args.checkpoint or not full_size:
+        if args.layers < 1 or args.checkpoint or not (full_size or args.model == "host"):
             parser.error("--layers takes a positive count and applies to random weights of the full-size shapes "
-                         "(--model llada/dream or --preset gpu, without --checkpoint)")
+                         "(--model llada/dream or --preset gpu, without --checkpoint) and to --model host")
     if args.attention != "sdpa" and (args.preset is not None or args.model != "reference"):
         parser.error("--attention applies to --model reference")
     if args.ffn != "swiglu" and (args.preset is not None or args.model != "reference"):

@@ -145,6 +145,18 @@ def test_layers_applies_to_random_full_size_weights_only(bench, argv, capsys):
     assert "--layers takes a positive count" in capsys.readouterr().err
     assert bench.parse_args(["--model", "dream", "--layers", "2"]).layers == 2
     assert bench.parse_args(["--preset", "gpu", "--layers", "2"]).layers == 2
+    assert bench.parse_args(["--model", "host", "--layers", "2"]).layers == 2
+
+
+def test_host_workload_is_many_layers_at_a_tiny_width_and_bk_sizes_rows_by_buckets(bench, monkeypatch):
+    work = bench.make_workload("host", 2, bench.parse_args(["--model", "host"]), "cpu", torch.float32)
+    assert (work.model.cfg.n_layers, work.model.cfg.d_model, work.prompts.shape) == (32, 32, (2, 32))
+    args = bench.parse_args(["--model", "host", "--layers", "3"])
+    work = bench.make_workload("host", 1, args, "cpu", torch.float32)
+    assert work.model.cfg.n_layers == 3 and work.name == "host-bound: llada-like 3L d32"
+    monkeypatch.setattr(bench.torch, "compile", lambda model, backend=None, options=None: options)
+    assert bench.build("dyllm-exact-bk", work.model, args)["row_counts"] == "buckets"
+    assert "row_counts" not in bench.build("dyllm-exact", work.model, args)
 
 
 @pytest.mark.parametrize("argv", [

@@ -3,7 +3,7 @@
 # minutes of device time in all, machine start included):
 #
 #     bash benchmarks/gpu_session.sh          # all, within DYLLM_GPU_BUDGET seconds (default 560)
-#     bash benchmarks/gpu_session.sh checks   # facts, the GPU and kernel tests, the attention benchmark
+#     bash benchmarks/gpu_session.sh checks   # facts, the GPU and kernel tests, host time, the attention benchmark
 #     bash benchmarks/gpu_session.sh decode   # whole decode at LLaDA-8B's layer shapes, batch 8 and 1
 #
 # `all` runs the decodes first (the targets), then the tests, then the attention benchmark (diagnostics) in what
@@ -38,6 +38,7 @@ BUDGET=${DYLLM_GPU_BUDGET:-560}
 TEST_LIMIT=${DYLLM_GPU_TEST_LIMIT:-150}
 TEST_RESERVE=${DYLLM_GPU_TEST_RESERVE:-90}
 ATTENTION_LIMIT=${DYLLM_GPU_ATTENTION_LIMIT:-120}
+HOST_LIMIT=${DYLLM_GPU_HOST_LIMIT:-90}
 DECODE_LIMIT=${DYLLM_GPU_DECODE_LIMIT:-400}
 LATER_DECODE=${DYLLM_GPU_LATER_DECODE:-150}
 WORKERS=${DYLLM_GPU_TEST_WORKERS:-12}
@@ -92,6 +93,11 @@ if [ "$PART" != decode ]; then
     # 5.25): a test module that fails to import there must not stop the others.
     stage "$(limit "$TEST_LIMIT")" "$OUT/gpu_tests.log" "$PY" -m pytest -q -ra -n "$WORKERS" -m "gpu or kernels" \
         tests -p no:cacheprovider --continue-on-collection-errors --durations=15
+    # A step's host time per layer on this machine (32 layers at width 32: launches, not arithmetic), dense against
+    # sparse; paper mode calls the attention op at every layer, exact mode inlines attention this small
+    # (docs/benchmarks.md, "Host-bound steps")
+    stage "$(limit "$HOST_LIMIT")" "$OUT/gpu_host.log" "$PY" benchmarks/bench_decode.py --model host \
+        --modes inductor,dyllm-exact,dyllm-paper --repeats 2 --warm-compile-cache --out "$OUT/decode_gpu_host_bound.csv"
     # --profile: where each call's time goes (torch.profiler), the tiles the autotuners chose, and the compiled
     # kernels' registers and spills
     stage "$(limit "$ATTENTION_LIMIT")" "$OUT/gpu_attention.log" "$PY" benchmarks/bench_attention.py --batch 1,8 \

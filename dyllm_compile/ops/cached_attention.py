@@ -139,8 +139,9 @@ RECOMPUTE_WORK = 1 << 24
 
 
 def _recomputes(q: torch.Tensor, k: torch.Tensor):
-    """Whether exact mode recomputes every row of ``q`` against the keys ``k`` (``RECOMPUTE_WORK``): a bool, or a
-    SymBool when traced shapes are symbolic."""
+    """Whether ``q`` against the keys ``k`` is a small problem (``RECOMPUTE_WORK``), where exact mode recomputes
+    every row and the graphs trace either mode's attention as plain ops: a bool, or a SymBool when traced shapes
+    are symbolic."""
     return q.numel() * k.shape[2] <= RECOMPUTE_WORK
 
 
@@ -345,20 +346,39 @@ def _(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, 
 def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in, attn_mask, scale, mode,
                               recompute_share, queried=None, softcap=0.0, mask_old=None):
     """What the rewritten graphs call at each cached site (same contract as the op): the op, or where the shapes
-    being traced prove that exact mode recomputes every row (``RECOMPUTE_WORK``), that dense attention as plain
-    torch ops, which the lowering compiles with the rest of the graph (Inductor fuses it into its kernels)
-    instead of calling the op: on CPU the op's dispatch and eager body cost about 0.25 ms a call at the in-repo
-    model's shapes. A data-dependent row count (query pruning's queried rows) is bounded by the sequence; where
-    the bound cannot be proved (a symbolic sequence length), the op stays and decides at run time."""
-    if mode == "exact" and statically_known_true(_recomputes(q, k)):
+    being traced prove the problem small (``RECOMPUTE_WORK``), the mode's attention as plain torch ops, which the
+    lowering compiles with the rest of the graph (Inductor fuses it into its kernels) instead of calling the op:
+    on CPU the op's dispatch and eager body cost about 0.25 ms a call at the in-repo model's shapes. Exact mode
+    there is dense attention (it recomputes every row); paper mode is :func:`_paper_dense`. A data-dependent row
+    count (query pruning's queried rows) is bounded by the sequence; where the bound cannot be proved (a symbolic
+    sequence length), the op stays and decides at run time."""
+    if statically_known_true(_recomputes(q, k)):
         heads = q.shape[1]
+        k, v, v_old = (repeat_kv_heads(t, heads) for t in (k, v, v_old))
         attn_mask = attn_mask if queried is None else _mask_slice(attn_mask, -2, queried)
         # Out of place: this code is traced, and the tracer would have to functionalize every in-place op.
-        return _attention_with_stats(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), attn_mask, scale,
-                                     in_place=False, softcap=softcap)
+        if mode == "exact":
+            return _attention_with_stats(q, k, v, attn_mask, scale, in_place=False, softcap=softcap)
+        salient_q = salient_in if queried is None else salient_in.index_select(1, queried)
+        return _paper_dense(q, k, v, v_old, c_old, salient_q, attn_mask, scale, softcap)
     return torch.ops.dyllm.cached_attention.default(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in,
                                                     attn_mask, scale, mode, recompute_share, queried, softcap,
                                                     mask_old)
+
+
+def _paper_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor, c_old: torch.Tensor,
+                 salient_q: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float, softcap: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paper mode with static shapes, for tracing: every row's weights ``p`` times ``[v, v - v_old]`` in one
+    product, salient rows taking the first half (exact attention) and the others ``c_old`` plus the second (the
+    value change). ``v - v_old`` is zero outside the changed columns (the op's contract), so the product over every
+    column is the reference's sum over the changed ones, without a data-dependent gather. Its cost is the scores
+    and a product of width 2D for every row, what recomputing costs: only for small problems."""
+    p, m, l = _exp_scores(q, k, attn_mask, scale, in_place=False, softcap=softcap)
+    d = v.shape[-1]
+    both = torch.matmul(p, torch.cat([v.float(), v.float() - v_old.float()], dim=-1)) / l[..., None]
+    c = torch.where(salient_q[:, None, :, None], both[..., :d], c_old.float() + both[..., d:])
+    return _no_key_rows(c, m, l, q.dtype, in_place=False)
 
 
 def default_scale(head_dim: int) -> float:

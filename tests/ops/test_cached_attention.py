@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dyllm_compile.ops import cached_attention, cached_attention_reference
+from dyllm_compile.ops.cached_attention import MODES as ATTENTION_MODES
 
 _op_module = importlib.import_module("dyllm_compile.ops.cached_attention")
 
@@ -297,28 +298,31 @@ def _calls_op(gm) -> bool:
     return any(n.target is torch.ops.dyllm.cached_attention.default for n in gm.graph.nodes)
 
 
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("queried", [None, [0, 2, 3, 5, 9, 12]])
-def test_graphs_trace_plain_ops_where_exact_mode_recomputes(rep, mask_kind, queried):
-    """Small exact-mode problems: the traced graph holds plain ops (no op call left) with the op's results:
-    context, row max and denominator, GQA, masks and a queried-row subset included."""
+def test_graphs_trace_plain_ops_for_small_problems(mode, rep, mask_kind, queried):
+    """Small problems in either mode: the traced graph holds plain ops (no op call left) with the op's results:
+    context, row max and denominator, GQA, masks (rows no key sees included) and a queried-row subset included.
+    Salient rows are some in one element, none in another and every row in the third."""
     t = _step((3, 4, 13, 8), rep, mask_kind, "some")
+    t["salient"][1], t["salient"][2] = False, True
     index = None if queried is None else torch.tensor(queried)
     rows = (lambda x: x) if index is None else (lambda x: x.index_select(2, index))  # noqa: E731
     args = (rows(t["q1"]), t["k1"], t["v1"], t["k0"], t["v0"], rows(t["c0"]), rows(t["m0"]), rows(t["l0"]),
             t["salient"], t["mask"])
-    tail = (t["d"] ** -0.5, "exact", 0.5, index)
+    tail = (t["d"] ** -0.5, mode, 0.5, index)
     gm, got = _traced(args, tail)
     assert not _calls_op(gm)
     for g, want in zip(got, cached_attention(*args, *tail)):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,route", [("paper", None), ("exact", "incremental")])
-def test_graphs_call_the_op_elsewhere(mode, route, monkeypatch):
-    """Paper mode, and exact mode where the problem is too large to recompute: the graph calls the op."""
-    _force_route(monkeypatch, route)
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+def test_graphs_call_the_op_elsewhere(mode, monkeypatch):
+    """Where the problem is too large for plain ops (``RECOMPUTE_WORK``), either mode's graph calls the op."""
+    _force_route(monkeypatch, "incremental")
     t = _step((1, 4, 13, 8), 1, None, "some")
     args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], t["mask"])
     tail = (t["d"] ** -0.5, mode, 0.5)

@@ -119,14 +119,20 @@ def reference_workload(batch: int, prompt_length: int = 64, gen_length: int = 19
 FULL_SIZE_TOKENS = 1150
 
 
-def host_workload(batch: int, layers: Optional[int] = None, **_) -> Workload:
-    """Launch-bound steps on the CPU: LLaDA-8B's 32 layers (or ``layers``) at width 32 and 64 tokens, so that a
-    step's time is the host's (Python, dispatch, kernel calls) rather than arithmetic, as at batch 1 on a GPU, where
-    the arithmetic shrinks by two orders of magnitude and the host's work per layer does not."""
+def host_workload(batch: int, layers: Optional[int] = None, prompt_length: Optional[int] = None, **_) -> Workload:
+    """Launch-bound steps on the CPU: LLaDA-8B's 32 layers (or ``layers``) at width 32, a 32-token prompt (or
+    ``prompt_length``) and 32 generated tokens, so that a step's time is the host's (Python, dispatch, kernel
+    calls) rather than arithmetic, as at batch 1 on a GPU, where the arithmetic shrinks by two orders of magnitude
+    and the host's work per layer does not. At 64 tokens both attention modes trace their attention into the
+    compiled code (``RECOMPUTE_WORK``); from about 730 tokens on they call ``dyllm::cached_attention``, as at
+    LLaDA-8B's sizes (on a GPU the arithmetic of 1024 tokens at this width is still negligible)."""
     layers = LLADA_8B["n_layers"] if layers is None else layers
-    model = llada_like("tiny", n_layers=layers, d_model=32, n_heads=2, d_ffn=64, vocab_size=64, mask_token_id=63)
-    prompts = torch.randint(1, 63, (batch, 32), generator=torch.Generator().manual_seed(0))
-    return Workload(f"host-bound: llada-like {layers}L d32", model, prompts, 32, 32, 32, "random")
+    name = f"host-bound: llada-like {layers}L d32" + ("" if prompt_length is None else f", {prompt_length + 32} tokens")
+    prompt_length = 32 if prompt_length is None else prompt_length
+    model = llada_like("tiny", n_layers=layers, d_model=32, n_heads=2, d_ffn=64, vocab_size=64, mask_token_id=63,
+                       max_seq_len=max(512, prompt_length + 32))
+    prompts = torch.randint(1, 63, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
+    return Workload(name, model, prompts, 32, 32, 32, "random")
 
 
 def full_size_workload(arch: str, batch: int, device: str, dtype: torch.dtype, checkpoint: Optional[str],
@@ -523,7 +529,7 @@ def make_workload(name: str, batch: int, args, device: str, dtype: torch.dtype) 
         return reference_workload(batch, attention=args.attention, ffn=args.ffn,
                                   hyper_connections=args.hyper_connections)
     if name == "host":
-        return host_workload(batch, args.layers)
+        return host_workload(batch, args.layers, args.prompt_length)
     if name == "tiny":
         model = llada_like("tiny")
         prompts = torch.randint(1, 127, (batch, 8), generator=torch.Generator().manual_seed(0))
@@ -545,7 +551,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "--model host: its layer count (default LLaDA-8B's 32)")
     parser.add_argument("--prompt-length", type=int, default=None,
                         help=f"--model llada/dream: prompt tokens (default {FULL_SIZE_TOKENS} in all with the 256 "
-                             "generated)")
+                             "generated); --model host: default 32, with 32 generated")
     parser.add_argument("--attention", choices=tuple(ATTENTION_FORMS), default="sdpa",
                         help="--model reference: attention as one SDPA call, written by hand (softmax(q k^T) v), "
                              "written by hand with a learned sink logit per head (GPT-OSS's form) or with Gemma-2's "
@@ -600,8 +606,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.hyper_connections and (args.hyper_connections < 0 or args.preset is not None
                                    or args.model != "reference"):
         parser.error("--hyper-connections takes a positive count and applies to --model reference")
-    if args.prompt_length is not None and (args.prompt_length < 1 or not full_size):
-        parser.error("--prompt-length takes a positive count and applies to --model llada/dream or --preset gpu")
+    if args.prompt_length is not None and (args.prompt_length < 1 or not (full_size or args.model == "host")):
+        parser.error("--prompt-length takes a positive count and applies to --model llada/dream/host or --preset gpu")
     return args
 
 

@@ -149,11 +149,16 @@ def test_layers_applies_to_random_full_size_weights_only(bench, argv, capsys):
 
 
 def test_host_workload_is_many_layers_at_a_tiny_width_and_bk_sizes_rows_by_buckets(bench, monkeypatch):
+    """32 layers of width 32 unless told (layers, prompt length); -bk sets the row-count route, no other mode does."""
     work = bench.make_workload("host", 2, bench.parse_args(["--model", "host"]), "cpu", torch.float32)
     assert (work.model.cfg.n_layers, work.model.cfg.d_model, work.prompts.shape) == (32, 32, (2, 32))
     args = bench.parse_args(["--model", "host", "--layers", "3"])
     work = bench.make_workload("host", 1, args, "cpu", torch.float32)
     assert work.model.cfg.n_layers == 3 and work.name == "host-bound: llada-like 3L d32"
+    args = bench.parse_args(["--model", "host", "--layers", "2", "--prompt-length", "992"])
+    work = bench.make_workload("host", 1, args, "cpu", torch.float32)
+    assert work.prompts.shape == (1, 992) and work.name == "host-bound: llada-like 2L d32, 1024 tokens"
+    assert work.model.cfg.max_seq_len >= 1024
     monkeypatch.setattr(bench.torch, "compile", lambda model, backend=None, options=None: options)
     assert bench.build("dyllm-exact-bk", work.model, args)["row_counts"] == "buckets"
     assert "row_counts" not in bench.build("dyllm-exact", work.model, args)

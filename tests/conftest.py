@@ -67,8 +67,9 @@ def seeded():
 @pytest.fixture
 def incremental_attention(monkeypatch):
     """``dyllm::cached_attention`` called at every cached site and, in exact mode, on its incremental update: neither
-    the small-problem route (``RECOMPUTE_WORK``, which traces dense attention into the graph) nor the per-element
-    recompute where many columns changed (``UPDATE_COST``) is taken, whatever the sizes and salient sets."""
+    the small-problem route (``RECOMPUTE_WORK``, which traces either mode's attention into the graph) nor the
+    per-element recompute where many columns changed (``UPDATE_COST``) is taken, whatever the sizes and salient
+    sets."""
     op = importlib.import_module("dyllm_compile.ops.cached_attention")
     monkeypatch.setattr(op, "RECOMPUTE_WORK", 0)
     monkeypatch.setattr(op, "UPDATE_COST", 0)

@@ -164,7 +164,7 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 @pytest.mark.parametrize("mode", ["paper", "exact"])
 @pytest.mark.parametrize("query_pruning_period", [0, 4])
 def test_the_ops_incremental_route_matches_oracle(device, mode, query_pruning_period, incremental_attention):
-    """Every site calls dyllm::cached_attention (exact mode's small-problem route, which traces dense attention
+    """Every site calls dyllm::cached_attention (the small-problem route, which traces either mode's attention
     into the graph instead, is off), so the op's CPU reference and, on CUDA, its Triton kernels run under the
     lowering (aot_eager on CPU, Inductor on CUDA) against the oracle, with and without query pruning."""
     options = {"attention_mode": mode, "query_pruning_period": query_pruning_period, "mask_token_id": MASK}

@@ -333,10 +333,10 @@ def test_graphs_call_the_op_elsewhere(mode, monkeypatch):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("route", ["recompute", "incremental"])
-def test_inductor_fuses_the_attention_only_where_exact_mode_recomputes(route, monkeypatch):
-    """Through dyllm's lowering, Inductor's generated code calls the op only when exact mode would not recompute
-    every row; either way the results are the op's."""
+@pytest.mark.parametrize("mode,route", [("exact", "recompute"), ("exact", "incremental"), ("paper", "recompute")])
+def test_inductor_fuses_the_attention_of_small_problems(mode, route, monkeypatch):
+    """Through dyllm's lowering, Inductor's generated code calls the op only where the problem is too large for
+    plain ops (``RECOMPUTE_WORK``, "incremental" here); either way, in either mode, the results are the op's."""
     from torch._inductor.utils import run_and_get_code
 
     from dyllm_compile.lowering import lower
@@ -346,13 +346,13 @@ def test_inductor_fuses_the_attention_only_where_exact_mode_recomputes(route, mo
     args = (t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"], t["salient"], t["mask"])
 
     def fn(*a):
-        c, m, l = _op_module.cached_attention_or_dense(*a, t["d"] ** -0.5, "exact", 0.5)
+        c, m, l = _op_module.cached_attention_or_dense(*a, t["d"] ** -0.5, mode, 0.5)
         return c * 2, m, l
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=lambda gm, inputs: lower(gm, inputs, "inductor"), fullgraph=True)
     got, (code,) = run_and_get_code(compiled, *args)
     assert ("torch.ops.dyllm.cached_attention.default(" in code) == (route == "incremental")
-    expected = cached_attention(*args, t["d"] ** -0.5, "exact", 0.5)
+    expected = cached_attention(*args, t["d"] ** -0.5, mode, 0.5)
     torch.testing.assert_close(got[0], expected[0] * 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)

@@ -354,13 +354,13 @@ def cached_attention_or_dense(q, k, v, k_old, v_old, c_old, m_old, l_old, salien
     sequence length), the op stays and decides at run time."""
     if statically_known_true(_recomputes(q, k)):
         heads = q.shape[1]
-        k, v, v_old = (repeat_kv_heads(t, heads) for t in (k, v, v_old))
+        k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
         attn_mask = attn_mask if queried is None else _mask_slice(attn_mask, -2, queried)
         # Out of place: this code is traced, and the tracer would have to functionalize every in-place op.
         if mode == "exact":
             return _attention_with_stats(q, k, v, attn_mask, scale, in_place=False, softcap=softcap)
         salient_q = salient_in if queried is None else salient_in.index_select(1, queried)
-        return _paper_dense(q, k, v, v_old, c_old, salient_q, attn_mask, scale, softcap)
+        return _paper_dense(q, k, v, repeat_kv_heads(v_old, heads), c_old, salient_q, attn_mask, scale, softcap)
     return torch.ops.dyllm.cached_attention.default(q, k, v, k_old, v_old, c_old, m_old, l_old, salient_in,
                                                     attn_mask, scale, mode, recompute_share, queried, softcap,
                                                     mask_old)

@@ -62,7 +62,10 @@ def _salient(kind, b, n, gen):
         s = torch.zeros(b, n, dtype=torch.bool)
         s[:, 5] = True
         return s
-    return torch.rand(b, n, generator=gen) < 0.3
+    s = torch.rand(b, n, generator=gen) < 0.3
+    if kind == "mixed":  # batch elements with some, none and every row salient, in turn
+        s[1::3], s[2::3] = False, True
+    return s
 
 
 def _dense(q, k, v, mask):
@@ -302,12 +305,13 @@ def _calls_op(gm) -> bool:
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("queried", [None, [0, 2, 3, 5, 9, 12]])
-def test_graphs_trace_plain_ops_for_small_problems(mode, rep, mask_kind, queried):
+@pytest.mark.parametrize("salient_kind", ["some", "mixed"])
+def test_graphs_trace_plain_ops_for_small_problems(mode, rep, mask_kind, queried, salient_kind):
     """Small problems in either mode: the traced graph holds plain ops (no op call left) with the op's results:
     context, row max and denominator, GQA, masks (rows no key sees included) and a queried-row subset included.
-    Salient rows are some in one element, none in another and every row in the third."""
-    t = _step((3, 4, 13, 8), rep, mask_kind, "some")
-    t["salient"][1], t["salient"][2] = False, True
+    Salient rows: some in each element (their union not every row, so paper mode's sum over every column stands for
+    the op's over the changed ones), or some, none and every row in the three elements."""
+    t = _step((3, 4, 13, 8), rep, mask_kind, salient_kind)
     index = None if queried is None else torch.tensor(queried)
     rows = (lambda x: x) if index is None else (lambda x: x.index_select(2, index))  # noqa: E731
     args = (rows(t["q1"]), t["k1"], t["v1"], t["k0"], t["v0"], rows(t["c0"]), rows(t["m0"]), rows(t["l0"]),

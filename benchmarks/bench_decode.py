@@ -595,8 +595,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     full_size = args.preset == "gpu" or (args.preset is None and args.model in ("llada", "dream"))
+    sized = full_size or args.model == "host"  # the workloads whose layers and prompt length are options
     if args.layers is not None:
-        if args.layers < 1 or args.checkpoint or not (full_size or args.model == "host"):
+        if args.layers < 1 or args.checkpoint or not sized:
             parser.error("--layers takes a positive count and applies to random weights of the full-size shapes "
                          "(--model llada/dream or --preset gpu, without --checkpoint) and to --model host")
     if args.attention != "sdpa" and (args.preset is not None or args.model != "reference"):
@@ -606,7 +607,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.hyper_connections and (args.hyper_connections < 0 or args.preset is not None
                                    or args.model != "reference"):
         parser.error("--hyper-connections takes a positive count and applies to --model reference")
-    if args.prompt_length is not None and (args.prompt_length < 1 or not (full_size or args.model == "host")):
+    if args.prompt_length is not None and (args.prompt_length < 1 or not sized):
         parser.error("--prompt-length takes a positive count and applies to --model llada/dream/host or --preset gpu")
     return args
 

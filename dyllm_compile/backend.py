@@ -17,7 +17,7 @@ from torch import fx
 
 from .config import DISABLE_ENV, DyllmConfig, disabled_by_env
 from .explain import Report
-from .lowering import lower, without_cuda_graphs
+from .lowering import has_cuda_graphs, lower, variant_options
 from .passes.analysis import analyze
 from .passes.graph_edit import copy_graph, drop_unbacked_bindings
 from .passes.rewrite import build_dense, scalar_inputs
@@ -61,12 +61,10 @@ def dyllm_backend(
         return lower(gm, example_inputs, config.lowering, mode)
     if plan.reasons:
         log.warning("dyllm: graph %s: parts stay dense: %s", graph_id, "; ".join(plan.reasons))
-    variants = without_cuda_graphs(mode)
-    if variants is not None:
+    if has_cuda_graphs(mode):
         log.warning("dyllm: graph %s: mode=%r's CUDA graphs are off for the rewritten graph (a replay would "
                     "overwrite the caches kept between calls); the mode's other options apply", graph_id, mode)
-    else:
-        variants = mode
+    variants = variant_options(mode)
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     # Dense calls run through the sparse variant with every row salient where row counts are unbacked (one compile
     # instead of two), and where the graph reads a float input with .item() (transformers 5's attention scale with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -27,19 +28,39 @@ class Guarded:
         return self.guards.admits(sizes)
 
 
-def without_cuda_graphs(mode: Optional[str]) -> Optional[dict[str, Any]]:
-    """Inductor's options for torch.compile's ``mode``, CUDA graphs off (None where the mode has none to turn off).
+def has_cuda_graphs(mode: Optional[str]) -> bool:
+    """Whether torch.compile's ``mode`` turns Inductor's CUDA graphs on."""
+    from torch._inductor import list_mode_options
 
-    The rewritten graphs' caches are outputs that the runtime keeps and passes back into the next call; a CUDA
+    return bool(mode) and bool(list_mode_options(mode).get("triton.cudagraphs"))
+
+
+# Inductor's checks of the compiled code's inputs and of its fallback kernels' outputs (``assert_size_stride``,
+# ``assert_alignment``), which an explicit TORCHINDUCTOR_SIZE_ASSERTS=1 / TORCHINDUCTOR_ALIGNMENT_ASSERTS=1 keeps.
+_ASSERTS = {"size_asserts": "TORCHINDUCTOR_SIZE_ASSERTS", "alignment_asserts": "TORCHINDUCTOR_ALIGNMENT_ASSERTS"}
+
+
+def variant_options(mode: Optional[str]) -> dict[str, Any]:
+    """Inductor's options for the rewritten graph's variants: those of torch.compile's ``mode``, with CUDA graphs
+    and the compiled code's input layout checks off.
+
+    CUDA graphs: the variants' caches are outputs that the runtime keeps and passes back into the next call; a CUDA
     graph replay writes its outputs into memory its graph owns, the memory of the last replay's outputs: under
     Inductor's CUDA graphs a sequence's caches would be written over by its next call (not verified on a GPU:
-    turned off rather than trusted)."""
+    turned off rather than trusted).
+
+    Layout checks: a variant's inputs get their layouts checked where they can vary, before the compiled code runs:
+    the model's inputs and weights by Dynamo's guards, the caches and the runtime's own inputs by the runtime
+    (stored contiguous, made alike every call), an earlier piece's outputs by the piece wrapper
+    (:mod:`dyllm_compile.piecewise`). Inductor's own assertions check them again at every call, about twenty per
+    layer of a sparse variant: 0.4 ms of a 7.5 ms step of 32 layers whose time is the host's on the CPU
+    (docs/benchmarks.md, "Host-bound steps"); vLLM compiles its graphs without them too."""
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(mode)) if mode else {}
-    if not patches.get("triton.cudagraphs"):
-        return None
-    patches["triton.cudagraphs"] = False
+    if patches.get("triton.cudagraphs"):
+        patches["triton.cudagraphs"] = False
+    patches.update({option: False for option, env in _ASSERTS.items() if os.environ.get(env) != "1"})
     return patches
 
 
@@ -53,7 +74,7 @@ def lower(
     symbolic_inputs: Sequence[int] = (),
 ) -> Callable:
     """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode, or Inductor's options
-    (:func:`without_cuda_graphs`).
+    (:func:`variant_options`).
 
     ``piecewise``: where ``gm`` marks layer cuts and a layer repeats, compile it piece by piece, each distinct
     piece once (:mod:`dyllm_compile.piecewise`); otherwise, and always for the eager lowering, whole.

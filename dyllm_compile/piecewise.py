@@ -36,6 +36,7 @@ import sympy
 import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
+from torch._prims_common import is_contiguous_or_false
 from torch.fx.passes.split_module import split_module
 
 from .passes.layer_cuts import PIECE_END
@@ -49,31 +50,57 @@ CompilePiece = Callable[[fx.GraphModule, list], Callable]
 class _Compiled(torch.nn.Module):
     """A compiled piece in the split module's place of the piece's graph.
 
-    ``contiguous``: the positions of the inputs it was compiled for contiguous (from static example layouts). An
-    earlier piece's output can come back from Inductor in another layout than its fake one (measured on torch 2.11:
-    at batch 1 a dense hand-written site's context as [B, N, H, D] memory viewed as [B, H, N, D]), which the
-    compiled code's stride assertion rejects: such an input is copied contiguous, logged once."""
+    ``layouts``: the positions of the inputs an earlier piece computed, each with the strides it was compiled for
+    (None: a symbolic layout, compiled contiguous). An earlier piece's output can come back from Inductor in
+    another layout than its fake one (measured on torch 2.11: at batch 1 a dense hand-written site's context as
+    [B, N, H, D] memory viewed as [B, H, N, D]), and the compiled code does not check its inputs (the variants are
+    compiled without Inductor's size assertions, :func:`dyllm_compile.lowering.variant_options`): such an input
+    is copied into the layout the piece was compiled for, logged once."""
 
-    def __init__(self, fn: Callable, contiguous: Sequence[int] = ()) -> None:
+    def __init__(self, fn: Callable, layouts: Sequence[tuple[int, Optional[tuple[int, ...]]]] = ()) -> None:
         super().__init__()
-        self.fn, self.contiguous, self.copied = fn, tuple(contiguous), False
+        self.fn, self.layouts, self.copied = fn, tuple(layouts), False
 
     def forward(self, *args: Any) -> Any:
-        if any(not args[i].is_contiguous() for i in self.contiguous):
+        if any(not _has_layout(args[i], stride) for i, stride in self.layouts):
             if not self.copied:
                 self.copied = True
                 log.info("dyllm: a piece's input came in another layout than it was compiled for: copied")
-            args = tuple(a.contiguous() if i in self.contiguous else a for i, a in enumerate(args))
+            args = list(args)
+            for i, stride in self.layouts:
+                if not _has_layout(args[i], stride):
+                    args[i] = _restrided(args[i], stride)
         return self.fn(*args)
 
 
-def _contiguous_inputs(call: fx.Node, args: Sequence[Any]) -> list[int]:
-    """Positions of the inputs of the piece ``call`` calls that an earlier piece computed (the graph's own inputs,
-    weights and caches, keep their layouts) and whose example ``args`` are contiguous, of static layout (asking a
-    symbolic one would add a guard)."""
-    return [i for i, (node, a) in enumerate(zip(call.args, args))
-            if isinstance(node, fx.Node) and node.op != "placeholder" and isinstance(a, torch.Tensor)
-            and not any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())) and a.is_contiguous()]
+def _has_layout(x: torch.Tensor, stride: Optional[tuple[int, ...]]) -> bool:
+    """``x`` has the strides ``stride`` (those of dims of size 1 aside, as Inductor's assertion reads them), or
+    with None is contiguous."""
+    if stride is None:
+        return x.is_contiguous()
+    return x.stride() == stride or all(s == t or n == 1 for n, s, t in zip(x.shape, x.stride(), stride))
+
+
+def _restrided(x: torch.Tensor, stride: Optional[tuple[int, ...]]) -> torch.Tensor:
+    if stride is None:
+        return x.contiguous()
+    return torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _input_layouts(call: fx.Node, args: Sequence[Any]) -> list[tuple[int, Optional[tuple[int, ...]]]]:
+    """Positions and compiled strides (:class:`_Compiled`) of the tensor inputs of the piece ``call`` calls that
+    an earlier piece computed (the graph's own inputs, weights and caches, have theirs checked before the graph
+    runs): the example ``args``' strides where they are static, else None where the example is contiguous
+    (decided without a guard); a symbolic layout that is not (none is made so) goes unchecked."""
+    layouts: list[tuple[int, Optional[tuple[int, ...]]]] = []
+    for i, (node, a) in enumerate(zip(call.args, args)):
+        if not isinstance(node, fx.Node) or node.op == "placeholder" or not isinstance(a, torch.Tensor):
+            continue
+        if not any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())):
+            layouts.append((i, tuple(a.stride())))
+        elif is_contiguous_or_false(a):
+            layouts.append((i, None))
+    return layouts
 
 
 class _Ref:
@@ -270,6 +297,6 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
             compiled[keys[target]] = compile_piece(split.get_submodule(target), args), args
         else:  # the guards of the first piece's compile hold for this piece's sizes too
             guards.alias(compiled[keys[target]][1], args)
-        setattr(split, target, _Compiled(compiled[keys[target]][0], _contiguous_inputs(calls[target], args)))
+        setattr(split, target, _Compiled(compiled[keys[target]][0], _input_layouts(calls[target], args)))
     log.info("dyllm: compiled %d pieces as %d distinct ones", len(keys), len(compiled))
     return split

@@ -410,6 +410,9 @@ class GraphRuntime:
         if cfg.threshold >= 1.0:  # every row salient, layer 0 included: the sparse variant computes densely
             changed = torch.ones_like(changed)
             rows = rows_per_element = n
+        # Contiguous, as every variant is compiled for it (a changed set read from an upstream graph's tag, or made
+        # from inputs of another layout, may not be): the compiled code does not check its inputs' layouts
+        changed = changed.contiguous()
         forced = None
         if cfg.force_salient is not None:
             # drawn on the CPU (the same rows on every device, as the oracle draws them), used where the rows are
@@ -614,7 +617,7 @@ class GraphRuntime:
         """The sparse variant's inputs after ``salient_in [B, N]``, in :func:`build_sparse`'s order: those this plan
         has (None: not an input), then ``dense_call [B, 1]``."""
         flag = torch.full((salient_in.shape[0], 1), dense, dtype=torch.bool, device=salient_in.device)
-        return [x for x in (forced, hint, queried) if x is not None] + [flag]
+        return [x.contiguous() for x in (forced, hint, queried) if x is not None] + [flag]
 
     def _selections(self, args: tuple, query_capacity: Optional[int]) -> tuple[int, int]:
         """How many row selections a sparse variant with capacity buckets makes for its gated regions: of the

@@ -5,7 +5,7 @@ import torch
 
 import dyllm_compile.backend as backend_mod
 from dyllm_compile.config import DyllmConfig, option_docs, option_names
-from dyllm_compile.lowering import without_cuda_graphs
+from dyllm_compile.lowering import lower, variant_options
 from dyllm_compile.models import llada_like
 
 
@@ -76,23 +76,48 @@ def test_lowering_option_is_honoured(monkeypatch):
     assert seen == ["aot_eager"]
 
 
-@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-def test_cuda_graphs_of_a_mode_are_off_for_the_rewritten_graph(monkeypatch, caplog, mode):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_rewritten_graph_gets_the_modes_options_without_cuda_graphs_or_input_assertions(monkeypatch, caplog, mode):
     """A mode with CUDA graphs would replay the variants into the memory of their last outputs, the caches a
-    sequence keeps: the rewritten graph's variants get the mode's options with CUDA graphs off, and a warning."""
+    sequence keeps: the rewritten graph's variants get the mode's options with CUDA graphs off, and a warning; and
+    without Inductor's input size and alignment assertions (their inputs' layouts are checked elsewhere)."""
     seen = []
 
     def fake_lower(gm, example_inputs, lowering, mode=None, **kwargs):
         seen.append(mode)
         return gm.forward
 
+    monkeypatch.delenv("TORCHINDUCTOR_SIZE_ASSERTS", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_ALIGNMENT_ASSERTS", raising=False)
     monkeypatch.setattr(backend_mod, "lower", fake_lower)
     torch._dynamo.reset()
     compiled = torch.compile(llada_like("tiny"), backend="dyllm", mode=mode)
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="dyllm_compile"):
         compiled(torch.randint(0, 100, (1, 12)))
-    cuda_graphs = mode != "max-autotune-no-cudagraphs"
-    assert seen and all(m == (without_cuda_graphs(mode) if cuda_graphs else mode) for m in seen)
-    if cuda_graphs:
-        assert seen[0]["triton.cudagraphs"] is False and bool(seen[0].get("max_autotune")) == (mode == "max-autotune")
+    cuda_graphs = mode in ("reduce-overhead", "max-autotune")
+    assert seen and all(m == variant_options(mode) for m in seen)
+    assert seen[0]["size_asserts"] is False and seen[0]["alignment_asserts"] is False
+    assert seen[0].get("triton.cudagraphs") in (None, False)
+    assert bool(seen[0].get("max_autotune")) == (mode in ("max-autotune", "max-autotune-no-cudagraphs"))
     assert ("CUDA graphs are off" in caplog.text) == cuda_graphs
+
+
+def test_explicit_environment_keeps_inductors_input_assertions(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_SIZE_ASSERTS", "1")
+    monkeypatch.delenv("TORCHINDUCTOR_ALIGNMENT_ASSERTS", raising=False)
+    assert "size_asserts" not in variant_options(None) and variant_options(None)["alignment_asserts"] is False
+
+
+@pytest.mark.inductor
+def test_variants_compile_without_input_assertions(monkeypatch):
+    """The options reach Inductor: code compiled with the variants' options checks no input's size or stride,
+    the same graph compiled with Inductor's defaults does."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.delenv("TORCHINDUCTOR_SIZE_ASSERTS", raising=False)
+    gm = torch.fx.symbolic_trace(lambda x, w: torch.relu(x @ w) + 1)
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    for options, checked in ((variant_options(None), False), ({}, True)):
+        out, code = run_and_get_code(lambda: lower(gm, [x, w], "inductor", options)(x, w))
+        torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, torch.relu(x @ w) + 1)
+        assert ("assert_size_stride(arg" in "".join(code)) == checked

@@ -360,3 +360,22 @@ def test_inductor_fuses_the_attention_of_small_problems(mode, route, monkeypatch
     expected = cached_attention(*args, t["d"] ** -0.5, mode, 0.5)
     torch.testing.assert_close(got[0], expected[0] * 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,route", MODE_ROUTES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("queried", [False, True])
+def test_fake_implementation_gives_the_real_layouts(mode, route, layout, queried, monkeypatch):
+    """Compiled code takes the op's results in the layouts its fake implementation gives, unchecked (the variants
+    are compiled without Inductor's size assertions): every implementation must return those, whatever the
+    layouts of its inputs (torch.library.opcheck compares shapes, strides and dtypes, and the schema)."""
+    _force_route(monkeypatch, route)
+    t = _step((2, 4, 13, 8), 2, "padding", "some")
+    inputs = [t["q1"], t["k1"], t["v1"], t["k0"], t["v0"], t["c0"], t["m0"], t["l0"]]
+    if layout == "strided":  # stored [B, N, H, D] (or [B, N, H]), viewed back
+        inputs = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs]
+    rows = torch.tensor([0, 3, 4, 9]) if queried else None
+    if rows is not None:
+        inputs = [x if i in (1, 2, 3, 4) else x.index_select(2, rows) for i, x in enumerate(inputs)]
+    torch.library.opcheck(cached_attention, (*inputs, t["salient"], t["mask"], t["d"] ** -0.5, mode, 0.5, rows),
+                          test_utils=("test_schema", "test_faketensor"))

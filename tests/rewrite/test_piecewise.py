@@ -132,6 +132,48 @@ def test_a_repeated_piece_is_run_once_on_fake_inputs(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def _transposed_layers(x, w1, w2, w3):
+    h = (x @ w1).t()
+    h = (h.t() @ w2).t()
+    h = (h.t() @ w3).t()
+    return h * 2
+
+
+def test_a_piece_gets_its_inputs_in_the_layouts_it_was_compiled_for(caplog):
+    """Before: layers that each return their product transposed (a view, strides (1, 8)). The compiled pieces
+    return theirs contiguous instead, as Inductor did once with a context (the fake run said otherwise), and the
+    compiled code does not check its inputs (no size assertions in the variants): each piece must still get the
+    strides it was compiled for, copied into them (logged once per piece), and the results equal the graph's."""
+    gm = _marked(_transposed_layers, {"t", "t_2", "t_4"})
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=gen)
+    ws = [torch.randn(8, 8, generator=gen) for _ in range(3)]
+    seen = []
+
+    def compile_piece(piece, inputs):
+        def run(*args):
+            seen.append([a.stride() for a in args])
+            return tuple(o.contiguous() for o in piece(*args))
+        return run
+
+    split = lower_piecewise(gm, [x, *ws], compile_piece)
+    assert split is not None
+    with caplog.at_level(logging.INFO, logger="dyllm_compile"):
+        torch.testing.assert_close(split(x, *ws), _transposed_layers(x, *ws), rtol=0, atol=0)
+    assert [strides[0] for strides in seen] == [(8, 1), (1, 8), (1, 8), (1, 8)]
+    assert caplog.text.count("came in another layout") == 3
+
+
+def test_a_layout_differing_only_in_dims_of_size_one_is_the_same():
+    """As Inductor's assertion reads strides: those of dims of size 1 do not matter (no copy for them); any other
+    differing stride does, and no expected strides means contiguous."""
+    assert piecewise._has_layout(torch.empty(1, 4), (99, 1))
+    assert not piecewise._has_layout(torch.empty(4, 2).t(), (4, 1))
+    assert piecewise._has_layout(torch.empty(2, 4), None) and not piecewise._has_layout(torch.empty(4, 2).t(), None)
+    restrided = piecewise._restrided(torch.arange(8.0).view(2, 4), (1, 2))
+    assert restrided.stride() == (1, 2) and torch.equal(restrided, torch.arange(8.0).view(2, 4))
+
+
 def test_layout_key_with_the_same_symbols_tells_sizes_of_one_form_apart():
     """Two inputs whose sizes are different symbols of the same form share a compiled piece (``layout_key``), but
     only the very same sizes let a piece's fake run stand for another's (``same_symbols``)."""

@@ -52,11 +52,12 @@ from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runti
 # piecewise lowering existed), -ps a capacity bucket per row selection (row_capacity="per_selection"; capacity
 # buckets only, the GPU's route), -st a variant compiled per capacity bucket (symbolic_capacities=False, as
 # before symbolic capacities; buckets only), -bk rows sized by capacity buckets on any device (row_counts="buckets":
-# the GPU's route, timed on the CPU). exact is the library default (docs/rewrite.md).
+# the GPU's route, timed on the CPU), -pl1 one layer to a compiled piece (piece_layers=1, as before layers were
+# grouped). exact is the library default (docs/rewrite.md).
 MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
          "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg",
          "dyllm-exact-ps", "dyllm-exact-qp-ps", "dyllm-exact-st", "dyllm-exact-qp-st", "dyllm-exact-ps-st",
-         "dyllm-exact-qp-ps-st", "dyllm-exact-bk")
+         "dyllm-exact-qp-ps-st", "dyllm-exact-bk", "dyllm-exact-pl1", "dyllm-paper-pl1", "dyllm-exact-bk-pl1")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -200,6 +201,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
         options["symbolic_capacities"] = False
     if "bk" in flags:
         options["row_counts"] = "buckets"
+    if "pl1" in flags:
+        options["piece_layers"] = 1
     return torch.compile(model, backend="dyllm", options=options)
 
 

@@ -72,9 +72,11 @@ def dyllm_backend(
     # guards on it
     dense_fn = None
     if config.shadow or not (unbacked_rows(config, device) or scalar_inputs(plan)):
-        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, variants, piecewise=config.piecewise)
+        dense_fn = lower(build_dense(plan), example_inputs, config.lowering, variants, piecewise=config.piecewise,
+                         piece_layers=config.piece_layers)
     return GraphRuntime(plan, dense_fn, functools.partial(lower, lowering=config.lowering, mode=variants,
-                                                          piecewise=config.piecewise), graph_id,
+                                                          piecewise=config.piecewise,
+                                                          piece_layers=config.piece_layers), graph_id,
                         functools.partial(_unrewritten, gm, config.lowering, mode))
 
 

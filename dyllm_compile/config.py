@@ -145,11 +145,19 @@ class DyllmConfig:
     )
     piecewise: bool = _knob(
         True,
-        "Lower the rewritten graph one layer at a time, each distinct layer once (layers with the same code and "
-        "shapes share one compiled function; torch.fx split_module at the residual stream between layers): "
-        "compile time near one layer's instead of every layer's. False lowers the whole graph at once (fusion "
+        "Lower the rewritten graph a few layers at a time (piece_layers), each distinct piece once (pieces with the "
+        "same code and shapes share one compiled function; torch.fx split_module at the residual stream between "
+        "layers): compile time near one piece's instead of every layer's. False lowers the whole graph at once (fusion "
         "across layer boundaries). Not with the eager lowering.",
         choices=(False, True),
+    )
+    piece_layers: Optional[int] = _knob(
+        None,
+        "With piecewise lowering, how many consecutive layers go to one compiled piece. None: about an eighth of "
+        "the layers where they divide so (a deep model's pieces of a few layers: fewer piece calls for the host, "
+        "one short piece compiled; a model of under 16 layers keeps one layer to a piece). 1: one layer each "
+        "(the least compile time).",
+        kind=int, low=1, optional=True,
     )
     mask_token_id: Optional[int] = _knob(
         None, "Id of the mask token. None: inferred as the id that changed rows held (with token_changes='unmask', "

@@ -72,12 +72,15 @@ def lower(
     dynamic_output_shapes: bool = False,
     piecewise: bool = False,
     symbolic_inputs: Sequence[int] = (),
+    piece_layers: Optional[int] = None,
 ) -> Callable:
     """Compiles ``gm`` with the chosen lowering; ``mode`` is torch.compile's Inductor mode, or Inductor's options
     (:func:`variant_options`).
 
     ``piecewise``: where ``gm`` marks layer cuts and a layer repeats, compile it piece by piece, each distinct
-    piece once (:mod:`dyllm_compile.piecewise`); otherwise, and always for the eager lowering, whole.
+    piece once (:mod:`dyllm_compile.piecewise`), ``piece_layers`` layers to a piece (None: as many as
+    :func:`~dyllm_compile.piecewise.auto_layers_per_piece` says); otherwise, and always for the eager lowering,
+    whole.
 
     ``dynamic_output_shapes``: ``gm`` has ops whose output size depends on data (``nonzero``). Tracing them
     from real inputs raises DynamicOutputShapeException, so the lowering gets fake copies of the inputs whose
@@ -91,7 +94,7 @@ def lower(
         example_inputs = guards.inputs_of(example_inputs, symbolic_inputs)
     if piecewise and lowering != "eager":  # each piece gets fake inputs of its own, which allow such ops
         split = lower_piecewise(gm, example_inputs, lambda piece, inputs: _lower_whole(piece, inputs, lowering, mode),
-                                guards)
+                                guards, piece_layers)
         if split is not None:
             return split if guards is None else Guarded(split, guards)
     if dynamic_output_shapes and guards is None and lowering != "eager":

@@ -91,13 +91,15 @@ def _input_layouts(call: fx.Node, args: Sequence[Any]) -> list[tuple[int, Option
     """Positions and compiled strides (:class:`_Compiled`) of the tensor inputs of the piece ``call`` calls that
     an earlier piece computed (the graph's own inputs, weights and caches, have theirs checked before the graph
     runs): the example ``args``' strides where they are static, else None where the example is contiguous
-    (decided without a guard); a symbolic layout that is not (none is made so) goes unchecked."""
+    (decided without a guard); a symbolic layout that is not (none is made so) goes unchecked, and so does a
+    tensor of one element (a layer's row count), whose every layout is the same."""
     layouts: list[tuple[int, Optional[tuple[int, ...]]]] = []
     for i, (node, a) in enumerate(zip(call.args, args)):
         if not isinstance(node, fx.Node) or node.op == "placeholder" or not isinstance(a, torch.Tensor):
             continue
         if not any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())):
-            layouts.append((i, tuple(a.stride())))
+            if any(n > 1 for n in a.shape):  # (one element, a row count: any strides are its layout)
+                layouts.append((i, tuple(a.stride())))
         elif is_contiguous_or_false(a):
             layouts.append((i, None))
     return layouts
@@ -113,23 +115,48 @@ class _Ref:
         return f"%{self.index}"
 
 
-def split_pieces(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
+def split_pieces(gm: fx.GraphModule, layers_per_piece: int = 1) -> Optional[fx.GraphModule]:
     """``gm`` split after each node marked ``PIECE_END`` (None when nothing is marked): a module whose graph
-    calls ``submod_0``, ``submod_1``, ... in order, each returning a tuple."""
-    if not any(n.meta.get(PIECE_END) for n in gm.graph.nodes):
+    calls ``submod_0``, ``submod_1``, ... in order, each returning a tuple. ``layers_per_piece``: the pieces
+    between the first cut and the last (the layers) go ``layers_per_piece`` to a piece (the last one shorter where
+    that does not divide them); the piece before the first cut and the one after the last stay as they are."""
+    ends = [n for n in gm.graph.nodes if n.meta.get(PIECE_END)]
+    if not ends:
         return None
+    kept = {end for i, end in enumerate(ends) if i % layers_per_piece == 0 or i == len(ends) - 1}
     piece, pieces = 0, {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         pieces[node] = piece
-        piece += bool(node.meta.get(PIECE_END))
+        piece += node in kept
     split = _split_module(gm, pieces.__getitem__)
     for call in split.graph.nodes:
         if call.op == "call_module":
             _order_outputs(split.get_submodule(call.target), call)
     split.recompile()
     return split
+
+
+#: With layers grouped automatically, about how many pieces the layers make (:func:`auto_layers_per_piece`)
+LAYER_PIECES = 8
+
+
+def auto_layers_per_piece(layer_keys: Sequence[str]) -> int:
+    """How many layers go to a piece, given each layer piece's :func:`structure_key`: the most, up to an
+    (``LAYER_PIECES``)th of the layers and dividing their count, for which the distinct pieces to compile hold no
+    more layers in all than an (``LAYER_PIECES``)th of the layers or than the distinct layers. A piece call costs
+    the host more than a small layer's code, and the host is a GPU step's bottleneck at batch 1 (docs/rewrite.md,
+    "Piecewise lowering": on 32 small layers a sparse call took 8.5 ms as 32 one-layer pieces, 6.9 as 8 of four
+    layers, 5.3 as one graph), while compile time grows with the layers compiled. Alike layers of a deep model: a
+    few to a piece; a model of under 2 x ``LAYER_PIECES`` layers: one; a repeating pattern of layers
+    (sliding-window and global attention in turn): whole within a piece where the count allows."""
+    n = len(layer_keys)
+    budget = max(n // LAYER_PIECES, len(set(layer_keys)))
+    for k in range(n // LAYER_PIECES, 1, -1):
+        if n % k == 0 and len({tuple(layer_keys[i : i + k]) for i in range(0, n, k)}) * k <= budget:
+            return k
+    return 1
 
 
 # split_module's tuple_return (every piece returns a tuple, even of one value) arrived after torch 2.11
@@ -266,14 +293,21 @@ def _fresh(target: str, args: Sequence[Any], guards: SizeGuards) -> list:
 
 
 def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_piece: CompilePiece,
-                    guards: Optional[SizeGuards] = None) -> Optional[Callable]:
+                    guards: Optional[SizeGuards] = None, layers_per_piece: Optional[int] = None
+                    ) -> Optional[Callable]:
     """``gm`` compiled piece by piece from the layouts of ``example_args`` (real or fake), each distinct piece
     once with ``compile_piece(piece, example_inputs)``; None where splitting would gain nothing (no cuts, no piece
     repeated) or cannot work (a data-dependent size at a piece's input): then compile ``gm`` whole. Symbolic
-    sizes of ``example_args`` must be ``guards``' inputs: the pieces' ShapeEnvs join it."""
+    sizes of ``example_args`` must be ``guards``' inputs: the pieces' ShapeEnvs join it. ``layers_per_piece``:
+    layers to a piece (:func:`split_pieces`); None: :func:`auto_layers_per_piece`."""
     split = split_pieces(gm)
     if split is None:
         return None
+    if layers_per_piece is None:
+        layers = [split.get_submodule(n.target) for n in split.graph.nodes if n.op == "call_module"][1:-1]
+        layers_per_piece = auto_layers_per_piece([structure_key(p) for p in layers])
+    if layers_per_piece > 1:
+        split = split_pieces(gm, layers_per_piece)
     guards = SizeGuards() if guards is None else guards
     propagate = _Propagate(split, guards)
     try:
@@ -298,5 +332,6 @@ def lower_piecewise(gm: fx.GraphModule, example_args: Sequence[Any], compile_pie
         else:  # the guards of the first piece's compile hold for this piece's sizes too
             guards.alias(compiled[keys[target]][1], args)
         setattr(split, target, _Compiled(compiled[keys[target]][0], _input_layouts(calls[target], args)))
-    log.info("dyllm: compiled %d pieces as %d distinct ones", len(keys), len(compiled))
+    log.info("dyllm: compiled %d pieces (%d layers to a piece) as %d distinct ones", len(keys), layers_per_piece,
+             len(compiled))
     return split

@@ -9,11 +9,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from dyllm_compile import lowering, piecewise
+from dyllm_compile.models import llada_like
 from dyllm_compile.ops.cached_attention import cached_attention_or_dense
 from dyllm_compile.passes.layer_cuts import PIECE_END
 from dyllm_compile.passes.rewrite import build_dense, build_sparse
 from dyllm_compile.piecewise import layout_key, lower_piecewise, split_pieces, structure_key
 from dyllm_compile.runtime import rows
+import test_oracle
 from test_oracle import _run
 from test_policies import EsDllmRules
 from test_sparse_graph import _calls, _plan
@@ -174,6 +176,44 @@ def test_a_layout_differing_only_in_dims_of_size_one_is_the_same():
     assert restrided.stride() == (1, 2) and torch.equal(restrided, torch.arange(8.0).view(2, 4))
 
 
+def _seventeen_layers(x, w):
+    h = x
+    for _ in range(17):
+        h = h + torch.relu(h @ w)
+    return h * 2, h.sum()
+
+
+@pytest.mark.parametrize("layers_per_piece, pieces", [(1, 18), (None, 10), (4, 6), (6, 5)])
+def test_layers_go_several_to_a_piece(split_api, layers_per_piece, pieces):
+    """Before: seventeen residual ReLU layers, a cut after each, then the head. After: the first layer and the
+    head as pieces of their own, the sixteen between ``layers_per_piece`` to a piece (the last piece shorter where
+    that does not divide them; None: two, an eighth of them), alike pieces compiled once; the results equal the
+    graph's."""
+    gm = _marked(_seventeen_layers, {"add"} | {f"add_{i}" for i in range(1, 17)})
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 8, generator=gen), torch.randn(8, 8, generator=gen) / 8
+    compiled = []
+    split = lower_piecewise(gm, [x, w], _counting(compiled), layers_per_piece=layers_per_piece)
+    assert len(_pieces(split)) == pieces
+    per_piece = [sum(n.target is torch.relu for n in p.graph.nodes) for p in compiled]
+    group = layers_per_piece or 2
+    assert per_piece == ([1, 0] if group == 1 else [1, group, 0] if 16 % group == 0 else [1, group, 16 % group, 0])
+    for got, expected in zip(split(x, w), _seventeen_layers(x, w)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_automatic_layers_per_piece():
+    """About eight pieces of layers, their count dividing the layers', where the distinct pieces to compile hold
+    no more layers than an eighth of the model or its distinct layers: one layer each under 16 layers or for a
+    prime count; a pattern of alike layers kept whole within a piece."""
+    auto = piecewise.auto_layers_per_piece
+    assert [auto(["a"] * n) for n in (2, 4, 15, 16, 28, 31, 32, 80)] == [1, 1, 1, 2, 2, 1, 4, 10]
+    assert auto(["a", "b"] * 16) == 4  # one piece of abab, compiled once
+    assert auto(["a", "b", "c"] * 8) == 3  # abc: 24 layers, pieces of 3
+    assert auto(["b"] + ["a"] * 31) == 2  # ba and aa: 4 layers compiled (pieces of 4: ba aa and aaaa, 8)
+    assert auto((["a"] * 5 + ["b"]) * 5 + ["a"] * 4) == 2  # 34 layers, every sixth differs: aa and ab
+
+
 def test_layout_key_with_the_same_symbols_tells_sizes_of_one_form_apart():
     """Two inputs whose sizes are different symbols of the same form share a compiled piece (``layout_key``), but
     only the very same sizes let a piece's fake run stand for another's (``same_symbols``)."""
@@ -232,6 +272,19 @@ def test_piecewise_matches_oracle_and_compiles_one_layer(monkeypatch, split_api,
     assert lock.steps == 16 and 0 < torch.tensor(oracle.fractions).mean() < 1
     (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
     assert runtime.stats.sparse_compiles == 1 and len(seen) == (6 if buckets else 3)
+
+
+def test_layers_grouped_to_pieces_match_oracle(monkeypatch):
+    """Batch 3, a four-layer model with ``piece_layers=2``: the sparse variant compiled as the embedding, one piece
+    of two layers (with two attention sites) for both pairs, and the head; the model follows the oracle step by
+    step."""
+    seen = _whole_compiles(monkeypatch)
+    monkeypatch.setitem(test_oracle.MODELS, "llada, 4 layers", lambda: llada_like("tiny", init_std=0.2, n_layers=4))
+    lock, oracle = _run("llada, 4 layers", 3, {"piece_layers": 2}, dict(mode="exact"))
+    assert lock.steps == 16 and 0 < torch.tensor(oracle.fractions).mean() < 1
+    (runtime,) = [r for r in lock.runtimes if r.stats.sparse_calls]
+    assert runtime.stats.sparse_compiles == 1
+    assert [len(_calls(piece, cached_attention_or_dense)) for piece in seen] == [0, 2, 0]
 
 
 def test_layer_reading_policy_compiles_whole(monkeypatch):

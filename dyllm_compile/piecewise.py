@@ -1,9 +1,10 @@
-"""Piecewise lowering: a variant compiled one layer at a time, each distinct layer once.
+"""Piecewise lowering: a variant compiled a few layers at a time, each distinct piece once.
 
 A rewritten variant repeats one layer's code per layer (its weights and caches are inputs), and compiling it whole
 lowers every copy again: on a 2-core CPU, most of a 4-layer sparse variant's compile time. Here the graph is split
 at the layer cuts its builder marked (:mod:`dyllm_compile.passes.layer_cuts`) with ``torch.fx``'s
-``split_module``; fake inputs are propagated through the pieces (a piece that is the same code on the very same
+``split_module``, the layers of a deep model several to a piece (:func:`auto_layers_per_piece`: each piece call
+costs the host time); fake inputs are propagated through the pieces (a piece that is the same code on the very same
 input layouts as one before is not run again: it has that piece's outputs); pieces that are the same code on
 inputs of the same layouts are compiled once and share the compiled function. What runs is the split module:
 plain Python calling the compiled pieces in order (a few calls per step), as vLLM runs its piecewise graphs.

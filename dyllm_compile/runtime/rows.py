@@ -104,6 +104,14 @@ def select_rows_unbacked(salient: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return gather.clamp(max=n - 1), position, union.sum()
 
 
+# From torch 2.13 on, Inductor orders a pinned layout's symbolic strides with its ShapeEnv; the lowering of 2.11 and
+# 2.12 compares them as bare expressions and fails on the contiguous strides of an unbacked row count
+# ("cannot determine truth value of Relational: 16*Max(1, u2) < 16"), so there nothing is pinned: the same values,
+# the merge possibly reading the product where it is made (slower at batch 8, below). (Not only where the strides
+# are symbolic: code Dynamo traces, as benchmarks/bench_rows.py's, cannot tell them apart.)
+_PINS_ROWS = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+
+
 def place_rows(cache: torch.Tensor, fresh: torch.Tensor, position: torch.Tensor, salient: torch.Tensor,
                axis: int) -> torch.Tensor:
     """Out-of-place ``cache`` whose rows salient in ``salient [B, N]`` (along ``axis``) come from ``fresh``, the
@@ -116,7 +124,8 @@ def place_rows(cache: torch.Tensor, fresh: torch.Tensor, position: torch.Tensor,
     CPU, every gated product weight first) a decode took 9.7-10.8 s, 7.9-8.6 s with the pin; at batch 1 the same
     with and without (docs/rewrite.md, "Linear layers on gathered rows")."""
     fresh = fresh.contiguous()  # (a view into a larger buffer, as a fused projection's part, pinned as its copy)
-    fresh = torch.ops.prims.inductor_force_stride_order(fresh, fresh.stride())
+    if _PINS_ROWS:
+        fresh = torch.ops.prims.inductor_force_stride_order(fresh, fresh.stride())
     return merge_rows(salient, gather_rows(fresh, position, axis).to(cache.dtype), cache, axis)
 
 

@@ -93,7 +93,8 @@ def architectures_table(path: str) -> str:
     """docs/architectures.md's table: a row per architecture of ``scripts/check_hf_architectures.py --csv``."""
     rows = _rows(path)
     lines = [f"transformers {rows[0]['transformers']}, torch {rows[0]['torch']}, run {rows[0]['date']}: tiny random "
-             "models (2 layers, width 64), threshold 1, aot_eager lowering, a decode of 8 calls at batch 2.", "",
+             f"models (2 layers, width 64), threshold 1, {rows[0].get('lowering') or 'aot_eager'} lowering, a decode "
+             "of 8 calls at batch 2.", "",
              "| architecture | class | result | largest difference | tokens | FLOPs gated | what stays dense (first "
              "reason, of how many) |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -2,7 +2,8 @@
 
 Each architecture is built tiny (random weights, 2 layers, width 64, SDPA attention; a causal LM called with a full
 4-d mask as a diffusion LM runs its layers, and positions 0, 1, ... where its forward takes them), compiled with
-``backend="dyllm"`` at threshold 1 (``aot_eager`` lowering) and decoded with ``dyllm_compile.generate``; every
+``backend="dyllm"`` at threshold 1 (``aot_eager`` lowering, or ``--lowering inductor``: generated code, whose
+layout checks and input handling the fast lowering does not exercise) and decoded with ``dyllm_compile.generate``; every
 call's logits are compared with the eager model's (``torch.testing``'s fp32 tolerances; beyond them, dyllm's must be
 as close to a float64 copy of the model as eager's, within 2x: a model that amplifies rounding). Printed per
 architecture: the largest difference, whether the tokens equal the eager decode's, the sparse calls, any fallback to
@@ -92,8 +93,8 @@ def build(name: str, settings: dict[str, Any]) -> torch.nn.Module:
     return model_class(config).eval()
 
 
-def check(name: str, settings: dict[str, Any]) -> Result:
-    """``name`` built with the config fields ``settings``, compiled and decoded against eager."""
+def check(name: str, settings: dict[str, Any], lowering: str = "aot_eager") -> Result:
+    """``name`` built with the config fields ``settings``, compiled (``lowering``) and decoded against eager."""
     try:
         model = build(name, settings)
         forward = _forward(model)
@@ -104,7 +105,7 @@ def check(name: str, settings: dict[str, Any]) -> Result:
         return Result(name, "skipped", detail=f"the model fails eagerly: {type(err).__name__}: {str(err)[:120]}")
     torch._dynamo.reset()
     before = last_serial()
-    compiled = torch.compile(forward, backend="dyllm", options={"lowering": "aot_eager", "threshold": 1.0})
+    compiled = torch.compile(forward, backend="dyllm", options={"lowering": lowering, "threshold": 1.0})
     worst, close, calls = 0.0, True, []
 
     def compared(ids: torch.Tensor) -> torch.Tensor:
@@ -187,14 +188,17 @@ def _perturbed(forward: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Te
         return generate(noisy, prompt, mask_token_id=MASK, gen_length=16, steps=8)
 
 
-def parse(argv: list[str] | None = None) -> tuple[list[tuple[str, dict[str, Any]]], Optional[str]]:
-    """(NAME, its settings) for each architecture the command line (or an @FILE in it) names; the --csv path."""
+def parse(argv: list[str] | None = None) -> tuple[list[tuple[str, dict[str, Any]]], Optional[str], str]:
+    """(NAME, its settings) for each architecture the command line (or an @FILE in it) names; the --csv path; the
+    lowering."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      fromfile_prefix_chars="@")
     parser.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)
     parser.add_argument("names", nargs="+", metavar="NAME [KEY=VALUE ...]",
                         help="class prefix, or CONFIG:MODEL; then config fields to set")
     parser.add_argument("--csv", metavar="PATH", help="also write one row per architecture to PATH")
+    parser.add_argument("--lowering", choices=("aot_eager", "inductor"), default="aot_eager",
+                        help="how the rewritten graphs are lowered (default aot_eager: fast compiles)")
     args = parser.parse_args(argv)
     if "=" in args.names[0]:
         parser.error(f"'{args.names[0]}' sets a config field before any architecture is named")
@@ -208,25 +212,25 @@ def parse(argv: list[str] | None = None) -> tuple[list[tuple[str, dict[str, Any]
             architectures[-1][1][key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parser.error(f"'{item}': the value is not a Python literal")
-    return architectures, args.csv
+    return architectures, args.csv, args.lowering
 
 
 def main(argv: list[str] | None = None) -> int:
-    architectures, csv_path = parse(argv)
+    architectures, csv_path, lowering = parse(argv)
     logging.disable(logging.WARNING)  # the dense reasons are printed; Dynamo's and transformers' notes are not
     warnings.filterwarnings("ignore")
     results = []
     for name, settings in architectures:
-        results.append(check(name, settings))
+        results.append(check(name, settings, lowering))
         print(results[-1].line(), flush=True)
     if csv_path is not None:
-        _write_csv(csv_path, results)
+        _write_csv(csv_path, results, lowering)
     return 0 if all(r.status in ("equal", "skipped") for r in results) else 1
 
 
-def _write_csv(path: str, results: list[Result]) -> None:
-    """One row per architecture, with the versions and date of the run."""
-    versions = dict(transformers=transformers.__version__, torch=torch.__version__,
+def _write_csv(path: str, results: list[Result], lowering: str = "aot_eager") -> None:
+    """One row per architecture, with the versions, lowering and date of the run."""
+    versions = dict(transformers=transformers.__version__, torch=torch.__version__, lowering=lowering,
                     date=datetime.date.today().isoformat())
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*(x.name for x in fields(Result)), *versions])

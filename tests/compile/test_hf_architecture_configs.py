@@ -22,7 +22,7 @@ def _load(path: Path):
 
 
 check_hf_architectures = _load(ROOT / "scripts" / "check_hf_architectures.py")
-ARCHITECTURES, _ = check_hf_architectures.parse([f"@{ROOT / 'scripts' / 'hf_architectures.txt'}"])
+ARCHITECTURES, _, _ = check_hf_architectures.parse([f"@{ROOT / 'scripts' / 'hf_architectures.txt'}"])
 
 
 def test_the_file_names_every_architecture_once():
@@ -51,7 +51,26 @@ def test_a_run_s_csv_makes_the_docs_table(tmp_path):
     check_hf_architectures._write_csv(str(path), results)
     lines = _load(ROOT / "benchmarks" / "report.py").architectures_table(str(path)).splitlines()
     assert lines[0].startswith(f"transformers {transformers.__version__}, torch ")
+    assert "threshold 1, aot_eager lowering," in lines[0]
     assert lines[-2:] == [
         "| Llama | LlamaForCausalLM | equal | 1.8e-07 | equal | 88% | layer 1: ffn region computed densely (its "
         "output has no batch-first token axis; a / b) (2) |",
         "| Funnel | - | skipped | - | - | - | the model fails eagerly: NotImplementedError: block_sizes |"]
+
+
+def test_the_csv_names_the_lowering(tmp_path):
+    """A run with ``--lowering inductor`` says so in its rows and in the table made from them."""
+    path = tmp_path / "architectures.csv"
+    check_hf_architectures._write_csv(str(path), [check_hf_architectures.Result("Llama", "equal")], "inductor")
+    assert "threshold 1, inductor lowering," in _load(ROOT / "benchmarks" / "report.py").architectures_table(str(path))
+    assert check_hf_architectures.parse(["Llama", "--lowering", "inductor"])[2] == "inductor"
+
+
+def test_the_inductor_subset_copies_its_lines_from_the_full_list():
+    """scripts/hf_architectures_inductor.txt: every line as the full list has it (no config drifting apart)."""
+    def lines(name):
+        text = (ROOT / "scripts" / name).read_text().splitlines()
+        return [line for line in text if line.strip() and not line.startswith("#")]
+
+    subset = lines("hf_architectures_inductor.txt")
+    assert len(subset) >= 30 and set(subset) <= set(lines("hf_architectures.txt"))

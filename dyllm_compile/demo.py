@@ -121,7 +121,7 @@ SMALL_MODEL_NOTE = (
     "bookkeeping costs about what its skipped rows save, and a skipped row can flip a near-tie token; the speedup "
     "grows with the sequence and the model: `python -m dyllm_compile.demo --model llada --size small --batch 1 "
     "--prompt-length 128 --gen-length 128` (2.2x dense Inductor on a 2-core CPU), `python "
-    "benchmarks/bench_decode.py --model reference` (4.3-4.8x, docs/benchmarks.md)")
+    "benchmarks/bench_decode.py --model reference` (2.8-4.8x over its runs, docs/benchmarks.md)")
 
 
 def print_answers(problems: list[Problem], mode: ModeResult) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -11,6 +12,8 @@ from torch import fx
 
 from .piecewise import lower_piecewise
 from .size_guards import SizeGuards
+
+log = logging.getLogger("dyllm_compile")
 
 
 class Guarded:
@@ -40,9 +43,9 @@ def has_cuda_graphs(mode: Optional[str]) -> bool:
 _ASSERTS = {"size_asserts": "TORCHINDUCTOR_SIZE_ASSERTS", "alignment_asserts": "TORCHINDUCTOR_ALIGNMENT_ASSERTS"}
 
 
-def variant_options(mode: Optional[str]) -> dict[str, Any]:
+def variant_options(mode: Optional[str], cpp_wrapper: bool = False) -> dict[str, Any]:
     """Inductor's options for the rewritten graph's variants: those of torch.compile's ``mode``, with CUDA graphs
-    and the compiled code's input layout checks off.
+    and the compiled code's input layout checks off, and Inductor's C++ wrapper where ``cpp_wrapper``.
 
     CUDA graphs: the variants' caches are outputs that the runtime keeps and passes back into the next call; a CUDA
     graph replay writes its outputs into memory its graph owns, the memory of the last replay's outputs: under
@@ -61,6 +64,8 @@ def variant_options(mode: Optional[str]) -> dict[str, Any]:
     if patches.get("triton.cudagraphs"):
         patches["triton.cudagraphs"] = False
     patches.update({option: False for option, env in _ASSERTS.items() if os.environ.get(env) != "1"})
+    if cpp_wrapper:
+        patches["cpp_wrapper"] = True
     return patches
 
 
@@ -110,7 +115,14 @@ def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: st
         from torch._inductor.compile_fx import compile_fx
 
         patches = mode if isinstance(mode, dict) else list_mode_options(mode) if mode else {}
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        if not patches.get("cpp_wrapper"):
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        try:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        except Exception as err:  # a graph the C++ wrapper cannot take still compiles with the Python one
+            log.warning("dyllm: Inductor's C++ wrapper failed on a graph (%s: %s); compiling it with the Python "
+                        "wrapper", type(err).__name__, err)
+            return compile_fx(gm, example_inputs, config_patches={**patches, "cpp_wrapper": False})
     if lowering == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     if lowering == "eager":

@@ -96,7 +96,7 @@ def test_rewritten_graph_gets_the_modes_options_without_cuda_graphs_or_input_ass
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="dyllm_compile"):
         compiled(torch.randint(0, 100, (1, 12)))
     cuda_graphs = mode in ("reduce-overhead", "max-autotune")
-    assert seen and all(m == variant_options(mode) for m in seen)
+    assert seen and all(m == variant_options(mode, cpp_wrapper=True) for m in seen)  # on the CPU: C++ wrapper
     assert seen[0]["size_asserts"] is False and seen[0]["alignment_asserts"] is False
     assert seen[0].get("triton.cudagraphs") in (None, False)
     assert bool(seen[0].get("max_autotune")) == (mode in ("max-autotune", "max-autotune-no-cudagraphs"))
@@ -123,3 +123,53 @@ def test_variants_compile_without_input_assertions(monkeypatch):
         out, code = run_and_get_code(lambda: lower(gm, [x, w], "inductor", options)(x, w))
         torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, torch.relu(x @ w) + 1)
         assert bool(re.search(r"assert_size_stride(_grouped)?\(\(?arg", "".join(code))) == checked
+
+
+@pytest.mark.parametrize("wrapper, cpp", [("auto", True), ("cpp", True), ("python", False)])
+def test_wrapper_option_reaches_the_variants(monkeypatch, wrapper, cpp):
+    """On the CPU, ``auto`` compiles the variants with Inductor's C++ wrapper; ``python`` keeps Inductor's default.
+    The graph as Dynamo handed it over (the fallback) is not a variant: it keeps the user's options."""
+    seen = []
+
+    def fake_lower(gm, example_inputs, lowering, mode=None, **kwargs):
+        seen.append(mode)
+        return gm.forward
+
+    monkeypatch.setattr(backend_mod, "lower", fake_lower)
+    torch._dynamo.reset()
+    compiled = torch.compile(llada_like("tiny"), backend="dyllm", options={"wrapper": wrapper})
+    with torch.inference_mode():
+        compiled(torch.randint(0, 100, (1, 12)))
+    assert seen and all(bool(m.get("cpp_wrapper")) == cpp for m in seen)
+    assert "cpp_wrapper" not in variant_options(None)
+
+
+@pytest.mark.inductor
+def test_cpp_wrapper_compiles_and_a_graph_it_fails_on_gets_the_python_one(monkeypatch, caplog):
+    """The variants' options with ``cpp_wrapper`` reach Inductor (the generated code is C++ with its entry point,
+    no Python ``call``); where compiling with the C++ wrapper raises, the graph is compiled again with the Python
+    wrapper, with a warning naming the error, and computes the same."""
+    from torch._inductor import compile_fx as compile_fx_mod
+    from torch._inductor.utils import run_and_get_code
+
+    gm = torch.fx.symbolic_trace(lambda x, w: torch.relu(x @ w) + 1)
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    expected = torch.relu(x @ w) + 1
+    options = variant_options(None, cpp_wrapper=True)
+    out, code = run_and_get_code(lambda: lower(gm, [x, w], "inductor", options)(x, w))
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, expected)
+    assert "inductor_entry_impl" in "".join(code) and "def call(" not in "".join(code)
+
+    real = compile_fx_mod.compile_fx
+
+    def no_cpp_wrapper(gm, example_inputs, config_patches=None, **kwargs):
+        if (config_patches or {}).get("cpp_wrapper"):
+            raise RuntimeError("C++ wrapper unavailable here")
+        return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_mod, "compile_fx", no_cpp_wrapper)
+    with caplog.at_level(logging.WARNING, logger="dyllm_compile"):
+        out, code = run_and_get_code(lambda: lower(gm, [x, w], "inductor", options)(x, w))
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, expected)
+    assert "def call(" in "".join(code)
+    assert "C++ wrapper failed" in caplog.text and "C++ wrapper unavailable here" in caplog.text

@@ -53,14 +53,14 @@ from dyllm_compile.runtime.graph_runtime import RuntimeStats, last_serial, runti
 # buckets only, the GPU's route), -st a variant compiled per capacity bucket (symbolic_capacities=False, as
 # before symbolic capacities; buckets only), -bk rows sized by capacity buckets on any device (row_counts="buckets":
 # the GPU's route, timed on the CPU), -pl1 one layer to a compiled piece (piece_layers=1, as before layers were
-# grouped), -pw Inductor's Python wrapper around the generated kernels (wrapper="python", the CPU's before the C++
-# wrapper became its default). exact is the library default (docs/rewrite.md). inductor-cpp: dense Inductor with
-# its C++ wrapper (cpp_wrapper), what the wrapper alone gives a dense step (the targets' baseline is inductor).
+# grouped), -cw Inductor's C++ wrapper around the variants' generated kernels (wrapper="cpp"). exact is the library
+# default (docs/rewrite.md). inductor-cpp: dense Inductor with its C++ wrapper (cpp_wrapper), what the wrapper alone
+# gives a dense step (the targets' baseline is inductor, Inductor's defaults).
 MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp", "dyllm-exact-so",
          "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg",
          "dyllm-exact-ps", "dyllm-exact-qp-ps", "dyllm-exact-st", "dyllm-exact-qp-st", "dyllm-exact-ps-st",
          "dyllm-exact-qp-ps-st", "dyllm-exact-bk", "dyllm-exact-pl1", "dyllm-paper-pl1", "dyllm-exact-bk-pl1",
-         "dyllm-exact-pw", "dyllm-paper-pw", "inductor-cpp")
+         "dyllm-exact-cw", "dyllm-paper-cw", "dyllm-exact-bk-cw", "inductor-cpp")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -208,8 +208,8 @@ def build(mode: str, model: torch.nn.Module, args) -> Callable:
         options["row_counts"] = "buckets"
     if "pl1" in flags:
         options["piece_layers"] = 1
-    if "pw" in flags:
-        options["wrapper"] = "python"
+    if "cw" in flags:
+        options["wrapper"] = "cpp"
     return torch.compile(model, backend="dyllm", options=options)
 
 

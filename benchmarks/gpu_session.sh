@@ -95,9 +95,9 @@ if [ "$PART" != decode ]; then
         tests -p no:cacheprovider --continue-on-collection-errors --durations=15
     # A step's host time per layer on this machine (32 layers at width 32: launches, not arithmetic), dense against
     # sparse; at 1024 tokens both modes call the attention op at every layer, as at LLaDA-8B's sizes
-    # (docs/benchmarks.md, "Host-bound steps")
+    # (docs/benchmarks.md, "Host-bound steps"); -cw: the variants' kernels launched from Inductor's C++ wrapper
     stage "$(limit "$HOST_LIMIT")" "$OUT/gpu_host.log" "$PY" benchmarks/bench_decode.py --model host \
-        --prompt-length 992 --modes inductor,dyllm-exact,dyllm-paper --repeats 2 --warm-compile-cache \
+        --prompt-length 992 --modes inductor,dyllm-exact,dyllm-exact-cw,dyllm-paper --repeats 2 --warm-compile-cache \
         --out "$OUT/decode_gpu_host_bound.csv"
     # --profile: where each call's time goes (torch.profiler), the tiles the autotuners chose, and the compiled
     # kernels' registers and spills

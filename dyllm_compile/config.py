@@ -30,7 +30,7 @@ LINEAR_ORDERS = ("auto", "input_first", "weight_first")  # what passes/linear_or
 
 TOKEN_CHANGES = ("unmask", "any")
 
-WRAPPERS = ("auto", "python", "cpp")
+WRAPPERS = ("python", "cpp")
 
 
 def _knob(default: Any, doc: str, *, choices: Optional[tuple] = None, kind: Optional[type] = None,
@@ -162,12 +162,12 @@ class DyllmConfig:
         kind=int, low=1, optional=True,
     )
     wrapper: str = _knob(
-        "auto",
+        "python",
         "How the code Inductor generates for the rewritten graph's variants calls its kernels (lowering inductor "
-        "only). python: Inductor's default Python wrapper. cpp: Inductor's C++ wrapper (cpp_wrapper): no Python "
-        "between a piece's kernels and products, for a C++ compile per piece. auto: cpp on the CPU, where a sparse "
-        "step is many small calls (measured 7-16% faster steps on the reference model), python elsewhere (not yet "
-        "measured on a GPU). Where the C++ wrapper fails to compile a piece, that piece gets the Python one.",
+        "only). python: Inductor's default Python wrapper. cpp: Inductor's C++ wrapper (cpp_wrapper), no Python "
+        "between a piece's kernels and products, for a C++ compile of each piece's wrapper: on the CPU a 4-10% "
+        "shorter sparse step on the reference model for about 1.5x its compile time (docs/benchmarks.md); not yet "
+        "run on a GPU. A piece the C++ wrapper fails to compile gets the Python one, with a warning.",
         choices=WRAPPERS,
     )
     mask_token_id: Optional[int] = _knob(

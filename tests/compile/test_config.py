@@ -96,7 +96,7 @@ def test_rewritten_graph_gets_the_modes_options_without_cuda_graphs_or_input_ass
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="dyllm_compile"):
         compiled(torch.randint(0, 100, (1, 12)))
     cuda_graphs = mode in ("reduce-overhead", "max-autotune")
-    assert seen and all(m == variant_options(mode, cpp_wrapper=True) for m in seen)  # on the CPU: C++ wrapper
+    assert seen and all(m == variant_options(mode) for m in seen)
     assert seen[0]["size_asserts"] is False and seen[0]["alignment_asserts"] is False
     assert seen[0].get("triton.cudagraphs") in (None, False)
     assert bool(seen[0].get("max_autotune")) == (mode in ("max-autotune", "max-autotune-no-cudagraphs"))
@@ -125,10 +125,10 @@ def test_variants_compile_without_input_assertions(monkeypatch):
         assert bool(re.search(r"assert_size_stride(_grouped)?\(\(?arg", "".join(code))) == checked
 
 
-@pytest.mark.parametrize("wrapper, cpp", [("auto", True), ("cpp", True), ("python", False)])
+@pytest.mark.parametrize("wrapper, cpp", [(None, False), ("cpp", True), ("python", False)])
 def test_wrapper_option_reaches_the_variants(monkeypatch, wrapper, cpp):
-    """On the CPU, ``auto`` compiles the variants with Inductor's C++ wrapper; ``python`` keeps Inductor's default.
-    The graph as Dynamo handed it over (the fallback) is not a variant: it keeps the user's options."""
+    """``cpp`` compiles the variants (dense and sparse) with Inductor's C++ wrapper; ``python``, the default, keeps
+    Inductor's."""
     seen = []
 
     def fake_lower(gm, example_inputs, lowering, mode=None, **kwargs):
@@ -137,7 +137,8 @@ def test_wrapper_option_reaches_the_variants(monkeypatch, wrapper, cpp):
 
     monkeypatch.setattr(backend_mod, "lower", fake_lower)
     torch._dynamo.reset()
-    compiled = torch.compile(llada_like("tiny"), backend="dyllm", options={"wrapper": wrapper})
+    options = {} if wrapper is None else {"wrapper": wrapper}
+    compiled = torch.compile(llada_like("tiny"), backend="dyllm", options=options)
     with torch.inference_mode():
         compiled(torch.randint(0, 100, (1, 12)))
     assert seen and all(bool(m.get("cpp_wrapper")) == cpp for m in seen)

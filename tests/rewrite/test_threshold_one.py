@@ -76,6 +76,15 @@ def test_threshold_one_equals_dense_inductor(name):
     _compare(name, 2, "inductor", calls=3, tol=1e-4)
 
 
+@pytest.mark.inductor
+@pytest.mark.parametrize("row_counts", ["unbacked", "buckets"])
+def test_threshold_one_equals_dense_with_the_cpp_wrapper(row_counts, incremental_attention):
+    """``wrapper="cpp"``: the variants' generated code calls its kernels, its products and the attention op (at
+    every site: ``incremental_attention``) from Inductor's C++ wrapper, on either row-count route (data-dependent
+    row counts; symbolic capacities)."""
+    _compare("llada", 2, "inductor", calls=3, tol=1e-4, wrapper="cpp", row_counts=row_counts)
+
+
 def _bf16_errors(device: str) -> tuple[float, float]:
     """Worst logit error against the fp32 model over a short decode, of the model in bf16 run eagerly and of its
     dyllm compile at threshold 1 (Inductor)."""

@@ -60,7 +60,7 @@ MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "d
          "dyllm-exact-qp-so", "dyllm-exact-if", "dyllm-exact-so-if", "dyllm-exact-wg", "dyllm-exact-qp-wg",
          "dyllm-exact-ps", "dyllm-exact-qp-ps", "dyllm-exact-st", "dyllm-exact-qp-st", "dyllm-exact-ps-st",
          "dyllm-exact-qp-ps-st", "dyllm-exact-bk", "dyllm-exact-pl1", "dyllm-paper-pl1", "dyllm-exact-bk-pl1",
-         "dyllm-exact-cw", "dyllm-paper-cw", "dyllm-exact-bk-cw", "inductor-cpp")
+         "dyllm-exact-cw", "dyllm-paper-cw", "dyllm-exact-bk-cw", "dyllm-exact-qp-cw", "inductor-cpp")
 DEFAULT_MODES = ("eager", "inductor", "dyllm-exact", "dyllm-paper", "dyllm-exact-qp", "dyllm-paper-qp",
                  "dyllm-exact-so")  # what runs unless --modes says otherwise
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

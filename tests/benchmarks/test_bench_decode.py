@@ -164,6 +164,20 @@ def test_host_workload_is_many_layers_at_a_tiny_width_and_bk_sizes_rows_by_bucke
     assert "row_counts" not in bench.build("dyllm-exact", work.model, args)
 
 
+def test_cw_compiles_the_variants_with_the_cpp_wrapper_and_inductor_cpp_is_dense_inductor_with_it(bench, monkeypatch):
+    """-cw adds wrapper="cpp" to a dyllm mode's options and nothing else; inductor-cpp is torch.compile's default
+    backend with Inductor's own cpp_wrapper option (the dense comparison), inductor without it."""
+    args = bench.parse_args(["--model", "tiny"])
+    model = llada_like("tiny")
+    monkeypatch.setattr(bench.torch, "compile", lambda model, backend="inductor", options=None: (backend, options))
+    backend, options = bench.build("dyllm-exact-bk-cw", model, args)
+    assert backend == "dyllm" and options["wrapper"] == "cpp" and options["row_counts"] == "buckets"
+    assert {k: v for k, v in options.items() if k != "wrapper"} == bench.build("dyllm-exact-bk", model, args)[1]
+    assert "wrapper" not in bench.build("dyllm-paper", model, args)[1]
+    assert bench.build("inductor-cpp", model, args) == ("inductor", {"cpp_wrapper": True})
+    assert bench.build("inductor", model, args) == ("inductor", None)
+
+
 @pytest.mark.parametrize("argv", [
     ["--model", "reference", "--prompt-length", "64"],  # the full-size workloads' option
     ["--model", "llada", "--prompt-length", "0"],

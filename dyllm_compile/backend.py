@@ -64,8 +64,8 @@ def dyllm_backend(
     if has_cuda_graphs(mode):
         log.warning("dyllm: graph %s: mode=%r's CUDA graphs are off for the rewritten graph (a replay would "
                     "overwrite the caches kept between calls); the mode's other options apply", graph_id, mode)
-    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     variants = variant_options(mode, cpp_wrapper=config.wrapper == "cpp")
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     # Dense calls run through the sparse variant with every row salient where row counts are unbacked (one compile
     # instead of two), and where the graph reads a float input with .item() (transformers 5's attention scale with
     # dynamic=True): the variants have it as a constant, each keyed by its value; compiled as an input, SDPA

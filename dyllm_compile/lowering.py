@@ -115,11 +115,11 @@ def _lower_whole(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: st
         from torch._inductor.compile_fx import compile_fx
 
         patches = mode if isinstance(mode, dict) else list_mode_options(mode) if mode else {}
-        if not patches.get("cpp_wrapper"):
-            return compile_fx(gm, example_inputs, config_patches=patches)
         try:
             return compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as err:  # a graph the C++ wrapper cannot take still compiles with the Python one
+            if not patches.get("cpp_wrapper"):
+                raise
             log.warning("dyllm: Inductor's C++ wrapper failed on a graph (%s: %s); compiling it with the Python "
                         "wrapper", type(err).__name__, err)
             return compile_fx(gm, example_inputs, config_patches={**patches, "cpp_wrapper": False})
